@@ -1,0 +1,118 @@
+"""The sparse mixture: gate -> top-k dispatch -> experts -> gate-weighted union of their labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from moe.model.dispatch import combine, dispatch, plan_dispatch
+from moe.model.experts import ExpertBank
+from moe.model.router import RouterOutput, TopKRouter
+
+UNKNOWN_TENANT = -1
+
+
+@dataclass(frozen=True)
+class ExpertInfo:
+    """What an expert answers for: its tenant and that tenant's labels, in output order."""
+
+    tenant: str
+    labels: tuple[str, ...]
+
+
+class MixtureOutput(NamedTuple):
+    log_probs: torch.Tensor  # (b, k, c) each chosen expert's log-probabilities over its labels
+    weights: torch.Tensor  # (b, k) gate weights
+    experts: torch.Tensor  # (b, k) chosen experts
+    label_ids: torch.Tensor  # (b, k, c) global label id of each candidate, -1 on padding
+    router: RouterOutput
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """(b, k, c) gate-weighted probabilities of every candidate label."""
+        return self.weights[..., None] * self.log_probs.exp()
+
+
+class Prediction(NamedTuple):
+    tenant: str
+    intent: str
+    score: float
+    experts: tuple[str, ...]  # tenants of the experts consulted, best first
+
+
+def union_scores(scores: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
+    """Sum the scores of candidates that name the same label (two chosen experts may share labels).
+
+    Returns (b, k*c) where each candidate holds the total score of its label."""
+    # b: batch, n = k*c candidates
+    ids = rearrange(label_ids, "b k c -> b (k c)")
+    same = (ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] >= 0)
+    return torch.einsum("b n m, b m -> b n", same.to(scores.dtype), rearrange(scores, "b k c -> b (k c)"))
+
+
+def best_labels(output: MixtureOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    """The highest-scoring label of the union for each input: global label ids (b,) and their scores (b,)."""
+    best_score, best = union_scores(output.scores, output.label_ids).max(dim=-1)
+    return rearrange(output.label_ids, "b k c -> b (k c)").gather(1, best[:, None]).squeeze(1), best_score
+
+
+def mixture_nll(output: MixtureOutput, target: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """-log sum_k w_k p_k(target) over the chosen experts; `target` holds global label ids (b,)."""
+    hit = output.label_ids == target[:, None, None]
+    likelihood = (output.scores * hit).sum(dim=(1, 2))
+    return -torch.log(likelihood + eps).mean()
+
+
+class MixtureOfExperts(nn.Module):
+    """Routes each input to its top-k experts among those allowed (a query's tenant restricts the choice)."""
+
+    def __init__(self, router: TopKRouter, bank: ExpertBank, experts: list[ExpertInfo], input_scale: float = 1.0):
+        super().__init__()
+        if not (router.num_experts == bank.num_experts == len(experts)):
+            raise ValueError("router, bank and expert list disagree on the number of experts")
+        self.router, self.bank, self.experts, self.input_scale = router, bank, list(experts), input_scale
+        self.tenants = sorted({info.tenant for info in experts})
+        self.labels = sorted({(info.tenant, label) for info in experts for label in info.labels})
+        label_id = {pair: i for i, pair in enumerate(self.labels)}
+        width = bank.head.shape[-1]
+        ids = [[label_id[(info.tenant, lab)] for lab in info.labels] for info in experts]
+        self.register_buffer("label_ids", torch.tensor([row + [-1] * (width - len(row)) for row in ids]), False)
+        tenant_index = {name: i for i, name in enumerate(self.tenants)}
+        self.register_buffer("expert_tenant", torch.tensor([tenant_index[i.tenant] for i in experts]), False)
+
+    def tenant_index(self, name: str) -> int:
+        try:
+            return self.tenants.index(name)
+        except ValueError:
+            raise KeyError(f"unknown tenant {name!r}; known tenants: {self.tenants}") from None
+
+    def label_id(self, tenant: str, label: str) -> int:
+        return self.labels.index((tenant, label))
+
+    def forward(self, features: torch.Tensor, tenant: torch.Tensor | None = None) -> MixtureOutput:
+        # b: batch, k: chosen experts, c: labels per expert (padded), d: features
+        x = features * self.input_scale
+        allowed = None
+        if tenant is not None:
+            given = tenant[:, None] != UNKNOWN_TENANT
+            allowed = ~given | (self.expert_tenant[None, :] == tenant[:, None])
+        routed = self.router(x, allowed)
+        plan = plan_dispatch(routed.experts, routed.weights)
+        logits = self.bank(dispatch(x, plan), plan.experts)  # (g, capacity, c)
+        log_probs = combine(logits.log_softmax(dim=-1), plan, fill=float("-inf"))
+        return MixtureOutput(log_probs, routed.weights, routed.experts, self.label_ids[routed.experts], routed)
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor, tenant: torch.Tensor | None = None) -> list[Prediction]:
+        output = self.forward(features, tenant)
+        best_label, best_score = best_labels(output)
+        return [
+            Prediction(*self.labels[label], score, tuple(self.experts[e].tenant for e, w in zip(es, ws) if w > 0))
+            for label, score, es, ws in zip(
+                best_label.tolist(), best_score.tolist(), output.experts.tolist(), output.weights.tolist(), strict=True
+            )
+        ]

@@ -1,0 +1,109 @@
+"""The LightningModule that trains a mixture on tenant data: gate, experts and (optionally) the trunk."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from moe.data.tenant import Tenant
+from moe.model import MixtureOfExperts, best_labels, mixture_nll
+from moe.trunk import Trunk
+
+
+class MixtureClassifier(L.LightningModule):
+    """Loss = tenant-given NLL (each example through its own tenant's experts: trains the experts)
+    + `gate_weight` * supervised gate CE (each example's own prototype row, or its tenant for one-row gates)
+    + `routed_weight` * routed mixture NLL (top-k as the gate chooses; trains an unsupervised gate)
+    + `load_balance_weight` * load balance + `z_loss_weight` * router z-loss.
+
+    `tenants` are the data module's, in its order: batches index them, and their labels, locally.
+    """
+
+    def __init__(
+        self,
+        model: MixtureOfExperts,
+        tenants: Sequence[Tenant],
+        trunk: Trunk | None = None,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+        gate_weight: float = 1.0,
+        routed_weight: float = 0.0,
+        load_balance_weight: float = 0.0,
+        z_loss_weight: float = 1e-3,
+    ):
+        super().__init__()
+        self.model, self.trunk = model, trunk
+        self.lr, self.weight_decay = lr, weight_decay
+        self.weights = {"gate": gate_weight, "routed": routed_weight, "load_balance": load_balance_weight,
+                        "z_loss": z_loss_weight}
+        width = max(len(t.labels) for t in tenants)
+        rows = model.router.weight.shape[1]
+        target, tenant_index, row_target = [], [], []
+        for tenant in tenants:
+            ids = [model.label_id(tenant.name, label) for label in tenant.labels]
+            target.append(ids + [-1] * (width - len(ids)))
+            tenant_index.append(model.tenant_index(tenant.name))
+            owners = [e for e, info in enumerate(model.experts) if info.tenant == tenant.name]
+            if len(owners) != 1:
+                raise ValueError(f"supervised training needs exactly one expert for tenant {tenant.name!r}")
+            per_label = model.router.row_mask[owners[0]].sum().item() == len(tenant.labels) > 1
+            row_target.append([owners[0] * rows + (y if per_label else 0) for y in range(len(tenant.labels))]
+                              + [-1] * (width - len(tenant.labels)))
+        self.register_buffer("target_table", torch.tensor(target), persistent=False)
+        self.register_buffer("tenant_table", torch.tensor(tenant_index), persistent=False)
+        self.register_buffer("row_table", torch.tensor(row_target), persistent=False)
+
+    def features(self, batch: dict) -> torch.Tensor:
+        return batch["features"] if "features" in batch else self.trunk(batch["text"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x, t, y = self.features(batch), batch["tenant"], batch["label"]
+        target = self.target_table[t, y]
+        given = self.model(x, self.tenant_table[t])
+        routed = self.model(x)
+        losses = {
+            "given": mixture_nll(given, target),
+            "gate": F.cross_entropy(rearrange(routed.router.row_logits, "b e m -> b (e m)"), self.row_table[t, y]),
+            "routed": mixture_nll(routed, target),
+            "load_balance": routed.router.load_balance_loss,
+            "z_loss": routed.router.z_loss,
+        }
+        loss = losses["given"] + sum(w * losses[name] for name, w in self.weights.items() if w)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_epoch=True, on_step=False, batch_size=len(t))
+        self.log("train/loss", loss, prog_bar=True, on_epoch=True, on_step=False, batch_size=len(t))
+        return loss
+
+    @torch.no_grad()
+    def accuracies(self, batch: dict) -> dict[str, torch.Tensor]:
+        x, t, y = self.features(batch), batch["tenant"], batch["label"]
+        target, tenant = self.target_table[t, y], self.tenant_table[t]
+        routed = self.model(x)
+        given = self.model(x, tenant)
+        return {
+            "acc_routed": (best_labels(routed)[0] == target).float().mean() * 100,
+            "acc_tenant_given": (best_labels(given)[0] == target).float().mean() * 100,
+            "routing_acc": (self.model.expert_tenant[routed.experts[:, 0]] == tenant).float().mean() * 100,
+        }
+
+    def _log_eval(self, stage: str, batch: dict) -> None:
+        metrics = self.accuracies(batch)
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=stage == "val",
+                      batch_size=len(batch["tenant"]))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._log_eval("val", batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._log_eval("test", batch)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=self.lr, total_steps=int(self.trainer.estimated_stepping_batches)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
