@@ -86,8 +86,9 @@ def load_clinc150(folder: str | Path | None = None, domains: list[str] | None = 
     """The ten domains as tenants (or the `domains` named), intents sorted by name within each domain."""
     files = clinc150_files(folder)
     data, domain_map = _load_json(files["data_full.json"]), _load_json(files["domains.json"])
-    if not isinstance(domain_map, dict) or not isinstance(data, dict):
-        raise TenantDataError(files["domains.json"], "expected a JSON object at the top level")
+    for name, value in (("data_full.json", data), ("domains.json", domain_map)):
+        if not isinstance(value, dict):
+            raise TenantDataError(files[name], "expected a JSON object at the top level")
     intent_domain = {intent: domain for domain, intents in domain_map.items() for intent in intents}
     by_domain: dict[str, dict[str, list[Example]]] = {domain: {s: [] for s in SPLITS} for domain in domain_map}
     out_of_scope: dict[str, list[str]] = {}
@@ -96,7 +97,7 @@ def load_clinc150(folder: str | Path | None = None, domains: list[str] | None = 
             raise TenantDataError(files["data_full.json"], f"split {split!r} is missing")
         for row, item in enumerate(data[split], start=1):
             if not (isinstance(item, list) and len(item) == 2 and all(isinstance(v, str) for v in item)):
-                raise TenantDataError(files["data_full.json"], f"{split}[{row}] is not a [text, intent] pair", row=row)
+                raise TenantDataError(files["data_full.json"], f"entry {row} of {split!r} is not a [text, intent] pair", row=row)
             text, intent = item
             if intent not in intent_domain:
                 raise TenantDataError(files["data_full.json"], f"{split}: intent {intent!r} is in no domain", row=row)
@@ -111,3 +112,8 @@ def load_clinc150(folder: str | Path | None = None, domains: list[str] | None = 
         for name in names
     ]
     return Clinc150(tenants, out_of_scope)
+
+
+def clinc150_tenants(folder: str | Path | None = None, domains: list[str] | None = None) -> list[Tenant]:
+    """The CLINC150 domains as a plain tenant list (what the data configs instantiate)."""
+    return load_clinc150(folder, list(domains) if domains else None).tenants

@@ -28,7 +28,7 @@ class TenantExamples(Dataset):
         if self.features is not None:
             item["features"] = self.features[i]
         else:
-            pass
+            item["text"] = self.texts[i]
         return item
 
 

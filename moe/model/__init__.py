@@ -45,9 +45,7 @@ def build_mixture(
 ) -> MixtureOfExperts:
     """A fresh mixture. `gate_rows`: "labels" gives each expert one gate row per label (prototype gate),
     "one" a single row (Switch-style linear gate)."""
-    if gate_rows not in ("labels", "one"):
-        raise ValueError(f"gate_rows must be 'labels' or 'one', got {gate_rows!r}")
     rows = [len(info.labels) if gate_rows == "labels" else 1 for info in experts]
     router = TopKRouter(dim, rows, top_k=top_k, normalize_weights=normalize_weights)
     bank = ExpertBank(dim, [len(info.labels) for info in experts], rank=rank)
-    return MixtureOfExperts(router, bank, experts, input_scale=input_scale)
+    return MixtureOfExperts(router, bank, experts, input_scale=input_scale, gate_rows=gate_rows)

@@ -70,11 +70,21 @@ def mixture_nll(output: MixtureOutput, target: torch.Tensor, eps: float = 1e-9) 
 class MixtureOfExperts(nn.Module):
     """Routes each input to its top-k experts among those allowed (a query's tenant restricts the choice)."""
 
-    def __init__(self, router: TopKRouter, bank: ExpertBank, experts: list[ExpertInfo], input_scale: float = 1.0):
+    def __init__(
+        self,
+        router: TopKRouter,
+        bank: ExpertBank,
+        experts: list[ExpertInfo],
+        input_scale: float = 1.0,
+        gate_rows: str = "labels",
+    ):
         super().__init__()
         if not (router.num_experts == bank.num_experts == len(experts)):
             raise ValueError("router, bank and expert list disagree on the number of experts")
-        self.router, self.bank, self.experts, self.input_scale = router, bank, list(experts), input_scale
+        if gate_rows not in ("labels", "one"):
+            raise ValueError(f"gate_rows must be 'labels' (a gate row per label) or 'one', got {gate_rows!r}")
+        self.router, self.bank, self.experts = router, bank, list(experts)
+        self.input_scale, self.gate_rows = input_scale, gate_rows
         self.tenants = sorted({info.tenant for info in experts})
         self.labels = sorted({(info.tenant, label) for info in experts for label in info.labels})
         label_id = {pair: i for i, pair in enumerate(self.labels)}

@@ -50,7 +50,7 @@ class MixtureClassifier(L.LightningModule):
             owners = [e for e, info in enumerate(model.experts) if info.tenant == tenant.name]
             if len(owners) != 1:
                 raise ValueError(f"supervised training needs exactly one expert for tenant {tenant.name!r}")
-            per_label = model.router.row_mask[owners[0]].sum().item() == len(tenant.labels) > 1
+            per_label = model.gate_rows == "labels"
             row_target.append([owners[0] * rows + (y if per_label else 0) for y in range(len(tenant.labels))]
                               + [-1] * (width - len(tenant.labels)))
         self.register_buffer("target_table", torch.tensor(target), persistent=False)

@@ -1,0 +1,71 @@
+"""Between a live mixture and its shards: cut a mixture into per-expert shards, and rebuild one from them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from moe.model import ExpertBank, ExpertInfo, MixtureOfExperts, TopKRouter
+from moe.store.shard import ExpertMeta
+
+Shard = tuple[dict[str, torch.Tensor], ExpertMeta]
+
+
+def architecture(model: MixtureOfExperts) -> dict:
+    return {
+        "dim": model.bank.dim,
+        "rank": model.bank.rank,
+        "gate_rows": model.gate_rows,
+        "input_scale": model.input_scale,
+        "dtype": str(model.bank.head.dtype).removeprefix("torch."),
+    }
+
+
+def expert_shards(
+    model: MixtureOfExperts, trunk_fingerprint: str, metrics: dict[str, dict] | None = None
+) -> Iterator[Shard]:
+    """`(tensors, meta)` for every expert: its weights and its routing entry."""
+    arch = architecture(model)
+    for i, info in enumerate(model.experts):
+        c = len(info.labels)
+        tensors = model.bank.expert_tensors(i, c) | model.router.entry(i, c if model.gate_rows == "labels" else 1)
+        meta = ExpertMeta(info.tenant, info.labels, trunk_fingerprint, arch, metrics=(metrics or {}).get(info.tenant, {}))
+        yield tensors, meta
+
+
+def mixture_from_shards(shards: list[Shard], top_k: int = 2, normalize_weights: bool = True) -> MixtureOfExperts:
+    """Rebuild a mixture from checked shards (all must share one trunk and one architecture)."""
+    if not shards:
+        raise ValueError("no experts to assemble")
+    fingerprints = {meta.trunk_fingerprint for _, meta in shards}
+    archs = {json.dumps(meta.architecture, sort_keys=True) for _, meta in shards}
+    if len(fingerprints) > 1 or len(archs) > 1:
+        raise ValueError(f"experts disagree on trunk {sorted(fingerprints)} or architecture {sorted(archs)}")
+    arch = shards[0][1].architecture
+    router = TopKRouter.from_entries([t for t, _ in shards], top_k=top_k, normalize_weights=normalize_weights)
+    bank = ExpertBank.from_tensors([t for t, _ in shards])
+    infos = [ExpertInfo(meta.tenant, meta.labels) for _, meta in shards]
+    return MixtureOfExperts(router, bank, infos, input_scale=arch["input_scale"], gate_rows=arch["gate_rows"])
+
+
+def save_gate(path: str | Path, model: MixtureOfExperts, trunk_fingerprint: str) -> Path:
+    """The whole gate in one file (each expert's rows also travel in its own shard)."""
+    metadata = {
+        "format": "moe.gate/1",
+        "experts": json.dumps([info.tenant for info in model.experts]),
+        "top_k": str(model.router.top_k),
+        "normalize_weights": json.dumps(model.router.normalize_weights),
+        "trunk_fingerprint": trunk_fingerprint,
+        "architecture": json.dumps(architecture(model)),
+    }
+    tensors = {
+        "weight": model.router.weight.detach().contiguous().clone(),
+        "bias": model.router.bias.detach().contiguous().clone(),
+        "row_mask": model.router.row_mask.contiguous().clone(),
+    }
+    save_file(tensors, path, metadata=metadata)
+    return Path(path)

@@ -1,0 +1,162 @@
+"""One expert version as one self-describing safetensors shard: weights, routing entry and metadata.
+
+Everything needed to rebuild and trust the expert is in the file: the tenant and its labels, the trunk
+fingerprint it was trained on, the architecture, a version, and a sha256 of the tensors. Loading checks all
+of it before anything is used, and never unpickles.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from moe import __version__
+
+FORMAT = "moe.expert/1"
+
+
+class ShardError(ValueError):
+    """A shard that can not be trusted; the message names the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"expert shard {path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ExpertMeta:
+    tenant: str
+    labels: tuple[str, ...]
+    trunk_fingerprint: str
+    architecture: dict[str, Any]  # dim, rank, gate_rows, input_scale, dtype
+    version: int = 1
+    created: str = field(default_factory=_now)
+    package_version: str = __version__
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def with_version(self, version: int) -> ExpertMeta:
+        return replace(self, version=version)
+
+    def to_strings(self, tensors_sha256: str) -> dict[str, str]:
+        values = asdict(self) | {"format": FORMAT, "tensors_sha256": tensors_sha256}
+        return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in values.items()}
+
+    @classmethod
+    def from_strings(cls, strings: dict[str, str]) -> ExpertMeta:
+        decoded: dict[str, Any] = {k: strings[k] for k in ("tenant", "trunk_fingerprint", "created", "package_version")}
+        decoded |= {k: json.loads(strings[k]) for k in ("labels", "architecture", "version", "metrics")}
+        decoded["labels"] = tuple(decoded["labels"])
+        return cls(**decoded)
+
+
+def expected_shapes(architecture: dict[str, Any], num_labels: int) -> dict[str, tuple[int, ...]]:
+    """The tensors an expert of this architecture must hold, by name (weights and routing entry)."""
+    d, r = architecture["dim"], architecture["rank"]
+    rows = num_labels if architecture["gate_rows"] == "labels" else 1
+    return {
+        "down.weight": (d, r),
+        "down.bias": (r,),
+        "up.weight": (r, d),
+        "head.weight": (d, num_labels),
+        "head.bias": (num_labels,),
+        "gate.weight": (rows, d),
+        "gate.bias": (rows,),
+    }
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_shard(path: str | Path, tensors: dict[str, torch.Tensor], meta: ExpertMeta) -> Path:
+    """Atomic: write a temporary file beside the target, fsync it, rename it over, fsync the folder."""
+    path = Path(path)
+    shapes = expected_shapes(meta.architecture, len(meta.labels))
+    if (got := {k: tuple(v.shape) for k, v in tensors.items()}) != shapes:
+        raise ShardError(path, f"refusing to write tensors {got}; the architecture needs {shapes}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    try:
+        save_file(tensors, tmp, metadata=meta.to_strings(tensors_sha256(tensors)))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def read_meta(path: str | Path) -> tuple[ExpertMeta, str]:
+    """The metadata and recorded tensor checksum, from the header alone (cheap; checks the format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(path, "file not found")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            strings = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ShardError(path, f"truncated or not a safetensors file ({error})") from None
+    if strings.get("format") != FORMAT:
+        raise ShardError(path, f"format {strings.get('format')!r} is not {FORMAT!r}")
+    try:
+        return ExpertMeta.from_strings(strings), strings["tensors_sha256"]
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise ShardError(path, f"malformed metadata ({type(error).__name__}: {error})") from None
+
+
+def read_shard(path: str | Path, trunk_fingerprint: str | None = None) -> tuple[dict[str, torch.Tensor], ExpertMeta]:
+    """Load and check a shard: format, metadata, tensor names, shapes, dtypes, checksum and trunk."""
+    path = Path(path)
+    meta, recorded = read_meta(path)
+    if trunk_fingerprint is not None and meta.trunk_fingerprint != trunk_fingerprint:
+        raise ShardError(
+            path,
+            f"trained on trunk {meta.trunk_fingerprint[:12]}…, not on this model's trunk {trunk_fingerprint[:12]}…",
+        )
+    try:
+        with safe_open(path, framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise ShardError(path, f"truncated or unreadable tensor data ({error})") from None
+    shapes = expected_shapes(meta.architecture, len(meta.labels))
+    if missing := sorted(set(shapes) - set(tensors)):
+        raise ShardError(path, f"missing tensors {missing}")
+    if extra := sorted(set(tensors) - set(shapes)):
+        raise ShardError(path, f"unexpected tensors {extra}")
+    dtype = getattr(torch, meta.architecture.get("dtype", "float32"))
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ShardError(path, f"tensor {name} has shape {tuple(tensors[name].shape)}, metadata implies {shape}")
+        if tensors[name].dtype != dtype:
+            raise ShardError(path, f"tensor {name} has dtype {tensors[name].dtype}, metadata says {dtype}")
+    if (actual := tensors_sha256(tensors)) != recorded:
+        raise ShardError(path, f"checksum mismatch: tensors hash to {actual[:12]}…, metadata records {recorded[:12]}…")
+    return tensors, meta
