@@ -46,12 +46,12 @@ def per_sample_loop(bank: ExpertBank, x: torch.Tensor, experts: torch.Tensor, we
     return out
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
+def median_seconds(fn, inputs: tuple, repeats: int) -> float:
+    fn(*inputs)  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        fn(*inputs)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -84,10 +84,11 @@ def main() -> None:
                     "experts": num_experts,
                     "top_k": k,
                     "batch": args.batch,
-                    "routed_s": median_seconds(lambda: routed(bank, x, experts, weights), args.repeats),
-                    "dense_s": median_seconds(lambda: dense(bank, x, experts, weights), args.repeats),
-                    "loop_s": median_seconds(lambda: per_sample_loop(bank, x[:n], experts[:n], weights[:n]), 1)
-                    * args.batch / n,
+                    "routed_s": median_seconds(routed, (bank, x, experts, weights), args.repeats),
+                    "dense_s": median_seconds(dense, (bank, x, experts, weights), args.repeats),
+                    "loop_s": median_seconds(per_sample_loop, (bank, x[:n], experts[:n], weights[:n]), 1)
+                    * args.batch
+                    / n,
                 }
                 row["dense_over_routed"] = row["dense_s"] / row["routed_s"]
                 row["loop_over_routed"] = row["loop_s"] / row["routed_s"]
@@ -105,8 +106,10 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "config": vars(args) | {"out": str(args.out)},
-                                    "results": results}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps({"machine": machine, "config": vars(args) | {"out": str(args.out)}, "results": results}, indent=2)
+        + "\n"
+    )
     print(f"wrote {args.out}")
 
 

@@ -1,7 +1,7 @@
 """Train tenant experts and their gate.
 
-    python scripts/train.py experiment=clinc150 paths.output_dir=outputs/clinc150
-    python scripts/train.py experiment=tiny logger=csv            # a seconds-long smoke run
+python scripts/train.py experiment=clinc150 paths.output_dir=outputs/clinc150
+python scripts/train.py experiment=tiny logger=csv            # a seconds-long smoke run
 """
 
 import hydra

@@ -53,9 +53,7 @@ def test_csv_with_custom_columns_and_split_column(tmp_path):
         "see ya,leave,test\n"
         "good morning,greet,train\n",
     )
-    tenant = read_tenant_file(
-        "bank", path, text_column="utterance", label_column="intent", split_column="part"
-    )
+    tenant = read_tenant_file("bank", path, text_column="utterance", label_column="intent", split_column="part")
     assert tenant.name == "bank"
     assert tenant.labels == ("greet", "leave")
     assert tenant.split("train") == [
@@ -75,11 +73,7 @@ def test_jsonl_with_custom_columns_all_rows_train(tmp_path):
     ]
     path = write(
         tmp_path / "media.jsonl",
-        json.dumps(rows[0])
-        + "\n\n"
-        + json.dumps(rows[1])
-        + "\n"
-        + json.dumps({"utterance": "louder", "intent": 7}),
+        json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n" + json.dumps({"utterance": "louder", "intent": 7}),
     )
     tenant = read_tenant_file("media", path, text_column="utterance", label_column="intent")
     assert tenant.labels == ("7", "music", "stop")
@@ -191,9 +185,7 @@ def test_csv_first_data_row_is_line_2_with_crlf(tmp_path):
 
 @pytest.mark.parametrize("label", ['""', '"   "', "null"])
 def test_jsonl_blank_label(tmp_path, label):
-    path = write(
-        tmp_path / "t.jsonl", '{"q": "a", "y": "x"}\n{"q": "b", "y": LABEL}\n'.replace("LABEL", label)
-    )
+    path = write(tmp_path / "t.jsonl", '{"q": "a", "y": "x"}\n{"q": "b", "y": LABEL}\n'.replace("LABEL", label))
     with pytest.raises(TenantDataError) as info:
         read_tenant_file("t", path, text_column="q", label_column="y")
     assert_data_error(info.value, path, 2, "blank label in column 'y'")
@@ -242,9 +234,7 @@ def test_unknown_split_key_in_mapping(tmp_path):
 
 
 def test_val_label_absent_from_train_split_column(tmp_path):
-    path = write(
-        tmp_path / "t.csv", "text,label,split\na,x,train\nb,x,val\nc,zzz,val\nd,zzz,test\ne,zzz,val\n"
-    )
+    path = write(tmp_path / "t.csv", "text,label,split\na,x,train\nb,x,val\nc,zzz,val\nd,zzz,test\ne,zzz,val\n")
     with pytest.raises(TenantDataError) as info:
         read_tenant_file("t", path, split_column="split")
     assert_data_error(info.value, path, 4, "label 'zzz'", "split 'val'", "train split")
@@ -454,9 +444,7 @@ class FakeEncoder:
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         self.calls.append(list(texts))
-        return torch.tensor([[float(len(t)), float(ord(t[0])), 1.0] for t in texts]).reshape(
-            len(texts), self.dim
-        )
+        return torch.tensor([[float(len(t)), float(ord(t[0])), 1.0] for t in texts]).reshape(len(texts), self.dim)
 
 
 def test_datamodule_with_encoder():

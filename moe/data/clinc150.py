@@ -97,7 +97,9 @@ def load_clinc150(folder: str | Path | None = None, domains: list[str] | None = 
             raise TenantDataError(files["data_full.json"], f"split {split!r} is missing")
         for row, item in enumerate(data[split], start=1):
             if not (isinstance(item, list) and len(item) == 2 and all(isinstance(v, str) for v in item)):
-                raise TenantDataError(files["data_full.json"], f"entry {row} of {split!r} is not a [text, intent] pair", row=row)
+                raise TenantDataError(
+                    files["data_full.json"], f"entry {row} of {split!r} is not a [text, intent] pair", row=row
+                )
             text, intent = item
             if intent not in intent_domain:
                 raise TenantDataError(files["data_full.json"], f"{split}: intent {intent!r} is in no domain", row=row)

@@ -33,7 +33,9 @@ class TenantExamples(Dataset):
 
 
 def tenant_examples(tenants: Sequence[Tenant], split: str, encoder: Encoder | None) -> TenantExamples:
-    rows = [(t, tenant.label_index(ex.label), ex.text) for t, tenant in enumerate(tenants) for ex in tenant.split(split)]
+    rows = [
+        (t, tenant.label_index(ex.label), ex.text) for t, tenant in enumerate(tenants) for ex in tenant.split(split)
+    ]
     texts = [text for _, _, text in rows]
     return TenantExamples(
         texts,

@@ -101,4 +101,3 @@ def read_tenant_file(
             )
     source = ", ".join(str(p) for p in sources.values())
     return Tenant(name=name, labels=labels, splits={k: v for k, v in splits.items() if v}, source=source)
-

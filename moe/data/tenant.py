@@ -42,7 +42,8 @@ class Tenant:
             for example in examples:
                 if example.label not in known:
                     raise TenantDataError(
-                        self.source or self.name, f"label {example.label!r} of split {split!r} is not a label of the tenant"
+                        self.source or self.name,
+                        f"label {example.label!r} of split {split!r} is not a label of the tenant",
                     )
 
     def split(self, name: str) -> list[Example]:

@@ -121,7 +121,9 @@ class MixtureOfExperts(nn.Module):
         output = self.forward(features, tenant)
         best_label, best_score = best_labels(output)
         return [
-            Prediction(*self.labels[label], score, tuple(self.experts[e].tenant for e, w in zip(es, ws) if w > 0))
+            Prediction(
+                *self.labels[label], score, tuple(self.experts[e].tenant for e, w in zip(es, ws, strict=True) if w > 0)
+            )
             for label, score, es, ws in zip(
                 best_label.tolist(), best_score.tolist(), output.experts.tolist(), output.weights.tolist(), strict=True
             )

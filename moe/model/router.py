@@ -31,7 +31,7 @@ class TopKRouter(nn.Module):
         super().__init__()
         num_experts, rows = len(rows_per_expert), max(rows_per_expert, default=1)
         self.top_k, self.normalize_weights = top_k, normalize_weights
-        self.weight = nn.Parameter(torch.randn(num_experts, rows, dim) * dim**-0.5)
+        self.weight = nn.Parameter(torch.randn(num_experts, rows, dim) * dim**-0.5 * 0.1)  # near-uniform start
         self.bias = nn.Parameter(torch.zeros(num_experts, rows))
         mask = torch.arange(rows)[None, :] < torch.tensor(rows_per_expert)[:, None]
         self.register_buffer("row_mask", mask, persistent=False)

@@ -33,7 +33,9 @@ def expert_shards(
     for i, info in enumerate(model.experts):
         c = len(info.labels)
         tensors = model.bank.expert_tensors(i, c) | model.router.entry(i, c if model.gate_rows == "labels" else 1)
-        meta = ExpertMeta(info.tenant, info.labels, trunk_fingerprint, arch, metrics=(metrics or {}).get(info.tenant, {}))
+        meta = ExpertMeta(
+            info.tenant, info.labels, trunk_fingerprint, arch, metrics=(metrics or {}).get(info.tenant, {})
+        )
         yield tensors, meta
 
 

@@ -38,8 +38,12 @@ class MixtureClassifier(L.LightningModule):
         super().__init__()
         self.model, self.trunk = model, trunk
         self.lr, self.weight_decay = lr, weight_decay
-        self.weights = {"gate": gate_weight, "routed": routed_weight, "load_balance": load_balance_weight,
-                        "z_loss": z_loss_weight}
+        self.weights = {
+            "gate": gate_weight,
+            "routed": routed_weight,
+            "load_balance": load_balance_weight,
+            "z_loss": z_loss_weight,
+        }
         width = max(len(t.labels) for t in tenants)
         rows = model.router.weight.shape[1]
         target, tenant_index, row_target = [], [], []
@@ -51,8 +55,10 @@ class MixtureClassifier(L.LightningModule):
             if len(owners) != 1:
                 raise ValueError(f"supervised training needs exactly one expert for tenant {tenant.name!r}")
             per_label = model.gate_rows == "labels"
-            row_target.append([owners[0] * rows + (y if per_label else 0) for y in range(len(tenant.labels))]
-                              + [-1] * (width - len(tenant.labels)))
+            row_target.append(
+                [owners[0] * rows + (y if per_label else 0) for y in range(len(tenant.labels))]
+                + [-1] * (width - len(tenant.labels))
+            )
         self.register_buffer("target_table", torch.tensor(target), persistent=False)
         self.register_buffer("tenant_table", torch.tensor(tenant_index), persistent=False)
         self.register_buffer("row_table", torch.tensor(row_target), persistent=False)
@@ -91,8 +97,9 @@ class MixtureClassifier(L.LightningModule):
 
     def _log_eval(self, stage: str, batch: dict) -> None:
         metrics = self.accuracies(batch)
-        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=stage == "val",
-                      batch_size=len(batch["tenant"]))
+        self.log_dict(
+            {f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=stage == "val", batch_size=len(batch["tenant"])
+        )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._log_eval("val", batch)

@@ -30,7 +30,7 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
 
 
 def build_data(cfg: DictConfig, trunk: Trunk) -> TenantDataModule:
-    tenants: list[Tenant] = list(instantiate(cfg.data.tenants))
+    tenants: list[Tenant] = list(instantiate(cfg.data.tenants, _convert_="all"))
     encoder = None
     if trunk.frozen:
         root = Path(cfg.paths.cache_dir) if cfg.paths.get("cache_dir") else cache_dir()
@@ -73,7 +73,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     classifier = build_classifier(cfg, data.tenants, trunk)
 
     loggers: list[Logger] = _instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=_instantiate_group(cfg.get("callbacks")))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=_instantiate_group(cfg.get("callbacks"))
+    )
     if trainer.is_global_zero:
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     for logger in loggers:
