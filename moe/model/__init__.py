@@ -41,11 +41,12 @@ def build_mixture(
     top_k: int = 2,
     normalize_weights: bool = True,
     rank: int = 64,
+    dropout: float = 0.0,
     input_scale: float = 8.0,
 ) -> MixtureOfExperts:
     """A fresh mixture. `gate_rows`: "labels" gives each expert one gate row per label (prototype gate),
     "one" a single row (Switch-style linear gate)."""
     rows = [len(info.labels) if gate_rows == "labels" else 1 for info in experts]
     router = TopKRouter(dim, rows, top_k=top_k, normalize_weights=normalize_weights)
-    bank = ExpertBank(dim, [len(info.labels) for info in experts], rank=rank)
+    bank = ExpertBank(dim, [len(info.labels) for info in experts], rank=rank, dropout=dropout)
     return MixtureOfExperts(router, bank, experts, input_scale=input_scale, gate_rows=gate_rows)

@@ -15,12 +15,14 @@ TENSOR_NAMES = ("down.weight", "down.bias", "up.weight", "head.weight", "head.bi
 
 
 class ExpertBank(nn.Module):
-    """`num_labels[i]` outputs for expert i; `rank` 0 makes every expert a plain linear head."""
+    """`num_labels[i]` outputs for expert i; `rank` 0 makes every expert a plain linear head.
+    Dropout is a training-time setting, not part of an expert's identity: it is not saved in shards."""
 
-    def __init__(self, dim: int, num_labels: list[int], rank: int = 64):
+    def __init__(self, dim: int, num_labels: list[int], rank: int = 64, dropout: float = 0.0):
         super().__init__()
         e, c = len(num_labels), max(num_labels)
         self.dim, self.rank = dim, rank
+        self.dropout = nn.Dropout(dropout)  # on the adapter's hidden units, while training
         self.down = nn.Parameter(torch.randn(e, dim, rank) * dim**-0.5)
         self.down_bias = nn.Parameter(torch.zeros(e, rank))
         self.up = nn.Parameter(torch.zeros(e, rank, dim))  # zero: every adapter starts as the identity
@@ -39,6 +41,7 @@ class ExpertBank(nn.Module):
         # e: expert groups, n: inputs per group, d: features, r: adapter rank, c: labels (padded)
         index = slice(None) if experts is None else experts
         hidden = F.gelu(torch.einsum("e n d, e d r -> e n r", x, self.down[index]) + self.down_bias[index, None])
+        hidden = self.dropout(hidden)
         z = x + torch.einsum("e n r, e r d -> e n d", hidden, self.up[index])
         logits = torch.einsum("e n d, e d c -> e n c", z, self.head[index]) + self.head_bias[index, None]
         return logits.masked_fill(~self.label_mask[index, None], float("-inf"))

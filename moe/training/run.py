@@ -46,6 +46,7 @@ def build_classifier(cfg: DictConfig, tenants: list[Tenant], trunk: Trunk) -> Mi
         top_k=cfg.gate.top_k,
         normalize_weights=cfg.gate.normalize_weights,
         rank=cfg.expert.rank,
+        dropout=cfg.expert.dropout,
         input_scale=cfg.expert.input_scale,
     )
     return MixtureClassifier(
