@@ -5,6 +5,7 @@ from moe.model.experts import ExpertBank
 from moe.model.mixture import (
     UNKNOWN_TENANT,
     ExpertInfo,
+    Mixture,
     MixtureOfExperts,
     MixtureOutput,
     Prediction,
@@ -19,6 +20,7 @@ __all__ = [
     "DispatchPlan",
     "ExpertBank",
     "ExpertInfo",
+    "Mixture",
     "MixtureOfExperts",
     "MixtureOutput",
     "Prediction",

@@ -70,3 +70,12 @@ class ExpertBank(nn.Module):
                 bank.down[i], bank.down_bias[i], bank.up[i] = t["down.weight"], t["down.bias"], t["up.weight"]
                 bank.head[i, :, :c], bank.head_bias[i, :c] = t["head.weight"], t["head.bias"]
         return bank
+
+
+def single_expert_logits(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One expert on its own inputs, from its shard tensors: `(n, d)` -> `(n, c)` over its own labels.
+
+    The inference path: its result for an input depends only on that expert and its group, never on which
+    other experts are resident, so paging can not change a prediction."""
+    hidden = F.gelu(x @ tensors["down.weight"] + tensors["down.bias"])
+    return (x + hidden @ tensors["up.weight"]) @ tensors["head.weight"] + tensors["head.bias"]

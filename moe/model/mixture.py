@@ -9,7 +9,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from moe.model.dispatch import combine, dispatch, plan_dispatch
+from moe.model.dispatch import DispatchPlan, combine, dispatch, plan_dispatch
 from moe.model.experts import ExpertBank
 from moe.model.router import RouterOutput, TopKRouter
 
@@ -67,30 +67,26 @@ def mixture_nll(output: MixtureOutput, target: torch.Tensor, eps: float = 1e-9) 
     return -torch.log(likelihood + eps).mean()
 
 
-class MixtureOfExperts(nn.Module):
-    """Routes each input to its top-k experts among those allowed (a query's tenant restricts the choice)."""
+class Mixture(nn.Module):
+    """Routes each input to its top-k experts among those allowed (a query's tenant restricts the choice),
+    and combines their answers. Subclasses say how the chosen experts are computed."""
 
     def __init__(
-        self,
-        router: TopKRouter,
-        bank: ExpertBank,
-        experts: list[ExpertInfo],
-        input_scale: float = 1.0,
-        gate_rows: str = "labels",
+        self, router: TopKRouter, experts: list[ExpertInfo], input_scale: float = 1.0, gate_rows: str = "labels"
     ):
         super().__init__()
-        if not (router.num_experts == bank.num_experts == len(experts)):
-            raise ValueError("router, bank and expert list disagree on the number of experts")
+        if router.num_experts != len(experts):
+            raise ValueError(f"the router scores {router.num_experts} experts, but {len(experts)} are listed")
         if gate_rows not in ("labels", "one"):
             raise ValueError(f"gate_rows must be 'labels' (a gate row per label) or 'one', got {gate_rows!r}")
-        self.router, self.bank, self.experts = router, bank, list(experts)
+        self.router, self.experts = router, list(experts)
         self.input_scale, self.gate_rows = input_scale, gate_rows
         self.tenants = sorted({info.tenant for info in experts})
         self.labels = sorted({(info.tenant, label) for info in experts for label in info.labels})
+        self.width = max(len(info.labels) for info in experts)
         label_id = {pair: i for i, pair in enumerate(self.labels)}
-        width = bank.head.shape[-1]
         ids = [[label_id[(info.tenant, lab)] for lab in info.labels] for info in experts]
-        self.register_buffer("label_ids", torch.tensor([row + [-1] * (width - len(row)) for row in ids]), False)
+        self.register_buffer("label_ids", torch.tensor([row + [-1] * (self.width - len(row)) for row in ids]), False)
         tenant_index = {name: i for i, name in enumerate(self.tenants)}
         self.register_buffer("expert_tenant", torch.tensor([tenant_index[i.tenant] for i in experts]), False)
 
@@ -100,8 +96,16 @@ class MixtureOfExperts(nn.Module):
         except ValueError:
             raise KeyError(f"unknown tenant {name!r}; known tenants: {self.tenants}") from None
 
+    def tenant_ids(self, names: list[str | None]) -> torch.Tensor:
+        """Tenant indices for a batch of requests; None (tenant unknown) lets the gate choose."""
+        return torch.tensor([UNKNOWN_TENANT if n is None else self.tenant_index(n) for n in names], dtype=torch.long)
+
     def label_id(self, tenant: str, label: str) -> int:
         return self.labels.index((tenant, label))
+
+    def expert_logits(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """(g, capacity, width) logits of the planned groups, -inf on labels an expert lacks."""
+        raise NotImplementedError
 
     def forward(self, features: torch.Tensor, tenant: torch.Tensor | None = None) -> MixtureOutput:
         # b: batch, k: chosen experts, c: labels per expert (padded), d: features
@@ -112,8 +116,7 @@ class MixtureOfExperts(nn.Module):
             allowed = ~given | (self.expert_tenant[None, :] == tenant[:, None])
         routed = self.router(x, allowed)
         plan = plan_dispatch(routed.experts, routed.weights)
-        logits = self.bank(dispatch(x, plan), plan.experts)  # (g, capacity, c)
-        log_probs = combine(logits.log_softmax(dim=-1), plan, fill=float("-inf"))
+        log_probs = combine(self.expert_logits(x, plan).log_softmax(dim=-1), plan, fill=float("-inf"))
         return MixtureOutput(log_probs, routed.weights, routed.experts, self.label_ids[routed.experts], routed)
 
     @torch.no_grad()
@@ -128,3 +131,23 @@ class MixtureOfExperts(nn.Module):
                 best_label.tolist(), best_score.tolist(), output.experts.tolist(), output.weights.tolist(), strict=True
             )
         ]
+
+
+class MixtureOfExperts(Mixture):
+    """The trainable mixture: every expert resident in one stacked bank, groups computed as batched einsums."""
+
+    def __init__(
+        self,
+        router: TopKRouter,
+        bank: ExpertBank,
+        experts: list[ExpertInfo],
+        input_scale: float = 1.0,
+        gate_rows: str = "labels",
+    ):
+        super().__init__(router, experts, input_scale, gate_rows)
+        if bank.num_experts != len(experts) or bank.head.shape[-1] != self.width:
+            raise ValueError("the expert bank does not match the expert list")
+        self.bank = bank
+
+    def expert_logits(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        return self.bank(dispatch(x, plan), plan.experts)

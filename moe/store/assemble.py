@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from moe.model import ExpertBank, ExpertInfo, MixtureOfExperts, TopKRouter
+from moe.model.stats import empty_statistics
 from moe.store.shard import ExpertMeta
 
 Shard = tuple[dict[str, torch.Tensor], ExpertMeta]
@@ -26,13 +27,18 @@ def architecture(model: MixtureOfExperts) -> dict:
 
 
 def expert_shards(
-    model: MixtureOfExperts, trunk_fingerprint: str, metrics: dict[str, dict] | None = None
+    model: MixtureOfExperts,
+    trunk_fingerprint: str,
+    stats: dict[str, dict[str, torch.Tensor]] | None = None,
+    metrics: dict[str, dict] | None = None,
 ) -> Iterator[Shard]:
-    """`(tensors, meta)` for every expert: its weights and its routing entry."""
+    """`(tensors, meta)` for every expert: its weights, its routing entry and its feature statistics
+    (`stats[tenant]`, from `class_statistics`; experts without any get empty statistics)."""
     arch = architecture(model)
     for i, info in enumerate(model.experts):
         c = len(info.labels)
         tensors = model.bank.expert_tensors(i, c) | model.router.entry(i, c if model.gate_rows == "labels" else 1)
+        tensors |= (stats or {}).get(info.tenant) or empty_statistics(model.bank.dim, c)
         meta = ExpertMeta(
             info.tenant, info.labels, trunk_fingerprint, arch, metrics=(metrics or {}).get(info.tenant, {})
         )

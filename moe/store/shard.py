@@ -63,7 +63,8 @@ class ExpertMeta:
 
 
 def expected_shapes(architecture: dict[str, Any], num_labels: int) -> dict[str, tuple[int, ...]]:
-    """The tensors an expert of this architecture must hold, by name (weights and routing entry)."""
+    """The tensors an expert of this architecture must hold, by name: its weights, its routing entry (gate
+    rows) and the feature statistics of its training data."""
     d, r = architecture["dim"], architecture["rank"]
     rows = num_labels if architecture["gate_rows"] == "labels" else 1
     return {
@@ -74,6 +75,9 @@ def expected_shapes(architecture: dict[str, Any], num_labels: int) -> dict[str, 
         "head.bias": (num_labels,),
         "gate.weight": (rows, d),
         "gate.bias": (rows,),
+        "stats.mean": (num_labels, d),
+        "stats.count": (num_labels,),
+        "stats.scatter": (d, d),
     }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 
 from moe.data import Tenant, TenantDataModule
 from moe.model import ExpertInfo, build_mixture
+from moe.model.stats import class_statistics
 from moe.paths import cache_dir
 from moe.store import ExpertStore, expert_shards, save_gate
 from moe.training.module import MixtureClassifier
@@ -62,6 +64,17 @@ def build_classifier(cfg: DictConfig, tenants: list[Tenant], trunk: Trunk) -> Mi
     )
 
 
+@torch.no_grad()
+def training_statistics(data: TenantDataModule, trunk: Trunk) -> dict[str, dict[str, torch.Tensor]]:
+    """Class means, counts and scatter of each tenant's training features, for its shard."""
+    train = data.datasets["train"]
+    features = train.features if train.features is not None else trunk.eval()(train.texts)
+    return {
+        tenant.name: class_statistics(features[train.tenant == t], train.label[train.tenant == t], len(tenant.labels))
+        for t, tenant in enumerate(data.tenants)
+    }
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train gate and experts, test them, and write config, shards, gate and metrics under `paths.output_dir`."""
     L.seed_everything(cfg.seed, workers=True)
@@ -94,7 +107,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         fingerprint = trunk.fingerprint
         store = ExpertStore(cfg.paths.experts_dir)
         run_metrics = {t.name: test for t in data.tenants}  # recorded in each shard's metadata
-        for tensors, meta in expert_shards(classifier.model, fingerprint, run_metrics):
+        for tensors, meta in expert_shards(
+            classifier.model, fingerprint, training_statistics(data, trunk), run_metrics
+        ):
             path = store.save(tensors, meta)
             log.info("saved expert %s v%d to %s", meta.tenant, meta.version, path)
         save_gate(out / "gate.safetensors", classifier.model, fingerprint)
