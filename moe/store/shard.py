@@ -52,14 +52,34 @@ class ExpertMeta:
 
     def to_strings(self, tensors_sha256: str) -> dict[str, str]:
         values = asdict(self) | {"format": FORMAT, "tensors_sha256": tensors_sha256}
-        return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in values.items()}
+        strings = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in values.items()}
+        return strings | {"metadata_sha256": metadata_sha256(strings)}
 
     @classmethod
     def from_strings(cls, strings: dict[str, str]) -> ExpertMeta:
         decoded: dict[str, Any] = {k: strings[k] for k in ("tenant", "trunk_fingerprint", "created", "package_version")}
         decoded |= {k: json.loads(strings[k]) for k in ("labels", "architecture", "version", "metrics")}
         decoded["labels"] = tuple(decoded["labels"])
-        return cls(**decoded)
+        meta = cls(**decoded)
+        arch = meta.architecture
+        if not (
+            all(isinstance(label, str) for label in meta.labels)
+            and isinstance(meta.version, int)
+            and isinstance(meta.metrics, dict)
+            and isinstance(arch, dict)
+            and all(isinstance(arch.get(k), int) and arch[k] >= 0 for k in ("dim", "rank"))
+            and arch.get("gate_rows") in ("labels", "one")
+            and isinstance(arch.get("input_scale"), (int, float))
+            and isinstance(getattr(torch, str(arch.get("dtype", "float32")), None), torch.dtype)
+        ):
+            raise TypeError(f"labels {meta.labels!r}, version {meta.version!r} or architecture {arch!r} invalid")
+        return meta
+
+
+def metadata_sha256(strings: dict[str, str]) -> str:
+    """A sha256 of every metadata entry but itself: a flipped byte anywhere in the header is caught."""
+    entries = {k: v for k, v in strings.items() if k != "metadata_sha256"}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
 def expected_shapes(architecture: dict[str, Any], num_labels: int) -> dict[str, tuple[int, ...]]:
@@ -130,6 +150,8 @@ def read_meta(path: str | Path) -> tuple[ExpertMeta, str]:
         raise ShardError(path, f"truncated or not a safetensors file ({error})") from None
     if strings.get("format") != FORMAT:
         raise ShardError(path, f"format {strings.get('format')!r} is not {FORMAT!r}")
+    if strings.get("metadata_sha256") != metadata_sha256(strings):
+        raise ShardError(path, "metadata checksum mismatch: the header's metadata was altered or corrupted")
     try:
         return ExpertMeta.from_strings(strings), strings["tensors_sha256"]
     except (KeyError, TypeError, json.JSONDecodeError) as error:
@@ -164,3 +186,13 @@ def read_shard(path: str | Path, trunk_fingerprint: str | None = None) -> tuple[
     if (actual := tensors_sha256(tensors)) != recorded:
         raise ShardError(path, f"checksum mismatch: tensors hash to {actual[:12]}…, metadata records {recorded[:12]}…")
     return tensors, meta
+
+
+def read_tensors(path: str | Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Named tensors of a shard, without the full check (for a file already verified and unchanged since).
+    Each is cloned into storage of its own: what safetensors hands back may keep the whole file's bytes alive."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return {name: handle.get_tensor(name).clone() for name in names}
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise ShardError(path, f"truncated or unreadable tensor data ({error})") from None

@@ -1,0 +1,147 @@
+"""PagedMixture: inference over an expert store, with only the pager's budget of expert weights resident.
+
+The gate's rows for every registered expert stay resident (they are small); expert weights are paged in,
+wave by wave, for the experts a batch actually chose. Each expert's group is computed on its own
+(`single_expert_logits`), so a prediction never depends on what else happened to be resident.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable
+from pathlib import Path
+
+import torch
+
+from moe.model import DispatchPlan, ExpertInfo, Mixture, TopKRouter, dispatch
+from moe.model.experts import TENSOR_NAMES, single_expert_logits
+from moe.paging.pager import ExpertPager
+from moe.store import ExpertMeta, ExpertStore, ShardError, read_shard, read_tensors
+
+log = logging.getLogger(__name__)
+Key = tuple[str, int]  # (tenant, version)
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class ShardLoader:
+    """Reads expert weights for the pager. A shard is verified in full when registered, and again whenever
+    its file changed since (inode, size or modification time); unchanged files are read without rehashing."""
+
+    def __init__(self, trunk_fingerprint: str | None):
+        self.trunk_fingerprint = trunk_fingerprint
+        self.paths: dict[Hashable, Path] = {}
+        self.metas: dict[Hashable, ExpertMeta] = {}
+        self.identities: dict[Hashable, tuple[int, int, int]] = {}
+
+    def register(self, key: Hashable, path: Path) -> tuple[dict[str, torch.Tensor], ExpertMeta]:
+        tensors, meta = read_shard(path, self.trunk_fingerprint)
+        self.paths[key], self.metas[key], self.identities[key] = path, meta, _identity(path)
+        return tensors, meta
+
+    def __call__(self, key: Hashable) -> dict[str, torch.Tensor]:
+        path = self.paths[key]
+        try:
+            unchanged = _identity(path) == self.identities[key]
+        except FileNotFoundError:
+            raise ShardError(path, "file disappeared after it was registered") from None
+        if unchanged:
+            return read_tensors(path, TENSOR_NAMES)
+        tensors, meta = read_shard(path, self.trunk_fingerprint)
+        if meta != self.metas[key]:
+            raise ShardError(path, "file was replaced by a different expert after it was registered")
+        self.identities[key] = _identity(path)
+        return {name: tensors[name] for name in TENSOR_NAMES}
+
+
+class PagedMixture(Mixture):
+    def __init__(
+        self,
+        router: TopKRouter,
+        experts: list[ExpertInfo],
+        keys: list[Key],
+        pager: ExpertPager,
+        input_scale: float,
+        gate_rows: str,
+    ):
+        super().__init__(router, experts, input_scale, gate_rows)
+        self.keys, self.pager = list(keys), pager
+        self.register_buffer("label_mask", self.label_ids >= 0, persistent=False)
+
+    @classmethod
+    def from_store(
+        cls,
+        store: ExpertStore,
+        trunk_fingerprint: str | None = None,
+        tenants: list[str] | None = None,
+        device: str | torch.device = "cpu",
+        device_budget: int = 256 << 20,
+        host_budget: int = 0,
+        top_k: int = 2,
+    ) -> tuple[PagedMixture, dict[str, Exception]]:
+        """The latest version of each tenant (all live ones by default). A shard that fails its checks is
+        left out and returned in the second value; it never stops the others."""
+        loader = ShardLoader(trunk_fingerprint)
+        pager = ExpertPager(loader, device, device_budget, host_budget)
+        candidates, failed = [], {}
+        for tenant in tenants if tenants is not None else store.tenants():
+            try:
+                key = (tenant, store.latest(tenant))
+                candidates.append((key, store.meta(*key)))  # header only: sizes the gate before any tensor
+            except (ShardError, KeyError, ValueError) as error:
+                failed[tenant] = error
+        if not candidates:
+            raise ValueError(f"no expert could be loaded from {store.root}: {failed}")
+        arch = candidates[0][1].architecture
+        rows = [len(meta.labels) if arch["gate_rows"] == "labels" else 1 for _, meta in candidates]
+        router = TopKRouter(arch["dim"], rows, top_k=top_k)  # filled in place: no per-expert copies linger
+        infos, keys, kept = [], [], []
+        scatter, count = torch.zeros(arch["dim"], arch["dim"], dtype=torch.float64), 0.0
+        with torch.no_grad():
+            for i, (key, header) in enumerate(candidates):
+                try:
+                    if header.architecture != arch:
+                        raise ShardError(store.path(*key), f"architecture {header.architecture} differs from {arch}")
+                    tensors, meta = loader.register(key, store.path(*key))
+                except (ShardError, KeyError, ValueError) as error:
+                    failed[key[0]] = error
+                    continue
+                router.weight[i].zero_()
+                router.weight[i, : rows[i]] = tensors["gate.weight"]
+                router.bias[i].zero_()
+                router.bias[i, : rows[i]] = tensors["gate.bias"]
+                scatter += tensors["stats.scatter"].double()  # per-expert statistics stay in the shards,
+                count += tensors["stats.count"].sum().item()  # their aggregate stays resident
+                pager.register(key, sum(tensors[n].numel() * tensors[n].element_size() for n in TENSOR_NAMES))
+                infos.append(ExpertInfo(meta.tenant, meta.labels))
+                keys.append(key)
+                kept.append(i)
+        for tenant, error in failed.items():
+            log.warning("expert %s left out: %s", tenant, error)
+        if not infos:
+            raise ValueError(f"no expert could be loaded from {store.root}: {failed}")
+        if len(kept) < len(candidates):
+            router = TopKRouter.from_entries([router.entry(i, rows[i]) for i in kept], top_k=top_k)
+        model = cls(router, infos, keys, pager, arch["input_scale"], arch["gate_rows"])
+        model.shared_scatter, model.shared_count = scatter.float(), count
+        return model.to(device).eval(), failed
+
+    def expert_logits(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        # g: groups (chosen experts), n: capacity, c: label width
+        groups = dispatch(x, plan)  # (g, n, d)
+        counts = torch.bincount(plan.group, minlength=plan.experts.numel()).tolist()
+        experts = plan.experts.tolist()
+        out = x.new_zeros(len(experts), plan.capacity, self.width)
+        out.masked_fill_(~self.label_mask[plan.experts][:, None, :], float("-inf"))
+        position = {self.keys[e]: i for i, e in enumerate(experts)}
+        for wave in self.pager.waves([self.keys[e] for e in experts]):
+            with self.pager.acquire(wave) as resident:
+                for key, tensors in resident.items():
+                    i, n = position[key], counts[position[key]]
+                    c = tensors["head.bias"].shape[0]
+                    out[i, :n, :c] = single_expert_logits(groups[i, :n], tensors)
+        return out

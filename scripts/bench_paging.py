@@ -1,0 +1,266 @@
+"""Benchmark: expert page-in latency beside the plain cost of moving the same bytes, and a Zipf-skewed
+stream over 1,000 registered experts with a device budget of 32 experts.
+
+    python scripts/bench_paging.py --out outputs/benchmarks/paging.json
+    python scripts/bench_paging.py --device cuda --out outputs/benchmarks/paging_cuda.json   # on a GPU
+
+Page-in figures (median of --repeats):
+  disk -> device   the pager loading a shard it verified at registration (unchanged file: no rehash)
+  host -> device   the pager promoting an expert from its host tier (pinned on CUDA; on a CPU-only machine
+                   host and device are the same memory and promotion moves a reference)
+beside the physical bound: `readinto` of the file into a buffer plus one tensor copy (disk), or one tensor
+copy of the same bytes (host; a pinned host-to-device copy on CUDA). Disk figures are cold where
+`posix_fadvise(DONTNEED)` can drop the file from the page cache, warm otherwise; the JSON says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from moe.model import ExpertInfo, build_mixture
+from moe.paging import PagedMixture
+from moe.store import ExpertStore, expert_shards
+
+DIM, LABELS = 384, 15
+
+
+def rank_for(megabytes: float) -> int:
+    """Adapter rank that makes an expert's weights about `megabytes` (float32, 384-wide, 15 labels)."""
+    return max(1, round((megabytes * 2**20 / 4 - DIM * LABELS - LABELS) / (2 * DIM + 1)))
+
+
+def write_store(root: Path, tenants: int, rank: int, seed: int = 0) -> ExpertStore:
+    torch.manual_seed(seed)
+    store = ExpertStore(root)
+    infos = [ExpertInfo(f"t{i:05d}", tuple(f"intent{j}" for j in range(LABELS))) for i in range(tenants)]
+    for start in tqdm(range(0, tenants, 64), desc=f"writing {tenants} shards", unit="chunk"):
+        model = build_mixture(infos[start : start + 64], DIM, rank=rank)
+        with torch.no_grad():
+            model.bank.up.normal_(std=0.02)
+        for tensors, meta in expert_shards(model, "bench" * 12 + "0000"):
+            store.save(tensors, meta)
+    return store
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM), so that the peak covers only what follows."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def drop_from_page_cache(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
+def plain_disk_copy(path: Path, device: torch.device) -> None:
+    buffer = torch.empty(path.stat().st_size, dtype=torch.uint8)
+    with path.open("rb", buffering=0) as handle:
+        handle.readinto(memoryview(buffer.numpy()))
+    buffer.to(device, copy=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_host_copy(host: torch.Tensor, device: torch.device) -> None:
+    host.to(device, copy=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_s(fn, repeats: int, before=None) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        if before:
+            before()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])  # the first is a warm-up
+
+
+def page_in_sizes(args, device: torch.device, work: Path) -> list[dict]:
+    rows = []
+    for megabytes in args.sizes:
+        store = write_store(work / f"size{megabytes}", 1, rank_for(megabytes))
+        model, _ = PagedMixture.from_store(store, device=device, device_budget=1 << 34, host_budget=1 << 34)
+        pager, key = model.pager, model.keys[0]
+        path, size = store.path(*key), pager.sizes[key]
+        cold = drop_from_page_cache(path) and args.cold
+
+        def disk_page_in(pager=pager, key=key):
+            with pager.acquire([key]):
+                pass
+
+        def evict_all(pager=pager, key=key, path=path, cold=cold):
+            pager.evict(key)
+            if cold:
+                drop_from_page_cache(path)
+
+        def host_page_in(pager=pager, key=key):
+            with pager.acquire([key]):
+                pass
+
+        def to_host_only(pager=pager, key=key):
+            with pager._lock:  # demote to the host tier, as an eviction under pressure would
+                pager._evict_device(key) if key in pager._device else None
+
+        disk = median_s(disk_page_in, args.repeats, evict_all)
+        disk_plain = median_s(
+            lambda path=path: plain_disk_copy(path, device),
+            args.repeats,
+            (lambda path=path: drop_from_page_cache(path)) if cold else None,
+        )
+        host_page_in()
+        host = median_s(host_page_in, args.repeats, to_host_only)
+        host_tensor = torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        host_plain = median_s(lambda t=host_tensor: plain_host_copy(t, device), args.repeats)
+        row = {
+            "expert_mb": size / 2**20,
+            "disk_cache": "cold" if cold else "warm",
+            "disk_page_in_s": disk,
+            "disk_plain_copy_s": disk_plain,
+            "disk_ratio": disk / disk_plain,
+            "host_page_in_s": host,
+            "host_plain_copy_s": host_plain,
+            "host_ratio": host / host_plain,
+            "host_promotion": "reference move (same memory)" if device.type == "cpu" else "pinned host-to-device copy",
+        }
+        rows.append(row)
+        print(
+            f"{row['expert_mb']:6.2f} MB  disk ({row['disk_cache']}) {disk * 1e3:8.3f} ms,"
+            f" plain {disk_plain * 1e3:8.3f} ms ({row['disk_ratio']:.2f}x);"
+            f"  host {host * 1e3:8.3f} ms, plain {host_plain * 1e3:8.3f} ms ({row['host_ratio']:.2f}x)",
+            flush=True,
+        )
+    return rows
+
+
+def zipf_stream(args, device: torch.device, work: Path) -> dict:
+    store = write_store(work / "many", args.tenants, rank_for(args.stream_expert_mb))
+    gc.collect()
+    peak_reset = reset_peak_rss()
+    rss_start = rss_bytes()
+    trunk_bytes = 0
+    if args.with_trunk:
+        from moe.trunk import HFEncoderTrunk
+
+        trunk = HFEncoderTrunk().to(device)
+        with torch.inference_mode():  # the trunk's footprint: its weights and the working memory of one batch
+            features = trunk(["what is my balance", "book a flight to paris", "play some jazz"] * 22)[: args.batch]
+        trunk_bytes = rss_bytes() - rss_start
+    else:
+        features = torch.nn.functional.normalize(torch.randn(args.batch, DIM), dim=-1).to(device)
+    probe, _ = PagedMixture.from_store(store, tenants=store.tenants()[:1])
+    budget = args.budget_experts * probe.pager.sizes[probe.keys[0]]
+    del probe
+    start = time.perf_counter()
+    model, failed = PagedMixture.from_store(store, device=device, device_budget=budget, host_budget=0)
+    register_s = time.perf_counter() - start
+    routing_bytes = sum(p.numel() * p.element_size() for p in model.router.parameters())
+    rng = np.random.default_rng(0)
+    popularity = 1.0 / np.arange(1, args.tenants + 1) ** args.zipf_s  # truncated Zipf over the tenants
+    popularity /= popularity.sum()
+    queries, start = 0, time.perf_counter()
+    with torch.inference_mode():
+        for _ in tqdm(range(args.batches), desc="zipf stream", unit="batch"):
+            tenants = rng.choice(args.tenants, size=features.shape[0], p=popularity)
+            model(features, torch.as_tensor(tenants, device=device))
+            queries += features.shape[0]
+    elapsed = time.perf_counter() - start
+    summary = model.pager.summary()
+    device_stats = summary["device"]
+    peak = rss_bytes("VmHWM") - rss_start
+    return {
+        "tenants": args.tenants,
+        "expert_mb": budget / args.budget_experts / 2**20,
+        "device_budget_bytes": budget,
+        "budget_experts": args.budget_experts,
+        "zipf_s": args.zipf_s,
+        "top_budget_share": float(popularity[: args.budget_experts].sum()),
+        "batch": features.shape[0],
+        "batches": args.batches,
+        "register_s": register_s,
+        "queries_per_s": queries / elapsed,
+        "device_hit_rate": device_stats["hits"] / max(1, device_stats["hits"] + device_stats["misses"]),
+        "pager": summary,
+        "trunk_bytes": trunk_bytes,
+        "routing_bytes_resident": routing_bytes,
+        "peak_resident_bytes_over_start": peak,
+        "bound_bytes": (budget + trunk_bytes) * 1.15,
+        "peak_over_bound": peak / ((budget + trunk_bytes) * 1.15),
+        "peak_measured_from": "reset before the stream" if peak_reset else "process start (could not reset)",
+        "failed": {k: str(v) for k, v in failed.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/paging.json"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the shards are written (default: a temp dir)")
+    parser.add_argument("--sizes", type=float, nargs="+", default=[0.25, 1, 4, 16], help="expert sizes in MB")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--tenants", type=int, default=1000)
+    parser.add_argument("--budget-experts", type=int, default=32)
+    parser.add_argument("--stream-expert-mb", type=float, default=1.0)
+    parser.add_argument("--zipf-s", type=float, default=1.2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=300)
+    parser.add_argument("--with-trunk", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        work = Path(tmp)
+        stream = zipf_stream(args, device, work)  # first: peak memory is measured from a clean process
+        print(json.dumps({k: v for k, v in stream.items() if k != "pager"}, indent=2), flush=True)
+        sizes = page_in_sizes(args, device, work)
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    args.out.write_text(
+        json.dumps({"machine": machine, "config": config, "page_in": sizes, "zipf_stream": stream}, indent=2) + "\n"
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
