@@ -239,13 +239,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--with-trunk", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="run the Zipf stream")
     args = parser.parse_args()
     device = torch.device(args.device)
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
-        stream = zipf_stream(args, device, work)  # first: peak memory is measured from a clean process
-        print(json.dumps({k: v for k, v in stream.items() if k != "pager"}, indent=2), flush=True)
+        stream = zipf_stream(args, device, work) if args.stream else None  # first: peak memory from a clean process
+        if stream:
+            print(json.dumps({k: v for k, v in stream.items() if k != "pager"}, indent=2), flush=True)
         sizes = page_in_sizes(args, device, work)
     machine = {
         "platform": platform.platform(),

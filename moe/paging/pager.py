@@ -29,6 +29,37 @@ def nbytes(tensors: Tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+class Packed(dict):
+    """An expert's tensors as views of one flat byte buffer: one allocation, and one copy to move it
+    between host and device (instead of one small copy per tensor)."""
+
+    ALIGN = 64
+
+    def __init__(self, flat: torch.Tensor, layout: list[tuple[str, torch.dtype, tuple[int, ...], int, int]]):
+        super().__init__({n: flat[o : o + size].view(dtype).view(shape) for n, dtype, shape, o, size in layout})
+        self.flat, self.layout = flat, layout
+
+    @classmethod
+    def pack(cls, tensors: Tensors, pin: bool = False) -> Packed:
+        layout, offset = [], 0
+        for name, t in tensors.items():
+            size = t.numel() * t.element_size()
+            layout.append((name, t.dtype, tuple(t.shape), offset, size))
+            offset += -(-size // cls.ALIGN) * cls.ALIGN
+        packed = cls(torch.empty(offset, dtype=torch.uint8, pin_memory=pin), layout)
+        for name, t in tensors.items():
+            packed[name].copy_(t)
+        return packed
+
+    def to(self, device: torch.device, pin: bool = False) -> Packed:
+        if device.type == "cpu":
+            flat = torch.empty(self.flat.shape, dtype=torch.uint8, pin_memory=pin)
+            flat.copy_(self.flat)
+        else:
+            flat = self.flat.to(device, non_blocking=self.flat.is_pinned())
+        return Packed(flat, self.layout)
+
+
 @dataclass
 class TierStats:
     """Counters of one tier. A hit or miss is counted where a request was answered; `page_ins` are arrivals
@@ -134,13 +165,14 @@ class ExpertPager:
     def _to_device(self, tensors: Tensors) -> Tensors:
         if self.device.type == "cpu":
             return tensors  # host and device are the same memory: promotion moves a reference
-        return {k: v.to(self.device, non_blocking=False) for k, v in tensors.items()}
+        packed = tensors if isinstance(tensors, Packed) else Packed.pack(tensors, pin=self.pin_memory)
+        return packed.to(self.device)
 
     def _to_host(self, tensors: Tensors) -> Tensors:
         if self.device.type == "cpu" and not self.pin_memory:
             return tensors
-        host = {k: v.to("cpu") for k, v in tensors.items()}
-        return {k: v.pin_memory() for k, v in host.items()} if self.pin_memory else host
+        packed = tensors if isinstance(tensors, Packed) else Packed.pack(tensors)
+        return packed.to(torch.device("cpu"), pin=self.pin_memory)
 
     def _keep_on_host(self, key: Hashable, tensors: Tensors) -> None:
         size = self.sizes[key]
