@@ -98,7 +98,10 @@ class MixtureClassifier(L.LightningModule):
     def _log_eval(self, stage: str, batch: dict) -> None:
         metrics = self.accuracies(batch)
         self.log_dict(
-            {f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=stage == "val", batch_size=len(batch["tenant"])
+            {f"{stage}/{k}": v for k, v in metrics.items()},
+            prog_bar=stage == "val",
+            batch_size=len(batch["tenant"]),
+            sync_dist=True,  # under DDP: the mean over every rank's share of the split, not rank 0's alone
         )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
