@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 
+from moe.lifecycle.run import run_scenario
 from moe.store import ExpertStore, mixture_from_shards
 from moe.training.run import train
 from tests.conftest import CONF, compose_train, tenant_files_override, write_synthetic_tenants
@@ -68,7 +70,17 @@ def test_wandb_logger_runs_offline(tmp_path, synthetic_tenants, monkeypatch):
     assert list((out / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def experiments_run_by(script: str) -> list[str]:
+    """Experiment files whose header names `scripts/<script>.py` as the command that runs them."""
+    return sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if f"scripts/{script}.py" in p.read_text())
+
+
+def test_every_experiment_file_names_the_command_that_runs_it():
+    named = set(experiments_run_by("train")) | set(experiments_run_by("scenario"))
+    assert named == {p.stem for p in (CONF / "experiment").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("experiment", experiments_run_by("train"))
 def test_every_experiment_runs_with_tiny_limits(experiment, tmp_path, clinc_dir):
     overrides = [
         f"experiment={experiment}",
@@ -80,6 +92,27 @@ def test_every_experiment_runs_with_tiny_limits(experiment, tmp_path, clinc_dir)
     metrics = train(compose_train(overrides, tmp_path / experiment))
     assert metrics["data/tenants"] == 2
     assert len(list((tmp_path / experiment / "experts").rglob("*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("experiment", experiments_run_by("scenario"))
+def test_every_scenario_experiment_runs_with_tiny_limits(experiment, tmp_path, clinc_dir):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "scenario",
+            overrides=[
+                f"experiment={experiment}",
+                "trunk=tiny",
+                "growth.epochs=1",
+                "growth.rank=4",
+                "baselines.sequential=false",
+                f"paths.output_dir={tmp_path}",
+            ],
+        )
+    metrics = run_scenario(cfg)
+    assert metrics["final/tenants"] == len({e.tenant for e in cfg.events})
+    assert metrics["final/forgetting_tenant_given"] == 0.0 and metrics["wake/identical"] == 1.0
+    for name in ("metrics.json", "accuracy_matrix.json", "accuracy_matrix.png", "accuracy_over_events.png"):
+        assert (tmp_path / name).is_file()
 
 
 def test_trainable_trunk_trains_and_is_saved(tmp_path, synthetic_tenants):

@@ -16,6 +16,7 @@ import torch
 
 from moe.model import DispatchPlan, ExpertInfo, Mixture, TopKRouter, dispatch
 from moe.model.experts import TENSOR_NAMES, single_expert_logits
+from moe.model.stats import discriminant_rows, pooled_precision
 from moe.paging.pager import ExpertPager
 from moe.store import ExpertMeta, ExpertStore, ShardError, read_shard, read_tensors
 
@@ -82,9 +83,16 @@ class PagedMixture(Mixture):
         device_budget: int = 256 << 20,
         host_budget: int = 0,
         top_k: int = 2,
+        routing: str = "rows",
+        shrinkage: float = 0.05,
     ) -> tuple[PagedMixture, dict[str, Exception]]:
-        """The latest version of each tenant (all live ones by default). A shard that fails its checks is
-        left out and returned in the second value; it never stops the others."""
+        """The latest version of each tenant (all awake ones by default). A shard that fails its checks is
+        left out and returned in the second value; it never stops the others.
+
+        `routing`: "rows" uses the gate rows stored in each shard (learned); "stats" derives them from each
+        expert's class means and the covariance pooled over every registered expert (the statistics gate)."""
+        if routing not in ("rows", "stats"):
+            raise ValueError(f"routing must be 'rows' or 'stats', got {routing!r}")
         loader = ShardLoader(trunk_fingerprint)
         pager = ExpertPager(loader, device, device_budget, host_budget)
         candidates, failed = [], {}
@@ -97,7 +105,8 @@ class PagedMixture(Mixture):
         if not candidates:
             raise ValueError(f"no expert could be loaded from {store.root}: {failed}")
         arch = candidates[0][1].architecture
-        rows = [len(meta.labels) if arch["gate_rows"] == "labels" else 1 for _, meta in candidates]
+        per_label = arch["gate_rows"] == "labels" or routing == "stats"
+        rows = [len(meta.labels) if per_label else 1 for _, meta in candidates]
         router = TopKRouter(arch["dim"], rows, top_k=top_k)  # filled in place: no per-expert copies linger
         infos, keys, kept = [], [], []
         scatter, count = torch.zeros(arch["dim"], arch["dim"], dtype=torch.float64), 0.0
@@ -111,9 +120,9 @@ class PagedMixture(Mixture):
                     failed[key[0]] = error
                     continue
                 router.weight[i].zero_()
-                router.weight[i, : rows[i]] = tensors["gate.weight"]
+                router.weight[i, : rows[i]] = tensors["stats.mean" if routing == "stats" else "gate.weight"]
                 router.bias[i].zero_()
-                router.bias[i, : rows[i]] = tensors["gate.bias"]
+                router.bias[i, : rows[i]] = 0.0 if routing == "stats" else tensors["gate.bias"]
                 scatter += tensors["stats.scatter"].double()  # per-expert statistics stay in the shards,
                 count += tensors["stats.count"].sum().item()  # their aggregate stays resident
                 pager.register(key, sum(tensors[n].numel() * tensors[n].element_size() for n in TENSOR_NAMES))
@@ -126,7 +135,14 @@ class PagedMixture(Mixture):
             raise ValueError(f"no expert could be loaded from {store.root}: {failed}")
         if len(kept) < len(candidates):
             router = TopKRouter.from_entries([router.entry(i, rows[i]) for i in kept], top_k=top_k)
-        model = cls(router, infos, keys, pager, arch["input_scale"], arch["gate_rows"])
+        if routing == "stats":  # the rows held class means until now: turn them into discriminants
+            classes = sum(len(info.labels) for info in infos)
+            precision = pooled_precision(scatter, count, classes, shrinkage)
+            with torch.no_grad():
+                weight, bias = discriminant_rows(router.weight, precision, arch["input_scale"])
+                router.weight.copy_(weight)
+                router.bias.copy_(bias)
+        model = cls(router, infos, keys, pager, arch["input_scale"], "labels" if per_label else "one")
         model.shared_scatter, model.shared_count = scatter.float(), count
         return model.to(device).eval(), failed
 

@@ -3,6 +3,7 @@
     <root>/<tenant>/v0003.safetensors          a live version (the highest live one is the latest)
     <root>/<tenant>/v0002.retired.safetensors  a retired version: kept, never loaded
     <root>/<tenant>/.v0004.safetensors.<pid>.tmp  a write in flight (or killed): invisible to readers
+    <root>/<tenant>/DORMANT                    the tenant is hibernating: kept, not routed to until woken
 
 Every change is one atomic rename, so a process killed at any point leaves a consistent store.
 """
@@ -59,9 +60,29 @@ class ExpertStore:
                     found.append(ShardRecord(folder.name, int(match[1]), bool(match[2]), path, path.stat().st_size))
         return sorted(found, key=lambda r: (r.tenant, r.version))
 
-    def tenants(self) -> list[str]:
-        """Tenants with at least one live version."""
-        return sorted({r.tenant for r in self.records() if not r.retired})
+    def tenants(self, dormant: bool = False) -> list[str]:
+        """Tenants with at least one live version: the awake ones, or also the hibernating ones."""
+        live = {r.tenant for r in self.records() if not r.retired}
+        return sorted(t for t in live if dormant or not self.is_dormant(t))
+
+    def is_dormant(self, tenant: str) -> bool:
+        return (self.root / check_tenant_name(tenant) / "DORMANT").is_file()
+
+    def hibernate(self, tenant: str) -> None:
+        """Mark a tenant dormant: its shards stay as they are; mixtures built from the store leave it out."""
+        self.latest(tenant)  # an unknown tenant is an error, not a new folder
+        marker = self.root / tenant / "DORMANT"
+        tmp = marker.with_name(f".DORMANT.{os.getpid()}.tmp")
+        tmp.write_text("hibernating\n")
+        os.replace(tmp, marker)
+
+    def wake(self, tenant: str) -> None:
+        if not self.is_dormant(tenant):
+            raise KeyError(f"tenant {tenant!r} is not hibernating in {self.root}; dormant: {self.dormant()}")
+        (self.root / tenant / "DORMANT").unlink()
+
+    def dormant(self) -> list[str]:
+        return [t for t in self.tenants(dormant=True) if self.is_dormant(t)]
 
     def versions(self, tenant: str) -> list[int]:
         """Live versions of a tenant, oldest first."""
@@ -69,7 +90,9 @@ class ExpertStore:
 
     def latest(self, tenant: str) -> int:
         if not (versions := self.versions(tenant)):
-            raise KeyError(f"unknown tenant {tenant!r} in expert store {self.root}; known: {self.tenants()}")
+            raise KeyError(
+                f"unknown tenant {tenant!r} in expert store {self.root}; known: {self.tenants(dormant=True)}"
+            )
         return versions[-1]
 
     def save(self, tensors: dict[str, torch.Tensor], meta: ExpertMeta) -> Path:
@@ -132,6 +155,8 @@ class ExpertStore:
 
     def archive(self, tenant: str, destination: str | Path) -> Path:
         """Move every file of a tenant (live and retired) out of the store into `destination/<tenant>`."""
+        if not self.records(tenant):
+            raise KeyError(f"unknown tenant {tenant!r} in expert store {self.root}")
         target = Path(destination) / check_tenant_name(tenant)
         if target.exists():
             raise FileExistsError(f"{target} exists; refusing to overwrite an archive")
@@ -141,4 +166,6 @@ class ExpertStore:
 
     def delete(self, tenant: str) -> None:
         """Remove a tenant and all its versions from disk."""
+        if not self.records(tenant):
+            raise KeyError(f"unknown tenant {tenant!r} in expert store {self.root}")
         shutil.rmtree(self.root / check_tenant_name(tenant))

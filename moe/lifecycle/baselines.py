@@ -1,0 +1,100 @@
+"""Baselines for the continual experiment, run on the same events and features as the mixture:
+
+joint       one mixture retrained from scratch on all the data seen so far (the upper bound)
+sequential  one shared classifier whose head grows, fine-tuned on each event's data only (forgetting)
+separate    one whole model (trunk + head) per tenant: accuracy of a tenant-given expert, memory x tenants
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from moe.data import Tenant
+from moe.data.datamodule import TenantExamples
+from moe.lifecycle.growth import GrowthConfig, _trainer
+from moe.model import ExpertInfo, build_mixture
+from moe.training.module import MixtureClassifier
+
+
+def _examples(tenants: list[Tenant], split: str, encode) -> TenantExamples:
+    rows = [(t, tenant.label_index(e.label), e.text) for t, tenant in enumerate(tenants) for e in tenant.split(split)]
+    features = encode([text for _, _, text in rows])
+    return TenantExamples(
+        [text for _, _, text in rows],
+        torch.tensor([t for t, _, _ in rows]),
+        torch.tensor([y for _, y, _ in rows]),
+        features,
+    )
+
+
+def joint_retrain(tenants: list[Tenant], encode, cfg: GrowthConfig, top_k: int = 2) -> dict[str, float]:
+    """Train every tenant's expert and the gate together on all their data; test accuracies and seconds."""
+    L.seed_everything(cfg.seed, workers=True)
+    train, test = _examples(tenants, "train", encode), _examples(tenants, "test", encode)
+    model = build_mixture(
+        [ExpertInfo(t.name, t.labels) for t in tenants],
+        train.features.shape[1],
+        top_k=top_k,
+        rank=cfg.rank,
+        dropout=cfg.dropout,
+        input_scale=cfg.input_scale,
+    )
+    module = MixtureClassifier(model, tenants, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = time.perf_counter()
+    _trainer(cfg, cfg.epochs).fit(module, DataLoader(train, batch_size=cfg.batch_size, shuffle=True))
+    seconds = time.perf_counter() - start
+    model.eval()
+    accuracy = module.accuracies({"features": test.features, "tenant": test.tenant, "label": test.label})
+    return {"seconds": seconds, **{k: float(v) for k, v in accuracy.items()}}
+
+
+class SequentialBaseline:
+    """One classifier over every (tenant, intent) seen so far, fine-tuned on each new batch of data alone."""
+
+    def __init__(self, cfg: GrowthConfig, dim: int):
+        self.cfg, self.dim = cfg, dim
+        self.labels: list[str] = []  # "tenant/intent"
+        self.model = None
+
+    def learn(self, tenant: Tenant, encode) -> None:
+        new = [f"{tenant.name}/{label}" for label in tenant.labels if f"{tenant.name}/{label}" not in self.labels]
+        previous, self.labels = self.model, self.labels + new
+        shared = Tenant("shared", tuple(self.labels))
+        self.model = build_mixture(
+            [ExpertInfo("shared", shared.labels)],
+            self.dim,
+            rank=self.cfg.rank,
+            dropout=self.cfg.dropout,
+            input_scale=self.cfg.input_scale,
+        )
+        if previous is not None:  # carry over what was learned; only the head's new columns are fresh
+            with torch.no_grad():
+                old, bank = previous.bank, self.model.bank
+                bank.down.copy_(old.down), bank.down_bias.copy_(old.down_bias), bank.up.copy_(old.up)
+                bank.head[..., : old.head.shape[-1]] = old.head
+                bank.head_bias[..., : old.head_bias.shape[-1]] = old.head_bias
+        examples = tenant.split("train")
+        features = encode([e.text for e in examples])
+        labels = torch.tensor([self.labels.index(f"{tenant.name}/{e.label}") for e in examples])
+        data = TenantExamples([""] * len(labels), torch.zeros_like(labels), labels, features)
+        module = MixtureClassifier(
+            self.model, [shared], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, gate_weight=0.0, z_loss_weight=0.0
+        )
+        L.seed_everything(self.cfg.seed, workers=True)
+        _trainer(self.cfg, self.cfg.epochs).fit(module, DataLoader(data, batch_size=self.cfg.batch_size, shuffle=True))
+        self.model.eval()
+
+    @torch.no_grad()
+    def accuracies(self, tenant: str, features: torch.Tensor, labels: list[str]) -> tuple[float, float]:
+        """(routed: any label, tenant given: only the tenant's labels) accuracy in percent."""
+        x = features * self.model.input_scale
+        logits = self.model.bank(x[None], torch.tensor([0]))[0]
+        target = torch.tensor([self.labels.index(f"{tenant}/{label}") for label in labels])
+        own = torch.tensor([name.startswith(f"{tenant}/") for name in self.labels])
+        routed = (logits.argmax(-1) == target).float().mean().item() * 100
+        given = (logits.masked_fill(~own, float("-inf")).argmax(-1) == target).float().mean().item() * 100
+        return routed, given

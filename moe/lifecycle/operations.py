@@ -1,0 +1,144 @@
+"""The lifecycle of a tenant in an expert store: grow, update, hibernate, wake, retire.
+
+Every operation touches one tenant's folder only; the trunk and every other expert stay bit for bit as
+they were, and no other tenant's data is read (there is none to read).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moe.data import Tenant
+from moe.lifecycle.growth import GrowthConfig, expert_tensors, gaussian_samples, routing_entry, train_expert
+from moe.model.stats import class_statistics, merge_statistics, pooled_precision
+from moe.store import ExpertMeta, ExpertStore, read_tensors
+from moe.trunk import Trunk
+
+log = logging.getLogger(__name__)
+ROUTING_TENSORS = ("gate.weight", "gate.bias", "stats.mean", "stats.count", "stats.scatter")
+
+
+@dataclass
+class Lifecycle:
+    """Operations on `store` for experts over `trunk`; `encode` turns texts into trunk features (e.g. a
+    FeatureCache's `encode`)."""
+
+    store: ExpertStore
+    trunk: Trunk
+    encode: Callable[[list[str]], torch.Tensor]
+    cfg: GrowthConfig
+
+    def architecture(self) -> dict:
+        """The store's architecture (every expert in a store shares one), or the configured one if empty."""
+        existing = self.store.tenants(dormant=True)
+        if existing:
+            return self.store.meta(existing[0]).architecture
+        return {
+            "dim": self.trunk.dim,
+            "rank": self.cfg.rank,
+            "gate_rows": "labels",
+            "input_scale": self.cfg.input_scale,
+            "dtype": "float32",
+        }
+
+    def _others(self, exclude: str) -> list[dict[str, torch.Tensor]]:
+        """Routing entries and statistics of every other live expert, awake or dormant (read, never changed)."""
+        others = []
+        for tenant in self.store.tenants(dormant=True):
+            if tenant == exclude:
+                continue
+            meta = self.store.meta(tenant)
+            if meta.trunk_fingerprint != self.trunk.fingerprint:
+                raise ValueError(f"expert {tenant!r} in {self.store.root} was trained on another trunk")
+            others.append(read_tensors(self.store.path(tenant, meta.version), ROUTING_TENSORS))
+        return others
+
+    def _features(self, tenant: Tenant, labels: tuple[str, ...], split: str = "train"):
+        examples = tenant.split(split)
+        if not examples:
+            raise ValueError(f"tenant {tenant.name!r} has no {split} examples")
+        index = {label: i for i, label in enumerate(labels)}
+        features = self.encode([e.text for e in examples])
+        return features, torch.tensor([index[e.label] for e in examples])
+
+    def _configured(self, arch: dict) -> GrowthConfig:
+        if arch["gate_rows"] != "labels":
+            raise ValueError("growing needs a store whose experts have one gate row per label (gate=prototype)")
+        return GrowthConfig(**{**self.cfg.__dict__, "rank": arch["rank"], "input_scale": arch["input_scale"]})
+
+    def grow(self, tenant: Tenant) -> Path:
+        """A new tenant: trains its expert and routing entry on its own data only."""
+        if tenant.name in self.store.tenants(dormant=True):
+            raise ValueError(f"tenant {tenant.name!r} already has an expert in {self.store.root}; use update")
+        start = time.perf_counter()
+        arch = self.architecture()
+        cfg = self._configured(arch)
+        features, labels = self._features(tenant, tenant.labels)
+        expert = train_expert(tenant, features, labels, cfg)
+        stats = class_statistics(features, labels, len(tenant.labels))
+        routing = routing_entry(features, labels, stats, self._others(tenant.name), cfg)
+        meta = ExpertMeta(
+            tenant.name,
+            tenant.labels,
+            self.trunk.fingerprint,
+            arch,
+            metrics={"train_examples": len(labels), "grow_s": time.perf_counter() - start},
+        )
+        path = self.store.save(expert_tensors(expert, routing, stats), meta)
+        log.info(
+            "grew %s (%d labels) in %.1f s: %s", tenant.name, len(tenant.labels), time.perf_counter() - start, path
+        )
+        return path
+
+    def update(self, tenant: Tenant) -> Path:
+        """More data, or new intents, for an existing tenant: a new version whose head grows for the new
+        intents. The earlier intents are rehearsed from the expert's own stored statistics (their data is
+        gone); the previous version stays for rollback."""
+        start = time.perf_counter()
+        old, meta = self.store.load(tenant.name, trunk_fingerprint=self.trunk.fingerprint)
+        labels = meta.labels + tuple(sorted(set(tenant.labels) - set(meta.labels)))
+        cfg = self._configured(meta.architecture)
+        features, y = self._features(tenant, labels)
+        known = [c for c in range(len(meta.labels)) if old["stats.count"][c] > 0]
+        old_stats = {k: old[k] for k in ("stats.mean", "stats.count", "stats.scatter")}
+        precision = pooled_precision(old["stats.scatter"], old["stats.count"].sum().item(), len(known), cfg.shrinkage)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        rehearsal, rehearsal_class = gaussian_samples(
+            old["stats.mean"][known], precision, cfg.rehearsal_per_class, generator
+        )
+        rehearsal_y = torch.tensor(known)[rehearsal_class]
+        merged = Tenant(tenant.name, labels)
+        expert = train_expert(merged, torch.cat([features, rehearsal]), torch.cat([y, rehearsal_y]), cfg, initial=old)
+        stats = merge_statistics(old_stats, class_statistics(features, y, len(labels)))
+        routing = routing_entry(
+            torch.cat([features, rehearsal]), torch.cat([y, rehearsal_y]), stats, self._others(tenant.name), cfg
+        )
+        new_meta = ExpertMeta(
+            tenant.name,
+            labels,
+            self.trunk.fingerprint,
+            meta.architecture,
+            metrics={"train_examples": len(y), "update_s": time.perf_counter() - start},
+        )
+        path = self.store.save(expert_tensors(expert, routing, stats), new_meta)
+        log.info("updated %s to %d labels in %.1f s: %s", tenant.name, len(labels), time.perf_counter() - start, path)
+        return path
+
+    def hibernate(self, name: str) -> None:
+        self.store.hibernate(name)
+
+    def wake(self, name: str) -> None:
+        self.store.wake(name)
+
+    def retire(self, name: str, archive_dir: str | Path | None = None) -> Path | None:
+        """Out of routing for good: its folder is moved to `archive_dir`, or deleted when that is None."""
+        if archive_dir is not None:
+            return self.store.archive(name, archive_dir)
+        self.store.delete(name)
+        return None

@@ -1,0 +1,136 @@
+"""`run_scenario(cfg)`: the continual experiment from a composed `conf/scenario.yaml`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from moe.lifecycle.baselines import SequentialBaseline, joint_retrain
+from moe.lifecycle.config import growth_config
+from moe.lifecycle.operations import Lifecycle
+from moe.lifecycle.plots import accuracy_heatmaps, accuracy_over_events
+from moe.lifecycle.scenario import Event, Scenario, continual_metrics, new_data, restrict
+from moe.paths import cache_dir
+from moe.store import ExpertStore
+from moe.trunk import FeatureCache, Trunk
+
+log = logging.getLogger(__name__)
+
+
+def _mean(values) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def _micro(accuracy: dict[str, float], counts: dict[str, int]) -> float:
+    return sum(accuracy[t] * counts[t] for t in accuracy) / sum(counts[t] for t in accuracy)
+
+
+def run_scenario(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    trunk: Trunk = instantiate(cfg.trunk)
+    tenants = {t.name: t for t in instantiate(cfg.data.tenants, _convert_="all")}
+    store = ExpertStore(cfg.store_dir)
+    if store.records():
+        raise FileExistsError(f"the scenario starts from an empty store, but {store.root} has experts")
+    root = Path(cfg.paths.cache_dir) if cfg.paths.get("cache_dir") else cache_dir()
+    encode = FeatureCache(root / "features", trunk).encode
+    growth = growth_config(cfg)
+    events = [Event(**event) for event in cfg.events]
+    for event in events:
+        if event.tenant not in tenants:
+            raise KeyError(f"event {event.op} names unknown tenant {event.tenant!r}; known: {sorted(tenants)}")
+
+    scenario = Scenario(Lifecycle(store, trunk, encode, growth), tenants, top_k=cfg.routing.top_k)
+    bar = tqdm(total=len(events), desc="events", unit="event")
+    scenario.run(events, progress=lambda i, r: (bar.update(), bar.set_postfix_str(f"{r.event.op} {r.event.tenant}")))
+    bar.close()
+    records, names = scenario.records, list(scenario.known)
+    final = records[-1]
+    counts = {name: len(scenario.test_set(name).labels) for name in names}
+
+    metrics: dict[str, float] = {
+        "final/acc_routed": _micro(final.routed, counts),
+        "final/acc_tenant_given": _micro(final.given, counts),
+        "final/routing_acc": _micro(final.routing, counts),
+        "final/tenants": len(names),
+        "time/grow_mean_s": statistics.mean(r.seconds for r in records if r.event.op == "grow"),
+        "time/events_s": sum(r.seconds for r in records),
+        "memory/peak_rss_bytes": max(r.rss_bytes for r in records),
+        "wake/identical": float(all(scenario.wake_identical.values())) if scenario.wake_identical else math.nan,
+    }
+    if updates := [r.seconds for r in records if r.event.op == "update"]:
+        metrics["time/update_mean_s"] = statistics.mean(updates)
+    for key, name in (("routed", "routed"), ("given", "tenant_given")):
+        for stat, value in continual_metrics(records, key, scenario.last_trained).items():
+            metrics[f"final/{stat}_{name}"] = value
+
+    matrix = {
+        "events": [f"{r.event.op} {r.event.tenant}" for r in records],
+        "tenants": names,
+        "routed": [[r.routed.get(t, math.nan) for t in names] for r in records],
+        "tenant_given": [[r.given.get(t, math.nan) for t in names] for r in records],
+        "routing": [[r.routing.get(t, math.nan) for t in names] for r in records],
+        "seconds": [r.seconds for r in records],
+        "rss_bytes": [r.rss_bytes for r in records],
+    }
+    curves = {
+        "mixture routed": [_mean(row) for row in matrix["routed"]],
+        "mixture tenant given": [_mean(row) for row in matrix["tenant_given"]],
+    }
+
+    if cfg.baselines.sequential:
+        sequential, rows = SequentialBaseline(growth, trunk.dim), []
+        for event in tqdm(events, desc="sequential fine-tuning", unit="event"):
+            if event.op == "grow":
+                sequential.learn(restrict(tenants[event.tenant], event.intents), encode)
+            elif event.op == "update":
+                known = tuple(
+                    label.split("/", 1)[1] for label in sequential.labels if label.startswith(f"{event.tenant}/")
+                )
+                sequential.learn(new_data(tenants[event.tenant], known), encode)
+            seen = {label.split("/", 1)[0] for label in sequential.labels}
+            row = {}
+            for name in names:
+                if name in seen:
+                    labels = tuple(lab.split("/", 1)[1] for lab in sequential.labels if lab.startswith(f"{name}/"))
+                    test = [e for e in tenants[name].split("test") if e.label in labels]
+                    row[name] = sequential.accuracies(name, encode([e.text for e in test]), [e.label for e in test])
+            rows.append(row)
+        matrix["sequential_routed"] = [[row.get(t, (math.nan, math.nan))[0] for t in names] for row in rows]
+        matrix["sequential_tenant_given"] = [[row.get(t, (math.nan, math.nan))[1] for t in names] for row in rows]
+        curves["sequential fine-tuning routed"] = [_mean(row) for row in matrix["sequential_routed"]]
+        metrics["baseline/sequential/acc_routed"] = _micro({t: rows[-1][t][0] for t in names}, counts)
+        metrics["baseline/sequential/acc_tenant_given"] = _micro({t: rows[-1][t][1] for t in names}, counts)
+
+    if cfg.baselines.joint:
+        final_tenants = [restrict(tenants[name], labels=scenario.known[name]) for name in names]
+        joint = joint_retrain(final_tenants, encode, growth, top_k=cfg.routing.top_k)
+        metrics["time/joint_retrain_s"] = joint["seconds"]
+        metrics["grow_speedup_over_joint"] = joint["seconds"] / metrics["time/grow_mean_s"]
+        metrics |= {f"baseline/joint/{k}": v for k, v in joint.items() if k != "seconds"}
+
+    trunk_bytes = sum(p.numel() * p.element_size() for p in trunk.parameters())
+    expert_bytes = sum(r.size for r in store.records() if not r.retired)
+    metrics["baseline/separate/acc_tenant_given"] = metrics["final/acc_tenant_given"]  # the same experts, alone
+    metrics["baseline/separate/memory_bytes"] = len(names) * trunk_bytes + expert_bytes
+    metrics["memory/mixture_bytes"] = trunk_bytes + expert_bytes
+
+    (out / "accuracy_matrix.json").write_text(json.dumps(matrix, indent=1) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    heatmaps = {"routed": matrix["routed"], "tenant given": matrix["tenant_given"]}
+    accuracy_heatmaps(heatmaps, matrix["events"], names, out / "accuracy_matrix.png")
+    accuracy_over_events(curves, matrix["events"], out / "accuracy_over_events.png")
+    log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
+    return metrics

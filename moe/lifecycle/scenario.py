@@ -1,0 +1,182 @@
+"""The continual experiment: a sequence of lifecycle events, every tenant seen so far evaluated after each.
+
+Definitions (per tenant i, R[j, i] its accuracy after event j, L(i) the last event that trained it):
+    average accuracy   mean over tenants of the final R[-1, i]
+    forgetting         mean over tenants not trained last of R[L(i), i] - R[-1, i]   (Avalanche)
+    forgetting (max)   mean over the same tenants of max_{j >= L(i)} R[j, i] - R[-1, i]
+    backward transfer  mean over the same tenants of R[-1, i] - R[L(i), i]              (Lopez-Paz & Ranzato)
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from moe.data import Tenant
+from moe.lifecycle.operations import Lifecycle
+from moe.model import Mixture, best_labels
+from moe.paging import PagedMixture
+
+
+@dataclass
+class Event:
+    op: str  # grow | update | hibernate | wake | retire
+    tenant: str
+    intents: int | None = None  # grow: only the first N intents of the tenant (the rest can come by update)
+
+
+@dataclass
+class TestSet:
+    features: torch.Tensor
+    labels: list[str]
+
+
+@dataclass
+class Record:
+    event: Event
+    seconds: float
+    rss_bytes: int
+    routed: dict[str, float] = field(default_factory=dict)
+    given: dict[str, float] = field(default_factory=dict)
+    routing: dict[str, float] = field(default_factory=dict)
+
+
+def restrict(tenant: Tenant, intents: int | None = None, labels: tuple[str, ...] | None = None) -> Tenant:
+    """The tenant with only its first `intents` labels (or only `labels`) and their examples."""
+    if intents is None and labels is None:
+        return tenant
+    labels = tenant.labels[:intents] if labels is None else tuple(labels)
+    splits = {s: [e for e in ex if e.label in labels] for s, ex in tenant.splits.items()}
+    return Tenant(tenant.name, labels, splits, tenant.source)
+
+
+def new_data(tenant: Tenant, known: tuple[str, ...]) -> Tenant:
+    """What an update brings: the examples of the intents the expert does not know yet (or all, if none)."""
+    fresh = tuple(label for label in tenant.labels if label not in known)
+    if not fresh:
+        return tenant
+    splits = {s: [e for e in examples if e.label in fresh] for s, examples in tenant.splits.items()}
+    return Tenant(tenant.name, fresh, splits, tenant.source)
+
+
+@torch.no_grad()
+def tenant_accuracies(model: Mixture, name: str, test: TestSet, batch_size: int = 1024) -> tuple[float, float, float]:
+    """(routed, tenant given, routing) accuracy in percent on one tenant's test examples."""
+    hits = torch.zeros(3)
+    target = torch.tensor([model.label_id(name, label) for label in test.labels])
+    own = model.tenant_index(name)
+    for start in range(0, len(target), batch_size):
+        x, y = test.features[start : start + batch_size], target[start : start + batch_size]
+        routed = model(x)
+        given = model(x, torch.full((len(x),), own))
+        hits[0] += (best_labels(routed)[0] == y).sum()
+        hits[1] += (best_labels(given)[0] == y).sum()
+        hits[2] += (model.expert_tenant[routed.experts[:, 0]] == own).sum()
+    return tuple((hits * 100 / len(target)).tolist())
+
+
+def continual_metrics(records: list[Record], key: str, last_trained: dict[str, int]) -> dict[str, float]:
+    final = getattr(records[-1], key)
+    tenants = [t for t in final if not math.isnan(final[t])]
+    last_event = max(last_trained.values())
+    older = [t for t in tenants if last_trained[t] != last_event]
+    after = {t: getattr(records[last_trained[t]], key)[t] for t in older}
+    best = {t: max(getattr(r, key).get(t, -math.inf) for r in records[last_trained[t] :]) for t in older}
+    mean = lambda values: sum(values) / len(values) if values else 0.0  # noqa: E731
+    return {
+        "average": mean([final[t] for t in tenants]),
+        "forgetting": mean([after[t] - final[t] for t in older]),
+        "forgetting_max": mean([best[t] - final[t] for t in older]),
+        "bwt": mean([final[t] - after[t] for t in older]),
+    }
+
+
+class Scenario:
+    """Runs `events` through a `Lifecycle`, rebuilding the served mixture from the store after each."""
+
+    def __init__(self, lifecycle: Lifecycle, tenants: dict[str, Tenant], top_k: int = 2, routing: str = "stats"):
+        self.lifecycle, self.tenants, self.top_k, self.routing = lifecycle, tenants, top_k, routing
+        self.known: dict[str, tuple[str, ...]] = {}  # tenant -> labels its expert knows now
+        self.records: list[Record] = []
+        self.last_trained: dict[str, int] = {}
+        self.sleeping: dict[str, list] = {}  # tenant -> its tenant-given predictions when it went to sleep
+        self.wake_identical: dict[str, bool] = {}
+
+    def mixture(self) -> PagedMixture:
+        store = self.lifecycle.store
+        routing = "stats" if self.lifecycle.cfg.routing == "stats" else "rows"
+        model, failed = PagedMixture.from_store(
+            store,
+            self.lifecycle.trunk.fingerprint,
+            top_k=self.top_k,
+            routing=routing,
+            shrinkage=self.lifecycle.cfg.shrinkage,
+        )
+        if failed:
+            raise RuntimeError(f"experts failed to load: {failed}")
+        return model
+
+    def test_set(self, name: str) -> TestSet:
+        labels = self.known[name]
+        examples = [e for e in self.tenants[name].split("test") if e.label in labels]
+        return TestSet(self.lifecycle.encode([e.text for e in examples]), [e.label for e in examples])
+
+    @torch.no_grad()
+    def given_predictions(self, model: Mixture, name: str) -> tuple[list, torch.Tensor]:
+        """The tenant's predictions (by name) and its expert's log-probabilities on its own test set."""
+        test = self.test_set(name)
+        output = model(test.features, torch.full((len(test.labels),), model.tenant_index(name)))
+        own = len(self.known[name])  # the padded width depends on other experts: compare its own columns
+        return [model.labels[i] for i in best_labels(output)[0].tolist()], output.log_probs[:, 0, :own]
+
+    def apply(self, event: Event) -> None:
+        ops, name = self.lifecycle, event.tenant
+        if event.op == "grow":
+            tenant = restrict(self.tenants[name], event.intents)
+            ops.grow(tenant)
+            self.known[name] = tenant.labels
+        elif event.op == "update":
+            self.sleeping.pop(name, None)  # a new version: no promise of identical predictions
+            ops.update(new_data(self.tenants[name], self.known[name]))
+            self.known[name] = ops.store.meta(name).labels
+        elif event.op == "hibernate":
+            self.sleeping[name] = self.given_predictions(self.mixture(), name)
+            ops.hibernate(name)
+        elif event.op == "wake":
+            ops.wake(name)
+        elif event.op == "retire":
+            ops.retire(name)
+            self.known.pop(name)
+        else:
+            raise ValueError(f"unknown event {event.op!r} (grow, update, hibernate, wake, retire)")
+
+    def run(self, events: list[Event], progress=None) -> list[Record]:
+        for index, event in enumerate(events):
+            start = time.perf_counter()
+            self.apply(event)
+            seconds = time.perf_counter() - start
+            record = Record(event, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            if event.op in ("grow", "update"):
+                self.last_trained[event.tenant] = index
+            awake = self.lifecycle.store.tenants()
+            model = self.mixture() if awake else None
+            if event.op == "wake" and event.tenant in self.sleeping:
+                (names, log_probs), (names_before, log_probs_before) = (
+                    self.given_predictions(model, event.tenant),
+                    self.sleeping.pop(event.tenant),
+                )
+                self.wake_identical[event.tenant] = names == names_before and torch.equal(log_probs, log_probs_before)
+            for name in self.known:
+                if name in awake:
+                    routed, given, routing = tenant_accuracies(model, name, self.test_set(name))
+                else:
+                    routed = given = routing = math.nan  # dormant: not served
+                record.routed[name], record.given[name], record.routing[name] = routed, given, routing
+            self.records.append(record)
+            if progress:
+                progress(index, record)
+        return self.records
