@@ -76,6 +76,8 @@ def single_expert_logits(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> t
     """One expert on its own inputs, from its shard tensors: `(n, d)` -> `(n, c)` over its own labels.
 
     The inference path: its result for an input depends only on that expert and its group, never on which
-    other experts are resident, so paging can not change a prediction."""
+    other experts are resident, so paging can not change a prediction. Weights stored in a lower precision
+    (a float16 or bfloat16 bundle) are computed in `x`'s dtype; in that dtype already, `.to` is a no-op."""
+    tensors = {name: t.to(x.dtype) for name, t in tensors.items()}
     hidden = F.gelu(x @ tensors["down.weight"] + tensors["down.bias"])
     return (x + hidden @ tensors["up.weight"]) @ tensors["head.weight"] + tensors["head.bias"]

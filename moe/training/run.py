@@ -16,9 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from moe.data import Tenant, TenantDataModule
+from moe.evaluation import evaluate_store
 from moe.model import ExpertInfo, build_mixture
 from moe.model.stats import class_statistics
 from moe.paths import cache_dir
+from moe.serving.trunks import encode_texts
 from moe.store import ExpertStore, expert_shards, save_gate
 from moe.training.module import MixtureClassifier
 from moe.trunk import FeatureCache, Trunk
@@ -115,6 +117,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         save_gate(out / "gate.safetensors", classifier.model, fingerprint)
         if not trunk.frozen:  # the trunk trained with the experts: keep the weights their shards were made on
             save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, out / "trunk.safetensors")
+        # val/* and test/* as scripts/evaluate.py computes them: the shards just written, paged, same batches
+        encoder = data.encoder or (lambda texts: encode_texts(trunk.eval(), texts))
+        splits = [split for split in ("val", "test") if len(data.datasets[split])]
+        metrics |= evaluate_store(
+            store.root, data.tenants, splits, encoder, cfg.data.eval_batch_size, out / "gate.safetensors", fingerprint
+        ).metrics
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     for logger in loggers:
         logger.log_metrics({k: v for k, v in metrics.items() if k.startswith(("time/", "data/"))})

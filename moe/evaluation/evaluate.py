@@ -1,0 +1,171 @@
+"""The evaluation: a mixture over split sources -> flat metrics, per-tenant rows and what the plots need.
+
+Training (`moe.training.run`), `scripts/evaluate.py` and `scripts/export.py` all report what this computes on a
+`PagedMixture` loaded from the shards, so their figures agree to the last digit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moe.data import Tenant
+from moe.evaluation.calibration import Reliability, expected_calibration_error, reliability
+from moe.evaluation.collect import Encoder, Outcome, Sink, collect
+from moe.evaluation.metrics import accuracy, confusion_matrix, macro_f1, per_class_f1
+from moe.evaluation.oos import CRITERIA, rejection, select_threshold
+from moe.evaluation.sources import SplitSource, tenant_sources
+from moe.model import Mixture
+from moe.serving.answers import OOS_SCORES
+from moe.serving.loading import GateSettings, load_mixture, read_gate_settings
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float | str] = field(default_factory=dict)
+    per_tenant: list[dict] = field(default_factory=list)  # one row per (split, tenant)
+    confusion: dict[str, torch.Tensor] = field(default_factory=dict)  # split -> (t, t) routing confusion
+    reliability: dict[str, Reliability] = field(default_factory=dict)
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    threshold: float | None = None
+    tenants: list[str] = field(default_factory=list)
+    oos_compare: list[dict] = field(default_factory=list)  # every score kind x criterion, each chosen alike
+
+
+def in_scope_metrics(model: Mixture, outcome: Outcome, split: str, bins: int = 15) -> dict[str, float]:
+    s = outcome.in_scope
+    label, routed, given = outcome.label[s], outcome.routed[s], outcome.given[s]
+    correct = routed == label
+    n_labels = len(model.labels)
+    return {
+        f"{split}/acc_routed": accuracy(routed, label),
+        f"{split}/acc_tenant_given": accuracy(given, label),
+        f"{split}/routing_acc": accuracy(outcome.routed_tenant[s], outcome.tenant[s]),
+        f"{split}/macro_f1": macro_f1(routed, label, n_labels),
+        f"{split}/macro_f1_tenant_given": macro_f1(given, label, n_labels),
+        f"{split}/ece": expected_calibration_error(outcome.confidence[s], correct, bins),
+        f"{split}/queries": float(len(outcome)),
+        f"{split}/out_of_scope_queries": float((~s).sum().item()),
+        f"{split}/queries_per_s": len(outcome) / max(outcome.model_seconds, 1e-9),  # gate + experts, features given
+        f"{split}/queries_per_s_with_encoding": len(outcome)
+        / max(outcome.model_seconds + outcome.encode_seconds, 1e-9),
+        f"{split}/encode_s": outcome.encode_seconds,
+    }
+
+
+def per_tenant_rows(model: Mixture, outcome: Outcome, split: str, threshold: float | None, score: str) -> list[dict]:
+    f1, _ = per_class_f1(outcome.routed[outcome.in_scope], outcome.label[outcome.in_scope], len(model.labels))
+    index = {name: i for i, name in enumerate(model.tenants)}
+    label_tenant = torch.tensor([index[tenant] for tenant, _ in model.labels])  # (labels,) owner of each label
+    rows = []
+    for t, name in enumerate(model.tenants):
+        mask = outcome.tenant == t
+        if not mask.any():
+            continue
+        label = outcome.label[mask]
+        own = (label_tenant == t).nonzero().squeeze(1)
+        row = {
+            "split": split,
+            "tenant": name,
+            "queries": int(mask.sum()),
+            "acc_routed": accuracy(outcome.routed[mask], label),
+            "acc_tenant_given": accuracy(outcome.given[mask], label),
+            "routing_acc": accuracy(outcome.routed_tenant[mask], outcome.tenant[mask]),
+            "macro_f1": 100.0 * f1[own].mean().item(),
+        }
+        if threshold is not None:
+            kept = outcome.oos_scores[score][mask].double() >= threshold
+            row["acc_in_scope_with_rejection"] = (
+                100.0 * ((outcome.routed[mask] == label) & kept).sum().item() / len(kept)
+            )
+            row["rejected"] = 100.0 * (~kept).sum().item() / len(kept)
+        rows.append(row)
+    return rows
+
+
+def oos_metrics(outcome: Outcome, split: str, score: str, threshold: float) -> dict[str, float]:
+    s = outcome.in_scope
+    values = outcome.oos_scores[score]
+    r = rejection(values[s], outcome.routed[s] == outcome.label[s], values[~s], threshold)
+    return {f"{split}/{name}": value for name, value in r._asdict().items()}
+
+
+def choose_threshold(outcome: Outcome, score: str, criterion: str, max_cost: float = 1.0) -> float:
+    s = outcome.in_scope
+    values = outcome.oos_scores[score]
+    return select_threshold(values[s], outcome.routed[s] == outcome.label[s], values[~s], criterion, max_cost)
+
+
+def evaluate_mixture(
+    model: Mixture,
+    sources: Mapping[str, SplitSource],
+    encode: Encoder,
+    batch_size: int,
+    oos_score: str = "gate_max_prob",
+    criterion: str = "in_scope_cost",
+    max_cost: float = 1.0,
+    threshold: float | None = None,
+    threshold_split: str = "val",
+    compare_scores: bool = False,
+    bins: int = 15,
+    sink: Callable[[str], Sink] | None = None,
+) -> Evaluation:
+    """Every split of `sources`; an out-of-scope threshold (unless given) is chosen on `threshold_split` when it
+    has out-of-scope queries, and applied to every split that has them. `compare_scores` adds, for every kind of
+    out-of-scope score and every criterion, the same choice and measurement (`oos_compare`). `sink(split)` may return a
+    callback that sees each batch's routed results."""
+    if oos_score not in OOS_SCORES:
+        raise ValueError(f"unknown out-of-scope score {oos_score!r}; choose one of {sorted(OOS_SCORES)}")
+    result = Evaluation(tenants=list(model.tenants))
+    for split, source in sources.items():
+        outcome = collect(
+            model, source.batches(batch_size), encode, f"evaluating {split}", source.size, sink(split) if sink else None
+        )
+        result.outcomes[split] = outcome
+        result.metrics |= in_scope_metrics(model, outcome, split, bins)
+        s = outcome.in_scope
+        result.confusion[split] = confusion_matrix(outcome.tenant[s], outcome.routed_tenant[s], len(model.tenants))
+        result.reliability[split] = reliability(outcome.confidence[s], outcome.routed[s] == outcome.label[s], bins)
+    with_oos = [split for split, outcome in result.outcomes.items() if (~outcome.in_scope).any()]
+    chosen_on = threshold_split if threshold_split in with_oos else None
+    chosen = threshold is None and chosen_on is not None
+    if chosen:
+        threshold = choose_threshold(result.outcomes[chosen_on], oos_score, criterion, max_cost)
+    if threshold is not None:
+        result.threshold = threshold
+        result.metrics |= {"oos/threshold": threshold, "oos/score": oos_score}
+        if chosen:
+            result.metrics |= {"oos/criterion": criterion, "oos/max_cost": max_cost, "oos/chosen_on": chosen_on}
+        else:
+            result.metrics["oos/chosen_on"] = "given"
+        for split in with_oos:
+            result.metrics |= oos_metrics(result.outcomes[split], split, oos_score, threshold)
+    if compare_scores and chosen_on:
+        for kind in OOS_SCORES:
+            for rule in CRITERIA:
+                cut = choose_threshold(result.outcomes[chosen_on], kind, rule, max_cost)
+                row = {"score": kind, "criterion": rule, "threshold": cut, "chosen_on": chosen_on}
+                for split in with_oos:
+                    row |= oos_metrics(result.outcomes[split], split, kind, cut)
+                result.oos_compare.append(row)
+    for split, outcome in result.outcomes.items():
+        result.per_tenant += per_tenant_rows(model, outcome, split, result.threshold, oos_score)
+    return result
+
+
+def evaluate_store(
+    store_dir: str | Path,
+    tenants: Sequence[Tenant],
+    splits: Sequence[str],
+    encode: Encoder,
+    batch_size: int,
+    gate_file: str | Path | None = None,
+    trunk_fingerprint: str | None = None,
+) -> Evaluation:
+    """The training run's own evaluation: its tenants' latest shards, paged, on its in-memory splits."""
+    gate = read_gate_settings(gate_file) if gate_file and Path(gate_file).is_file() else GateSettings()
+    model = load_mixture(store_dir, [t.name for t in tenants], gate, trunk_fingerprint)
+    return evaluate_mixture(model, tenant_sources(tenants, splits), encode, batch_size)

@@ -1,0 +1,91 @@
+"""`evaluate(cfg)`: evaluate a trained store or an exported bundle from a composed Hydra config, write metrics.json,
+per_tenant.csv and plots under `paths.output_dir`, and log them. scripts/evaluate.py and tests call this."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from moe.evaluation.evaluate import Evaluation, evaluate_mixture
+from moe.evaluation.inputs import feature_encoder, open_trained_store, sources_from_config
+from moe.evaluation.report import PredictionWriter, write_report
+from moe.serving import Server
+from moe.serving.loading import load_mixture
+
+log = logging.getLogger(__name__)
+
+
+def _loggers(group: DictConfig | None) -> list[Any]:
+    return [instantiate(node) for node in (group or {}).values() if node is not None and "_target_" in node]
+
+
+def log_evaluation(loggers: list[Any], cfg: DictConfig, evaluation: Evaluation, files: dict[str, Path]) -> None:
+    """Numbers as metrics; with wandb also the plots as images and the per-tenant rows as a table."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    numbers = {k: v for k, v in evaluation.metrics.items() if isinstance(v, (int, float))}
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_metrics(numbers)
+        if isinstance(logger, WandbLogger):
+            for key, path in files.items():
+                if path.suffix == ".png":
+                    logger.log_image(key=f"plots/{key}", images=[str(path)])
+            for name, rows in (("per_tenant", evaluation.per_tenant), ("oos_compare", evaluation.oos_compare)):
+                if rows:
+                    columns = list(dict.fromkeys(k for row in rows for k in row))
+                    logger.log_table(name, columns, [[row.get(c) for c in columns] for row in rows])
+            logger.experiment.finish()
+        else:
+            logger.save()
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float | str]:
+    """A store (`store_dir`, trained with the run's trunk and gate settings) or a bundle (`bundle_dir`, loaded and
+    checked by the serving runtime), on the configured data's splits."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = int(float(cfg.budget_mb) * 2**20)
+    if cfg.get("bundle_dir"):
+        server = Server(cfg.bundle_dir, budget_bytes=budget, device=cfg.device)
+        model, trunk, score = server.model, server.trunk, server.oos_kind  # as served: the bundle's score and
+        threshold = server.threshold if cfg.oos.threshold is None else cfg.oos.threshold  # threshold by default
+        made_with = (server.bundle.manifest.get("evaluation") or {}).get("batch_size")
+        batch_size = int(cfg.batch_size or made_with or cfg.data.eval_batch_size)
+        source = {"bundle_dir": str(cfg.bundle_dir)}
+    else:
+        trained = open_trained_store(cfg)
+        trunk, batch_size, threshold, score = trained.trunk, trained.batch_size, cfg.oos.threshold, cfg.oos.score
+        names = list(cfg.tenants) if cfg.get("tenants") else None
+        model = load_mixture(trained.store_dir, names, trained.gate, trunk.fingerprint, cfg.device, budget)
+        source = {"store_dir": str(trained.store_dir), "run_dir": str(trained.run_dir) if trained.run_dir else None}
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    # a trunk trained with the experts is run directly, as training evaluated it
+    use_cache = cfg.cache_features and not (cfg.get("bundle_dir") is None and trained.trained_trunk)
+    encode = feature_encoder(trunk, cfg.paths.get("cache_dir"), use_cache)
+    writer = PredictionWriter(out, model, score) if cfg.write_predictions else None
+    evaluation = evaluate_mixture(
+        model,
+        sources_from_config(cfg.data, list(cfg.splits)),
+        encode,
+        batch_size,
+        oos_score=score,
+        criterion=cfg.oos.criterion,
+        max_cost=cfg.oos.max_cost,
+        threshold=threshold,
+        threshold_split=cfg.oos.threshold_split,
+        compare_scores=cfg.oos.compare,
+        sink=writer,
+    )
+    if writer is not None:
+        writer.finish(evaluation.threshold)
+    evaluation.metrics |= {"eval/batch_size": batch_size, "eval/top_k": model.router.top_k}
+    files = write_report(evaluation, out)
+    log_evaluation(_loggers(cfg.get("logger")), cfg, evaluation, files)
+    log.info("evaluated %s: %s", source, json.dumps(evaluation.metrics, sort_keys=True))
+    return evaluation.metrics

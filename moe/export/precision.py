@@ -1,0 +1,30 @@
+"""Expert shards in a lower precision: every tensor cast, `architecture.dtype` recorded, checksums recomputed."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from moe.store import ShardError, read_shard, write_shard
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def convert_shard(source: str | Path, target: str | Path, dtype: str) -> Path:
+    """Write `source`'s expert to `target` in `dtype` (a byte copy when it is already in that dtype)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    tensors, meta = read_shard(source)
+    target = Path(target)
+    if meta.architecture.get("dtype", "float32") == dtype:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        return target
+    cast = {name: t.to(DTYPES[dtype]) for name, t in tensors.items()}
+    for name, t in cast.items():
+        if not torch.isfinite(t).all():
+            raise ShardError(source, f"tensor {name} overflows {dtype} (largest magnitude {tensors[name].abs().max()})")
+    return write_shard(target, cast, replace(meta, architecture=meta.architecture | {"dtype": dtype}))

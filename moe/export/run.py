@@ -1,0 +1,111 @@
+"""`export(cfg)`: a trained store -> a serving bundle under `paths.output_dir` (scripts/export.py calls this).
+
+The float32 model is evaluated first (its out-of-scope threshold chosen on validation only); a lower-precision
+bundle is evaluated again from its own rewritten shards, and the accuracy it costs is printed and recorded in
+the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from moe.evaluation.evaluate import Evaluation, evaluate_mixture
+from moe.evaluation.inputs import feature_encoder, open_trained_store, sources_from_config
+from moe.export.writer import write_bundle_manifest, write_files
+from moe.serving.loading import load_mixture
+
+log = logging.getLogger(__name__)
+
+COST_KEYS = (
+    "acc_routed",
+    "acc_tenant_given",
+    "routing_acc",
+    "macro_f1",
+    "ece",
+    "oos_recall",
+    "oos_precision",
+    "acc_in_scope_with_rejection",
+)
+
+
+def accuracy_cost(reference: Evaluation, lowered: Evaluation, dtype: str) -> dict[str, Any]:
+    """Each metric in float32 and in `dtype`, and the points lost (float32 - dtype); plus how many routed
+    predictions changed."""
+    cost: dict[str, Any] = {"reference": "float32", "dtype": dtype, "metrics": {}}
+    for key, value in reference.metrics.items():
+        if key.split("/")[-1] in COST_KEYS and key in lowered.metrics:
+            cost["metrics"][key] = {"float32": value, dtype: lowered.metrics[key], "cost": value - lowered.metrics[key]}
+    for split, outcome in reference.outcomes.items():
+        changed = (outcome.routed != lowered.outcomes[split].routed).sum().item()
+        cost[f"{split}/changed_predictions"] = changed
+        cost[f"{split}/changed_predictions_pct"] = 100.0 * changed / len(outcome)
+    return cost
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    out = Path(cfg.paths.output_dir)
+    dtype = cfg.export.dtype
+    trained = open_trained_store(cfg)
+    trunk = trained.trunk
+    names = list(cfg.tenants) if cfg.get("tenants") else None
+    model = load_mixture(trained.store_dir, names, trained.gate, trunk.fingerprint)
+    files, trunk_entry = write_files(
+        out, trained.store_dir, model, trunk, dtype, cfg.export.trunk, trained.trained_trunk, cfg.export.overwrite
+    )
+    encode = feature_encoder(trunk, cfg.paths.get("cache_dir"), cfg.cache_features and not trained.trained_trunk)
+    sources = sources_from_config(cfg.data, list(cfg.export.splits)) if cfg.export.measure else {}
+    settings = dict(
+        oos_score=cfg.oos.score,
+        criterion=cfg.oos.criterion,
+        max_cost=cfg.oos.max_cost,
+        threshold=cfg.oos.threshold,
+        threshold_split=cfg.oos.threshold_split,
+    )
+    reference = evaluate_mixture(model, sources, encode, trained.batch_size, **settings) if sources else None
+    bundled, precision = reference, None
+    if dtype != "float32" and sources:  # the bundle's own shards, as serving will load them
+        lowered = load_mixture(out / "experts", [t for t, _ in model.keys], trained.gate, trunk.fingerprint)
+        bundled = evaluate_mixture(lowered, sources, encode, trained.batch_size, **settings)
+        precision = accuracy_cost(reference, bundled, dtype)
+    threshold = bundled.threshold if bundled else cfg.oos.threshold
+    chosen = threshold is not None and cfg.oos.threshold is None
+    oos = {
+        "score": cfg.oos.score,
+        "threshold": threshold,
+        "criterion": cfg.oos.criterion if chosen else "given",
+        "max_cost": cfg.oos.max_cost,
+        "chosen_on": cfg.oos.threshold_split if chosen else None,
+    }
+    manifest = write_bundle_manifest(
+        out,
+        files,
+        model,
+        trunk_entry,
+        dtype,
+        oos,
+        routing=trained.gate.routing,
+        shrinkage=trained.gate.shrinkage,
+        evaluation={
+            "batch_size": trained.batch_size,
+            "metrics": bundled.metrics if bundled else {},
+            "float32_metrics": reference.metrics if reference else {},
+        },
+        precision=precision,
+        config={
+            "export": OmegaConf.to_container(cfg, resolve=True),
+            "training": OmegaConf.to_container(trained.run_config, resolve=True) if trained.run_config else None,
+        },
+    )
+    summary = {"bundle": str(out), "dtype": dtype, "trunk": cfg.export.trunk, "experts": len(model.keys)}
+    summary["threshold"] = threshold
+    if precision:
+        summary["accuracy_cost"] = {k: round(v["cost"], 4) for k, v in precision["metrics"].items()}
+        summary |= {k: v for k, v in precision.items() if k.endswith("changed_predictions")}
+    print(json.dumps(summary, indent=2))
+    log.info("exported %s", json.dumps(summary))
+    return manifest

@@ -1,0 +1,124 @@
+"""Writing a serving bundle from a paged mixture over a store (no Hydra): the expert shards (copied, or rewritten in
+a lower precision), the gate of exactly these experts, the trunk's weights when copied, and last the manifest."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from moe import __version__
+from moe.export.precision import DTYPES, convert_shard
+from moe.paging import PagedMixture
+from moe.serving.bundle import MANIFEST, file_sha256, write_manifest
+from moe.serving.trunks import copy_weights, describe
+from moe.store import ExpertStore
+from moe.trunk import Trunk
+
+
+def write_gate(path: Path, model: PagedMixture, trunk_fingerprint: str, architecture: dict[str, Any]) -> Path:
+    """The gate of the bundled experts, in their order (the `save_gate` format)."""
+    metadata = {
+        "format": "moe.gate/1",
+        "experts": json.dumps([info.tenant for info in model.experts]),
+        "top_k": str(model.router.top_k),
+        "normalize_weights": json.dumps(model.router.normalize_weights),
+        "trunk_fingerprint": trunk_fingerprint,
+        "architecture": json.dumps(architecture),
+    }
+    router = model.router
+    tensors = {
+        "weight": router.weight.detach().cpu().contiguous().clone(),
+        "bias": router.bias.detach().cpu().contiguous().clone(),
+        "row_mask": router.row_mask.cpu().contiguous().clone(),
+    }
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+def clear_target(out: Path, overwrite: bool) -> None:
+    """Refuse to write over a bundle unless asked; then remove only what an export writes."""
+    existing = [out / name for name in (MANIFEST, "gate.safetensors", "experts", "trunk") if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds a bundle ({existing[0].name}); export.overwrite=true replaces it")
+    for path in existing:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def expert_file(tenant: str, version: int) -> str:
+    return f"experts/{tenant}/v{version:04d}.safetensors"
+
+
+def write_files(
+    out: Path,
+    store_dir: str | Path,
+    model: PagedMixture,
+    trunk: Trunk,
+    dtype: str = "float32",
+    trunk_mode: str = "reference",
+    trained_trunk: bool = False,
+    overwrite: bool = False,
+) -> tuple[list[str], dict[str, Any]]:
+    """Everything but the manifest; returns the files written (relative to `out`) and the trunk's manifest entry."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    trunk_entry = describe(trunk, trunk_mode, trained_trunk)  # refuses a reference to a trained trunk, early
+    out.mkdir(parents=True, exist_ok=True)
+    clear_target(out, overwrite)
+    store, files = ExpertStore(store_dir), []
+    for tenant, version in model.keys:
+        convert_shard(store.path(tenant, version), out / expert_file(tenant, version), dtype)
+        files.append(expert_file(tenant, version))
+    architecture = store.meta(*model.keys[0]).architecture | {"dtype": dtype}
+    files.append(write_gate(out / "gate.safetensors", model, trunk.fingerprint, architecture).name)
+    if trunk_mode == "copy":
+        files += copy_weights(trunk, out)
+    return files, trunk_entry
+
+
+def write_bundle_manifest(
+    out: Path,
+    files: list[str],
+    model: PagedMixture,
+    trunk_entry: dict[str, Any],
+    dtype: str,
+    oos: dict[str, Any],
+    routing: str = "rows",
+    shrinkage: float = 0.05,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The manifest over `files`: versions, trunk, gate settings (top-k, routing, the out-of-scope threshold
+    `oos`), every expert with its file's sha256, the label maps, and `extra` entries (evaluation, precision,
+    config)."""
+    manifest = {
+        "package_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "dtype": dtype,
+        "trunk": trunk_entry,
+        "gate": {
+            "file": "gate.safetensors",
+            "top_k": model.router.top_k,
+            "normalize_weights": model.router.normalize_weights,
+            "routing": routing,
+            "shrinkage": shrinkage,
+            "oos": oos,
+        },
+        "experts": [
+            {
+                "tenant": info.tenant,
+                "version": version,
+                "labels": list(info.labels),
+                "file": expert_file(info.tenant, version),
+                "sha256": file_sha256(out / expert_file(info.tenant, version)),
+                "dtype": dtype,
+            }
+            for info, (_, version) in zip(model.experts, model.keys, strict=True)
+        ],
+        "label_maps": {info.tenant: list(info.labels) for info in model.experts},
+    } | extra
+    write_manifest(out, manifest, files)
+    return manifest

@@ -1,0 +1,107 @@
+"""The serving runtime: a checked bundle, its trunk, and its experts paged under a byte budget.
+
+    server = Server("outputs/bundle", budget_bytes=64 << 20)
+    server.predict(["what's my balance", "play some jazz"], tenant=["banking", None])
+
+Imports neither Lightning, Hydra nor wandb. Safe to call from several threads: the trunk (whose tokenizer is not
+reentrant) runs under a lock, the experts under the pager's own locking.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from moe.model import UNKNOWN_TENANT
+from moe.serving.answers import Answer, answers, decode, oos_score
+from moe.serving.bundle import Bundle, BundleError, read_bundle
+from moe.serving.loading import GateSettings, load_mixture
+from moe.serving.trunks import build_trunk, encode_texts
+
+Tenants = str | Sequence[str | None] | None
+
+
+class Server:
+    """`budget_bytes`: expert weights resident on the device at most (the gate and trunk come on top)."""
+
+    def __init__(
+        self,
+        bundle: str | Path | Bundle,
+        budget_bytes: int = 256 << 20,
+        device: str = "cpu",
+        host_budget_bytes: int = 0,
+        max_batch: int = 1024,
+    ):
+        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+        manifest, self.max_batch = self.bundle.manifest, max_batch
+        self.trunk = build_trunk(self.bundle, device)
+        gate = manifest["gate"]
+        self.model = load_mixture(
+            self.bundle.path("experts"),
+            self.bundle.tenants,
+            GateSettings(
+                int(gate["top_k"]),
+                bool(gate["normalize_weights"]),
+                gate.get("routing", "rows"),
+                float(gate.get("shrinkage", 0.05)),
+            ),
+            self.trunk.fingerprint,
+            device,
+            budget_bytes,
+            host_budget_bytes,
+        )
+        served = {info.tenant: list(info.labels) for info in self.model.experts}
+        if served != {t: list(labels) for t, labels in manifest["label_maps"].items()}:
+            raise BundleError(self.bundle.path("manifest.json"), "label maps differ from the bundled experts' labels")
+        oos = gate.get("oos") or {}
+        self.oos_kind: str = oos.get("score", "max_score")
+        self.threshold: float | None = oos.get("threshold")
+        self._trunk_lock = threading.Lock()
+
+    @property
+    def tenants(self) -> list[str]:
+        return list(self.model.tenants)
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        with self._trunk_lock:
+            return encode_texts(self.trunk, texts)
+
+    def _tenant_list(self, tenant: Tenants, n: int) -> list[str | None]:
+        if tenant is None or isinstance(tenant, str):
+            return [tenant] * n
+        names = list(tenant)
+        if len(names) != n:
+            raise ValueError(f"{len(names)} tenants given for {n} texts: give one tenant, None, or one per text")
+        return names
+
+    @torch.no_grad()
+    def predict_features(self, features: torch.Tensor, tenant: Tenants = None) -> list[Answer]:
+        """Answers for trunk features `(n, d)`; `tenant` as in `predict`."""
+        ids = self.model.tenant_ids(self._tenant_list(tenant, features.shape[0]))  # KeyError names unknown ones
+        device = self.model.label_ids.device
+        result: list[Answer] = []
+        for start in range(0, features.shape[0], self.max_batch):
+            x, t = features[start : start + self.max_batch].to(device), ids[start : start + self.max_batch]
+            output = self.model(x, t.to(device) if (t != UNKNOWN_TENANT).any() else None)
+            decoded = decode(self.model, output)
+            result += answers(
+                self.model, decoded, oos_score(output, decoded.score, self.oos_kind).cpu(), self.threshold
+            )
+        return result
+
+    def predict(self, texts: Sequence[str], tenant: Tenants = None) -> list[Answer]:
+        """One answer per text. `tenant`: None (the gate chooses among all experts), one tenant's name for every
+        text, or a list with a name or None per text. An unknown tenant raises KeyError naming the known ones."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a sequence of strings")
+        texts = list(texts)
+        names = self._tenant_list(tenant, len(texts))
+        self.model.tenant_ids(names)  # refuse an unknown tenant before encoding anything
+        return self.predict_features(self.encode(texts), names)
+
+    def stats(self) -> dict:
+        """The pager's counters (hits, misses, page-ins, resident bytes)."""
+        return self.model.pager.summary()
