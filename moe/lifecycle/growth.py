@@ -28,13 +28,13 @@ class GrowthConfig:
     input_scale: float = 8.0
     lr: float = 3e-3
     weight_decay: float = 1e-4
-    epochs: int = 30
+    epochs: int = 45
     batch_size: int = 256
     routing: str = "stats"  # "stats": discriminants of class means; "learned": rows trained against samples
     shrinkage: float = 0.02
     negatives_per_class: int = 50  # learned routing: samples drawn from each other class's statistics
     routing_epochs: int = 20
-    rehearsal_per_class: int = 100  # update: samples drawn from the tenant's own earlier classes
+    rehearsal_per_class: int = 300  # update: samples drawn from the tenant's own earlier classes
     accelerator: str = "cpu"
     seed: int = 0
 
