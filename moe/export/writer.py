@@ -4,40 +4,22 @@ a lower precision), the gate of exactly these experts, the trunk's weights when 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 from pathlib import Path
 from typing import Any
-
-from safetensors.torch import save_file
 
 from moe import __version__
 from moe.export.precision import DTYPES, convert_shard
 from moe.paging import PagedMixture
 from moe.serving.bundle import MANIFEST, file_sha256, write_manifest
 from moe.serving.trunks import copy_weights, describe
-from moe.store import ExpertStore
+from moe.store import ExpertStore, save_gate
 from moe.trunk import Trunk
 
 
 def write_gate(path: Path, model: PagedMixture, trunk_fingerprint: str, architecture: dict[str, Any]) -> Path:
     """The gate of the bundled experts, in their order (the `save_gate` format)."""
-    metadata = {
-        "format": "moe.gate/1",
-        "experts": json.dumps([info.tenant for info in model.experts]),
-        "top_k": str(model.router.top_k),
-        "normalize_weights": json.dumps(model.router.normalize_weights),
-        "trunk_fingerprint": trunk_fingerprint,
-        "architecture": json.dumps(architecture),
-    }
-    router = model.router
-    tensors = {
-        "weight": router.weight.detach().cpu().contiguous().clone(),
-        "bias": router.bias.detach().cpu().contiguous().clone(),
-        "row_mask": router.row_mask.cpu().contiguous().clone(),
-    }
-    save_file(tensors, path, metadata=metadata)
-    return path
+    return save_gate(path, model, trunk_fingerprint, architecture)
 
 
 def clear_target(out: Path, overwrite: bool) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moe.model import ExpertBank, ExpertInfo, MixtureOfExperts, TopKRouter
+from moe.model import ExpertBank, ExpertInfo, Mixture, MixtureOfExperts, TopKRouter
 from moe.model.stats import empty_statistics
 from moe.store.shard import ExpertMeta
 
@@ -60,20 +60,22 @@ def mixture_from_shards(shards: list[Shard], top_k: int = 2, normalize_weights: 
     return MixtureOfExperts(router, bank, infos, input_scale=arch["input_scale"], gate_rows=arch["gate_rows"])
 
 
-def save_gate(path: str | Path, model: MixtureOfExperts, trunk_fingerprint: str) -> Path:
-    """The whole gate in one file (each expert's rows also travel in its own shard)."""
+def save_gate(path: str | Path, model: Mixture, trunk_fingerprint: str, arch: dict | None = None) -> Path:
+    """The whole gate in one file, experts in the mixture's order (each expert's rows also travel in its own
+    shard). `arch` defaults to the architecture of a trainable mixture's bank."""
     metadata = {
         "format": "moe.gate/1",
         "experts": json.dumps([info.tenant for info in model.experts]),
         "top_k": str(model.router.top_k),
         "normalize_weights": json.dumps(model.router.normalize_weights),
         "trunk_fingerprint": trunk_fingerprint,
-        "architecture": json.dumps(architecture(model)),
+        "architecture": json.dumps(arch if arch is not None else architecture(model)),
     }
+    router = model.router
     tensors = {
-        "weight": model.router.weight.detach().contiguous().clone(),
-        "bias": model.router.bias.detach().contiguous().clone(),
-        "row_mask": model.router.row_mask.contiguous().clone(),
+        "weight": router.weight.detach().cpu().contiguous().clone(),
+        "bias": router.bias.detach().cpu().contiguous().clone(),
+        "row_mask": router.row_mask.cpu().contiguous().clone(),
     }
     save_file(tensors, path, metadata=metadata)
     return Path(path)
