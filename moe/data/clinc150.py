@@ -22,7 +22,6 @@ SHA256 = {
     "data_full.json": "36923c3705a59e08fe9c3883d8bc2dd966ef93e22cb78ac41171782a698d56e0",
     "domains.json": "b947b579d3b8e74b06f93b01083d8efaff2888b43a3e362533bd88a6e1211b3a",
 }
-OUT_OF_SCOPE = "oos"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from einops import rearrange, reduce
+from einops import reduce
 from torch import nn
 
 
@@ -76,12 +76,3 @@ class TopKRouter(nn.Module):
                 router.weight[i, : rows[i]] = entry["gate.weight"]
                 router.bias[i, : rows[i]] = entry["gate.bias"]
         return router
-
-
-def flat_row_targets(tenant: torch.Tensor, label: torch.Tensor, rows: int) -> torch.Tensor:
-    """Index into `rearrange(row_logits, 'b e m -> b (e m)')` of each example's own prototype row."""
-    return tenant * rows + label
-
-
-def flatten_rows(row_logits: torch.Tensor) -> torch.Tensor:
-    return rearrange(row_logits, "b e m -> b (e m)")

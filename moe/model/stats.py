@@ -8,8 +8,6 @@ from __future__ import annotations
 import torch
 from einops import einsum
 
-STATS_NAMES = ("stats.mean", "stats.count", "stats.scatter")
-
 
 @torch.no_grad()
 def class_statistics(features: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, torch.Tensor]:

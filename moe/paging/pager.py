@@ -25,10 +25,6 @@ from moe.paging.memory import fix_mmap_threshold
 Tensors = dict[str, torch.Tensor]
 
 
-def nbytes(tensors: Tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 class Packed(dict):
     """An expert's tensors as views of one flat byte buffer: one allocation, and one copy to move it
     between host and device (instead of one small copy per tensor)."""
