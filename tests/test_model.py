@@ -137,3 +137,17 @@ def test_rows_of_other_experts_stay_put_when_the_router_grows():
     assert torch.equal(grown.weight[0, :2], router.weight[0, :2])
     assert torch.equal(grown.weight[1, :3], router.weight[1, :3])
     assert rearrange(grown.row_mask, "e m -> (e m)").sum() == 9
+
+
+def test_the_router_scores_experts_chunk_by_chunk_as_if_all_at_once(monkeypatch):
+    router = TopKRouter(16, [3, 1, 2, 3, 3, 2, 1], top_k=2)
+    x, allowed = torch.randn(10, 16), torch.rand(10, 7) > 0.3
+    whole = router(x, allowed, keep_rows=True)
+    monkeypatch.setattr(TopKRouter, "CHUNK", 2)  # four chunks, the last one short
+    chunked = router(x, allowed)
+    assert chunked.row_logits is None
+    rows = rearrange(whole.row_logits, "b e m -> b (e m)")
+    assert torch.allclose(chunked.energy, torch.logsumexp(rows, dim=-1), atol=1e-6)
+    assert torch.allclose(chunked.max_row, rows.max(dim=-1).values, atol=1e-6)
+    assert torch.allclose(chunked.probs, whole.probs, atol=1e-6)
+    assert torch.equal(chunked.experts, whole.experts)

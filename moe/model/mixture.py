@@ -107,14 +107,17 @@ class Mixture(nn.Module):
         """(g, capacity, width) logits of the planned groups, -inf on labels an expert lacks."""
         raise NotImplementedError
 
-    def forward(self, features: torch.Tensor, tenant: torch.Tensor | None = None) -> MixtureOutput:
+    def forward(
+        self, features: torch.Tensor, tenant: torch.Tensor | None = None, keep_rows: bool = False
+    ) -> MixtureOutput:
+        """`keep_rows`: keep the gate's (b, e, m) row logits in the output (for the supervised gate loss)."""
         # b: batch, k: chosen experts, c: labels per expert (padded), d: features
         x = features * self.input_scale
         allowed = None
         if tenant is not None:
             given = tenant[:, None] != UNKNOWN_TENANT
             allowed = ~given | (self.expert_tenant[None, :] == tenant[:, None])
-        routed = self.router(x, allowed)
+        routed = self.router(x, allowed, keep_rows)
         plan = plan_dispatch(routed.experts, routed.weights)
         log_probs = combine(self.expert_logits(x, plan).log_softmax(dim=-1), plan, fill=float("-inf"))
         return MixtureOutput(log_probs, routed.weights, routed.experts, self.label_ids[routed.experts], routed)

@@ -10,13 +10,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from einops import reduce
+from einops import rearrange, reduce
 from torch import nn
 
 
 class RouterOutput(NamedTuple):
     logits: torch.Tensor  # (b, e) expert logits, -inf where not allowed
-    row_logits: torch.Tensor  # (b, e, m) prototype-row logits, -inf on padding rows
+    row_logits: torch.Tensor | None  # (b, e, m) prototype-row logits, -inf on padding rows (when asked for)
+    energy: torch.Tensor  # (b,) logsumexp of every row of every expert, allowed or not
+    max_row: torch.Tensor  # (b,) the best single row's logit, allowed or not
     probs: torch.Tensor  # (b, e) softmax over allowed experts
     experts: torch.Tensor  # (b, k) chosen experts, best first
     weights: torch.Tensor  # (b, k) gate weights of the chosen experts (0 where fewer than k are allowed)
@@ -27,11 +29,27 @@ class RouterOutput(NamedTuple):
 class TopKRouter(nn.Module):
     """Scores experts from features; `allowed` (b, e) restricts each input to a subset (e.g. its tenant's)."""
 
-    def __init__(self, dim: int, rows_per_expert: list[int], top_k: int = 2, normalize_weights: bool = True):
+    CHUNK = 64  # experts scored at a time: (b, e, m) row logits never exist whole for thousands of experts
+
+    def __init__(
+        self,
+        dim: int,
+        rows_per_expert: list[int],
+        top_k: int = 2,
+        normalize_weights: bool = True,
+        random_init: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ):
+        """`random_init=False` starts every row at zero, for a router about to be filled from stored rows.
+        `dtype`: how the rows are held (a float16 gate takes half the memory); they are scored in the input's."""
         super().__init__()
         num_experts, rows = len(rows_per_expert), max(rows_per_expert, default=1)
         self.top_k, self.normalize_weights = top_k, normalize_weights
-        self.weight = nn.Parameter(torch.randn(num_experts, rows, dim) * dim**-0.5 * 0.1)  # near-uniform start
+        if random_init:  # near-uniform start, scaled in place (no temporary copies of a large gate)
+            weight = torch.randn(num_experts, rows, dim).mul_(dim**-0.5).mul_(0.1).to(dtype)
+        else:
+            weight = torch.zeros(num_experts, rows, dim, dtype=dtype)
+        self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.zeros(num_experts, rows))
         mask = torch.arange(rows)[None, :] < torch.tensor(rows_per_expert)[:, None]
         self.register_buffer("row_mask", mask, persistent=False)
@@ -40,11 +58,20 @@ class TopKRouter(nn.Module):
     def num_experts(self) -> int:
         return self.weight.shape[0]
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None = None) -> RouterOutput:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None = None, keep_rows: bool = False) -> RouterOutput:
+        """`keep_rows`: also return the (b, e, m) row logits (the supervised gate loss needs them)."""
         # b: batch, e: experts, m: prototype rows per expert, d: features, k: chosen experts
-        row_logits = torch.einsum("b d, e m d -> b e m", x, self.weight) + self.bias
-        row_logits = row_logits.masked_fill(~self.row_mask, float("-inf"))
-        logits = torch.logsumexp(row_logits, dim=-1)
+        rows, logits, energy, max_row = [], [], [], []
+        for start in range(0, self.num_experts, self.CHUNK):  # one chunk of experts at a time
+            chunk = self._row_logits(x, start)
+            rows += [chunk] if keep_rows else []
+            logits.append(torch.logsumexp(chunk, dim=-1))
+            energy.append(torch.logsumexp(rearrange(chunk, "b e m -> b (e m)"), dim=-1))
+            max_row.append(reduce(chunk, "b e m -> b", "max"))
+        row_logits = torch.cat(rows, dim=1) if keep_rows else None
+        logits = torch.cat(logits, dim=1)
+        energy = torch.logsumexp(torch.stack(energy, dim=-1), dim=-1)  # exact identity for a single chunk
+        max_row = reduce(torch.stack(max_row, dim=-1), "b chunks -> b", "max")
         z_loss = reduce(torch.logsumexp(logits, dim=-1) ** 2, "b ->", "mean")
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
@@ -56,7 +83,13 @@ class TopKRouter(nn.Module):
         routed = torch.zeros_like(probs).scatter_(1, experts, (weights > 0).to(probs.dtype))
         fraction_routed = reduce(routed, "b e -> e", "mean") / k
         load_balance = self.num_experts * (fraction_routed * reduce(probs, "b e -> e", "mean")).sum()
-        return RouterOutput(logits, row_logits, probs, experts, weights, load_balance, z_loss)
+        return RouterOutput(logits, row_logits, energy, max_row, probs, experts, weights, load_balance, z_loss)
+
+    def _row_logits(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """(b, e', m) row logits of the experts from `start` on, -inf on padding rows."""
+        weight, bias = self.weight[start : start + self.CHUNK].to(x.dtype), self.bias[start : start + self.CHUNK]
+        row_logits = torch.einsum("b d, e m d -> b e m", x, weight) + bias
+        return row_logits.masked_fill(~self.row_mask[start : start + self.CHUNK], float("-inf"))
 
     def entry(self, expert: int, rows: int) -> dict[str, torch.Tensor]:
         """One expert's routing entry, un-aliased for saving."""
@@ -64,6 +97,17 @@ class TopKRouter(nn.Module):
             "gate.weight": self.weight[expert, :rows].detach().clone().contiguous(),
             "gate.bias": self.bias[expert, :rows].detach().clone().contiguous(),
         }
+
+    def subset(self, experts: list[int]) -> TopKRouter:
+        """A router over these experts only, in this order, with their rows as they are."""
+        rows = self.row_mask[experts].sum(dim=-1).tolist()
+        router = TopKRouter(
+            self.weight.shape[-1], rows, self.top_k, self.normalize_weights, random_init=False, dtype=self.weight.dtype
+        )
+        with torch.no_grad():
+            router.weight.copy_(self.weight[experts, : router.weight.shape[1]])
+            router.bias.copy_(self.bias[experts, : router.bias.shape[1]])
+        return router
 
     @classmethod
     def from_entries(cls, entries: list[dict[str, torch.Tensor]], **kwargs) -> TopKRouter:

@@ -59,6 +59,20 @@ class ShardLoader:
         return {name: tensors[name] for name in TENSOR_NAMES}
 
 
+@torch.no_grad()
+def fill_discriminants(
+    router: TopKRouter, means: torch.Tensor, precision: torch.Tensor, input_scale: float, source: Path
+) -> None:
+    """The statistics gate's rows from class means (e, m, d), a chunk of experts at a time."""
+    for start in range(0, means.shape[0], router.CHUNK):
+        weight, bias = discriminant_rows(means[start : start + router.CHUNK], precision, input_scale)
+        weight = weight.to(router.weight.dtype)
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"{source}: the statistics gate's rows overflow {router.weight.dtype}")
+        router.weight[start : start + router.CHUNK] = weight
+        router.bias[start : start + router.CHUNK] = bias
+
+
 class PagedMixture(Mixture):
     def __init__(
         self,
@@ -107,7 +121,10 @@ class PagedMixture(Mixture):
         arch = candidates[0][1].architecture
         per_label = arch["gate_rows"] == "labels" or routing == "stats"
         rows = [len(meta.labels) if per_label else 1 for _, meta in candidates]
-        router = TopKRouter(arch["dim"], rows, top_k=top_k)  # filled in place: no per-expert copies linger
+        dtype = getattr(torch, arch.get("dtype", "float32"))  # the gate is held in the experts' own precision
+        # filled in place, expert by expert: no per-expert copies linger
+        router = TopKRouter(arch["dim"], rows, top_k=top_k, random_init=False, dtype=dtype)
+        means = torch.zeros(len(candidates), max(rows), arch["dim"]) if routing == "stats" else None
         infos, keys, kept = [], [], []
         scatter, count = torch.zeros(arch["dim"], arch["dim"], dtype=torch.float64), 0.0
         with torch.no_grad():
@@ -119,10 +136,11 @@ class PagedMixture(Mixture):
                 except (ShardError, KeyError, ValueError) as error:
                     failed[key[0]] = error
                     continue
-                router.weight[i].zero_()
-                router.weight[i, : rows[i]] = tensors["stats.mean" if routing == "stats" else "gate.weight"]
-                router.bias[i].zero_()
-                router.bias[i, : rows[i]] = 0.0 if routing == "stats" else tensors["gate.bias"]
+                if means is not None:  # turned into gate rows once the pooled covariance is known
+                    means[i, : rows[i]] = tensors["stats.mean"]
+                else:
+                    router.weight[i, : rows[i]] = tensors["gate.weight"]
+                    router.bias[i, : rows[i]] = tensors["gate.bias"]
                 scatter += tensors["stats.scatter"].double()  # per-expert statistics stay in the shards,
                 count += tensors["stats.count"].sum().item()  # their aggregate stays resident
                 pager.register(key, sum(tensors[n].numel() * tensors[n].element_size() for n in TENSOR_NAMES))
@@ -134,14 +152,12 @@ class PagedMixture(Mixture):
         if not infos:
             raise ValueError(f"no expert could be loaded from {store.root}: {failed}")
         if len(kept) < len(candidates):
-            router = TopKRouter.from_entries([router.entry(i, rows[i]) for i in kept], top_k=top_k)
-        if routing == "stats":  # the rows held class means until now: turn them into discriminants
+            router = router.subset(kept)
+            means = means[kept] if means is not None else None
+        if means is not None:
             classes = sum(len(info.labels) for info in infos)
             precision = pooled_precision(scatter, count, classes, shrinkage)
-            with torch.no_grad():
-                weight, bias = discriminant_rows(router.weight, precision, arch["input_scale"])
-                router.weight.copy_(weight)
-                router.bias.copy_(bias)
+            fill_discriminants(router, means, precision, arch["input_scale"], store.root)
         model = cls(router, infos, keys, pager, arch["input_scale"], "labels" if per_label else "one")
         model.shared_scatter, model.shared_count = scatter.float(), count
         return model.to(device).eval(), failed

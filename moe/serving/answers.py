@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
-from einops import rearrange
 
 from moe.model import Mixture, MixtureOutput, best_labels
 
@@ -25,12 +24,11 @@ def _gate_max_prob(output: MixtureOutput, best_score: torch.Tensor) -> torch.Ten
 
 
 def _gate_energy(output: MixtureOutput, best_score: torch.Tensor) -> torch.Tensor:
-    # b: batch, e: experts, m: gate rows per expert (-inf on padding); logsumexp of every row of every expert
-    return torch.logsumexp(rearrange(output.router.row_logits, "b e m -> b (e m)"), dim=-1)
+    return output.router.energy
 
 
 def _gate_max_row(output: MixtureOutput, best_score: torch.Tensor) -> torch.Tensor:
-    return rearrange(output.router.row_logits, "b e m -> b (e m)").max(dim=-1).values
+    return output.router.max_row
 
 
 OOS_SCORES = {

@@ -70,7 +70,7 @@ class MixtureClassifier(L.LightningModule):
         x, t, y = self.features(batch), batch["tenant"], batch["label"]
         target = self.target_table[t, y]
         given = self.model(x, self.tenant_table[t])
-        routed = self.model(x)
+        routed = self.model(x, keep_rows=True)
         losses = {
             "given": mixture_nll(given, target),
             "gate": F.cross_entropy(rearrange(routed.router.row_logits, "b e m -> b (e m)"), self.row_table[t, y]),
