@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moe.model import UNKNOWN_TENANT, ExpertInfo, build_mixture
+from moe.model.stats import class_statistics
 from moe.paging import ExpertPager, PagedMixture
 from moe.store import ExpertStore, expert_shards
 
@@ -36,7 +37,11 @@ def world(tmp_path_factory):
         model.router.weight.normal_()
     model.eval()
     store = ExpertStore(tmp_path_factory.mktemp("paging") / "experts")
-    for tensors, meta in expert_shards(model, FP):
+    stats = {
+        info.tenant: class_statistics(torch.randn(40, DIM), torch.arange(40) % len(info.labels), len(info.labels))
+        for info in infos
+    }
+    for tensors, meta in expert_shards(model, FP, stats):
         store.save(tensors, meta)
     generator = torch.Generator().manual_seed(1)
     batches = []
@@ -111,6 +116,26 @@ def test_paged_predictions_agree_with_the_in_memory_mixture(world):
     names = [None if t < 0 else paged.tenants[t] for t in tenant.tolist()]
     for name, prediction in zip(names, paged.predict(x, paged.tenant_ids(names)), strict=True):
         assert name is None or prediction.tenant == name
+
+
+@pytest.mark.parametrize("routing", ["rows", "stats"])
+def test_a_float16_store_keeps_its_gate_in_float16_and_scores_it_exactly(world, tmp_path, routing):
+    from moe.export.precision import convert_shard
+
+    store, _, batches = world
+    half = ExpertStore(tmp_path / "half")
+    for tenant in store.tenants():
+        version = store.latest(tenant)
+        convert_shard(store.path(tenant, version), half.path(tenant, version), "float16")
+    paged, failed = PagedMixture.from_store(half, FP, routing=routing)
+    assert failed == {} and paged.router.weight.dtype == torch.float16  # half the resident routing memory
+    widened = paged.router.subset(list(range(len(NAMES))))  # the same rows, held in float32
+    with torch.no_grad():
+        widened.weight.data = widened.weight.data.float()
+        for x, tenant in batches:
+            ours, theirs = paged.router(x, None, keep_rows=True), widened(x, None, keep_rows=True)
+            for name in ("row_logits", "logits", "energy", "max_row", "probs", "experts", "weights"):
+                assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
 
 
 # -- the pager on its own, with a fake disk ---------------------------------------------------------------
@@ -359,3 +384,14 @@ def test_concurrent_predictions_while_experts_are_evicted_and_prefetched(world, 
     assert sum(pager._pins.values()) == 0 and not +in_use  # every pin released
     if host_experts:
         assert summary["host"]["hits"] > 0
+
+
+def test_the_statistics_gate_leaves_out_an_expert_without_statistics(world, tmp_path):
+    store, model, _ = world
+    bare = ExpertStore(tmp_path / "bare")
+    for tensors, meta in expert_shards(model, FP):  # no statistics recorded
+        bare.save(tensors, meta)
+    with pytest.raises(ValueError, match="holds no feature statistics"):
+        PagedMixture.from_store(bare, FP, routing="stats")
+    paged, failed = PagedMixture.from_store(bare, FP)  # its stored gate rows still serve
+    assert failed == {} and len(paged.keys) == len(NAMES)

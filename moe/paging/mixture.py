@@ -133,6 +133,8 @@ class PagedMixture(Mixture):
                     if header.architecture != arch:
                         raise ShardError(store.path(*key), f"architecture {header.architecture} differs from {arch}")
                     tensors, meta = loader.register(key, store.path(*key))
+                    if means is not None and not tensors["stats.count"].sum() > 0:
+                        raise ShardError(store.path(*key), "holds no feature statistics, which routing='stats' needs")
                 except (ShardError, KeyError, ValueError) as error:
                     failed[key[0]] = error
                     continue
