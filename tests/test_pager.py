@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import weakref
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -93,6 +94,29 @@ def test_a_tiny_budget_gives_bit_identical_outputs(world):
     roomy_summary = roomy.pager.summary()
     assert roomy_summary["device"]["evictions"] == 0 and roomy_summary["device"]["misses"] <= len(NAMES)
     assert summary["disk"]["page_ins"] == summary["device"]["misses"]  # no host tier: every miss read the disk
+
+
+def test_no_wave_keeps_weights_alive_past_the_budget(world):
+    """Evicted weights are freed before the next page-in: live expert memory never exceeds the budget."""
+    store, _, batches = world
+    budget = two_expert_budget(store)
+    paged, _ = PagedMixture.from_store(store, FP, device_budget=budget)
+    alive: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # key -> one of its tensors, while alive
+    read, over = paged.pager.load, []
+
+    def tracking_read(key):
+        live = sum(paged.pager.sizes[k] for k in list(alive.keys()))
+        if live + paged.pager.sizes[key] > budget:
+            over.append((key, live))
+        tensors = read(key)
+        alive[key] = tensors["down.weight"]
+        return tensors
+
+    paged.pager.load = tracking_read
+    with torch.no_grad():
+        for x, _ in batches:
+            paged(x)
+    assert paged.pager.summary()["device"]["evictions"] > 0 and over == []
 
 
 def test_paged_predictions_agree_with_the_in_memory_mixture(world):

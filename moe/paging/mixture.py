@@ -173,9 +173,14 @@ class PagedMixture(Mixture):
         out.masked_fill_(~self.label_mask[plan.experts][:, None, :], float("-inf"))
         position = {self.keys[e]: i for i, e in enumerate(experts)}
         for wave in self.pager.waves([self.keys[e] for e in experts]):
-            with self.pager.acquire(wave) as resident:
-                for key, tensors in resident.items():
-                    i, n = position[key], counts[position[key]]
-                    c = tensors["head.bias"].shape[0]
-                    out[i, :n, :c] = single_expert_logits(groups[i, :n], tensors)
+            self._compute_wave(wave, groups, counts, position, out)
         return out
+
+    def _compute_wave(self, wave: list[Key], groups, counts, position, out: torch.Tensor) -> None:
+        # a function of its own: no reference to this wave's weights outlives it, so the next wave's
+        # evictions free their memory before its page-ins take more
+        with self.pager.acquire(wave) as resident:
+            for key, tensors in resident.items():
+                i, n = position[key], counts[position[key]]
+                c = tensors["head.bias"].shape[0]
+                out[i, :n, :c] = single_expert_logits(groups[i, :n], tensors)
