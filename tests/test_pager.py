@@ -156,7 +156,7 @@ def test_a_float16_store_keeps_its_gate_in_float16_and_scores_it_exactly(world, 
     widened = paged.router.subset(list(range(len(NAMES))))  # the same rows, held in float32
     with torch.no_grad():
         widened.weight.data = widened.weight.data.float()
-        for x, tenant in batches:
+        for x, _ in batches:
             ours, theirs = paged.router(x, None, keep_rows=True), widened(x, None, keep_rows=True)
             for name in ("row_logits", "logits", "energy", "max_row", "probs", "experts", "weights"):
                 assert torch.equal(getattr(ours, name), getattr(theirs, name)), name

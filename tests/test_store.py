@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from moe.model import UNKNOWN_TENANT, ExpertInfo, MixtureOfExperts, build_mixture
 from moe.paging import PagedMixture
-from moe.store import ExpertMeta, ExpertStore, ShardError, expert_shards, read_meta, read_shard
+from moe.store import ExpertMeta, ExpertStore, ShardError, expert_shards, read_meta, read_shard, read_tensors
 from moe.store.shard import metadata_sha256, tensors_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +112,25 @@ def test_loaded_shards_are_what_was_saved(saved):
     latest, meta = store.load("alpha")
     assert meta.version == 2 and all(torch.equal(latest[k], v2[k]) for k in v2)
     assert store.meta("alpha") == meta and read_meta(store.path("alpha", 2)) == (meta, tensors_sha256(v2))
+
+
+def test_read_tensors_reads_what_safetensors_reads_into_one_buffer(saved):
+    store, _, _, _ = saved
+    path = store.path("alpha", 2)
+    reference = load_file(path)
+    everything = read_tensors(path)
+    assert everything.keys() == reference.keys()
+    assert all(
+        torch.equal(everything[k], reference[k]) and everything[k].dtype == reference[k].dtype for k in reference
+    )
+    weights = read_tensors(path, ("down.weight", "head.bias"))
+    assert list(weights) == ["down.weight", "head.bias"]
+    assert weights["down.weight"].untyped_storage().data_ptr() == weights["head.bias"].untyped_storage().data_ptr()
+    with pytest.raises(ShardError, match="no tensor or dtype 'nope'"):
+        read_tensors(path, ("nope",))
+    path.write_bytes(path.read_bytes()[:-10])  # the last tensor's bytes cut short
+    with pytest.raises(ShardError, match="file ends inside tensor"):
+        read_tensors(path)
 
 
 def test_save_rollback_retire_restore(saved):
