@@ -7,9 +7,11 @@ wave by wave, for the experts a batch actually chose. Each expert's group is com
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Hashable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,24 +26,27 @@ log = logging.getLogger(__name__)
 Key = tuple[str, int]  # (tenant, version)
 
 
-def _identity(path: Path) -> tuple[int, int, int]:
+def _identity(path: str | Path) -> tuple[int, int, int]:
     st = os.stat(path)
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class ShardLoader:
     """Reads expert weights for the pager. A shard is verified in full when registered, and again whenever
-    its file changed since (inode, size or modification time); unchanged files are read without rehashing."""
+    its file changed since (inode, size or modification time); unchanged files are read without rehashing.
+
+    Per expert it keeps only the file name, its identity and a digest of its metadata: at thousands of
+    registered experts, every byte kept here is resident."""
 
     def __init__(self, trunk_fingerprint: str | None):
         self.trunk_fingerprint = trunk_fingerprint
-        self.paths: dict[Hashable, Path] = {}
-        self.metas: dict[Hashable, ExpertMeta] = {}
+        self.paths: dict[Hashable, str] = {}
         self.identities: dict[Hashable, tuple[int, int, int]] = {}
+        self.digests: dict[Hashable, int] = {}
 
     def register(self, key: Hashable, path: Path) -> tuple[dict[str, torch.Tensor], ExpertMeta]:
         tensors, meta = read_shard(path, self.trunk_fingerprint)
-        self.paths[key], self.metas[key], self.identities[key] = path, meta, _identity(path)
+        self.paths[key], self.identities[key], self.digests[key] = str(path), _identity(path), _digest(meta)
         return tensors, meta
 
     def __call__(self, key: Hashable) -> dict[str, torch.Tensor]:
@@ -53,10 +58,14 @@ class ShardLoader:
         if unchanged:
             return read_tensors(path, TENSOR_NAMES)
         tensors, meta = read_shard(path, self.trunk_fingerprint)
-        if meta != self.metas[key]:
+        if _digest(meta) != self.digests[key]:
             raise ShardError(path, "file was replaced by a different expert after it was registered")
         self.identities[key] = _identity(path)
         return {name: tensors[name] for name in TENSOR_NAMES}
+
+
+def _digest(meta: ExpertMeta) -> int:
+    return hash(json.dumps(asdict(meta), sort_keys=True))
 
 
 @torch.no_grad()
