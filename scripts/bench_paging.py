@@ -5,12 +5,18 @@ stream over 1,000 registered experts with a device budget of 32 experts.
     python scripts/bench_paging.py --device cuda --out outputs/benchmarks/paging_cuda.json   # on a GPU
 
 Page-in figures (median of --repeats):
-  disk -> device   the pager loading a shard it verified at registration (unchanged file: no rehash)
+  disk -> device   the pager loading a shard it verified at registration (unchanged file: no rehash); it
+                   reads the expert's weights only, one read per tensor into one buffer
   host -> device   the pager promoting an expert from its host tier (pinned on CUDA; on a CPU-only machine
                    host and device are the same memory and promotion moves a reference)
-beside the physical bound: `readinto` of the file into a buffer plus one tensor copy (disk), or one tensor
-copy of the same bytes (host; a pinned host-to-device copy on CUDA). Disk figures are cold where
+beside the physical bound for the same number of bytes: `readinto` of the file into a buffer plus one tensor
+copy (disk), or one tensor copy (host; a pinned host-to-device copy on CUDA). Disk figures are cold where
 `posix_fadvise(DONTNEED)` can drop the file from the page cache, warm otherwise; the JSON says which.
+On CPU the pager's disk page-in needs no copy after the read, so it can beat this bound.
+
+Each Zipf stream (one per `--stream-dtypes`: a store in float32, and as a float16 bundle stores it) runs in a
+fresh process that did not write the store; its peak resident memory (VmHWM, reset before the trunk loads)
+is compared with the device budget plus the trunk (its weights and one batch's working memory) plus 15 %.
 """
 
 from __future__ import annotations
@@ -88,8 +94,9 @@ def drop_from_page_cache(path: Path) -> bool:
         return False
 
 
-def plain_disk_copy(path: Path, device: torch.device) -> None:
-    buffer = torch.empty(path.stat().st_size, dtype=torch.uint8)
+def plain_disk_copy(path: Path, size: int, device: torch.device) -> None:
+    """`size` bytes of the file (as many as the pager reads: the expert's weights) into a buffer, then one copy."""
+    buffer = torch.empty(size, dtype=torch.uint8)
     with path.open("rb", buffering=0) as handle:
         handle.readinto(memoryview(buffer.numpy()))
     buffer.to(device, copy=True)
@@ -142,7 +149,7 @@ def page_in_sizes(args, device: torch.device, work: Path) -> list[dict]:
 
         disk = median_s(disk_page_in, args.repeats, evict_all)
         disk_plain = median_s(
-            lambda path=path: plain_disk_copy(path, device),
+            lambda path=path, size=size: plain_disk_copy(path, size, device),
             args.repeats,
             (lambda path=path: drop_from_page_cache(path)) if cold else None,
         )
