@@ -50,13 +50,13 @@ def rank_for(megabytes: float, dtype: str = "float32") -> int:
     return max(1, round((elements - DIM * LABELS - LABELS) / (2 * DIM + 1)))
 
 
-def write_store(root: Path, tenants: int, megabytes: float, dtype: str = "float32", seed: int = 0) -> ExpertStore:
-    """`tenants` experts of about `megabytes` each, stored in `dtype` (as `scripts/export.py` writes a bundle)."""
+def write_store(root: Path, tenants: int, rank: int, dtype: str = "float32", seed: int = 0) -> ExpertStore:
+    """`tenants` experts of adapter rank `rank`, stored in `dtype` (as `scripts/export.py` writes a bundle)."""
     torch.manual_seed(seed)
     store = ExpertStore(root)
     infos = [ExpertInfo(f"t{i:05d}", tuple(f"intent{j}" for j in range(LABELS))) for i in range(tenants)]
     for start in tqdm(range(0, tenants, 64), desc=f"writing {tenants} {dtype} shards", unit="chunk"):
-        model = build_mixture(infos[start : start + 64], DIM, rank=rank_for(megabytes, dtype))
+        model = build_mixture(infos[start : start + 64], DIM, rank=rank)
         with torch.no_grad():
             model.bank.up.normal_(std=0.02)
         for tensors, meta in expert_shards(model, "bench" * 12 + "0000"):
@@ -124,7 +124,7 @@ def median_s(fn, repeats: int, before=None) -> float:
 def page_in_sizes(args, device: torch.device, work: Path) -> list[dict]:
     rows = []
     for megabytes in args.sizes:
-        store = write_store(work / f"size{megabytes}", 1, megabytes)
+        store = write_store(work / f"size{megabytes}", 1, rank_for(megabytes))
         model, _ = PagedMixture.from_store(store, device=device, device_budget=1 << 34, host_budget=1 << 34)
         pager, key = model.pager, model.keys[0]
         path, size = store.path(*key), pager.sizes[key]
@@ -275,7 +275,8 @@ def main() -> None:
         work = Path(tmp)
         streams = []
         for dtype in args.stream_dtypes:
-            store = write_store(work / f"many_{dtype}", args.tenants, args.stream_expert_mb, dtype)
+            rank = rank_for(args.stream_expert_mb, dtype)
+            store = write_store(work / f"many_{dtype}", args.tenants, rank, dtype)
             streams.append(spawned(zipf_stream, args, store.root))
         for stream in streams:
             print(json.dumps({k: v for k, v in stream.items() if k != "pager"}, indent=2), flush=True)
