@@ -61,17 +61,17 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor, allowed: torch.Tensor | None = None, keep_rows: bool = False) -> RouterOutput:
         """`keep_rows`: also return the (b, e, m) row logits (the supervised gate loss needs them)."""
         # b: batch, e: experts, m: prototype rows per expert, d: features, k: chosen experts
-        rows, logits, energy, max_row = [], [], [], []
+        rows, expert_logits, energies, max_rows = [], [], [], []
         for start in range(0, self.num_experts, self.CHUNK):  # one chunk of experts at a time
             chunk = self._row_logits(x, start)
             rows += [chunk] if keep_rows else []
-            logits.append(torch.logsumexp(chunk, dim=-1))
-            energy.append(torch.logsumexp(rearrange(chunk, "b e m -> b (e m)"), dim=-1))
-            max_row.append(reduce(chunk, "b e m -> b", "max"))
+            expert_logits.append(torch.logsumexp(chunk, dim=-1))
+            energies.append(torch.logsumexp(rearrange(chunk, "b e m -> b (e m)"), dim=-1))
+            max_rows.append(reduce(chunk, "b e m -> b", "max"))
         row_logits = torch.cat(rows, dim=1) if keep_rows else None
-        logits = torch.cat(logits, dim=1)
-        energy = torch.logsumexp(torch.stack(energy, dim=-1), dim=-1)  # exact identity for a single chunk
-        max_row = reduce(torch.stack(max_row, dim=-1), "b chunks -> b", "max")
+        logits = torch.cat(expert_logits, dim=1)
+        energy = torch.logsumexp(torch.stack(energies, dim=-1), dim=-1)  # exact identity for a single chunk
+        max_row = reduce(torch.stack(max_rows, dim=-1), "b chunks -> b", "max")
         z_loss = reduce(torch.logsumexp(logits, dim=-1) ** 2, "b ->", "mean")
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))

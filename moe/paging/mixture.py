@@ -185,7 +185,7 @@ class PagedMixture(Mixture):
             self._compute_wave(wave, groups, counts, position, out)
         return out
 
-    def _compute_wave(self, wave: list[Key], groups, counts, position, out: torch.Tensor) -> None:
+    def _compute_wave(self, wave: list[Hashable], groups, counts, position, out: torch.Tensor) -> None:
         # a function of its own: no reference to this wave's weights outlives it, so the next wave's
         # evictions free their memory before its page-ins take more
         with self.pager.acquire(wave) as resident:

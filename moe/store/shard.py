@@ -212,7 +212,7 @@ def read_tensors(path: str | Path, names: tuple[str, ...] | None = None) -> dict
                 layout.append((name, dtype, shape, total, 8 + header_size + start, end - start))
                 total += -(-(end - start) // ALIGN) * ALIGN
             flat = torch.empty(total, dtype=torch.uint8)
-            buffer = memoryview(flat.numpy())
+            buffer = memoryview(flat.numpy())  # type: ignore[arg-type]  # numpy arrays are buffers
             for name, _, _, offset, position, size in layout:
                 handle.seek(position)
                 if handle.readinto(buffer[offset : offset + size]) != size:
