@@ -181,6 +181,24 @@ class ExpertPager:
         self._host[key] = self._to_host(tensors)
         self.stats["host"].arrived(size, time.perf_counter() - start)
 
+    def _free_bytes(self) -> int:
+        return self.device_budget - sum(self.sizes[k] for k in self._device)
+
+    def _evictable(self, keep: Sequence[Hashable]) -> list[Hashable]:
+        """Unpinned device experts outside `keep`, least recently used first."""
+        return [k for k in self._device if self._pins[k] == 0 and k not in keep]
+
+    def _room_for(self, need: int, keep: Sequence[Hashable]) -> bool:
+        """Whether `need` bytes fit on the device once every evictable expert outside `keep` is gone."""
+        return need <= self._free_bytes() + sum(self.sizes[k] for k in self._evictable(keep))
+
+    def _make_room(self, need: int, keep: Sequence[Hashable]) -> None:
+        """Evict experts outside `keep`, least recently used first, until `need` bytes are free."""
+        for key in self._evictable(keep):
+            if need <= self._free_bytes():
+                break
+            self._evict_device(key)
+
     def _evict_device(self, key: Hashable) -> None:
         tensors = self._device.pop(key)
         self.stats["device"].evictions += 1
@@ -220,16 +238,11 @@ class ExpertPager:
             while True:
                 missing = [k for k in keys if k not in self._device]
                 need = sum(self.sizes[k] for k in missing)
-                used = sum(self.sizes[k] for k in self._device)
-                evictable = [k for k in self._device if self._pins[k] == 0 and k not in keys]
-                if need <= self.device_budget - used + sum(self.sizes[k] for k in evictable):
+                if self._room_for(need, keys):
                     break
                 self._lock.wait()  # other threads hold pins: wait for a release
             staged = {k: self._host.pop(k) for k in missing if k in self._host}
-            for key in evictable:
-                if need <= self.device_budget - sum(self.sizes[k] for k in self._device):
-                    break
-                self._evict_device(key)
+            self._make_room(need, keys)
             for key in keys:
                 stats = self.stats["device"]
                 if key in self._device:
@@ -256,12 +269,9 @@ class ExpertPager:
             for key in keys:
                 if key in self._device:
                     continue
-                free = self.device_budget - sum(self.sizes[k] for k in self._device)
-                evictable = [k for k in self._device if self._pins[k] == 0 and k not in keys]
-                if self.sizes[key] <= free + sum(self.sizes[k] for k in evictable):
+                if self._room_for(self.sizes[key], keys):
                     staged = self._host.pop(key, None)
-                    while self.sizes[key] > self.device_budget - sum(self.sizes[k] for k in self._device):
-                        self._evict_device(evictable.pop(0))
+                    self._make_room(self.sizes[key], keys)
                     self._page_in(key, staged)
                 elif self.host_budget and key not in self._host:
                     start = time.perf_counter()
