@@ -3,6 +3,7 @@ exact, and concurrent predictions stay correct while other threads evict and pre
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -412,10 +413,30 @@ def test_concurrent_predictions_while_experts_are_evicted_and_prefetched(world, 
 
 def test_the_statistics_gate_leaves_out_an_expert_without_statistics(world, tmp_path):
     store, model, _ = world
-    bare = ExpertStore(tmp_path / "bare")
-    for tensors, meta in expert_shards(model, FP):  # no statistics recorded
-        bare.save(tensors, meta)
-    with pytest.raises(ValueError, match="holds no feature statistics"):
-        PagedMixture.from_store(bare, FP, routing="stats")
-    paged, failed = PagedMixture.from_store(bare, FP)  # its stored gate rows still serve
-    assert failed == {} and len(paged.keys) == len(NAMES)
+    widest = [name for name, c in zip(NAMES, LABELS, strict=True) if c == max(LABELS)]
+    mixed = ExpertStore(tmp_path / "mixed")
+    for tenant in store.tenants():
+        tensors, meta = store.load(tenant)
+        if tenant in widest:  # recorded without statistics
+            tensors |= {"stats.count": torch.zeros_like(tensors["stats.count"])}
+            tensors |= {"stats.mean": torch.zeros_like(tensors["stats.mean"])}
+        mixed.save(tensors, meta)
+    paged, failed = PagedMixture.from_store(mixed, FP, routing="stats")
+    assert sorted(failed) == widest and all("holds no feature statistics" in str(e) for e in failed.values())
+    assert len(paged.keys) == len(NAMES) - len(widest)
+    assert paged.router.weight.shape[1] == max(c for c in LABELS if c != max(LABELS))  # the gate narrowed
+    with torch.no_grad():
+        assert paged(torch.randn(8, DIM)).experts.shape == (8, 2)
+    every, _ = PagedMixture.from_store(mixed, FP)  # its stored gate rows still serve
+    assert len(every.keys) == len(NAMES)
+
+
+def test_a_shard_reverified_after_a_change_holds_only_its_weights(world):
+    store, _, _ = world
+    paged, _ = PagedMixture.from_store(store, FP)
+    key = paged.keys[-1]
+    path = store.path(*key)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # same bytes, new identity: checked in full again
+    tensors = paged.pager.load(key)
+    assert sum(t.untyped_storage().nbytes() for t in tensors.values()) == paged.pager.sizes[key]

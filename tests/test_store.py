@@ -5,6 +5,7 @@ it was; nothing on the load path unpickles."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import queue
@@ -126,10 +127,23 @@ def test_read_tensors_reads_what_safetensors_reads_into_one_buffer(saved):
     weights = read_tensors(path, ("down.weight", "head.bias"))
     assert list(weights) == ["down.weight", "head.bias"]
     assert weights["down.weight"].untyped_storage().data_ptr() == weights["head.bias"].untyped_storage().data_ptr()
-    with pytest.raises(ShardError, match="no tensor or dtype 'nope'"):
+    with pytest.raises(ShardError, match=r"no tensor \['nope'\] in the header"):
         read_tensors(path, ("nope",))
+    data = path.read_bytes()
+    size = header_length(path)
+    header = json.loads(data[8 : 8 + size])
+    for change, reason in (
+        ({"data_offsets": [-8, header["head.bias"]["data_offsets"][1]]}, "outside the data section"),
+        ({"shape": [-1, 3]}, "is not a list of sizes"),
+        ({"dtype": "F8_E4M3"}, "no dtype this reader knows"),
+    ):
+        edited = json.dumps(header | {"head.bias": header["head.bias"] | change}).encode()
+        path.write_bytes(len(edited).to_bytes(8, "little") + edited + data[8 + size :])
+        with pytest.raises(ShardError, match=reason):
+            read_tensors(path)
+    path.write_bytes(data)
     path.write_bytes(path.read_bytes()[:-10])  # the last tensor's bytes cut short
-    with pytest.raises(ShardError, match="file ends inside tensor"):
+    with pytest.raises(ShardError, match="outside the data section"):
         read_tensors(path)
 
 

@@ -43,7 +43,9 @@ class TopKRouter(nn.Module):
         """`random_init=False` starts every row at zero, for a router about to be filled from stored rows.
         `dtype`: how the rows are held (a float16 gate takes half the memory); they are scored in the input's."""
         super().__init__()
-        num_experts, rows = len(rows_per_expert), max(rows_per_expert, default=1)
+        if not rows_per_expert:
+            raise ValueError("a router needs at least one expert")
+        num_experts, rows = len(rows_per_expert), max(rows_per_expert)
         self.top_k, self.normalize_weights = top_k, normalize_weights
         if random_init:  # near-uniform start, scaled in place (no temporary copies of a large gate)
             weight = torch.randn(num_experts, rows, dim).mul_(dim**-0.5).mul_(0.1).to(dtype)

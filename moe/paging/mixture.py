@@ -45,23 +45,32 @@ class ShardLoader:
         self.digests: dict[Hashable, int] = {}
 
     def register(self, key: Hashable, path: Path) -> tuple[dict[str, torch.Tensor], ExpertMeta]:
+        """Read and check a shard in full, and remember it; returns its tensors and metadata."""
+        try:
+            identity = _identity(path)  # before the read: a change made during it shows as a change later
+        except FileNotFoundError:
+            raise ShardError(path, "file not found") from None
         tensors, meta = read_shard(path, self.trunk_fingerprint)
-        self.paths[key], self.identities[key], self.digests[key] = str(path), _identity(path), _digest(meta)
+        self.paths[key], self.identities[key], self.digests[key] = str(path), identity, _digest(meta)
         return tensors, meta
+
+    def forget(self, key: Hashable) -> None:
+        for table in (self.paths, self.identities, self.digests):
+            table.pop(key, None)
 
     def __call__(self, key: Hashable) -> dict[str, torch.Tensor]:
         path = self.paths[key]
         try:
-            unchanged = _identity(path) == self.identities[key]
+            identity = _identity(path)
         except FileNotFoundError:
             raise ShardError(path, "file disappeared after it was registered") from None
-        if unchanged:
+        if identity == self.identities[key]:
             return read_tensors(path, TENSOR_NAMES)
         tensors, meta = read_shard(path, self.trunk_fingerprint)
         if _digest(meta) != self.digests[key]:
             raise ShardError(path, "file was replaced by a different expert after it was registered")
-        self.identities[key] = _identity(path)
-        return {name: tensors[name] for name in TENSOR_NAMES}
+        self.identities[key] = identity
+        return {name: tensors[name].clone() for name in TENSOR_NAMES}  # not views keeping every tensor alive
 
 
 def _digest(meta: ExpertMeta) -> int:
@@ -70,14 +79,17 @@ def _digest(meta: ExpertMeta) -> int:
 
 @torch.no_grad()
 def fill_discriminants(
-    router: TopKRouter, means: torch.Tensor, precision: torch.Tensor, input_scale: float, source: Path
+    router: TopKRouter, means: torch.Tensor, precision: torch.Tensor, input_scale: float, tenants: list[str]
 ) -> None:
-    """The statistics gate's rows from class means (e, m, d), a chunk of experts at a time."""
+    """The statistics gate's rows from class means (e, m, d), a chunk of experts at a time. Rows that overflow
+    the gate's dtype are refused, naming their tenants: the pooled covariance is shared, so this is a property
+    of the whole store in that dtype, not of one shard."""
     for start in range(0, means.shape[0], router.CHUNK):
         weight, bias = discriminant_rows(means[start : start + router.CHUNK], precision, input_scale)
         weight = weight.to(router.weight.dtype)
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"{source}: the statistics gate's rows overflow {router.weight.dtype}")
+        if not (finite := torch.isfinite(weight).flatten(1).all(dim=1)).all():
+            names = [tenants[start + i] for i in (~finite).nonzero().flatten().tolist()]
+            raise ValueError(f"statistics-gate rows of {names} overflow {router.weight.dtype}: use float32 shards")
         router.weight[start : start + router.CHUNK] = weight
         router.bias[start : start + router.CHUNK] = bias
 
@@ -143,6 +155,7 @@ class PagedMixture(Mixture):
                         raise ShardError(store.path(*key), f"architecture {header.architecture} differs from {arch}")
                     tensors, meta = loader.register(key, store.path(*key))
                     if means is not None and not tensors["stats.count"].sum() > 0:
+                        loader.forget(key)
                         raise ShardError(store.path(*key), "holds no feature statistics, which routing='stats' needs")
                 except (ShardError, KeyError, ValueError) as error:
                     failed[key[0]] = error
@@ -164,11 +177,11 @@ class PagedMixture(Mixture):
             raise ValueError(f"no expert could be loaded from {store.root}: {failed}")
         if len(kept) < len(candidates):
             router = router.subset(kept)
-            means = means[kept] if means is not None else None
+            means = means[kept, : router.weight.shape[1]] if means is not None else None
         if means is not None:
             classes = sum(len(info.labels) for info in infos)
             precision = pooled_precision(scatter, count, classes, shrinkage)
-            fill_discriminants(router, means, precision, arch["input_scale"], store.root)
+            fill_discriminants(router, means, precision, arch["input_scale"], [info.tenant for info in infos])
         model = cls(router, infos, keys, pager, arch["input_scale"], "labels" if per_label else "one")
         model.shared_scatter, model.shared_count = scatter.float(), count
         return model.to(device).eval(), failed

@@ -198,27 +198,47 @@ def read_tensors(path: str | Path, names: tuple[str, ...] | None = None) -> dict
     safetensors 0.8), which a pager reading shards all day can not afford."""
     try:
         with open(path, "rb", buffering=0) as handle:
+            file_size = os.fstat(handle.fileno()).st_size
             header_size = int.from_bytes(handle.read(8), "little")
-            if not 2 <= header_size <= os.fstat(handle.fileno()).st_size - 8:
+            if not 2 <= header_size <= file_size - 8:
                 raise ValueError(f"header size {header_size} does not fit the file")
             header = json.loads(handle.read(header_size))
+            data_size = file_size - 8 - header_size
             wanted = names if names is not None else tuple(k for k in header if k != "__metadata__")
+            if missing := [name for name in wanted if name not in header]:
+                raise ValueError(f"no tensor {missing} in the header")
             layout, total = [], 0
             for name in wanted:
-                entry = header[name]
-                dtype, shape, (start, end) = DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
-                if end - start != torch.Size(shape).numel() * dtype.itemsize:
-                    raise ValueError(f"tensor {name}: {end - start} bytes for shape {shape} of {dtype}")
+                dtype, shape, (start, end) = _entry(header[name], name, data_size)
                 layout.append((name, dtype, shape, total, 8 + header_size + start, end - start))
                 total += -(-(end - start) // ALIGN) * ALIGN
             flat = torch.empty(total, dtype=torch.uint8)
             buffer = memoryview(flat.numpy())  # type: ignore[arg-type]  # numpy arrays are buffers
             for name, _, _, offset, position, size in layout:
                 handle.seek(position)
-                if handle.readinto(buffer[offset : offset + size]) != size:
-                    raise ValueError(f"file ends inside tensor {name}")
-    except KeyError as error:
-        raise ShardError(path, f"no tensor or dtype {error} in the header") from None
-    except (OSError, ValueError, TypeError) as error:
+                done = 0
+                while done < size:  # a single read may return less (at most about 2 GiB on Linux)
+                    got = handle.readinto(buffer[offset + done : offset + size])
+                    if not got:
+                        raise ValueError(f"file ends inside tensor {name}")
+                    done += got
+    except (OSError, ValueError, TypeError, KeyError) as error:
         raise ShardError(path, f"truncated or unreadable tensor data ({error})") from None
     return {name: flat[o : o + size].view(dtype).view(shape) for name, dtype, shape, o, _, size in layout}
+
+
+def _entry(entry: Any, name: str, data_size: int) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+    """A header entry's dtype, shape and byte range, checked against each other and the data section."""
+    if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+        raise ValueError(f"tensor {name}: entry {entry!r} has no dtype this reader knows ({sorted(DTYPES)})")
+    dtype, shape, offsets = DTYPES[entry["dtype"]], entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+        raise ValueError(f"tensor {name}: shape {shape!r} is not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise ValueError(f"tensor {name}: data_offsets {offsets!r} are not two integers")
+    start, end = offsets
+    if not 0 <= start <= end <= data_size:
+        raise ValueError(f"tensor {name}: bytes {start}..{end} outside the data section of {data_size} bytes")
+    if end - start != torch.Size(shape).numel() * dtype.itemsize:
+        raise ValueError(f"tensor {name}: {end - start} bytes for shape {tuple(shape)} of {dtype}")
+    return dtype, tuple(shape), (start, end)
