@@ -185,7 +185,13 @@ def read_shard(path: str | Path, trunk_fingerprint: str | None = None) -> tuple[
 
 
 # safetensors' dtype names, for the tensors a shard may hold
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+}
 ALIGN = 64  # bytes: every tensor of the read buffer starts on a boundary any dtype can view
 
 
@@ -229,9 +235,11 @@ def read_tensors(path: str | Path, names: tuple[str, ...] | None = None) -> dict
 
 def _entry(entry: Any, name: str, data_size: int) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
     """A header entry's dtype, shape and byte range, checked against each other and the data section."""
-    if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
-        raise ValueError(f"tensor {name}: entry {entry!r} has no dtype this reader knows ({sorted(DTYPES)})")
-    dtype, shape, offsets = DTYPES[entry["dtype"]], entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES:
+        raise ValueError(
+            f"tensor {name}: entry {entry!r} has no dtype this reader knows ({sorted(SAFETENSORS_DTYPES)})"
+        )
+    dtype, shape, offsets = SAFETENSORS_DTYPES[entry["dtype"]], entry.get("shape"), entry.get("data_offsets")
     if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
         raise ValueError(f"tensor {name}: shape {shape!r} is not a list of sizes")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
