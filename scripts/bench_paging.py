@@ -32,14 +32,13 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moe.export.precision import DTYPES
+from moe.export.precision import DTYPES, cast_shard
 from moe.model import ExpertInfo, build_mixture
 from moe.paging import PagedMixture
 from moe.store import ExpertStore, expert_shards
@@ -63,8 +62,7 @@ def write_store(root: Path, tenants: int, rank: int, dtype: str = "float32", see
         with torch.no_grad():
             model.bank.up.normal_(std=0.02)
         for tensors, meta in expert_shards(model, "bench" * 12 + "0000"):
-            tensors = {name: t.to(DTYPES[dtype]) for name, t in tensors.items()}
-            store.save(tensors, replace(meta, architecture=meta.architecture | {"dtype": dtype}))
+            store.save(*cast_shard(tensors, meta, dtype))
     return store
 
 
