@@ -114,11 +114,9 @@ class TopKRouter(nn.Module):
     @classmethod
     def from_entries(cls, entries: list[dict[str, torch.Tensor]], **kwargs) -> TopKRouter:
         rows = [entry["gate.bias"].shape[0] for entry in entries]
-        router = cls(entries[0]["gate.weight"].shape[1], rows, **kwargs)
+        router = cls(entries[0]["gate.weight"].shape[1], rows, random_init=False, **kwargs)
         with torch.no_grad():
             for i, entry in enumerate(entries):
-                router.weight[i].zero_()
-                router.bias[i].zero_()
                 router.weight[i, : rows[i]] = entry["gate.weight"]
                 router.bias[i, : rows[i]] = entry["gate.bias"]
         return router
