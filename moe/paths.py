@@ -1,7 +1,9 @@
-"""Where the project reads data and keeps caches; every location can be overridden by environment."""
+"""Where the project reads data and keeps caches (every location can be overridden by environment), and the
+checksum of a file."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -17,3 +19,12 @@ def data_dir() -> Path | None:
     """Folder holding data sets (e.g. `clinc150/`) from `$MOE_DATA_DIR`; None means download into the cache."""
     value = os.environ.get("MOE_DATA_DIR")
     return Path(value) if value else None
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -33,8 +33,9 @@ from hydra.utils import instantiate
 
 from moe.data import read_tenant_file
 from moe.data.clinc150 import clinc150_tenants
-from moe.lifecycle import GrowthConfig, Lifecycle
-from moe.paging import PagedMixture
+from moe.inference import load_mixture, predict
+from moe.lifecycle import Lifecycle
+from moe.lifecycle.config import growth_config
 from moe.paths import cache_dir
 from moe.serving import Server
 from moe.store import ExpertStore
@@ -71,7 +72,7 @@ metrics = train(cfg)
 trunk = instantiate(cfg.trunk)
 encode = FeatureCache(cache_dir() / "features", trunk).encode
 store = ExpertStore(OUT / "run" / "experts")
-model, failed = PagedMixture.from_store(store, trunk.fingerprint)
+model = load_mixture(store, trunk_fingerprint=trunk.fingerprint)
 tenants = clinc150_tenants(domains=DOMAINS)
 confusion = torch.zeros(len(tenants), len(model.tenants))
 with torch.no_grad():
@@ -104,12 +105,13 @@ lines = ["utterance,intent,split"] + [f"{text},{label},train" for text, label in
 lines += [f"{text},{label},{split}" for split in ("val", "test") for text, label in rows]
 acme_file.write_text("\n".join(lines) + "\n")
 acme = read_tenant_file("acme", acme_file, text_column="utterance", label_column="intent", split_column="split")
-lifecycle = Lifecycle(store, trunk, encode, GrowthConfig(epochs=5 if TINY else 45))
+growth = growth_config(compose_config("lifecycle", [f"growth.epochs={5 if TINY else 45}", "tenant.name=acme"]))
+lifecycle = Lifecycle(store, trunk, encode, growth)
 lifecycle.grow(acme)
-model, _ = PagedMixture.from_store(store, trunk.fingerprint)
+model = load_mixture(store, trunk_fingerprint=trunk.fingerprint)
 queries = ["has my parcel shipped yet", "what is my account balance"]
-print("routed:      ", model.predict(encode(queries)))
-print("tenant given:", model.predict(encode(queries), model.tenant_ids(["acme", "banking"])))
+print("routed:      ", predict(model, encode(queries)))
+print("tenant given:", predict(model, encode(queries), model.tenant_ids(["acme", "banking"])))
 
 # %% [markdown]
 # ## 4. Hibernate and wake: the woken tenant answers exactly as before it slept
@@ -120,7 +122,7 @@ before = model(banking_test, model.tenant_ids(["banking"] * len(banking_test))).
 lifecycle.hibernate("banking")
 print("awake tenants while banking sleeps:", store.tenants())
 lifecycle.wake("banking")
-model, _ = PagedMixture.from_store(store, trunk.fingerprint)
+model = load_mixture(store, trunk_fingerprint=trunk.fingerprint)
 after = model(banking_test, model.tenant_ids(["banking"] * len(banking_test))).log_probs
 assert torch.equal(before[..., :15], after[..., :15]), "woken tenant changed its predictions"
 print("identical predictions after waking")

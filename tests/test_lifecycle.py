@@ -9,15 +9,20 @@ import pytest
 import torch
 
 from moe.data import read_tenant_file
+from moe.inference import GateSettings, load_mixture
 from moe.lifecycle import GrowthConfig, Lifecycle
 from moe.lifecycle.scenario import Event, Scenario, continual_metrics
 from moe.model import best_labels
-from moe.paging import PagedMixture
 from moe.store import ExpertStore
-from moe.trunk import FeatureCache, TinyTrunk
+from moe.trunk import FeatureCache, TinyTrunk, fingerprint_module
 from tests.conftest import ROOT, SYNTHETIC, write_synthetic_tenants, write_tenant_csv
 
-FAST = GrowthConfig(epochs=3, batch_size=32, rank=8, routing_epochs=2, negatives_per_class=5, rehearsal_per_class=10)
+
+def fast_growth(**overrides) -> GrowthConfig:
+    """A fresh, seconds-long growth config for each test (no test sees another's changes)."""
+    settings = dict(rank=8, dropout=0.3, input_scale=8.0, lr=3e-3, weight_decay=1e-4, epochs=3, batch_size=32)
+    settings |= dict(routing_epochs=2, negatives_per_class=5, rehearsal_per_class=10)
+    return GrowthConfig(**settings | overrides)
 
 
 def digests(folder):
@@ -31,7 +36,9 @@ def digests(folder):
 @pytest.fixture
 def lifecycle(tmp_path):
     trunk = TinyTrunk(dim=16, freeze=True)
-    return Lifecycle(ExpertStore(tmp_path / "store"), trunk, FeatureCache(tmp_path / "cache", trunk).encode, FAST)
+    return Lifecycle(
+        ExpertStore(tmp_path / "store"), trunk, FeatureCache(tmp_path / "cache", trunk).encode, fast_growth()
+    )
 
 
 @pytest.fixture
@@ -41,23 +48,26 @@ def tenants(tmp_path):
 
 
 def tenant_given(lifecycle, name, tenant):
-    model, _ = PagedMixture.from_store(lifecycle.store, lifecycle.trunk.fingerprint, routing="stats")
+    model = load_mixture(
+        lifecycle.store, trunk_fingerprint=lifecycle.trunk.fingerprint, gate=GateSettings(rows="statistics")
+    )
     features = lifecycle.encode([e.text for e in tenant.split("test")])
     output = model(features, torch.full((len(features),), model.tenant_index(name)))
     own = len(tenant.labels)  # the padded width grows with other experts' label counts: compare its own columns
     return [model.labels[i] for i in best_labels(output)[0].tolist()], output.log_probs[:, 0, :own]
 
 
-@pytest.mark.parametrize("routing", ["stats", "learned"])
+@pytest.mark.parametrize("routing", ["statistics", "trained"])
 def test_grow_leaves_every_other_shard_and_the_trunk_byte_identical(lifecycle, tenants, routing):
-    lifecycle.cfg.routing = routing
+    lifecycle.cfg = fast_growth(routing=routing)
     lifecycle.grow(tenants["weather"])
     lifecycle.grow(tenants["music"])
-    before, trunk_before = digests(lifecycle.store.root), lifecycle.trunk.fingerprint
+    trunk = lifecycle.trunk  # hashed afresh (its `fingerprint` is cached once frozen)
+    before, trunk_before = digests(lifecycle.store.root), fingerprint_module(trunk, trunk.config())
     lifecycle.grow(tenants["bank"])
     after = digests(lifecycle.store.root)
     assert {k: v for k, v in after.items() if k.parts[0] != "bank"} == before
-    assert lifecycle.trunk.fingerprint == trunk_before
+    assert fingerprint_module(trunk, trunk.config()) == trunk_before
     assert lifecycle.store.tenants() == ["bank", "music", "weather"]
     with pytest.raises(ValueError, match="already has an expert"):
         lifecycle.grow(tenants["bank"])

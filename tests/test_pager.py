@@ -15,9 +15,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from moe.inference import ExpertPager, GateSettings, load_mixture, predict
 from moe.model import UNKNOWN_TENANT, ExpertInfo, build_mixture
 from moe.model.stats import class_statistics
-from moe.paging import ExpertPager, PagedMixture
 from moe.store import ExpertStore, expert_shards
 
 FP = "c" * 64
@@ -56,7 +56,7 @@ def world(tmp_path_factory):
 
 
 def expert_sizes(store: ExpertStore) -> dict[tuple[str, int], int]:
-    paged, _ = PagedMixture.from_store(store, FP, device_budget=1 << 30)
+    paged = load_mixture(store, trunk_fingerprint=FP, budget_bytes=1 << 30)
     return dict(paged.pager.sizes)
 
 
@@ -78,8 +78,9 @@ def assert_same_output(a, b) -> None:
 def test_a_tiny_budget_gives_bit_identical_outputs(world):
     store, _, batches = world
     budget = two_expert_budget(store)
-    tiny, failed = PagedMixture.from_store(store, FP, device_budget=budget)
-    roomy, _ = PagedMixture.from_store(store, FP, device_budget=1 << 30)
+    tiny = load_mixture(store, trunk_fingerprint=FP, budget_bytes=budget, skip_failed=True)
+    failed = tiny.left_out
+    roomy = load_mixture(store, trunk_fingerprint=FP, budget_bytes=1 << 30)
     assert failed == {} and len(tiny.keys) == len(NAMES)
     for _ in range(2):  # a second pass runs over whatever the first left resident
         for x, tenant in batches:
@@ -101,7 +102,7 @@ def test_no_wave_keeps_weights_alive_past_the_budget(world):
     """Evicted weights are freed before the next page-in: live expert memory never exceeds the budget."""
     store, _, batches = world
     budget = two_expert_budget(store)
-    paged, _ = PagedMixture.from_store(store, FP, device_budget=budget)
+    paged = load_mixture(store, trunk_fingerprint=FP, budget_bytes=budget)
     alive: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # key -> one of its tensors, while alive
     read, over = paged.pager.load, []
 
@@ -122,7 +123,7 @@ def test_no_wave_keeps_weights_alive_past_the_budget(world):
 
 def test_paged_predictions_agree_with_the_in_memory_mixture(world):
     store, model, batches = world
-    paged, _ = PagedMixture.from_store(store, FP, device_budget=two_expert_budget(store))
+    paged = load_mixture(store, trunk_fingerprint=FP, budget_bytes=two_expert_budget(store))
     assert paged.tenants == model.tenants and paged.labels == model.labels
     for x, tenant in batches:
         for given in (None, tenant):
@@ -131,7 +132,7 @@ def test_paged_predictions_agree_with_the_in_memory_mixture(world):
             assert torch.equal(ours.experts, theirs.experts)
             torch.testing.assert_close(ours.weights, theirs.weights, atol=1e-6, rtol=0)
             torch.testing.assert_close(ours.log_probs, theirs.log_probs, atol=1e-4, rtol=0)
-            predicted, expected = paged.predict(x, given), model.predict(x, given)
+            predicted, expected = predict(paged, x, given), predict(model, x, given)
             assert [(p.tenant, p.intent, p.experts) for p in predicted] == [
                 (p.tenant, p.intent, p.experts) for p in expected
             ]
@@ -139,11 +140,11 @@ def test_paged_predictions_agree_with_the_in_memory_mixture(world):
     # tenant given: the answer is always that tenant's
     x, tenant = batches[3]
     names = [None if t < 0 else paged.tenants[t] for t in tenant.tolist()]
-    for name, prediction in zip(names, paged.predict(x, paged.tenant_ids(names)), strict=True):
+    for name, prediction in zip(names, predict(paged, x, paged.tenant_ids(names)), strict=True):
         assert name is None or prediction.tenant == name
 
 
-@pytest.mark.parametrize("routing", ["rows", "stats"])
+@pytest.mark.parametrize("routing", ["trained", "statistics"])
 def test_a_float16_store_keeps_its_gate_in_float16_and_scores_it_exactly(world, tmp_path, routing):
     from moe.export.precision import convert_shard
 
@@ -152,7 +153,8 @@ def test_a_float16_store_keeps_its_gate_in_float16_and_scores_it_exactly(world, 
     for tenant in store.tenants():
         version = store.latest(tenant)
         convert_shard(store.path(tenant, version), half.path(tenant, version), "float16")
-    paged, failed = PagedMixture.from_store(half, FP, routing=routing)
+    paged = load_mixture(half, trunk_fingerprint=FP, gate=GateSettings(rows=routing), skip_failed=True)
+    failed = paged.left_out
     assert failed == {} and paged.router.weight.dtype == torch.float16  # half the resident routing memory
     widened = paged.router.subset(list(range(len(NAMES))))  # the same rows, held in float32
     with torch.no_grad():
@@ -344,8 +346,10 @@ def test_concurrent_predictions_while_experts_are_evicted_and_prefetched(world, 
     store, _, _ = world
     sizes = expert_sizes(store)
     budget = two_expert_budget(store) + min(sizes.values())  # two or three experts
-    paged, _ = PagedMixture.from_store(store, FP, device_budget=budget, host_budget=host_experts * max(sizes.values()))
-    reference, _ = PagedMixture.from_store(store, FP, device_budget=1 << 30)
+    paged = load_mixture(
+        store, trunk_fingerprint=FP, budget_bytes=budget, host_budget_bytes=host_experts * max(sizes.values())
+    )
+    reference = load_mixture(store, trunk_fingerprint=FP, budget_bytes=1 << 30)
     pager = paged.pager
 
     # Every wave in use, across threads: a pinned expert must stay resident (the pager's copy, not another)
@@ -421,19 +425,20 @@ def test_the_statistics_gate_leaves_out_an_expert_without_statistics(world, tmp_
             tensors |= {"stats.count": torch.zeros_like(tensors["stats.count"])}
             tensors |= {"stats.mean": torch.zeros_like(tensors["stats.mean"])}
         mixed.save(tensors, meta)
-    paged, failed = PagedMixture.from_store(mixed, FP, routing="stats")
+    paged = load_mixture(mixed, trunk_fingerprint=FP, gate=GateSettings(rows="statistics"), skip_failed=True)
+    failed = paged.left_out
     assert sorted(failed) == widest and all("holds no feature statistics" in str(e) for e in failed.values())
     assert len(paged.keys) == len(NAMES) - len(widest)
     assert paged.router.weight.shape[1] == max(c for c in LABELS if c != max(LABELS))  # the gate narrowed
     with torch.no_grad():
         assert paged(torch.randn(8, DIM)).experts.shape == (8, 2)
-    every, _ = PagedMixture.from_store(mixed, FP)  # its stored gate rows still serve
+    every = load_mixture(mixed, trunk_fingerprint=FP)  # its stored gate rows still serve
     assert len(every.keys) == len(NAMES)
 
 
 def test_a_shard_reverified_after_a_change_holds_only_its_weights(world):
     store, _, _ = world
-    paged, _ = PagedMixture.from_store(store, FP)
+    paged = load_mixture(store, trunk_fingerprint=FP)
     key = paged.keys[-1]
     path = store.path(*key)
     stat = path.stat()

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from moe.paths import file_sha256
 from moe.serving import BundleError, Server, read_bundle
-from moe.serving.bundle import file_sha256
 from tests.tiny_run import THRESHOLD, run_python, tiny_run
 
 ANSWER = ("tenant", "intent", "score", "out_of_scope", "experts")
@@ -58,11 +58,12 @@ def test_a_fresh_process_serves_what_evaluation_predicted_without_lightning_hydr
 
 def test_the_manifest_describes_and_checksums_everything(run):
     manifest = read_bundle(run.bundle).manifest
-    assert manifest["format"] == "moe.bundle/1" and manifest["package_version"] and manifest["dtype"] == "float32"
+    assert manifest["format"] == "moe.bundle/2" and manifest["package_version"] and manifest["dtype"] == "float32"
     trunk = manifest["trunk"]
     assert trunk["kind"] == "tiny" and trunk["source"] == "reference" and trunk["config"]["dim"] == 32
     assert len(trunk["fingerprint"]) == 64 and trunk["init"] == {"dim": 32, "buckets": 4096, "seed": 0}
     assert manifest["gate"]["top_k"] == 2 and manifest["gate"]["oos"]["threshold"] == THRESHOLD
+    assert manifest["gate"]["rows"] == "trained" and manifest["gate"]["shrinkage"] == 0.02
     assert [e["tenant"] for e in manifest["experts"]] == ["bank", "music", "weather"]
     for entry in manifest["experts"]:
         assert entry["sha256"] == file_sha256(run.bundle / entry["file"]) == manifest["files"][entry["file"]]

@@ -24,8 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from moe.model import UNKNOWN_TENANT, ExpertInfo, MixtureOfExperts, build_mixture
-from moe.paging import PagedMixture
+from moe.inference import load_mixture, predict
+from moe.model import UNKNOWN_TENANT, ExpertInfo, build_mixture
 from moe.store import ExpertMeta, ExpertStore, ShardError, expert_shards, read_meta, read_shard, read_tensors
 from moe.store.shard import metadata_sha256, tensors_sha256
 
@@ -576,7 +576,7 @@ def test_nothing_on_the_load_path_unpickles(saved, monkeypatch):
     store.rollback("alpha", 1)  # every tenant's latest is what `model` holds
     x = torch.randn(24, 16)
     tenant = torch.tensor([UNKNOWN_TENANT, 0, 1, 2, 3, UNKNOWN_TENANT] * 4)
-    expected = model.predict(x), model.predict(x, tenant)
+    expected = predict(model, x), predict(model, x, tenant)
 
     def refuse(*args, **kwargs):
         raise AssertionError("something unpickled on the load path")
@@ -593,10 +593,10 @@ def test_nothing_on_the_load_path_unpickles(saved, monkeypatch):
     loaded, failed = store.load_latest(trunk_fingerprint=FP)
     assert len(loaded) == 4 and failed == {}
 
-    paged, failed = PagedMixture.from_store(store, FP, device_budget=1 << 20)
-    assert failed == {} and isinstance(model, MixtureOfExperts)
-    assert [p[:2] for p in paged.predict(x)] == [p[:2] for p in expected[0]]
-    assert [p[:2] for p in paged.predict(x, tenant)] == [p[:2] for p in expected[1]]
+    paged = load_mixture(store, trunk_fingerprint=FP, budget_bytes=1 << 20)
+    assert len(paged.keys) == 4
+    assert [(p.tenant, p.intent) for p in predict(paged, x)] == [(p.tenant, p.intent) for p in expected[0]]
+    assert [(p.tenant, p.intent) for p in predict(paged, x, tenant)] == [(p.tenant, p.intent) for p in expected[1]]
 
     # a pickle in place of a shard is refused without being unpickled (torch.save pickles; it does not load)
     torch.save(shards["alpha"][0], store.path("alpha", 9))

@@ -6,7 +6,6 @@ downloaded once into the user cache and their sha256 checked.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import urllib.request
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe.data.tenant import SPLITS, Example, Tenant, TenantDataError
-from moe.paths import cache_dir, data_dir
+from moe.paths import cache_dir, data_dir, file_sha256
 
 _COMMIT = "828f8093932c8fe6ca7936c3d2e52903b1c523de"
 _URL = f"https://raw.githubusercontent.com/clinc/oos-eval/{_COMMIT}/data/{{name}}"
@@ -36,21 +35,13 @@ class Clinc150:
         raise KeyError(f"unknown CLINC150 domain {name!r}; known: {[t.name for t in self.tenants]}")
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download(name: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / name
     tmp = target.with_suffix(f".part{os.getpid()}")
     with urllib.request.urlopen(_URL.format(name=name), timeout=60) as response, tmp.open("wb") as out:
         out.write(response.read())
-    if (actual := sha256_of(tmp)) != SHA256[name]:
+    if (actual := file_sha256(tmp)) != SHA256[name]:
         tmp.unlink()
         raise TenantDataError(_URL.format(name=name), f"sha256 {actual} does not match the pinned {SHA256[name]}")
     os.replace(tmp, target)
@@ -69,7 +60,9 @@ def clinc150_files(folder: str | Path | None = None) -> dict[str, Path]:
         return files
     cached = cache_dir() / "data" / "clinc150"
     return {
-        name: path if (path := cached / name).is_file() and sha256_of(path) == SHA256[name] else _download(name, cached)
+        name: path
+        if (path := cached / name).is_file() and file_sha256(path) == SHA256[name]
+        else _download(name, cached)
         for name in SHA256
     }
 

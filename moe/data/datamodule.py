@@ -85,7 +85,5 @@ class TenantDataModule(L.LightningDataModule):
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
+        """For watching training (`fit/val_*`); a run's reported figures come from `moe.evaluation`."""
         return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

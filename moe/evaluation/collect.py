@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from moe.data import TenantDataError
 from moe.evaluation.sources import Query
+from moe.inference import OOS_SCORES, Decoded, decode, oos_score
 from moe.model import UNKNOWN_TENANT, Mixture
-from moe.serving.answers import OOS_SCORES, Decoded, decode, oos_score
 
 Encoder = Callable[[list[str]], torch.Tensor]
 Sink = Callable[[list[Query], Decoded, dict[str, torch.Tensor]], None]
@@ -73,6 +73,7 @@ def collect(
     desc: str = "evaluating",
     total: int | None = None,
     sink: Sink | None = None,
+    progress: bool = True,
 ) -> Outcome:
     """Encode each batch, run it routed and with its tenant given, and keep what the metrics need.
     `total` (queries) sizes the progress bar; `sink` sees each batch's routed results (e.g. to write them)."""
@@ -81,7 +82,7 @@ def collect(
     scores: dict[str, list[torch.Tensor]] = {kind: [] for kind in OOS_SCORES}
     model_s = encode_s = 0.0
     targets = Targets(model)
-    with tqdm(total=total, desc=desc, unit="query") as bar:
+    with tqdm(total=total, desc=desc, unit="query", disable=not progress) as bar:
         for batch in batches:
             tenant, label = targets(batch)
             start = time.perf_counter()

@@ -18,9 +18,8 @@ from moe.evaluation.collect import Encoder, Outcome, Sink, collect
 from moe.evaluation.metrics import accuracy, confusion_matrix, macro_f1, per_class_f1
 from moe.evaluation.oos import CRITERIA, rejection, select_threshold
 from moe.evaluation.sources import SplitSource, tenant_sources
+from moe.inference import OOS_SCORES, GateSettings, load_mixture, read_gate_settings
 from moe.model import Mixture
-from moe.serving.answers import OOS_SCORES
-from moe.serving.loading import GateSettings, load_mixture, read_gate_settings
 
 
 @dataclass

@@ -13,8 +13,8 @@ from moe.evaluation.collect import Sink
 from moe.evaluation.evaluate import Evaluation
 from moe.evaluation.plots import reliability_plot, routing_confusion_plot
 from moe.evaluation.sources import Query
+from moe.inference import Decoded, answers
 from moe.model import Mixture
-from moe.serving.answers import Decoded, answers
 
 
 def _finite(value):

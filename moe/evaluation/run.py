@@ -8,20 +8,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from moe.config import instantiate_group
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture
 from moe.evaluation.inputs import feature_encoder, open_trained_store, sources_from_config
 from moe.evaluation.report import PredictionWriter, write_report
-from moe.serving import Server
-from moe.serving.loading import load_mixture
+from moe.inference import load_mixture, open_bundle
 
 log = logging.getLogger(__name__)
-
-
-def _loggers(group: DictConfig | None) -> list[Any]:
-    return [instantiate(node) for node in (group or {}).values() if node is not None and "_target_" in node]
 
 
 def log_evaluation(loggers: list[Any], cfg: DictConfig, evaluation: Evaluation, files: dict[str, Path]) -> None:
@@ -46,16 +41,16 @@ def log_evaluation(loggers: list[Any], cfg: DictConfig, evaluation: Evaluation, 
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float | str]:
-    """A store (`store_dir`, trained with the run's trunk and gate settings) or a bundle (`bundle_dir`, loaded and
-    checked by the serving runtime), on the configured data's splits."""
+    """A store (`store_dir`, trained with the run's trunk and gate settings) or a bundle (`bundle_dir`, checked and
+    loaded as serving loads it), on the configured data's splits."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     budget = int(float(cfg.budget_mb) * 2**20)
     if cfg.get("bundle_dir"):
-        server = Server(cfg.bundle_dir, budget_bytes=budget, device=cfg.device)
-        model, trunk, score = server.model, server.trunk, server.oos_kind  # as served: the bundle's score and
-        threshold = server.threshold if cfg.oos.threshold is None else cfg.oos.threshold  # threshold by default
-        made_with = (server.bundle.manifest.get("evaluation") or {}).get("batch_size")
+        bundle = open_bundle(cfg.bundle_dir, cfg.device, budget)
+        model, trunk, score = bundle.model, bundle.trunk, bundle.oos_score  # as served: the bundle's score and
+        threshold = bundle.threshold if cfg.oos.threshold is None else cfg.oos.threshold  # threshold by default
+        made_with = (bundle.bundle.manifest.get("evaluation") or {}).get("batch_size")
         batch_size = int(cfg.batch_size or made_with or cfg.data.eval_batch_size)
         source = {"bundle_dir": str(cfg.bundle_dir)}
     else:
@@ -86,6 +81,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float | str]:
         writer.finish(evaluation.threshold)
     evaluation.metrics |= {"eval/batch_size": batch_size, "eval/top_k": model.router.top_k}
     files = write_report(evaluation, out)
-    log_evaluation(_loggers(cfg.get("logger")), cfg, evaluation, files)
+    log_evaluation(instantiate_group(cfg.get("logger")), cfg, evaluation, files)
     log.info("evaluated %s: %s", source, json.dumps(evaluation.metrics, sort_keys=True))
     return evaluation.metrics

@@ -104,5 +104,14 @@ def clinc150_sources(
     return tenant_sources(data.tenants, splits, data.out_of_scope)
 
 
-def file_sources(entries: Sequence[TenantFile], splits: Sequence[str]) -> dict[str, SplitSource]:
-    return {split: SplitSource(split, (lambda split=split: file_queries(entries, split),)) for split in splits}
+def file_sources(splits: Sequence[str], entries: Sequence[TenantFile | Mapping]) -> dict[str, SplitSource]:
+    """Tenant files streamed row by row; `entries` may be the `read_tenant_file` nodes of `conf/data/tenant_files.yaml`
+    (their `_target_` aside, the same fields as `TenantFile`)."""
+    files = [entry if isinstance(entry, TenantFile) else tenant_file(entry) for entry in entries]
+    return {split: SplitSource(split, (lambda split=split: file_queries(files, split),)) for split in splits}
+
+
+def tenant_file(entry: Mapping) -> TenantFile:
+    fields = {k: v for k, v in entry.items() if k != "_target_"}
+    files = fields.pop("files")
+    return TenantFile(files=dict(files) if isinstance(files, Mapping) else str(files), **fields)

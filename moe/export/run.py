@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture
 from moe.evaluation.inputs import feature_encoder, open_trained_store, sources_from_config
 from moe.export.writer import write_bundle_manifest, write_files
-from moe.serving.loading import load_mixture
+from moe.inference import load_mixture
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         trunk_entry,
         dtype,
         oos,
-        routing=trained.gate.routing,
-        shrinkage=trained.gate.shrinkage,
+        trained.gate,
         evaluation={
             "batch_size": trained.batch_size,
             "metrics": bundled.metrics if bundled else {},

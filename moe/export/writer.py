@@ -10,16 +10,11 @@ from typing import Any
 
 from moe import __version__
 from moe.export.precision import DTYPES, convert_shard
-from moe.paging import PagedMixture
-from moe.serving.bundle import MANIFEST, file_sha256, write_manifest
-from moe.serving.trunks import copy_weights, describe
+from moe.inference import GateSettings, PagedMixture
+from moe.inference.bundle import MANIFEST, copy_trunk, describe_trunk, write_manifest
+from moe.paths import file_sha256
 from moe.store import ExpertStore, save_gate
 from moe.trunk import Trunk
-
-
-def write_gate(path: Path, model: PagedMixture, trunk_fingerprint: str, architecture: dict[str, Any]) -> Path:
-    """The gate of the bundled experts, in their order (the `save_gate` format)."""
-    return save_gate(path, model, trunk_fingerprint, architecture)
 
 
 def clear_target(out: Path, overwrite: bool) -> None:
@@ -48,7 +43,7 @@ def write_files(
     """Everything but the manifest; returns the files written (relative to `out`) and the trunk's manifest entry."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    trunk_entry = describe(trunk, trunk_mode, trained_trunk)  # refuses a reference to a trained trunk, early
+    trunk_entry = describe_trunk(trunk, trunk_mode, trained_trunk)  # refuses a reference to a trained trunk, early
     out.mkdir(parents=True, exist_ok=True)
     clear_target(out, overwrite)
     store, files = ExpertStore(store_dir), []
@@ -56,9 +51,9 @@ def write_files(
         convert_shard(store.path(tenant, version), out / expert_file(tenant, version), dtype)
         files.append(expert_file(tenant, version))
     architecture = store.meta(*model.keys[0]).architecture | {"dtype": dtype}
-    files.append(write_gate(out / "gate.safetensors", model, trunk.fingerprint, architecture).name)
+    files.append(save_gate(out / "gate.safetensors", model, trunk.fingerprint, architecture).name)
     if trunk_mode == "copy":
-        files += copy_weights(trunk, out)
+        files += copy_trunk(trunk, out)
     return files, trunk_entry
 
 
@@ -69,13 +64,12 @@ def write_bundle_manifest(
     trunk_entry: dict[str, Any],
     dtype: str,
     oos: dict[str, Any],
-    routing: str = "rows",
-    shrinkage: float = 0.05,
+    gate: GateSettings,
     **extra: Any,
 ) -> dict[str, Any]:
-    """The manifest over `files`: versions, trunk, gate settings (top-k, routing, the out-of-scope threshold
-    `oos`), every expert with its file's sha256, the label maps, and `extra` entries (evaluation, precision,
-    config)."""
+    """The manifest over `files`: versions, trunk, gate settings (top-k, where routing rows come from, the
+    out-of-scope rule `oos`), every expert with its file's sha256, the label maps, and `extra` entries (evaluation,
+    precision, config)."""
     manifest = {
         "package_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -83,10 +77,10 @@ def write_bundle_manifest(
         "trunk": trunk_entry,
         "gate": {
             "file": "gate.safetensors",
-            "top_k": model.router.top_k,
-            "normalize_weights": model.router.normalize_weights,
-            "routing": routing,
-            "shrinkage": shrinkage,
+            "top_k": gate.top_k,
+            "normalize_weights": gate.normalize_weights,
+            "rows": gate.rows,
+            "shrinkage": gate.shrinkage,
             "oos": oos,
         },
         "experts": [

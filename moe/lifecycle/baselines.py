@@ -14,27 +14,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from moe.data import Tenant
-from moe.data.datamodule import TenantExamples
+from moe.data.datamodule import TenantExamples, tenant_examples
+from moe.evaluation import accuracy
 from moe.lifecycle.growth import GrowthConfig, _trainer
+from moe.lifecycle.scenario import accuracies, test_outcome
 from moe.model import ExpertInfo, build_mixture
 from moe.training.module import MixtureClassifier
-
-
-def _examples(tenants: list[Tenant], split: str, encode) -> TenantExamples:
-    rows = [(t, tenant.label_index(e.label), e.text) for t, tenant in enumerate(tenants) for e in tenant.split(split)]
-    features = encode([text for _, _, text in rows])
-    return TenantExamples(
-        [text for _, _, text in rows],
-        torch.tensor([t for t, _, _ in rows]),
-        torch.tensor([y for _, y, _ in rows]),
-        features,
-    )
 
 
 def joint_retrain(tenants: list[Tenant], encode, cfg: GrowthConfig, top_k: int = 2) -> dict[str, float]:
     """Train every tenant's expert and the gate together on all their data; test accuracies and seconds."""
     L.seed_everything(cfg.seed, workers=True)
-    train, test = _examples(tenants, "train", encode), _examples(tenants, "test", encode)
+    train = tenant_examples(tenants, "train", encode)
     model = build_mixture(
         [ExpertInfo(t.name, t.labels) for t in tenants],
         train.features.shape[1],
@@ -47,9 +38,8 @@ def joint_retrain(tenants: list[Tenant], encode, cfg: GrowthConfig, top_k: int =
     start = time.perf_counter()
     _trainer(cfg, cfg.epochs).fit(module, DataLoader(train, batch_size=cfg.batch_size, shuffle=True))
     seconds = time.perf_counter() - start
-    model.eval()
-    accuracy = module.accuracies({"features": test.features, "tenant": test.tenant, "label": test.label})
-    return {"seconds": seconds, **{k: float(v) for k, v in accuracy.items()}}
+    routed, given, routing = accuracies(test_outcome(model.eval(), tenants, encode))
+    return {"seconds": seconds, "acc_routed": routed, "acc_tenant_given": given, "routing_acc": routing}
 
 
 class SequentialBaseline:
@@ -72,11 +62,7 @@ class SequentialBaseline:
             input_scale=self.cfg.input_scale,
         )
         if previous is not None:  # carry over what was learned; only the head's new columns are fresh
-            with torch.no_grad():
-                old, bank = previous.bank, self.model.bank
-                bank.down.copy_(old.down), bank.down_bias.copy_(old.down_bias), bank.up.copy_(old.up)
-                bank.head[..., : old.head.shape[-1]] = old.head
-                bank.head_bias[..., : old.head_bias.shape[-1]] = old.head_bias
+            self.model.bank.load_expert(0, previous.bank.expert_tensors(0, previous.bank.head.shape[-1]))
         examples = tenant.split("train")
         features = encode([e.text for e in examples])
         labels = torch.tensor([self.labels.index(f"{tenant.name}/{e.label}") for e in examples])
@@ -95,6 +81,4 @@ class SequentialBaseline:
         logits = self.model.bank(x[None], torch.tensor([0]))[0]
         target = torch.tensor([self.labels.index(f"{tenant}/{label}") for label in labels])
         own = torch.tensor([name.startswith(f"{tenant}/") for name in self.labels])
-        routed = (logits.argmax(-1) == target).float().mean().item() * 100
-        given = (logits.masked_fill(~own, float("-inf")).argmax(-1) == target).float().mean().item() * 100
-        return routed, given
+        return accuracy(logits.argmax(-1), target), accuracy(logits.masked_fill(~own, float("-inf")).argmax(-1), target)

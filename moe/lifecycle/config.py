@@ -16,8 +16,9 @@ from moe.trunk import FeatureCache, Trunk
 
 
 def growth_config(cfg: DictConfig) -> GrowthConfig:
+    """`growth` with the routing group's settings (`routing.rows` says where a new expert's rows come from)."""
     routing = {k: v for k, v in cfg.routing.items() if k in GrowthConfig.__dataclass_fields__}
-    return GrowthConfig(**dict(cfg.growth), **routing, routing=cfg.routing.kind)
+    return GrowthConfig(**cfg.growth, **routing, routing=cfg.routing.rows)
 
 
 def build_lifecycle(cfg: DictConfig) -> Lifecycle:

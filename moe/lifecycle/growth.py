@@ -15,28 +15,33 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from moe.data import Tenant
 from moe.data.datamodule import TenantExamples
-from moe.model import ExpertInfo, build_mixture
-from moe.model.experts import TENSOR_NAMES
-from moe.model.stats import discriminant_rows, pooled_precision
+from moe.model import TENSOR_NAMES, ExpertInfo, RowSource, build_mixture, check_choice
+from moe.model.stats import SHRINKAGE, PooledScatter, discriminant_rows
 from moe.training.module import MixtureClassifier
 
 
 @dataclass
 class GrowthConfig:
-    rank: int = 64
-    dropout: float = 0.3
-    input_scale: float = 8.0
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
+    """How a tenant's expert is trained. The expert and optimiser settings have no defaults here: they come from
+    the run's config (`conf/growth/default.yaml` interpolates `conf/expert/` and `conf/optim/`)."""
+
+    rank: int
+    dropout: float
+    input_scale: float
+    lr: float
+    weight_decay: float
     epochs: int = 45
     batch_size: int = 256
-    routing: str = "stats"  # "stats": discriminants of class means; "learned": rows trained against samples
-    shrinkage: float = 0.02
-    negatives_per_class: int = 50  # learned routing: samples drawn from each other class's statistics
+    routing: RowSource = "statistics"  # the new rows: discriminants of class means, or trained against samples
+    shrinkage: float = SHRINKAGE
+    negatives_per_class: int = 50  # trained rows: samples drawn from each other class's statistics
     routing_epochs: int = 20
     rehearsal_per_class: int = 300  # update: samples drawn from the tenant's own earlier classes
     accelerator: str = "cpu"
     seed: int = 0
+
+    def __post_init__(self):
+        check_choice(self.routing, RowSource, "routing")
 
 
 def _trainer(cfg: GrowthConfig, epochs: int) -> L.Trainer:
@@ -73,14 +78,7 @@ def train_expert(
     info = ExpertInfo(tenant.name, tenant.labels)
     model = build_mixture([info], features.shape[1], rank=cfg.rank, dropout=cfg.dropout, input_scale=cfg.input_scale)
     if initial is not None:
-        with torch.no_grad():
-            bank, known = model.bank, initial["head.bias"].shape[0]
-            bank.down[0], bank.down_bias[0], bank.up[0] = (
-                initial["down.weight"],
-                initial["down.bias"],
-                initial["up.weight"],
-            )
-            bank.head[0, :, :known], bank.head_bias[0, :known] = initial["head.weight"], initial["head.bias"]
+        model.bank.load_expert(0, initial)
     module = MixtureClassifier(
         model, [tenant], lr=cfg.lr, weight_decay=cfg.weight_decay, gate_weight=0.0, z_loss_weight=0.0
     )
@@ -119,18 +117,14 @@ def routing_entry(
     others: list[dict[str, torch.Tensor]],
     cfg: GrowthConfig,
 ) -> dict[str, torch.Tensor]:
-    """The new expert's gate rows. Both kinds start from the class-mean discriminants under the covariance
-    pooled over every expert (the others' stored scatter and the new tenant's); "learned" then trains the
-    rows against the others' rows, which stay exactly as they are."""
-    scatter = stats["stats.scatter"].double() + sum(o["stats.scatter"].double() for o in others)
-    count = stats["stats.count"].sum().item() + sum(o["stats.count"].sum().item() for o in others)
-    classes = stats["stats.count"].numel() + sum(o["stats.count"].numel() for o in others)
-    precision = pooled_precision(scatter, count, classes, cfg.shrinkage)
+    """The new expert's gate rows. Both sources start from the class-mean discriminants under the covariance
+    pooled over every expert (the new tenant's stored scatter and the others'); "trained" then trains the rows
+    against the others' rows, which stay exactly as they are."""
+    dim = stats["stats.scatter"].shape[0]
+    precision = (PooledScatter.of([stats]) + PooledScatter.of(others, dim)).precision(cfg.shrinkage)
     weight, bias = discriminant_rows(stats["stats.mean"], precision, cfg.input_scale)
-    if cfg.routing == "stats" or not others:
+    if cfg.routing == "statistics" or not others:
         return {"gate.weight": weight.contiguous(), "gate.bias": bias.contiguous()}
-    if cfg.routing != "learned":
-        raise ValueError(f"routing must be 'stats' or 'learned', got {cfg.routing!r}")
     generator = torch.Generator().manual_seed(cfg.seed)
     other_means = torch.cat([o["stats.mean"] for o in others])
     sampled, sampled_class = gaussian_samples(other_means, precision, cfg.negatives_per_class, generator)

@@ -52,13 +52,13 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
         if event.tenant not in tenants:
             raise KeyError(f"event {event.op} names unknown tenant {event.tenant!r}; known: {sorted(tenants)}")
 
-    scenario = Scenario(Lifecycle(store, trunk, encode, growth), tenants, top_k=cfg.routing.top_k)
+    scenario = Scenario(Lifecycle(store, trunk, encode, growth), tenants, top_k=cfg.top_k)
     bar = tqdm(total=len(events), desc="events", unit="event")
     scenario.run(events, progress=lambda i, r: (bar.update(), bar.set_postfix_str(f"{r.event.op} {r.event.tenant}")))
     bar.close()
     records, names = scenario.records, list(scenario.known)
     final = records[-1]
-    counts = {name: len(scenario.test_set(name).labels) for name in names}
+    counts = {name: len(scenario.known_tenant(name).split("test")) for name in names}
 
     metrics: dict[str, float] = {
         "final/acc_routed": _micro(final.routed, counts),
@@ -116,7 +116,7 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.baselines.joint:
         final_tenants = [restrict(tenants[name], labels=scenario.known[name]) for name in names]
-        joint = joint_retrain(final_tenants, encode, growth, top_k=cfg.routing.top_k)
+        joint = joint_retrain(final_tenants, encode, growth, top_k=cfg.top_k)
         metrics["time/joint_retrain_s"] = joint["seconds"]
         metrics["grow_speedup_over_joint"] = joint["seconds"] / metrics["time/grow_mean_s"]
         metrics |= {f"baseline/joint/{k}": v for k, v in joint.items() if k != "seconds"}

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import torch
 
 from moe.data import Tenant
+from moe.evaluation import Outcome, accuracy, collect, tenant_sources
+from moe.inference import GateSettings, PagedMixture, load_mixture
 from moe.lifecycle.operations import Lifecycle
 from moe.model import Mixture, best_labels
-from moe.paging import PagedMixture
 
 
 @dataclass
@@ -27,12 +28,6 @@ class Event:
     op: str  # grow | update | hibernate | wake | retire
     tenant: str
     intents: int | None = None  # grow: only the first N intents of the tenant (the rest can come by update)
-
-
-@dataclass
-class TestSet:
-    features: torch.Tensor
-    labels: list[str]
 
 
 @dataclass
@@ -63,20 +58,16 @@ def new_data(tenant: Tenant, known: tuple[str, ...]) -> Tenant:
     return Tenant(tenant.name, fresh, splits, tenant.source)
 
 
-@torch.no_grad()
-def tenant_accuracies(model: Mixture, name: str, test: TestSet, batch_size: int = 1024) -> tuple[float, float, float]:
-    """(routed, tenant given, routing) accuracy in percent on one tenant's test examples."""
-    hits = torch.zeros(3)
-    target = torch.tensor([model.label_id(name, label) for label in test.labels])
-    own = model.tenant_index(name)
-    for start in range(0, len(target), batch_size):
-        x, y = test.features[start : start + batch_size], target[start : start + batch_size]
-        routed = model(x)
-        given = model(x, torch.full((len(x),), own))
-        hits[0] += (best_labels(routed)[0] == y).sum()
-        hits[1] += (best_labels(given)[0] == y).sum()
-        hits[2] += (model.expert_tenant[routed.experts[:, 0]] == own).sum()
-    return tuple((hits * 100 / len(target)).tolist())
+def test_outcome(model: Mixture, tenants: list[Tenant], encode, batch_size: int | None = None) -> Outcome:
+    """The evaluation's per-query outcome on these tenants' test examples (one batch when `batch_size` is None)."""
+    source = tenant_sources(tenants, ["test"])["test"]
+    return collect(model, source.batches(batch_size or source.size), encode, progress=False)
+
+
+def accuracies(outcome: Outcome) -> tuple[float, float, float]:
+    """(routed, tenant given, routing) accuracy in percent."""
+    routed = accuracy(outcome.routed, outcome.label)
+    return routed, accuracy(outcome.given, outcome.label), accuracy(outcome.routed_tenant, outcome.tenant)
 
 
 def continual_metrics(records: list[Record], key: str, last_trained: dict[str, int]) -> dict[str, float]:
@@ -98,8 +89,10 @@ def continual_metrics(records: list[Record], key: str, last_trained: dict[str, i
 class Scenario:
     """Runs `events` through a `Lifecycle`, rebuilding the served mixture from the store after each."""
 
-    def __init__(self, lifecycle: Lifecycle, tenants: dict[str, Tenant], top_k: int = 2, routing: str = "stats"):
-        self.lifecycle, self.tenants, self.top_k, self.routing = lifecycle, tenants, top_k, routing
+    def __init__(self, lifecycle: Lifecycle, tenants: dict[str, Tenant], top_k: int = 2):
+        self.lifecycle, self.tenants = lifecycle, tenants
+        cfg = lifecycle.cfg  # the served mixture routes as the experts grow: trained rows, or the statistics gate
+        self.gate = GateSettings(top_k, rows=cfg.routing, shrinkage=cfg.shrinkage)
         self.known: dict[str, tuple[str, ...]] = {}  # tenant -> labels its expert knows now
         self.records: list[Record] = []
         self.last_trained: dict[str, int] = {}
@@ -107,29 +100,17 @@ class Scenario:
         self.wake_identical: dict[str, bool] = {}
 
     def mixture(self) -> PagedMixture:
-        store = self.lifecycle.store
-        routing = "stats" if self.lifecycle.cfg.routing == "stats" else "rows"
-        model, failed = PagedMixture.from_store(
-            store,
-            self.lifecycle.trunk.fingerprint,
-            top_k=self.top_k,
-            routing=routing,
-            shrinkage=self.lifecycle.cfg.shrinkage,
-        )
-        if failed:
-            raise RuntimeError(f"experts failed to load: {failed}")
-        return model
+        return load_mixture(self.lifecycle.store, gate=self.gate, trunk_fingerprint=self.lifecycle.trunk.fingerprint)
 
-    def test_set(self, name: str) -> TestSet:
-        labels = self.known[name]
-        examples = [e for e in self.tenants[name].split("test") if e.label in labels]
-        return TestSet(self.lifecycle.encode([e.text for e in examples]), [e.label for e in examples])
+    def known_tenant(self, name: str) -> Tenant:
+        """The tenant with the intents its expert knows now, and their examples."""
+        return restrict(self.tenants[name], labels=self.known[name])
 
     @torch.no_grad()
     def given_predictions(self, model: Mixture, name: str) -> tuple[list, torch.Tensor]:
         """The tenant's predictions (by name) and its expert's log-probabilities on its own test set."""
-        test = self.test_set(name)
-        output = model(test.features, torch.full((len(test.labels),), model.tenant_index(name)))
+        features = self.lifecycle.encode([e.text for e in self.known_tenant(name).split("test")])
+        output = model(features, torch.full((len(features),), model.tenant_index(name)))
         own = len(self.known[name])  # the padded width depends on other experts: compare its own columns
         return [model.labels[i] for i in best_labels(output)[0].tolist()], output.log_probs[:, 0, :own]
 
@@ -172,7 +153,8 @@ class Scenario:
                 self.wake_identical[event.tenant] = names == names_before and torch.equal(log_probs, log_probs_before)
             for name in self.known:
                 if name in awake:
-                    routed, given, routing = tenant_accuracies(model, name, self.test_set(name))
+                    outcome = test_outcome(model, [self.known_tenant(name)], self.lifecycle.encode, batch_size=1024)
+                    routed, given, routing = accuracies(outcome)
                 else:
                     routed = given = routing = math.nan  # dormant: not served
                 record.routed[name], record.given[name], record.routing[name] = routed, given, routing

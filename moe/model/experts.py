@@ -1,17 +1,35 @@
-"""Tenant experts, stacked so that same-shape experts run as one batched product.
+"""Tenant experts: one formula, computed for one expert or for a stack of same-shape experts at once.
 
 An expert is a residual bottleneck adapter over trunk features and a head over its tenant's own labels:
     z = x + up(gelu(down(x)));   logits = head(z)
-Experts with fewer labels than the widest are padded; padded outputs are masked to -inf.
+`expert_logits` is that formula; the trainable `ExpertBank` stacks experts so that groups run as one batched
+product, and the paged inference path runs each expert's group through the same function on its shard's tensors.
+Experts with fewer labels than the widest are padded in a bank; padded outputs are masked to -inf.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 TENSOR_NAMES = ("down.weight", "down.bias", "up.weight", "head.weight", "head.bias")
+
+
+def expert_logits(
+    x: torch.Tensor, tensors: dict[str, torch.Tensor], dropout: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """`(..., n, d)` inputs -> `(..., n, c)` logits; the tensors carry the same leading dimensions (none for one
+    expert, `e` for a stack). Weights stored in a lower precision (a float16 or bfloat16 bundle) are computed in
+    `x`'s dtype; in that dtype already, `.to` is a no-op. `dropout` acts on the adapter's hidden units."""
+    # e: experts (optional), n: inputs, d: features, r: adapter rank, c: labels
+    down, down_bias, up, head, head_bias = (tensors[name].to(x.dtype) for name in TENSOR_NAMES)
+    hidden = F.gelu(x @ down + down_bias.unsqueeze(-2))  # (..., n, r)
+    if dropout is not None:
+        hidden = dropout(hidden)
+    return (x + hidden @ up) @ head + head_bias.unsqueeze(-2)  # (..., n, c)
 
 
 class ExpertBank(nn.Module):
@@ -35,49 +53,34 @@ class ExpertBank(nn.Module):
     def num_experts(self) -> int:
         return self.head.shape[0]
 
+    def _parameters_of(self, index) -> dict[str, torch.Tensor]:
+        parts = (self.down, self.down_bias, self.up, self.head, self.head_bias)
+        return {name: p[index] for name, p in zip(TENSOR_NAMES, parts, strict=True)}
+
     def forward(self, x: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
         """Logits `(e, n, c)` for groups `x` of shape `(e, n, d)`: group i runs through expert `experts[i]`
         (all experts in order when None)."""
-        # e: expert groups, n: inputs per group, d: features, r: adapter rank, c: labels (padded)
+        # e: expert groups, n: inputs per group, d: features, c: labels (padded)
         index = slice(None) if experts is None else experts
-        hidden = F.gelu(torch.einsum("e n d, e d r -> e n r", x, self.down[index]) + self.down_bias[index, None])
-        hidden = self.dropout(hidden)
-        z = x + torch.einsum("e n r, e r d -> e n d", hidden, self.up[index])
-        logits = torch.einsum("e n d, e d c -> e n c", z, self.head[index]) + self.head_bias[index, None]
+        logits = expert_logits(x, self._parameters_of(index), self.dropout)
         return logits.masked_fill(~self.label_mask[index, None], float("-inf"))
 
     def expert_tensors(self, expert: int, num_labels: int) -> dict[str, torch.Tensor]:
         """One expert's weights (its own labels only), contiguous and un-aliased for saving."""
-        parts = (
-            self.down[expert],
-            self.down_bias[expert],
-            self.up[expert],
-            self.head[expert, :, :num_labels],
-            self.head_bias[expert, :num_labels],
+        tensors = self._parameters_of(expert)
+        tensors["head.weight"], tensors["head.bias"] = (
+            tensors["head.weight"][:, :num_labels],
+            tensors["head.bias"][:num_labels],
         )
-        return {name: t.detach().clone().contiguous() for name, t in zip(TENSOR_NAMES, parts, strict=True)}
+        return {name: t.detach().clone().contiguous() for name, t in tensors.items()}
 
-    @classmethod
-    def from_tensors(cls, experts: list[dict[str, torch.Tensor]]) -> ExpertBank:
-        dim, rank = experts[0]["down.weight"].shape
-        num_labels = [tensors["head.bias"].shape[0] for tensors in experts]
-        bank = cls(dim, num_labels, rank)
-        with torch.no_grad():
-            for p in bank.parameters():
-                p.zero_()
-            for i, t in enumerate(experts):
-                c = num_labels[i]
-                bank.down[i], bank.down_bias[i], bank.up[i] = t["down.weight"], t["down.bias"], t["up.weight"]
-                bank.head[i, :, :c], bank.head_bias[i, :c] = t["head.weight"], t["head.bias"]
-        return bank
-
-
-def single_expert_logits(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One expert on its own inputs, from its shard tensors: `(n, d)` -> `(n, c)` over its own labels.
-
-    The inference path: its result for an input depends only on that expert and its group, never on which
-    other experts are resident, so paging can not change a prediction. Weights stored in a lower precision
-    (a float16 or bfloat16 bundle) are computed in `x`'s dtype; in that dtype already, `.to` is a no-op."""
-    tensors = {name: t.to(x.dtype) for name, t in tensors.items()}
-    hidden = F.gelu(x @ tensors["down.weight"] + tensors["down.bias"])
-    return (x + hidden @ tensors["up.weight"]) @ tensors["head.weight"] + tensors["head.bias"]
+    @torch.no_grad()
+    def load_expert(self, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Set expert `expert` from shard tensors; a head with fewer labels fills the first columns (the rest stay)."""
+        c = tensors["head.bias"].shape[0]
+        self.down[expert], self.down_bias[expert], self.up[expert] = (
+            tensors["down.weight"],
+            tensors["down.bias"],
+            tensors["up.weight"],
+        )
+        self.head[expert, :, :c], self.head_bias[expert, :c] = tensors["head.weight"], tensors["head.bias"]

@@ -11,7 +11,7 @@ from torch import nn
 
 from moe.model.dispatch import DispatchPlan, combine, dispatch, plan_dispatch
 from moe.model.experts import ExpertBank
-from moe.model.router import RouterOutput, TopKRouter
+from moe.model.router import GateRows, RouterOutput, TopKRouter, check_choice
 
 UNKNOWN_TENANT = -1
 
@@ -35,13 +35,6 @@ class MixtureOutput(NamedTuple):
     def scores(self) -> torch.Tensor:
         """(b, k, c) gate-weighted probabilities of every candidate label."""
         return self.weights[..., None] * self.log_probs.exp()
-
-
-class Prediction(NamedTuple):
-    tenant: str
-    intent: str
-    score: float
-    experts: tuple[str, ...]  # tenants of the experts consulted, best first
 
 
 def union_scores(scores: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
@@ -72,13 +65,12 @@ class Mixture(nn.Module):
     and combines their answers. Subclasses say how the chosen experts are computed."""
 
     def __init__(
-        self, router: TopKRouter, experts: list[ExpertInfo], input_scale: float = 1.0, gate_rows: str = "labels"
+        self, router: TopKRouter, experts: list[ExpertInfo], input_scale: float = 1.0, gate_rows: GateRows = "labels"
     ):
         super().__init__()
         if router.num_experts != len(experts):
             raise ValueError(f"the router scores {router.num_experts} experts, but {len(experts)} are listed")
-        if gate_rows not in ("labels", "one"):
-            raise ValueError(f"gate_rows must be 'labels' (a gate row per label) or 'one', got {gate_rows!r}")
+        check_choice(gate_rows, GateRows, "gate_rows")
         self.router, self.experts = router, list(experts)
         self.input_scale, self.gate_rows = input_scale, gate_rows
         self.tenants = sorted({info.tenant for info in experts})
@@ -122,19 +114,6 @@ class Mixture(nn.Module):
         log_probs = combine(self.expert_logits(x, plan).log_softmax(dim=-1), plan, fill=float("-inf"))
         return MixtureOutput(log_probs, routed.weights, routed.experts, self.label_ids[routed.experts], routed)
 
-    @torch.no_grad()
-    def predict(self, features: torch.Tensor, tenant: torch.Tensor | None = None) -> list[Prediction]:
-        output = self.forward(features, tenant)
-        best_label, best_score = best_labels(output)
-        return [
-            Prediction(
-                *self.labels[label], score, tuple(self.experts[e].tenant for e, w in zip(es, ws, strict=True) if w > 0)
-            )
-            for label, score, es, ws in zip(
-                best_label.tolist(), best_score.tolist(), output.experts.tolist(), output.weights.tolist(), strict=True
-            )
-        ]
-
 
 class MixtureOfExperts(Mixture):
     """The trainable mixture: every expert resident in one stacked bank, groups computed as batched einsums."""
@@ -145,7 +124,7 @@ class MixtureOfExperts(Mixture):
         bank: ExpertBank,
         experts: list[ExpertInfo],
         input_scale: float = 1.0,
-        gate_rows: str = "labels",
+        gate_rows: GateRows = "labels",
     ):
         super().__init__(router, experts, input_scale, gate_rows)
         if bank.num_experts != len(experts) or bank.head.shape[-1] != self.width:
@@ -154,3 +133,20 @@ class MixtureOfExperts(Mixture):
 
     def expert_logits(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         return self.bank(dispatch(x, plan), plan.experts)
+
+
+def build_mixture(
+    experts: list[ExpertInfo],
+    dim: int,
+    gate_rows: GateRows = "labels",
+    top_k: int = 2,
+    normalize_weights: bool = True,
+    rank: int = 64,
+    dropout: float = 0.0,
+    input_scale: float = 8.0,
+) -> MixtureOfExperts:
+    """A fresh trainable mixture over `experts` (a mixture from stored shards comes from `moe.inference`)."""
+    rows = [len(info.labels) if gate_rows == "labels" else 1 for info in experts]
+    router = TopKRouter(dim, rows, top_k=top_k, normalize_weights=normalize_weights)
+    bank = ExpertBank(dim, [len(info.labels) for info in experts], rank=rank, dropout=dropout)
+    return MixtureOfExperts(router, bank, experts, input_scale=input_scale, gate_rows=gate_rows)

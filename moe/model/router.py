@@ -1,17 +1,28 @@
-"""The gate: a learned softmax top-k router over registered experts.
+"""The gate: a softmax top-k router over registered experts, and the one vocabulary that describes it.
 
-Each expert owns `m` prototype rows of the gate (one per label for the `prototype` kind, one in all for the
-Switch-style `linear` kind); an expert's logit is the logsumexp of its rows. The rows of one expert are its
-routing entry: adding an expert appends rows and never touches the others'.
+Each expert owns `m` rows of the gate, its routing entry (`GateRows`): one per label ("labels", the prototype gate)
+or one in all ("one", Switch/GShard-style); an expert's logit is the logsumexp of its rows. Adding an expert
+appends rows and never touches the others'. At inference the rows come from one of two places (`RowSource`): as
+trained and stored in each shard, or derived from each shard's feature statistics (`moe.model.stats`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from einops import rearrange, reduce
 from torch import nn
+
+GateRows = Literal["labels", "one"]  # an expert's routing entry: a row per label, or one row
+RowSource = Literal["trained", "statistics"]  # inference: the rows stored in each shard, or rows from its statistics
+
+
+def check_choice(value: str, kind, name: str) -> str:
+    """`value` if it is one of the `Literal` type `kind`'s values, else a ValueError naming `name` and the choices."""
+    if value not in (choices := get_args(kind)):
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
 
 
 class RouterOutput(NamedTuple):

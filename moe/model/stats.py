@@ -1,12 +1,22 @@
-"""Per-expert feature statistics that travel in its shard: class means, counts and within-class scatter.
+"""Per-expert feature statistics that travel in its shard (class means, counts and within-class scatter), and
+the statistics gate they make: each class's linear discriminant under one covariance pooled over every expert.
 
-They let routing be rebuilt or extended without the data that produced them (a shared covariance is the
-sum of every expert's scatter over the sum of their counts)."""
+They let routing be rebuilt or extended without the data that produced them: the pooled covariance is the sum of
+every expert's scatter over the sum of their counts, so it grows exactly with one more expert. Growth
+(`moe.lifecycle`) and the mixture builder (`moe.inference`) both route through `PooledScatter` and
+`discriminant_rows` here."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import torch
 from einops import einsum
+
+from moe.model.router import TopKRouter
+
+SHRINKAGE = 0.02  # of the pooled covariance towards its mean variance: the statistics gate's one default
 
 
 @torch.no_grad()
@@ -30,7 +40,7 @@ def empty_statistics(dim: int, num_labels: int) -> dict[str, torch.Tensor]:
     }
 
 
-def pooled_precision(scatter: torch.Tensor, count: float, classes: int, shrinkage: float = 0.05) -> torch.Tensor:
+def pooled_precision(scatter: torch.Tensor, count: float, classes: int, shrinkage: float = SHRINKAGE) -> torch.Tensor:
     """Inverse of the shared within-class covariance (summed scatter over count - classes), shrunk towards
     its mean variance so that it stays well conditioned with few examples."""
     covariance = scatter.double() / max(count - classes, 1.0)
@@ -46,6 +56,53 @@ def discriminant_rows(means: torch.Tensor, precision: torch.Tensor, input_scale:
     projected = (means.double() @ precision).float()
     bias = -0.5 * (projected * means).sum(-1)
     return projected / input_scale, bias
+
+
+@dataclass
+class PooledScatter:
+    """Within-class scatter summed over experts, with their example and class counts."""
+
+    scatter: torch.Tensor  # (d, d) float64
+    count: float = 0.0
+    classes: int = 0
+
+    @classmethod
+    def of(cls, experts: Iterable[dict[str, torch.Tensor]], dim: int | None = None) -> PooledScatter:
+        """Pooled over the statistics of `experts` (in order); `dim` is needed when there may be none."""
+        experts = list(experts)
+        dim = dim if dim is not None else experts[0]["stats.scatter"].shape[0]
+        pooled = cls(torch.zeros(dim, dim, dtype=torch.float64))
+        for stats in experts:
+            pooled.add(stats)
+        return pooled
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        self.scatter += stats["stats.scatter"].double()
+        self.count += stats["stats.count"].sum().item()
+        self.classes += stats["stats.count"].numel()
+
+    def __add__(self, other: PooledScatter) -> PooledScatter:
+        return PooledScatter(self.scatter + other.scatter, self.count + other.count, self.classes + other.classes)
+
+    def precision(self, shrinkage: float = SHRINKAGE) -> torch.Tensor:
+        return pooled_precision(self.scatter, self.count, self.classes, shrinkage)
+
+
+@torch.no_grad()
+def fill_statistics_rows(
+    router: TopKRouter, means: torch.Tensor, precision: torch.Tensor, input_scale: float, tenants: list[str]
+) -> None:
+    """Set the router's rows to the discriminants of class means (e, m, d), a chunk of experts at a time. Rows that
+    overflow the gate's dtype are refused, naming their tenants: the pooled covariance is shared, so this is a
+    property of the whole set of experts in that dtype, not of one shard."""
+    for start in range(0, means.shape[0], router.CHUNK):
+        weight, bias = discriminant_rows(means[start : start + router.CHUNK], precision, input_scale)
+        weight = weight.to(router.weight.dtype)
+        if not (finite := torch.isfinite(weight).flatten(1).all(dim=1)).all():
+            names = [tenants[start + i] for i in (~finite).nonzero().flatten().tolist()]
+            raise ValueError(f"statistics-gate rows of {names} overflow {router.weight.dtype}: use float32 shards")
+        router.weight[start : start + router.CHUNK] = weight
+        router.bias[start : start + router.CHUNK] = bias
 
 
 def merge_statistics(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,11 +15,8 @@ from pathlib import Path
 
 import torch
 
+from moe.inference import Answer, Bundle, open_bundle, predict
 from moe.model import UNKNOWN_TENANT
-from moe.serving.answers import Answer, answers, decode, oos_score
-from moe.serving.bundle import Bundle, BundleError, read_bundle
-from moe.serving.loading import GateSettings, load_mixture
-from moe.serving.trunks import build_trunk, encode_texts
 
 Tenants = str | Sequence[str | None] | None
 
@@ -35,30 +32,10 @@ class Server:
         host_budget_bytes: int = 0,
         max_batch: int = 1024,
     ):
-        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
-        manifest, self.max_batch = self.bundle.manifest, max_batch
-        self.trunk = build_trunk(self.bundle, device)
-        gate = manifest["gate"]
-        self.model = load_mixture(
-            self.bundle.path("experts"),
-            self.bundle.tenants,
-            GateSettings(
-                int(gate["top_k"]),
-                bool(gate["normalize_weights"]),
-                gate.get("routing", "rows"),
-                float(gate.get("shrinkage", 0.05)),
-            ),
-            self.trunk.fingerprint,
-            device,
-            budget_bytes,
-            host_budget_bytes,
-        )
-        served = {info.tenant: list(info.labels) for info in self.model.experts}
-        if served != {t: list(labels) for t, labels in manifest["label_maps"].items()}:
-            raise BundleError(self.bundle.path("manifest.json"), "label maps differ from the bundled experts' labels")
-        oos = gate.get("oos") or {}
-        self.oos_kind: str = oos.get("score", "max_score")
-        self.threshold: float | None = oos.get("threshold")
+        self.max_batch = max_batch
+        opened = open_bundle(bundle, device, budget_bytes, host_budget_bytes)
+        self.bundle, self.trunk, self.model = opened.bundle, opened.trunk, opened.model
+        self.oos_kind, self.threshold = opened.oos_score, opened.threshold
         self._trunk_lock = threading.Lock()
 
     @property
@@ -67,7 +44,7 @@ class Server:
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         with self._trunk_lock:
-            return encode_texts(self.trunk, texts)
+            return self.trunk.encode(texts)
 
     def _tenant_list(self, tenant: Tenants, n: int) -> list[str | None]:
         if tenant is None or isinstance(tenant, str):
@@ -85,11 +62,8 @@ class Server:
         result: list[Answer] = []
         for start in range(0, features.shape[0], self.max_batch):
             x, t = features[start : start + self.max_batch].to(device), ids[start : start + self.max_batch]
-            output = self.model(x, t.to(device) if (t != UNKNOWN_TENANT).any() else None)
-            decoded = decode(self.model, output)
-            result += answers(
-                self.model, decoded, oos_score(output, decoded.score, self.oos_kind).cpu(), self.threshold
-            )
+            given = t.to(device) if (t != UNKNOWN_TENANT).any() else None
+            result += predict(self.model, x, given, self.oos_kind, self.threshold)
         return result
 
     def predict(self, texts: Sequence[str], tenant: Tenants = None) -> list[Answer]:

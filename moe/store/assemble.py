@@ -1,4 +1,5 @@
-"""Between a live mixture and its shards: cut a mixture into per-expert shards, and rebuild one from them."""
+"""From a trained mixture to its shards: one per expert, and the whole gate in one file (`moe.inference` builds a
+mixture back from shards)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moe.model import ExpertBank, ExpertInfo, Mixture, MixtureOfExperts, TopKRouter
+from moe.model import Mixture, MixtureOfExperts
 from moe.model.stats import empty_statistics
 from moe.store.shard import ExpertMeta
 
@@ -43,21 +44,6 @@ def expert_shards(
             info.tenant, info.labels, trunk_fingerprint, arch, metrics=(metrics or {}).get(info.tenant, {})
         )
         yield tensors, meta
-
-
-def mixture_from_shards(shards: list[Shard], top_k: int = 2, normalize_weights: bool = True) -> MixtureOfExperts:
-    """Rebuild a mixture from checked shards (all must share one trunk and one architecture)."""
-    if not shards:
-        raise ValueError("no experts to assemble")
-    fingerprints = {meta.trunk_fingerprint for _, meta in shards}
-    archs = {json.dumps(meta.architecture, sort_keys=True) for _, meta in shards}
-    if len(fingerprints) > 1 or len(archs) > 1:
-        raise ValueError(f"experts disagree on trunk {sorted(fingerprints)} or architecture {sorted(archs)}")
-    arch = shards[0][1].architecture
-    router = TopKRouter.from_entries([t for t, _ in shards], top_k=top_k, normalize_weights=normalize_weights)
-    bank = ExpertBank.from_tensors([t for t, _ in shards])
-    infos = [ExpertInfo(meta.tenant, meta.labels) for _, meta in shards]
-    return MixtureOfExperts(router, bank, infos, input_scale=arch["input_scale"], gate_rows=arch["gate_rows"])
 
 
 def save_gate(path: str | Path, model: Mixture, trunk_fingerprint: str, arch: dict | None = None) -> Path:

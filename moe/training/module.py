@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from moe.data.tenant import Tenant
+from moe.evaluation.metrics import accuracy
 from moe.model import MixtureOfExperts, best_labels, mixture_nll
 from moe.trunk import Trunk
 
@@ -20,7 +21,8 @@ class MixtureClassifier(L.LightningModule):
     + `routed_weight` * routed mixture NLL (top-k as the gate chooses; trains an unsupervised gate)
     + `load_balance_weight` * load balance + `z_loss_weight` * router z-loss.
 
-    `tenants` are the data module's, in its order: batches index them, and their labels, locally.
+    `tenants` are the data module's, in its order: batches index them, and their labels, locally. The validation
+    loop only watches training (`fit/val_*`): a run's figures come from `moe.evaluation`, on the shards it writes.
     """
 
     def __init__(
@@ -84,31 +86,18 @@ class MixtureClassifier(L.LightningModule):
         return loss
 
     @torch.no_grad()
-    def accuracies(self, batch: dict) -> dict[str, torch.Tensor]:
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Watching training: `fit/val_*`, the in-memory mixture's accuracies on the validation split (synced across
+        ranks). They are not the run's figures: those come from its evaluation, on the shards it writes."""
         x, t, y = self.features(batch), batch["tenant"], batch["label"]
         target, tenant = self.target_table[t, y], self.tenant_table[t]
-        routed = self.model(x)
-        given = self.model(x, tenant)
-        return {
-            "acc_routed": (best_labels(routed)[0] == target).float().mean() * 100,
-            "acc_tenant_given": (best_labels(given)[0] == target).float().mean() * 100,
-            "routing_acc": (self.model.expert_tenant[routed.experts[:, 0]] == tenant).float().mean() * 100,
+        routed, given = self.model(x), self.model(x, tenant)
+        metrics = {
+            "acc_routed": accuracy(best_labels(routed)[0], target),
+            "acc_tenant_given": accuracy(best_labels(given)[0], target),
+            "routing_acc": accuracy(self.model.expert_tenant[routed.experts[:, 0]], tenant),
         }
-
-    def _log_eval(self, stage: str, batch: dict) -> None:
-        metrics = self.accuracies(batch)
-        self.log_dict(
-            {f"{stage}/{k}": v for k, v in metrics.items()},
-            prog_bar=stage == "val",
-            batch_size=len(batch["tenant"]),
-            sync_dist=True,  # under DDP: the mean over every rank's share of the split, not rank 0's alone
-        )
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._log_eval("val", batch)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._log_eval("test", batch)
+        self.log_dict({f"fit/val_{k}": v for k, v in metrics.items()}, prog_bar=True, batch_size=len(t), sync_dist=True)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

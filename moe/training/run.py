@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
@@ -15,22 +16,18 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from moe.config import instantiate_group
 from moe.data import Tenant, TenantDataModule
-from moe.evaluation import evaluate_store
+from moe.evaluation import Evaluation, evaluate_store
 from moe.model import ExpertInfo, build_mixture
 from moe.model.stats import class_statistics
 from moe.paths import cache_dir
-from moe.serving.trunks import encode_texts
 from moe.store import ExpertStore, expert_shards, save_gate
 from moe.training.module import MixtureClassifier
 from moe.trunk import FeatureCache, Trunk
 
 log = logging.getLogger(__name__)
-
-
-def _instantiate_group(group: DictConfig | None) -> list[Any]:
-    """A config group of named components (loggers, callbacks): instantiate each; None gives none."""
-    return [instantiate(node) for node in (group or {}).values() if node is not None and "_target_" in node]
+TENANT_METRICS = ("queries", "acc_routed", "acc_tenant_given", "routing_acc", "macro_f1")  # recorded in its shard
 
 
 def build_data(cfg: DictConfig, trunk: Trunk) -> TenantDataModule:
@@ -77,8 +74,17 @@ def training_statistics(data: TenantDataModule, trunk: Trunk) -> dict[str, dict[
     }
 
 
+def tenant_metrics(evaluation: Evaluation) -> dict[str, dict]:
+    """Each tenant's own figures, split by split ({"test/acc_routed": ...}), as its shard records them."""
+    own: dict[str, dict] = {}
+    for row in evaluation.per_tenant:
+        own.setdefault(row["tenant"], {}).update({f"{row['split']}/{k}": row[k] for k in TENANT_METRICS})
+    return own
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train gate and experts, test them, and write config, shards, gate and metrics under `paths.output_dir`."""
+    """Train gate and experts, evaluate them as `scripts/evaluate.py` would, and write config, shards (each with its
+    tenant's own figures), gate and metrics under `paths.output_dir`."""
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,9 +94,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     data.setup()
     classifier = build_classifier(cfg, data.tenants, trunk)
 
-    loggers: list[Logger] = _instantiate_group(cfg.get("logger"))
+    loggers: list[Logger] = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=_instantiate_group(cfg.get("callbacks"))
+        cfg.trainer, logger=loggers or False, callbacks=instantiate_group(cfg.get("callbacks"))
     )
     if trainer.is_global_zero:
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
@@ -100,32 +106,38 @@ def train(cfg: DictConfig) -> dict[str, float]:
     start = time.perf_counter()
     trainer.fit(classifier, datamodule=data)
     train_s = time.perf_counter() - start
-    val = trainer.validate(classifier, datamodule=data, verbose=False)[0]
-    test = trainer.test(classifier, datamodule=data, verbose=False)[0]
 
-    metrics = {**val, **test, "time/encode_s": data.encode_seconds, "time/train_s": train_s}
+    # The run's one evaluation: its shards, paged, on its in-memory splits, as scripts/evaluate.py computes it.
+    # Every rank evaluates its own copy (under DDP the experts are the same on all), so every rank returns the
+    # same figures; rank 0 then writes the shards, each with its own tenant's figures, to the store.
+    fingerprint, stats = trunk.fingerprint, training_statistics(data, trunk)
+    shards = list(expert_shards(classifier.model, fingerprint, stats))
+    encoder = data.encoder or trunk.eval().encode
+    splits = [split for split in ("val", "test") if len(data.datasets[split])]
+    with tempfile.TemporaryDirectory(prefix="moe-staging-") as staging:
+        staged = ExpertStore(staging)
+        for tensors, meta in shards:
+            staged.save(tensors, meta)
+        gate_file = save_gate(Path(staging) / "gate.safetensors", classifier.model, fingerprint)
+        evaluation = evaluate_store(
+            staged.root, data.tenants, splits, encoder, cfg.data.eval_batch_size, gate_file, fingerprint
+        )
+
+    metrics = {**evaluation.metrics, "time/encode_s": data.encode_seconds, "time/train_s": train_s}
     metrics |= {"data/tenants": len(data.tenants), "data/train_examples": len(data.datasets["train"])}
     if trainer.is_global_zero:
-        fingerprint = trunk.fingerprint
-        store = ExpertStore(cfg.paths.experts_dir)
-        run_metrics = {t.name: test for t in data.tenants}  # recorded in each shard's metadata
-        for tensors, meta in expert_shards(
-            classifier.model, fingerprint, training_statistics(data, trunk), run_metrics
-        ):
+        store, own = ExpertStore(cfg.paths.experts_dir), tenant_metrics(evaluation)
+        for tensors, meta in shards:
+            examples = int(stats[meta.tenant]["stats.count"].sum())
+            meta = replace(meta, metrics=own.get(meta.tenant, {}) | {"train_examples": examples})
             path = store.save(tensors, meta)
-            log.info("saved expert %s v%d to %s", meta.tenant, meta.version, path)
+            log.info("saved expert %s to %s", meta.tenant, path)
         save_gate(out / "gate.safetensors", classifier.model, fingerprint)
         if not trunk.frozen:  # the trunk trained with the experts: keep the weights their shards were made on
             save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, out / "trunk.safetensors")
-        # val/* and test/* as scripts/evaluate.py computes them: the shards just written, paged, same batches
-        encoder = data.encoder or (lambda texts: encode_texts(trunk.eval(), texts))
-        splits = [split for split in ("val", "test") if len(data.datasets[split])]
-        metrics |= evaluate_store(
-            store.root, data.tenants, splits, encoder, cfg.data.eval_batch_size, out / "gate.safetensors", fingerprint
-        ).metrics
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     for logger in loggers:
-        logger.log_metrics({k: v for k, v in metrics.items() if k.startswith(("time/", "data/"))})
+        logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
     log.info("metrics: %s", json.dumps(metrics, sort_keys=True))

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from moe.trunk.base import Trunk
 
@@ -54,21 +53,15 @@ class FeatureCache:
         return len(self.index)
 
     @torch.no_grad()
-    def encode(self, texts: list[str], desc: str = "encoding") -> torch.Tensor:
+    def encode(self, texts: list[str]) -> torch.Tensor:
         """Features `(len(texts), dim)` for `texts`, encoding and storing only those not cached yet."""
         keys = [text_key(text) for text in texts]
         missing = {key: text for key, text in zip(keys, texts, strict=True) if key not in self.index}
-        # Length-sorted batches waste little on padding (about 1.7x faster on short queries).
-        missing = sorted(missing.items(), key=lambda item: len(item[1]))
         if missing:
-            rows = []
-            for start in tqdm(range(0, len(missing), self.batch_size), desc=desc, unit="batch"):
-                batch = [text for _, text in missing[start : start + self.batch_size]]
-                rows.append(self.trunk(batch).float().cpu())
-            features = torch.cat(rows)
-            new_keys = torch.tensor([list(key) for key, _ in missing], dtype=torch.uint8)
+            features = self.trunk.encode(list(missing.values()), self.batch_size, progress=True).cpu()
+            new_keys = torch.tensor([list(key) for key in missing], dtype=torch.uint8)
             self._write_chunk(new_keys, features)
-            for (key, _), row in zip(missing, features, strict=True):
+            for key, row in zip(missing, features, strict=True):
                 self.index[key] = row
         if not texts:
             return torch.empty(0, self.trunk.dim)

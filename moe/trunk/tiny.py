@@ -18,6 +18,8 @@ _WORD = re.compile(r"[a-z0-9']+")
 class TinyTrunk(Trunk):
     """Words hashed into `buckets` embeddings, averaged, projected to `dim` and L2-normalised."""
 
+    kind = "tiny"
+
     def __init__(self, dim: int = 32, buckets: int = 4096, seed: int = 0, freeze: bool = False):
         super().__init__()
         self.dim, self.buckets, self.seed = dim, buckets, seed
@@ -33,6 +35,9 @@ class TinyTrunk(Trunk):
 
     def config(self) -> dict[str, Any]:
         return {"kind": "tiny", "dim": self.dim, "buckets": self.buckets}
+
+    def init_arguments(self) -> dict[str, Any]:
+        return {"dim": self.dim, "buckets": self.buckets, "seed": self.seed}
 
     def token_ids(self, text: str) -> list[int]:
         return [zlib.crc32(word.encode()) % self.buckets for word in _WORD.findall(text.lower())] or [0]

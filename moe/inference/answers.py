@@ -1,5 +1,5 @@
-"""What one forward pass says about each query: its best label and score, how in-scope it looks, and the answer
-serving returns.
+"""The one decoder: what one forward pass says about each query (its best label and score, how in-scope it looks),
+and the `Answer` that evaluation writes and serving returns.
 
 Every out-of-scope score is computed from outputs the mixture already has (no extra model); higher means more
 in-scope, and a query is rejected when its score falls below a threshold chosen on validation data.
@@ -95,3 +95,18 @@ def answers(model: Mixture, decoded: Decoded, oos: torch.Tensor, threshold: floa
         )
         for label, score, es, ws, flag in rows
     ]
+
+
+@torch.no_grad()
+def predict(
+    model: Mixture,
+    features: torch.Tensor,
+    tenant: torch.Tensor | None = None,
+    oos_kind: str = "max_score",
+    threshold: float | None = None,
+) -> list[Answer]:
+    """Answers for trunk features `(b, d)`; `tenant` (b,) restricts each query to its tenant's experts
+    (`model.tenant_ids`; -1 lets the gate choose)."""
+    output = model(features, tenant)
+    decoded = decode(model, output)
+    return answers(model, decoded, oos_score(output, decoded.score, oos_kind).cpu(), threshold)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moe.paging.memory import fix_mmap_threshold
+from moe.inference.memory import fix_mmap_threshold
 
 Tensors = dict[str, torch.Tensor]
 
@@ -289,6 +289,16 @@ class ExpertPager:
                 self.stats["device"].evictions += 1
             if self._host.pop(key, None) is not None:
                 self.stats["host"].evictions += 1
+
+    def demote(self, key: Hashable) -> bool:
+        """Move an expert off the device as an eviction under pressure would: into the host tier where its budget
+        allows, else out of memory; waits while a computation pins it. Returns whether it is on the host tier."""
+        with self._lock:
+            while self._pins[key]:
+                self._lock.wait()
+            if key in self._device:
+                self._evict_device(key)
+            return key in self._host
 
     def forget(self, key: Hashable) -> None:
         """Evict and unregister (a retired expert)."""

@@ -7,7 +7,8 @@
 
 `read_bundle` checks the manifest's own checksum and then every listed file before anything is used: one altered
 byte anywhere is refused with an error naming the file. A file under `experts/` or `trunk/` that the manifest
-does not list is refused too (the store would otherwise serve an unlisted shard version).
+does not list is refused too (the store would otherwise serve an unlisted shard version). `open_bundle` then
+rebuilds its trunk (refused unless the fingerprint matches) and its mixture (`load_mixture`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FORMAT = "moe.bundle/1"
+import torch
+
+from moe.inference.build import GateSettings, load_mixture
+from moe.inference.paged import PagedMixture
+from moe.paths import file_sha256
+from moe.trunk import HFEncoderTrunk, TinyTrunk, Trunk
+
+FORMAT = "moe.bundle/2"  # 2: the gate's `rows` ("trained" | "statistics") replaced `routing` ("rows" | "stats")
 MANIFEST = "manifest.json"
 CHECKED_FOLDERS = ("experts", "trunk")
 
@@ -30,14 +38,6 @@ class BundleError(ValueError):
     def __init__(self, path: str | Path, reason: str):
         super().__init__(f"bundle file {path}: {reason}")
         self.path, self.reason = str(path), reason
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def manifest_sha256(manifest: dict[str, Any]) -> str:
@@ -84,7 +84,7 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         raise BundleError(path, f"not valid JSON ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise BundleError(path, f"format {found!r} is not {FORMAT!r}")
+        raise BundleError(path, f"format {found!r} is not {FORMAT!r} (export the store again with scripts/export.py)")
     if manifest.get("manifest_sha256") != manifest_sha256(manifest):
         raise BundleError(path, "manifest checksum mismatch: the manifest was altered or corrupted")
     for key in ("files", "experts", "trunk", "gate"):
@@ -117,3 +117,78 @@ def read_bundle(root: str | Path) -> Bundle:
         if entry.get("file") not in listed or entry.get("sha256") != listed[entry["file"]]:
             raise BundleError(root / MANIFEST, f"expert {entry.get('tenant')!r}: file not listed or checksum differs")
     return Bundle(root, manifest)
+
+
+TRUNK_KINDS: dict[str, type[Trunk]] = {cls.kind: cls for cls in (HFEncoderTrunk, TinyTrunk)}
+TRUNK_MODES = ("reference", "copy")
+
+
+def describe_trunk(trunk: Trunk, mode: str, trained: bool = False) -> dict[str, Any]:
+    """The manifest's `trunk` entry. `trained`: the trunk's weights changed in training (they must be copied)."""
+    if mode not in TRUNK_MODES:
+        raise ValueError(f"export.trunk must be one of {TRUNK_MODES}, got {mode!r}")
+    if mode == "reference" and trained:
+        raise ValueError("the trunk was trained with the experts: only a copy of its weights rebuilds it (trunk=copy)")
+    entry = {"kind": trunk.kind, "config": trunk.config(), "fingerprint": trunk.fingerprint}
+    entry |= {"init": trunk.init_arguments(), "source": mode}
+    if mode == "copy":
+        entry["folder"] = "trunk"
+    else:
+        entry["reference"] = trunk.reference()
+    return entry
+
+
+def copy_trunk(trunk: Trunk, root: Path) -> list[str]:
+    """Write the trunk's weights under `root/trunk/`; returns their paths relative to `root`."""
+    trunk.save_weights(root / "trunk")
+    return [p.relative_to(root).as_posix() for p in sorted((root / "trunk").rglob("*")) if p.is_file()]
+
+
+def build_trunk(bundle: Bundle, device: str | torch.device = "cpu") -> Trunk:
+    """The bundle's trunk, frozen, refused unless its fingerprint equals the manifest's."""
+    entry, manifest = bundle.manifest["trunk"], bundle.path(MANIFEST)
+    if entry["kind"] not in TRUNK_KINDS:
+        raise BundleError(manifest, f"unknown trunk kind {entry['kind']!r}; known: {sorted(TRUNK_KINDS)}")
+    folder = bundle.path(entry["folder"]) if entry["source"] == "copy" else None
+    try:
+        trunk = TRUNK_KINDS[entry["kind"]].rebuild(entry["init"], folder, entry.get("reference"))
+    except ImportError as error:
+        raise BundleError(manifest, f"the trunk can not be rebuilt: {error}") from error
+    except FileNotFoundError as error:
+        raise BundleError(manifest, str(error)) from error
+    if trunk.fingerprint != entry["fingerprint"]:
+        raise BundleError(
+            manifest,
+            f"the rebuilt trunk's fingerprint {trunk.fingerprint[:12]}… is not the exported one,"
+            f" {entry['fingerprint'][:12]}…",
+        )
+    return trunk.to(device)
+
+
+@dataclass
+class OpenBundle:
+    """A checked bundle with its trunk and mixture, and the out-of-scope rule it was exported with."""
+
+    bundle: Bundle
+    trunk: Trunk
+    model: PagedMixture
+    oos_score: str  # kind of out-of-scope score (`moe.inference.answers.OOS_SCORES`)
+    threshold: float | None  # None: no threshold was chosen
+
+
+def open_bundle(
+    bundle: str | Path | Bundle, device: str = "cpu", budget_bytes: int = 256 << 20, host_budget_bytes: int = 0
+) -> OpenBundle:
+    """Read and check a bundle, rebuild its trunk, and load its experts paged under `budget_bytes`."""
+    bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    trunk = build_trunk(bundle, device)
+    gate = bundle.manifest["gate"]
+    settings = GateSettings(int(gate["top_k"]), bool(gate["normalize_weights"]), gate["rows"], float(gate["shrinkage"]))
+    model = load_mixture(
+        bundle.path("experts"), bundle.tenants, settings, trunk.fingerprint, device, budget_bytes, host_budget_bytes
+    )
+    served = {info.tenant: list(info.labels) for info in model.experts}
+    if served != {t: list(labels) for t, labels in bundle.manifest["label_maps"].items()}:
+        raise BundleError(bundle.path(MANIFEST), "label maps differ from the bundled experts' labels")
+    oos = gate.get("oos") or {}
+    return OpenBundle(bundle, trunk, model, oos.get("score", "max_score"), oos.get("threshold"))

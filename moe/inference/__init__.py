@@ -1,0 +1,31 @@
+"""The inference core: build a mixture from a store or a bundle (`load_mixture`, `open_bundle`), page its experts
+between device, host memory and disk (`ExpertPager`), and decode answers (`predict`)."""
+
+from moe.inference.answers import OOS_SCORES, Answer, Decoded, answers, decode, oos_score, predict
+from moe.inference.build import GateSettings, load_mixture, read_gate_settings
+from moe.inference.bundle import FORMAT, Bundle, BundleError, OpenBundle, open_bundle, read_bundle
+from moe.inference.paged import PagedMixture, ShardLoader
+from moe.inference.pager import ExpertPager, TierStats
+
+__all__ = [
+    "FORMAT",
+    "OOS_SCORES",
+    "Answer",
+    "Bundle",
+    "BundleError",
+    "Decoded",
+    "ExpertPager",
+    "GateSettings",
+    "OpenBundle",
+    "PagedMixture",
+    "ShardLoader",
+    "TierStats",
+    "answers",
+    "decode",
+    "load_mixture",
+    "oos_score",
+    "open_bundle",
+    "predict",
+    "read_bundle",
+    "read_gate_settings",
+]

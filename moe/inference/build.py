@@ -1,0 +1,131 @@
+"""The one way to build a mixture from expert shards: `load_mixture(store)`, a `PagedMixture` with the gate settings of
+the run that made the store.
+
+Training's final evaluation, `scripts/evaluate.py`, export, the lifecycle's scenario and the serving runtime all build
+their inference model here, the same way (tenants in sorted order), so that they compute the same predictions to the
+last bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from moe.inference.paged import PagedMixture, ShardLoader
+from moe.inference.pager import ExpertPager
+from moe.model import TENSOR_NAMES, ExpertInfo, RowSource, TopKRouter, check_choice
+from moe.model.stats import SHRINKAGE, PooledScatter, fill_statistics_rows
+from moe.store import ExpertStore, ShardError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    top_k: int = 2
+    normalize_weights: bool = True
+    rows: RowSource = "trained"  # the gate rows stored in each shard, or rows derived from its statistics
+    shrinkage: float = SHRINKAGE  # of the pooled covariance, for rows="statistics"
+
+    def __post_init__(self):
+        check_choice(self.rows, RowSource, "gate rows")
+
+
+def read_gate_settings(path: str | Path) -> GateSettings:
+    """Top-k and weight normalisation from a gate file's metadata (`moe.store.save_gate`)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        return GateSettings(int(meta["top_k"]), bool(json.loads(meta.get("normalize_weights", "true"))))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"gate file {path}: unreadable ({error})") from None
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"gate file {path}: metadata lacks a valid top_k ({error})") from None
+
+
+def load_mixture(
+    store: ExpertStore | str | Path,
+    tenants: list[str] | None = None,
+    gate: GateSettings | None = None,
+    trunk_fingerprint: str | None = None,
+    device: str | torch.device = "cpu",
+    budget_bytes: int = 256 << 20,
+    host_budget_bytes: int = 0,
+    skip_failed: bool = False,
+) -> PagedMixture:
+    """The latest version of each tenant (all awake ones by default, in sorted order), paged under `budget_bytes`.
+
+    Every shard is verified in full (checksums, trunk fingerprint, architecture). A shard that fails is an error
+    naming it, since a partial model would be evaluated or served silently; with `skip_failed` it is left out
+    instead, logged, and listed in the model's `left_out`, and it never stops the others.
+
+    `gate.rows`: "trained" scores with the gate rows stored in each shard; "statistics" derives them from each
+    expert's class means and the covariance pooled over every expert loaded (the statistics gate)."""
+    store = store if isinstance(store, ExpertStore) else ExpertStore(store)
+    gate = gate or GateSettings()
+    names = sorted(tenants if tenants is not None else store.tenants())
+    if not names:
+        raise ValueError(f"expert store {store.root} holds no live expert")
+    candidates, failed = [], {}
+    for tenant in names:
+        try:
+            key = (tenant, store.latest(tenant))
+            candidates.append((key, store.meta(*key)))  # header only: sizes the gate before any tensor is read
+        except (ShardError, KeyError, ValueError) as error:
+            failed[tenant] = error
+    if not candidates:
+        raise ValueError(f"no expert could be loaded from {store.root}: {failed}")
+    arch = candidates[0][1].architecture
+    statistics = gate.rows == "statistics"
+    per_label = arch["gate_rows"] == "labels" or statistics
+    rows = [len(meta.labels) if per_label else 1 for _, meta in candidates]
+    dtype = getattr(torch, arch.get("dtype", "float32"))  # the gate is held in the experts' own precision
+    # filled in place, expert by expert: no per-expert copies linger
+    router = TopKRouter(arch["dim"], rows, gate.top_k, gate.normalize_weights, random_init=False, dtype=dtype)
+    means = torch.zeros(len(candidates), max(rows), arch["dim"]) if statistics else None
+    loader = ShardLoader(trunk_fingerprint)
+    pager = ExpertPager(loader, device, budget_bytes, host_budget_bytes)
+    pooled = PooledScatter.of([], arch["dim"])  # only the aggregate stays resident; the rest stays in the shards
+    infos, keys, kept = [], [], []
+    with torch.no_grad():
+        for i, (key, header) in enumerate(candidates):
+            try:
+                if header.architecture != arch:
+                    raise ShardError(store.path(*key), f"architecture {header.architecture} differs from {arch}")
+                tensors, meta = loader.register(key, store.path(*key))
+                if statistics and not tensors["stats.count"].sum() > 0:
+                    loader.forget(key)
+                    raise ShardError(store.path(*key), "holds no feature statistics, which statistics rows need")
+            except (ShardError, KeyError, ValueError) as error:
+                failed[key[0]] = error
+                continue
+            if means is not None:  # turned into gate rows once the pooled covariance is known
+                means[i, : rows[i]] = tensors["stats.mean"]
+            else:
+                router.weight[i, : rows[i]] = tensors["gate.weight"]
+                router.bias[i, : rows[i]] = tensors["gate.bias"]
+            pooled.add(tensors)
+            pager.register(key, sum(tensors[n].numel() * tensors[n].element_size() for n in TENSOR_NAMES))
+            infos.append(ExpertInfo(meta.tenant, meta.labels))
+            keys.append(key)
+            kept.append(i)
+    if failed and not skip_failed:
+        raise ValueError(f"expert store {store.root}: " + "; ".join(f"{t}: {e}" for t, e in sorted(failed.items())))
+    for tenant, error in failed.items():
+        log.warning("expert %s left out: %s", tenant, error)
+    if not infos:
+        raise ValueError(f"no expert could be loaded from {store.root}: {failed}")
+    if len(kept) < len(candidates):
+        router = router.subset(kept)
+        means = means[kept, : router.weight.shape[1]] if means is not None else None
+    if means is not None:
+        precision = pooled.precision(gate.shrinkage)
+        fill_statistics_rows(router, means, precision, arch["input_scale"], [info.tenant for info in infos])
+    model = PagedMixture(router, infos, keys, pager, arch["input_scale"], "labels" if per_label else "one")
+    model.left_out = failed
+    return model.to(device).eval()

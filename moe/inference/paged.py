@@ -1,0 +1,111 @@
+"""PagedMixture: inference over expert shards, with only the pager's budget of expert weights resident.
+
+The gate's rows for every registered expert stay resident (they are small); expert weights are paged in,
+wave by wave, for the experts a batch actually chose. Each expert's group is computed on its own
+(`expert_logits`, the one expert formula), so a prediction never depends on what else happened to be resident.
+`moe.inference.build.load_mixture` builds one from a store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Hashable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from moe.inference.pager import ExpertPager
+from moe.model import TENSOR_NAMES, DispatchPlan, ExpertInfo, GateRows, Mixture, TopKRouter, dispatch, expert_logits
+from moe.store import ExpertMeta, ShardError, read_shard, read_tensors
+
+Key = tuple[str, int]  # (tenant, version)
+
+
+def _identity(path: str | Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class ShardLoader:
+    """Reads expert weights for the pager. A shard is verified in full when registered, and again whenever
+    its file changed since (inode, size or modification time); unchanged files are read without rehashing.
+
+    Per expert it keeps only the file name, its identity and a digest of its metadata: at thousands of
+    registered experts, every byte kept here is resident."""
+
+    def __init__(self, trunk_fingerprint: str | None):
+        self.trunk_fingerprint = trunk_fingerprint
+        self.paths: dict[Hashable, str] = {}
+        self.identities: dict[Hashable, tuple[int, int, int]] = {}
+        self.digests: dict[Hashable, int] = {}
+
+    def register(self, key: Hashable, path: Path) -> tuple[dict[str, torch.Tensor], ExpertMeta]:
+        """Read and check a shard in full, and remember it; returns its tensors and metadata."""
+        try:
+            identity = _identity(path)  # before the read: a change made during it shows as a change later
+        except FileNotFoundError:
+            raise ShardError(path, "file not found") from None
+        tensors, meta = read_shard(path, self.trunk_fingerprint)
+        self.paths[key], self.identities[key], self.digests[key] = str(path), identity, _digest(meta)
+        return tensors, meta
+
+    def forget(self, key: Hashable) -> None:
+        for table in (self.paths, self.identities, self.digests):
+            table.pop(key, None)
+
+    def __call__(self, key: Hashable) -> dict[str, torch.Tensor]:
+        path = self.paths[key]
+        try:
+            identity = _identity(path)
+        except FileNotFoundError:
+            raise ShardError(path, "file disappeared after it was registered") from None
+        if identity == self.identities[key]:
+            return read_tensors(path, TENSOR_NAMES)
+        tensors, meta = read_shard(path, self.trunk_fingerprint)
+        if _digest(meta) != self.digests[key]:
+            raise ShardError(path, "file was replaced by a different expert after it was registered")
+        self.identities[key] = identity
+        return {name: tensors[name].clone() for name in TENSOR_NAMES}  # not views keeping every tensor alive
+
+
+def _digest(meta: ExpertMeta) -> int:
+    return hash(json.dumps(asdict(meta), sort_keys=True))
+
+
+class PagedMixture(Mixture):
+    def __init__(
+        self,
+        router: TopKRouter,
+        experts: list[ExpertInfo],
+        keys: list[Key],
+        pager: ExpertPager,
+        input_scale: float,
+        gate_rows: GateRows,
+    ):
+        super().__init__(router, experts, input_scale, gate_rows)
+        self.keys, self.pager = list(keys), pager
+        self.left_out: dict[str, Exception] = {}  # tenants whose shards failed their checks (see load_mixture)
+        self.register_buffer("label_mask", self.label_ids >= 0, persistent=False)
+
+    def expert_logits(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        # g: groups (chosen experts), n: capacity, c: label width
+        groups = dispatch(x, plan)  # (g, n, d)
+        counts = torch.bincount(plan.group, minlength=plan.experts.numel()).tolist()
+        experts = plan.experts.tolist()
+        out = x.new_zeros(len(experts), plan.capacity, self.width)
+        out.masked_fill_(~self.label_mask[plan.experts][:, None, :], float("-inf"))
+        position = {self.keys[e]: i for i, e in enumerate(experts)}
+        for wave in self.pager.waves([self.keys[e] for e in experts]):
+            self._compute_wave(wave, groups, counts, position, out)
+        return out
+
+    def _compute_wave(self, wave: list[Hashable], groups, counts, position, out: torch.Tensor) -> None:
+        # a function of its own: no reference to this wave's weights outlives it, so the next wave's
+        # evictions free their memory before its page-ins take more
+        with self.pager.acquire(wave) as resident:
+            for key, tensors in resident.items():
+                i, n = position[key], counts[position[key]]
+                c = tensors["head.bias"].shape[0]
+                out[i, :n, :c] = expert_logits(groups[i, :n], tensors)
