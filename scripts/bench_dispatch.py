@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
+from moe.bench import machine_info
 from moe.model import ExpertBank, combine, dispatch, plan_dispatch
 
 
@@ -99,12 +99,7 @@ def main() -> None:
                     f"loop {row['loop_s'] * 1e3:9.1f} ms ({row['loop_over_routed']:6.1f}x)",
                     flush=True,
                 )
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
+    machine = machine_info()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps({"machine": machine, "config": vars(args) | {"out": str(args.out)}, "results": results}, indent=2)

@@ -27,7 +27,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -38,53 +37,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moe.export.precision import DTYPES, cast_shard
-from moe.model import ExpertInfo, build_mixture
-from moe.paging import PagedMixture
-from moe.store import ExpertStore, expert_shards
-
-DIM, LABELS = 384, 15
-
-
-def rank_for(megabytes: float, dtype: str = "float32") -> int:
-    """Adapter rank that makes an expert's weights about `megabytes` (384-wide, 15 labels)."""
-    elements = megabytes * 2**20 / DTYPES[dtype].itemsize
-    return max(1, round((elements - DIM * LABELS - LABELS) / (2 * DIM + 1)))
-
-
-def write_store(root: Path, tenants: int, rank: int, dtype: str = "float32", seed: int = 0) -> ExpertStore:
-    """`tenants` experts of adapter rank `rank`, stored in `dtype` (as `scripts/export.py` writes a bundle)."""
-    torch.manual_seed(seed)
-    store = ExpertStore(root)
-    infos = [ExpertInfo(f"t{i:05d}", tuple(f"intent{j}" for j in range(LABELS))) for i in range(tenants)]
-    for start in tqdm(range(0, tenants, 64), desc=f"writing {tenants} {dtype} shards", unit="chunk"):
-        model = build_mixture(infos[start : start + 64], DIM, rank=rank)
-        with torch.no_grad():
-            model.bank.up.normal_(std=0.02)
-        for tensors, meta in expert_shards(model, "bench" * 12 + "0000"):
-            store.save(*cast_shard(tensors, meta, dtype))
-    return store
-
-
-def memory_now() -> dict[str, int]:
-    """Resident bytes now: all of it, anonymous (heap, tensors) and file-backed (mapped code and files)."""
-    return {field: rss_bytes(field) for field in ("VmRSS", "RssAnon", "RssFile")}
-
-
-def rss_bytes(field: str = "VmRSS") -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak_rss() -> bool:
-    """Restart the kernel's peak-RSS counter (VmHWM), so that the peak covers only what follows."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+from moe.bench import (
+    DIM,
+    machine_info,
+    memory_now,
+    rank_for,
+    reset_peak_rss,
+    rss_bytes,
+    write_store,
+    zipf_probabilities,
+)
+from moe.export.precision import DTYPES
+from moe.inference import load_mixture
+from moe.store import ExpertStore
 
 
 def drop_from_page_cache(path: Path) -> bool:
@@ -131,7 +96,7 @@ def page_in_sizes(args, device: torch.device, work: Path) -> list[dict]:
     rows = []
     for megabytes in args.sizes:
         store = write_store(work / f"size{megabytes}", 1, rank_for(megabytes))
-        model, _ = PagedMixture.from_store(store, device=device, device_budget=1 << 34, host_budget=1 << 34)
+        model = load_mixture(store, device=device, budget_bytes=1 << 34, host_budget_bytes=1 << 34)
         pager, key = model.pager, model.keys[0]
         path, size = store.path(*key), pager.sizes[key]
         cold = drop_from_page_cache(path) and args.cold
@@ -150,8 +115,7 @@ def page_in_sizes(args, device: torch.device, work: Path) -> list[dict]:
                 pass
 
         def to_host_only(pager=pager, key=key):
-            with pager._lock:  # demote to the host tier, as an eviction under pressure would
-                pager._evict_device(key) if key in pager._device else None
+            pager.demote(key)  # to the host tier, as an eviction under pressure would
 
         disk = median_s(disk_page_in, args.repeats, evict_all)
         disk_plain = median_s(
@@ -201,18 +165,17 @@ def zipf_stream(args, root: Path) -> dict:
         trunk_bytes = rss_bytes() - rss_start
     else:
         features = torch.nn.functional.normalize(torch.randn(args.batch, DIM), dim=-1).to(device)
-    probe, _ = PagedMixture.from_store(store, tenants=store.tenants()[:1])
+    probe = load_mixture(store, tenants=store.tenants()[:1])
     budget = args.budget_experts * probe.pager.sizes[probe.keys[0]]
     del probe
     stages["trunk"] = memory_now()
     start = time.perf_counter()
-    model, failed = PagedMixture.from_store(store, device=device, device_budget=budget, host_budget=0)
+    model = load_mixture(store, device=device, budget_bytes=budget, host_budget_bytes=0, skip_failed=True)
     register_s = time.perf_counter() - start
     stages["registered"] = memory_now()
     routing_bytes = sum(t.numel() * t.element_size() for t in (model.router.weight, model.router.bias))
     rng = np.random.default_rng(0)
-    popularity = 1.0 / np.arange(1, args.tenants + 1) ** args.zipf_s  # truncated Zipf over the tenants
-    popularity /= popularity.sum()
+    popularity = zipf_probabilities(args.tenants, args.zipf_s)
     queries, start = 0, time.perf_counter()
     with torch.inference_mode():
         for i in tqdm(range(args.batches), desc=f"zipf stream ({root.name})", unit="batch"):
@@ -253,7 +216,7 @@ def zipf_stream(args, root: Path) -> dict:
         },
         "transient_bytes": rss_bytes("VmHWM") - stages["end"]["VmRSS"],  # the peak above where the stream ended
         "peak_measured_from": "reset before the trunk loads" if peak_reset else "process start (could not reset)",
-        "failed": {k: str(v) for k, v in failed.items()},
+        "failed": {k: str(v) for k, v in model.left_out.items()},
     }
 
 
@@ -303,13 +266,7 @@ def main() -> None:
             ratios = [f"{s['peak_over_bound']:.3f}" for s in streams if s["dtype"] == dtype]
             print(f"{dtype}: peak / bound {', '.join(ratios)}")
         sizes = page_in_sizes(args, device, work)
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-    }
+    machine = machine_info(device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     args.out.write_text(

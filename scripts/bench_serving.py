@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -33,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe.bench import machine_info, rss_bytes, write_store, zipf_probabilities
+from moe.inference import load_mixture
 from moe.serving import Server
-from moe.serving.trunks import encode_texts
 
 FALLBACK_QUERIES = [
     "what is my checking account balance",
@@ -46,13 +46,6 @@ FALLBACK_QUERIES = [
     "what's the weather like tomorrow",
     "transfer 200 dollars from savings to checking",
 ]
-
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def load_queries(n: int) -> list[str]:
@@ -80,12 +73,12 @@ def timed(fn) -> float:
 def latency(server: Server, queries: list[str], tenants: list[str | None]) -> dict:
     """Batch 1, the trunk alone and the whole prediction, interleaved so that drift hits both alike."""
     for q in queries[:20]:  # warm-up
-        encode_texts(server.trunk, [q])
+        server.trunk.encode([q])
         server.predict([q])
     trunk, served = [], []
     with torch.inference_mode():
         for q, t in zip(queries, tenants, strict=True):
-            trunk.append(timed(lambda q=q: encode_texts(server.trunk, [q]).cpu()))  # .cpu(): waits for a GPU
+            trunk.append(timed(lambda q=q: server.trunk.encode([q]).cpu()))  # .cpu(): waits for a GPU
             served.append(timed(lambda q=q, t=t: server.predict([q], t)))
     result = {"trunk": quantiles(trunk), "predict": quantiles(served)}
     result["p50_ratio"] = result["predict"]["p50_ms"] / result["trunk"]["p50_ms"]
@@ -98,17 +91,16 @@ def throughput(server: Server, queries: list[str], tenants: list[str | None], ba
     trunk_s = predict_s = 0.0
     with torch.inference_mode():  # interleaved, batch by batch, so that drift hits both alike
         for q, t in chunks:
-            trunk_s += timed(lambda q=q: encode_texts(server.trunk, q).cpu())
+            trunk_s += timed(lambda q=q: server.trunk.encode(q).cpu())
             predict_s += timed(lambda q=q, t=t: server.predict(q, list(t)))
     n = batch * len(chunks)
     return {"batch": batch, "queries": n, "trunk_qps": n / trunk_s, "predict_qps": n / predict_s}
 
 
 def zipf_tenants(tenants: list[str], n: int, s: float, seed: int = 0) -> list[str]:
-    popularity = 1.0 / np.arange(1, len(tenants) + 1) ** s
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(tenants))  # which tenant is popular is arbitrary
-    return [tenants[order[i]] for i in rng.choice(len(tenants), size=n, p=popularity / popularity.sum())]
+    return [tenants[order[i]] for i in rng.choice(len(tenants), size=n, p=zipf_probabilities(len(tenants), s))]
 
 
 def hit_rate(server: Server) -> float:
@@ -118,8 +110,6 @@ def hit_rate(server: Server) -> float:
 
 def memory_child(args) -> None:
     """In a fresh process: RSS after imports, after the trunk, after every expert is resident."""
-    from moe.paging import PagedMixture
-    from moe.store import ExpertStore
     from moe.trunk import HFEncoderTrunk
 
     gc.collect()
@@ -128,9 +118,7 @@ def memory_child(args) -> None:
     with torch.inference_mode():
         features = trunk(FALLBACK_QUERIES * 8)  # the trunk's working memory for one batch of 64
     after_trunk = rss_bytes()
-    store = ExpertStore(args.store)
-    model, failed = PagedMixture.from_store(store, device_budget=1 << 40)
-    assert not failed, failed
+    model = load_mixture(args.store, budget_bytes=1 << 40)  # raises on a shard that fails its checks
     x = features[:1].expand(64, -1)
     with torch.inference_mode():
         for i in range(0, len(model.keys), 64):  # make every expert resident: each batch goes to 64 experts
@@ -155,9 +143,6 @@ def memory_child(args) -> None:
 
 
 def memory(args, trunk_bytes: int) -> list[dict]:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_paging import write_store  # noqa: E402  (a sibling script)
-
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for n in args.tenants:
@@ -243,15 +228,7 @@ def main() -> None:
     result["memory"] = memory(args, trunk_bytes) if args.tenants else []
     p50 = result["resident"]["latency_batch1"]
     result["target"] = {"batch1_p50_over_trunk": p50["p50_ratio"], "within_1.2x": p50["p50_ratio"] <= 1.2}
-    result["machine"] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "load_average": os.getloadavg(),
-    }
+    result["machine"] = machine_info(args.device)
     result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     result["trunk_bytes"], result["expert_bytes"] = trunk_bytes, size
     args.out.parent.mkdir(parents=True, exist_ok=True)

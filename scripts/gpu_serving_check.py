@@ -4,8 +4,8 @@ paging, against the same bundle served on the CPU with every expert resident: th
 
     PYTHONPATH=. python scripts/gpu_serving_check.py --out outputs/gpu_serving.json
 
-Needs torch with CUDA, transformers, safetensors, einops (no Lightning, Hydra or wandb: it writes the bundle with
-`moe.export.writer` and serves it with `moe.serving`).
+Needs torch with CUDA, transformers, safetensors, einops (no Lightning, Hydra or wandb: it writes the store with
+`moe.bench`, the bundle with `moe.export.writer`, and serves it with `moe.serving`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe.bench import DIM, device_name, write_store, zipf_probabilities
 from moe.export.writer import write_bundle_manifest, write_files
-from moe.model import ExpertInfo, build_mixture
+from moe.inference import GateSettings, load_mixture
 from moe.serving import Server
-from moe.serving.loading import load_mixture
-from moe.store import ExpertStore, expert_shards
 from moe.trunk import TinyTrunk
 
 WORDS = [
@@ -47,30 +46,23 @@ WORDS = [
 
 
 def write_bundle(root: Path, tenants: int, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    trunk = TinyTrunk(dim=384, freeze=True)
-    store = ExpertStore(root / "store")
-    infos = [ExpertInfo(f"t{i:04d}", tuple(f"intent{j}" for j in range(15))) for i in range(tenants)]
-    for start in range(0, tenants, 64):
-        model = build_mixture(infos[start : start + 64], 384, rank=64)
-        with torch.no_grad():
-            for p in (model.bank.up, model.bank.head, model.router.weight):
-                p.normal_(std=0.05)
-        for tensors, meta in expert_shards(model, trunk.fingerprint):
-            store.save(tensors, meta)
-    model = load_mixture(store.root, trunk_fingerprint=trunk.fingerprint)
-    files, entry = write_files(root / "bundle", store.root, model, trunk)
-    write_bundle_manifest(
-        root / "bundle", files, model, entry, "float32", {"score": "gate_max_prob", "threshold": 0.05}
+    trunk = TinyTrunk(dim=DIM, freeze=True)
+    randomized = dict.fromkeys(("bank.up", "bank.head", "router.weight"), 0.05)
+    store = write_store(
+        root / "store", tenants, 64, seed=seed, trunk_fingerprint=trunk.fingerprint, init_std=randomized, progress=False
     )
+    gate = GateSettings()
+    model = load_mixture(store, gate=gate, trunk_fingerprint=trunk.fingerprint)
+    files, entry = write_files(root / "bundle", store.root, model, trunk)
+    oos = {"score": "gate_max_prob", "threshold": 0.05}
+    write_bundle_manifest(root / "bundle", files, model, entry, "float32", oos, gate)
     return root / "bundle"
 
 
 def queries(n: int, tenants: list[str], seed: int = 1) -> tuple[list[str], list[str | None]]:
     rng = np.random.default_rng(seed)
     texts = [" ".join(rng.choice(WORDS, size=rng.integers(2, 8))) for _ in range(n)]
-    popularity = 1.0 / np.arange(1, len(tenants) + 1) ** 1.2
-    picks = rng.choice(len(tenants), size=n, p=popularity / popularity.sum())
+    picks = rng.choice(len(tenants), size=n, p=zipf_probabilities(len(tenants), 1.2))
     given = [tenants[i] if rng.random() < 0.5 else None for i in picks]  # half routed, half tenant given
     return texts, given
 
@@ -118,7 +110,7 @@ def main() -> None:
         )
         score_diff = max(abs(a.score - b.score) for a, b in zip(expected, got, strict=True))
         result = {
-            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+            "device": device_name(args.device),
             "torch": torch.__version__,
             "tenants": args.tenants,
             "expert_bytes": size,
