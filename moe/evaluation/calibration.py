@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torchmetrics.functional.classification import binary_calibration_error
 
 
 class Reliability(NamedTuple):
@@ -17,6 +18,7 @@ class Reliability(NamedTuple):
 
 
 def reliability(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> Reliability:
+    """The per-bin figures the reliability plot draws (torchmetrics keeps its bins to itself)."""
     confidence = confidence.double().clamp(0, 1)
     index = (torch.ceil(confidence * bins).long() - 1).clamp(0, bins - 1)
     count = torch.bincount(index, minlength=bins).double()
@@ -31,8 +33,12 @@ def reliability(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15)
 
 
 def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
-    """ECE in percent: sum over bins of (bin share) x |accuracy - mean confidence| (Guo et al., 2017)."""
+    """ECE in percent: sum over bins of (bin share) x |accuracy - mean confidence| (Guo et al., 2017), torchmetrics'.
+
+    Its bins are [a, b), with confidence 1 alone in an extra one; ours, `Reliability`'s, are (a, b]. Measured on
+    1 - confidence against being wrong, |accuracy - mean confidence| is unchanged and the bins mirror into ours, 1
+    included; only a confidence of exactly 0 (which no prediction's score is) gets a bin of its own there."""
     if confidence.numel() == 0:
         return float("nan")
-    r = reliability(confidence, correct, bins)
-    return 100.0 * ((r.count / r.count.sum()) * (r.accuracy - r.confidence).abs()).sum().item()
+    wrong = (~correct.bool()).long()
+    return 100.0 * binary_calibration_error(1 - confidence.double().clamp(0, 1), wrong, n_bins=bins).item()
