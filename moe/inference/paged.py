@@ -89,7 +89,7 @@ class PagedMixture(Mixture):
         self.left_out: dict[str, Exception] = {}  # tenants whose shards failed their checks (see load_mixture)
         self.register_buffer("label_mask", self.label_ids >= 0, persistent=False)
 
-    def expert_logits(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def group_logits(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         # g: groups (chosen experts), n: capacity, c: label width
         groups = dispatch(x, plan)  # (g, n, d)
         counts = torch.bincount(plan.group, minlength=plan.experts.numel()).tolist()

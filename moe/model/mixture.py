@@ -95,7 +95,7 @@ class Mixture(nn.Module):
     def label_id(self, tenant: str, label: str) -> int:
         return self.labels.index((tenant, label))
 
-    def expert_logits(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def group_logits(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """(g, capacity, width) logits of the planned groups, -inf on labels an expert lacks."""
         raise NotImplementedError
 
@@ -111,7 +111,7 @@ class Mixture(nn.Module):
             allowed = ~given | (self.expert_tenant[None, :] == tenant[:, None])
         routed = self.router(x, allowed, keep_rows)
         plan = plan_dispatch(routed.experts, routed.weights)
-        log_probs = combine(self.expert_logits(x, plan).log_softmax(dim=-1), plan, fill=float("-inf"))
+        log_probs = combine(self.group_logits(x, plan).log_softmax(dim=-1), plan, fill=float("-inf"))
         return MixtureOutput(log_probs, routed.weights, routed.experts, self.label_ids[routed.experts], routed)
 
 
@@ -131,7 +131,7 @@ class MixtureOfExperts(Mixture):
             raise ValueError("the expert bank does not match the expert list")
         self.bank = bank
 
-    def expert_logits(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def group_logits(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         return self.bank(dispatch(x, plan), plan.experts)
 
 
