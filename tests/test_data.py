@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -16,14 +15,7 @@ from moe.data.clinc150 import SHA256, clinc150_files, load_clinc150
 from moe.data.datamodule import TenantDataModule
 from moe.data.files import read_tenant_file
 from moe.data.tenant import Example, Tenant, TenantDataError
-from moe.paths import file_sha256
-
-REPO = Path(__file__).resolve().parents[1]
-CLINC_DIR = Path(os.environ.get("MOE_DATA_DIR") or REPO / ".." / "shared" / "data") / "clinc150"
-needs_clinc = pytest.mark.skipif(
-    not CLINC_DIR.is_dir(),
-    reason=f"CLINC150 data folder {CLINC_DIR} is absent (set MOE_DATA_DIR to its parent)",
-)
+from tests.helpers import sha256_of
 
 
 def write(path: Path, text: str) -> Path:
@@ -274,29 +266,26 @@ def test_file_not_found(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def clinc():
-    if not CLINC_DIR.is_dir():
-        pytest.skip(f"CLINC150 data folder {CLINC_DIR} is absent (set MOE_DATA_DIR to its parent)")
-    return load_clinc150(CLINC_DIR)
+def clinc(clinc_dir):
+    return load_clinc150(clinc_dir)
 
 
-def test_clinc150_ten_tenants(clinc):
+def test_clinc150_ten_tenants(clinc, clinc_dir):
     assert len(clinc.tenants) == 10
     all_labels = [label for tenant in clinc.tenants for label in tenant.labels]
     assert len(all_labels) == len(set(all_labels)) == 150
     for tenant in clinc.tenants:
         assert len(tenant.labels) == 15 and list(tenant.labels) == sorted(tenant.labels)
         assert [len(tenant.split(s)) for s in ("train", "val", "test")] == [1500, 300, 450], tenant.name
-        assert tenant.source == str(CLINC_DIR / "data_full.json")
+        assert tenant.source == str(clinc_dir / "data_full.json")
     assert {s: len(v) for s, v in clinc.out_of_scope.items()} == {"train": 100, "val": 100, "test": 1000}
     assert clinc.tenant("banking").name == "banking"
     with pytest.raises(KeyError, match="no_such_domain"):
         clinc.tenant("no_such_domain")
 
 
-@needs_clinc
-def test_clinc150_domain_subset_and_env_folder(monkeypatch):
-    monkeypatch.setenv("MOE_DATA_DIR", str(CLINC_DIR.parent))
+def test_clinc150_domain_subset_and_env_folder(monkeypatch, clinc_dir):
+    monkeypatch.setenv("MOE_DATA_DIR", str(clinc_dir.parent))
     subset = load_clinc150(domains=["travel", "banking"])
     assert [t.name for t in subset.tenants] == ["travel", "banking"]
     with pytest.raises(KeyError, match="nowhere"):
@@ -308,10 +297,10 @@ def test_clinc150_folder_without_files(tmp_path):
         load_clinc150(tmp_path)
 
 
-def _corrupt_copy(tmp_path: Path, data: str) -> Path:
+def _corrupt_copy(tmp_path: Path, data: str, clinc_dir: Path) -> Path:
     folder = tmp_path / "clinc150"
     folder.mkdir()
-    shutil.copy(CLINC_DIR / "domains.json", folder / "domains.json")
+    shutil.copy(clinc_dir / "domains.json", folder / "domains.json")
     write(folder / "data_full.json", data)
     return folder
 
@@ -322,35 +311,31 @@ def _splits(**rows) -> str:
     return json.dumps(data)
 
 
-@needs_clinc
-def test_clinc150_corrupt_json(tmp_path):
-    text = (CLINC_DIR / "data_full.json").read_text(encoding="utf-8")
-    folder = _corrupt_copy(tmp_path, text[: len(text) // 2])
+def test_clinc150_corrupt_json(tmp_path, clinc_dir):
+    text = (clinc_dir / "data_full.json").read_text(encoding="utf-8")
+    folder = _corrupt_copy(tmp_path, text[: len(text) // 2], clinc_dir)
     with pytest.raises(TenantDataError) as info:
         load_clinc150(folder)
     assert_data_error(info.value, folder / "data_full.json", None, "bad JSON")
 
 
-@needs_clinc
 @pytest.mark.parametrize("item", [["only text"], ["text", "balance", "extra"], ["text", 3], "text"])
-def test_clinc150_row_not_a_pair(tmp_path, item):
-    folder = _corrupt_copy(tmp_path, _splits(val=[["how much money do i have", "balance"], item]))
+def test_clinc150_row_not_a_pair(tmp_path, item, clinc_dir):
+    folder = _corrupt_copy(tmp_path, _splits(val=[["how much money do i have", "balance"], item]), clinc_dir)
     with pytest.raises(TenantDataError) as info:
         load_clinc150(folder)
     assert_data_error(info.value, folder / "data_full.json", 2, "val", "not a [text, intent] pair")
 
 
-@needs_clinc
-def test_clinc150_intent_in_no_domain(tmp_path):
-    folder = _corrupt_copy(tmp_path, _splits(test=[["teleport me", "teleport"]]))
+def test_clinc150_intent_in_no_domain(tmp_path, clinc_dir):
+    folder = _corrupt_copy(tmp_path, _splits(test=[["teleport me", "teleport"]]), clinc_dir)
     with pytest.raises(TenantDataError) as info:
         load_clinc150(folder)
     assert_data_error(info.value, folder / "data_full.json", 1, "test", "'teleport'", "no domain")
 
 
-@needs_clinc
-def test_clinc150_missing_split(tmp_path):
-    folder = _corrupt_copy(tmp_path, json.dumps({"train": [], "val": []}))
+def test_clinc150_missing_split(tmp_path, clinc_dir):
+    folder = _corrupt_copy(tmp_path, json.dumps({"train": [], "val": []}), clinc_dir)
     with pytest.raises(TenantDataError) as info:
         load_clinc150(folder)
     assert_data_error(info.value, folder / "data_full.json", None, "split 'test' is missing")
@@ -385,15 +370,14 @@ def test_download_rejects_wrong_sha256(download_env, monkeypatch):
     assert [p for p in download_env.rglob("*") if p.is_file()] == []
 
 
-@needs_clinc
-def test_download_with_correct_bytes_is_cached(download_env, monkeypatch):
-    fake = FakeUrlopen(lambda name: (CLINC_DIR / name).read_bytes())
+def test_download_with_correct_bytes_is_cached(download_env, monkeypatch, clinc_dir):
+    fake = FakeUrlopen(lambda name: (clinc_dir / name).read_bytes())
     monkeypatch.setattr(clinc150.urllib.request, "urlopen", fake)
     files = clinc150_files()
     cached = download_env / "data" / "clinc150"
     assert files == {name: cached / name for name in SHA256}
     assert sorted(u.rsplit("/", 1)[-1] for u in fake.urls) == sorted(SHA256)
-    assert all(file_sha256(path) == SHA256[name] for name, path in files.items())
+    assert all(sha256_of(path) == SHA256[name] for name, path in files.items())
     assert sorted(p.name for p in cached.iterdir()) == sorted(SHA256)  # no partial files left
 
     assert clinc150_files() == files
@@ -404,7 +388,7 @@ def test_download_with_correct_bytes_is_cached(download_env, monkeypatch):
     write(cached / "domains.json", "{}")
     assert clinc150_files() == files
     assert [u.rsplit("/", 1)[-1] for u in fake.urls[2:]] == ["domains.json"]
-    assert file_sha256(cached / "domains.json") == SHA256["domains.json"]
+    assert sha256_of(cached / "domains.json") == SHA256["domains.json"]
 
 
 # --- TenantDataModule --------------------------------------------------------------------------------

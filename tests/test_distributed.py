@@ -13,9 +13,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tests.test_sweeps import run_script, synthetic_data
+from tests.helpers import run_python, synthetic_data
 
-pytestmark = pytest.mark.subprocess
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 TENANTS = ["bank", "music", "weather"]
 
@@ -24,12 +24,12 @@ TENANTS = ["bank", "music", "weather"]
 def runs(tmp_path_factory):
     """(one process, two processes): the run folder of each, the same data, seed and epochs."""
     folder = tmp_path_factory.mktemp("ddp")
-    common = ["train.py", *synthetic_data(folder / "data"), "trunk=tiny", "callbacks=none", "expert.dropout=0"]
+    common = ["scripts/train.py", *synthetic_data(folder / "data"), "trunk=tiny", "callbacks=none", "expert.dropout=0"]
     common += ["trainer=ddp_cpu", "trainer.max_epochs=4"]
     single, double = folder / "single", folder / "double"
     # the same 16 examples per step: 1 process x 16, or 2 x 8; the single run also checks wandb in run mode
-    run_script(*common, "trainer.devices=1", "data.batch_size=16", "logger=wandb", f"hydra.run.dir={single}")
-    run_script(*common, "trainer.devices=2", "data.batch_size=8", "logger=csv", f"hydra.run.dir={double}")
+    run_python(*common, "trainer.devices=1", "data.batch_size=16", "logger=wandb", f"hydra.run.dir={single}")
+    run_python(*common, "trainer.devices=2", "data.batch_size=8", "logger=csv", f"hydra.run.dir={double}")
     return single, double
 
 

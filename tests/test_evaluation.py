@@ -16,19 +16,16 @@ from moe.evaluation.metrics import confusion_matrix, macro_f1
 from moe.evaluation.oos import rejection, select_threshold
 from moe.evaluation.sources import Query, TenantFile, file_queries, tenant_sources
 from moe.model import ExpertInfo, build_mixture
-from tests.tiny_run import THRESHOLD, tiny_run
+from tests.helpers import THRESHOLD
 
 FIGURES = ("acc_routed", "acc_tenant_given", "routing_acc", "macro_f1", "macro_f1_tenant_given", "ece")
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return tiny_run(tmp_path_factory.getbasetemp() / "tiny_run")
-
-
-def test_evaluate_script_reproduces_the_training_figures_exactly(run):
-    trained = json.loads((run.run / "metrics.json").read_text())
-    evaluated = json.loads((run.evaluation / "metrics.json").read_text())
+@pytest.mark.slow  # builds the session's tiny run
+@pytest.mark.subprocess  # its evaluation is scripts/evaluate.py's
+def test_evaluate_script_reproduces_the_training_figures_exactly(tiny_run):
+    trained = json.loads((tiny_run.run / "metrics.json").read_text())
+    evaluated = json.loads((tiny_run.evaluation / "metrics.json").read_text())
     for split in ("val", "test"):
         for figure in FIGURES:
             key = f"{split}/{figure}"
@@ -37,17 +34,19 @@ def test_evaluate_script_reproduces_the_training_figures_exactly(run):
     assert evaluated["oos/threshold"] == THRESHOLD and evaluated["eval/top_k"] == 2
 
 
-def test_evaluate_script_writes_per_tenant_rows_plots_and_an_offline_wandb_run(run):
-    with (run.evaluation / "per_tenant.csv").open() as handle:
+@pytest.mark.slow  # builds the session's tiny run
+@pytest.mark.subprocess  # its evaluation is scripts/evaluate.py's
+def test_evaluate_script_writes_per_tenant_rows_plots_and_an_offline_wandb_run(tiny_run):
+    with (tiny_run.evaluation / "per_tenant.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["split"], r["tenant"]) for r in rows] == [
         (s, t) for s in ("val", "test") for t in ("bank", "music", "weather")
     ]
     assert all(int(r["queries"]) == 16 for r in rows)
     for name in ("routing_confusion_test.png", "reliability_test.png", "routing_confusion_val.png"):
-        assert (run.evaluation / name).stat().st_size > 1000
-    assert list((run.evaluation / "wandb").glob("offline-run-*")), "no offline wandb run"
-    lines = (run.evaluation / "predictions_test.jsonl").read_text().splitlines()
+        assert (tiny_run.evaluation / name).stat().st_size > 1000
+    assert list((tiny_run.evaluation / "wandb").glob("offline-run-*")), "no offline wandb run"
+    lines = (tiny_run.evaluation / "predictions_test.jsonl").read_text().splitlines()
     assert len(lines) == 48 and {"tenant", "intent", "score", "out_of_scope", "experts"} <= set(json.loads(lines[0]))
 
 

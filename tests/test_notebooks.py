@@ -4,11 +4,12 @@ import jupytext
 import pytest
 from nbclient import NotebookClient
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes_every_cell(source, tmp_path, monkeypatch, clinc_dir):
     monkeypatch.setenv("MOE_NOTEBOOK_TINY", "1")

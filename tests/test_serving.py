@@ -13,9 +13,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moe.paths import file_sha256
 from moe.serving import BundleError, Server, read_bundle
-from tests.tiny_run import THRESHOLD, run_python, tiny_run
+from tests.helpers import THRESHOLD, TinyRun, run_python, sha256_of
+
+# Every test serves the session's tiny run (trained, evaluated by scripts/evaluate.py, exported).
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 ANSWER = ("tenant", "intent", "score", "out_of_scope", "experts")
 
@@ -31,22 +33,17 @@ print(json.dumps({"answers": answers, "heavy": heavy, "stats": server.stats()}))
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return tiny_run(tmp_path_factory.getbasetemp() / "tiny_run")
+def server(tiny_run):
+    return Server(tiny_run.bundle)
 
 
-@pytest.fixture(scope="module")
-def server(run):
-    return Server(run.bundle)
-
-
-def evaluated(run, split: str = "test") -> list[dict]:
+def evaluated(run: TinyRun, split: str = "test") -> list[dict]:
     return [json.loads(line) for line in (run.evaluation / f"predictions_{split}.jsonl").read_text().splitlines()]
 
 
-def test_a_fresh_process_serves_what_evaluation_predicted_without_lightning_hydra_or_wandb(run):
-    expected = evaluated(run)
-    done = run_python("-c", FRESH_PROCESS, str(run.bundle), str(run.evaluation / "predictions_test.jsonl"))
+def test_a_fresh_process_serves_what_evaluation_predicted_without_lightning_hydra_or_wandb(tiny_run):
+    expected = evaluated(tiny_run)
+    done = run_python("-c", FRESH_PROCESS, str(tiny_run.bundle), str(tiny_run.evaluation / "predictions_test.jsonl"))
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
     stats = result["stats"]  # a 20 kB budget holds one expert at a time: the three were paged in turn
@@ -56,8 +53,8 @@ def test_a_fresh_process_serves_what_evaluation_predicted_without_lightning_hydr
     assert any(flags) and not all(flags), "the threshold should split these queries"
 
 
-def test_the_manifest_describes_and_checksums_everything(run):
-    manifest = read_bundle(run.bundle).manifest
+def test_the_manifest_describes_and_checksums_everything(tiny_run):
+    manifest = read_bundle(tiny_run.bundle).manifest
     assert manifest["format"] == "moe.bundle/2" and manifest["package_version"] and manifest["dtype"] == "float32"
     trunk = manifest["trunk"]
     assert trunk["kind"] == "tiny" and trunk["source"] == "reference" and trunk["config"]["dim"] == 32
@@ -66,7 +63,7 @@ def test_the_manifest_describes_and_checksums_everything(run):
     assert manifest["gate"]["rows"] == "trained" and manifest["gate"]["shrinkage"] == 0.02
     assert [e["tenant"] for e in manifest["experts"]] == ["bank", "music", "weather"]
     for entry in manifest["experts"]:
-        assert entry["sha256"] == file_sha256(run.bundle / entry["file"]) == manifest["files"][entry["file"]]
+        assert entry["sha256"] == sha256_of(tiny_run.bundle / entry["file"]) == manifest["files"][entry["file"]]
         assert manifest["label_maps"][entry["tenant"]] == entry["labels"]
     assert manifest["config"]["training"]["trunk"]["_target_"] == "moe.trunk.TinyTrunk"
     assert manifest["config"]["export"]["export"]["dtype"] == "float32"
@@ -82,19 +79,19 @@ def test_the_manifest_describes_and_checksums_everything(run):
     "name",
     ["experts/music/v0001.safetensors", "gate.safetensors", "trunk/trunk.safetensors", "manifest.json"],
 )
-def test_one_altered_byte_is_refused_naming_the_file(run, tmp_path, name):
-    bundle = Path(shutil.copytree(run.bundle_bf16, tmp_path / "bundle"))
+def test_one_altered_byte_is_refused_naming_the_file(tiny_run, tmp_path, name):
+    bundle = Path(shutil.copytree(tiny_run.bundle_bf16, tmp_path / "bundle"))
     path = bundle / name
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit of one byte, in the middle (tensor data; a value in the manifest)
     path.write_bytes(bytes(data))
     with pytest.raises(BundleError, match=name.replace(".", r"\.")):
         Server(bundle)
-    Server(run.bundle_bf16)  # the original still loads
+    Server(tiny_run.bundle_bf16)  # the original still loads
 
 
-def test_an_unlisted_shard_is_refused(run, tmp_path):
-    bundle = Path(shutil.copytree(run.bundle, tmp_path / "bundle"))
+def test_an_unlisted_shard_is_refused(tiny_run, tmp_path):
+    bundle = Path(shutil.copytree(tiny_run.bundle, tmp_path / "bundle"))
     shutil.copyfile(bundle / "experts/music/v0001.safetensors", bundle / "experts/music/v0002.safetensors")
     with pytest.raises(BundleError, match="v0002.safetensors: not listed"):
         read_bundle(bundle)
@@ -115,9 +112,9 @@ def test_a_tenant_restricts_the_experts(server):
     assert given[0].tenant == "weather" and given[0].experts == ("weather",) and given[1] == routed[1]
 
 
-def test_threads_get_what_sequential_calls_get(run):
-    server = Server(run.bundle, budget_bytes=20_000)  # one expert at a time: threads page experts under each other
-    texts = [e["text"] for e in evaluated(run)] + [e["text"] for e in evaluated(run, "val")]
+def test_threads_get_what_sequential_calls_get(tiny_run):
+    server = Server(tiny_run.bundle, budget_bytes=20_000)  # one expert at a time: threads page experts under each other
+    texts = [e["text"] for e in evaluated(tiny_run)] + [e["text"] for e in evaluated(tiny_run, "val")]
     requests = [
         (texts[i : i + n], tenant)
         for i, n in zip(range(0, 48, 6), [1, 3, 6, 2] * 2, strict=True)
@@ -130,7 +127,7 @@ def test_threads_get_what_sequential_calls_get(run):
     assert server.stats()["device"]["misses"] > len(requests)
 
 
-def test_command_line_answers_jsonl_line_for_line(run, server):
+def test_command_line_answers_jsonl_line_for_line(tiny_run, server):
     lines = [
         json.dumps({"text": "please play song"}),
         json.dumps({"text": "tell me balance money", "tenant": "bank"}),
@@ -141,7 +138,7 @@ def test_command_line_answers_jsonl_line_for_line(run, server):
         json.dumps(["a list"]),
         json.dumps({"text": "rain umbrella", "tenant": None}),
     ]
-    done = run_python("-m", "moe.serving", str(run.bundle), "--budget-mb", "0.02", stdin="\n".join(lines) + "\n")
+    done = run_python("-m", "moe.serving", str(tiny_run.bundle), "--budget-mb", "0.02", stdin="\n".join(lines) + "\n")
     out = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(out) == len(lines)
     for i in (0, 1, 7):
@@ -153,16 +150,16 @@ def test_command_line_answers_jsonl_line_for_line(run, server):
     assert "expected a JSON object" in out[6]["error"]
 
 
-def test_a_bfloat16_bundle_records_its_accuracy_cost_and_serves(run, server):
-    bundle = read_bundle(run.bundle_bf16)
+def test_a_bfloat16_bundle_records_its_accuracy_cost_and_serves(tiny_run, server):
+    bundle = read_bundle(tiny_run.bundle_bf16)
     cost = bundle.manifest["precision"]
     assert cost["dtype"] == "bfloat16" and "test/acc_routed" in cost["metrics"]
     figures = cost["metrics"]["test/acc_routed"]
     assert figures["cost"] == pytest.approx(figures["float32"] - figures["bfloat16"])
-    with safe_open(str(run.bundle_bf16 / "experts/bank/v0001.safetensors"), framework="pt") as handle:
+    with safe_open(str(tiny_run.bundle_bf16 / "experts/bank/v0001.safetensors"), framework="pt") as handle:
         assert handle.get_tensor("head.weight").dtype == torch.bfloat16
         assert json.loads(handle.metadata()["architecture"])["dtype"] == "bfloat16"
     assert bundle.manifest["trunk"]["source"] == "copy" and "trunk/trunk.safetensors" in bundle.manifest["files"]
-    texts = [e["text"] for e in evaluated(run)]
+    texts = [e["text"] for e in evaluated(tiny_run)]
     low, full = Server(bundle).predict(texts), server.predict(texts)
     assert sum(a.intent == b.intent for a, b in zip(low, full, strict=True)) >= 0.9 * len(texts)

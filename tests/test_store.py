@@ -4,9 +4,7 @@ it was; nothing on the load path unpickles."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import pickle
 import queue
 import random
@@ -28,8 +26,8 @@ from moe.inference import load_mixture, predict
 from moe.model import UNKNOWN_TENANT, ExpertInfo, build_mixture
 from moe.store import ExpertMeta, ExpertStore, ShardError, expert_shards, read_meta, read_shard, read_tensors
 from moe.store.shard import metadata_sha256, tensors_sha256
+from tests.helpers import child_env, digests, sha256_of
 
-ROOT = Path(__file__).resolve().parents[1]
 FP = "a" * 64  # this model's trunk
 OTHER_FP = "b" * 64  # another trunk
 TENANTS = {
@@ -49,15 +47,6 @@ def random_mixture(tenants: dict[str, tuple[str, ...]], dim: int = 16, rank: int
         model.bank.head_bias.normal_()
         model.router.weight.normal_()
     return model.eval()
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def fingerprints(store: ExpertStore) -> dict[Path, str]:
-    """sha256 of every file under the store (live, retired, temporary)."""
-    return {p: sha(p) for p in sorted(store.root.rglob("*")) if p.is_file()}
 
 
 def raw_metadata(path: Path) -> dict[str, str]:
@@ -193,10 +182,10 @@ def test_archive_and_delete(saved, tmp_path):
     store, _, shards, _ = saved
     store.retire("gamma")
     store.save(*shards["gamma"])  # gamma: v1 retired, v2 live
-    before = {p.name: sha(p) for p in (store.root / "gamma").iterdir()}
+    before = digests(store.root / "gamma")
     target = store.archive("gamma", tmp_path / "archive")
     assert target == tmp_path / "archive" / "gamma" and not (store.root / "gamma").exists()
-    assert {p.name: sha(p) for p in target.iterdir()} == before  # moved intact, live and retired
+    assert digests(target) == before  # moved intact, live and retired
     assert read_shard(target / "v0002.safetensors", FP)[1].tenant == "gamma"
     assert "gamma" not in store.tenants()
     with pytest.raises(KeyError, match="gamma"):
@@ -206,10 +195,10 @@ def test_archive_and_delete(saved, tmp_path):
         store.archive("gamma", tmp_path / "archive")  # never overwrites an archive
     assert (store.root / "gamma" / "v0001.safetensors").is_file()
 
-    others = {p: sha(p) for p in store.root.rglob("*.safetensors") if p.parent.name != "delta"}
+    others = {p: h for p, h in digests(store.root).items() if p.parts[0] != "delta"}
     store.delete("delta")
     assert not (store.root / "delta").exists() and "delta" not in store.tenants()
-    assert {p: sha(p) for p in store.root.rglob("*.safetensors")} == others
+    assert digests(store.root) == others
     with pytest.raises(KeyError, match="delta"):
         store.load("delta")
 
@@ -315,10 +304,6 @@ FAULTS: dict[str, tuple[Fault, str]] = {
     "cut at the header start": (truncate_at(lambda p: 8), "truncated or not a safetensors file"),
     "cut inside the header": (truncate_at(lambda p: 8 + header_length(p) // 2), "truncated or not a safetensors"),
     "cut at the data start": (truncate_at(data_start), "truncated or not a safetensors file"),
-    "cut inside the data": (
-        truncate_at(lambda p: (data_start(p) + p.stat().st_size) // 2),
-        "truncated or not a safetensors file",
-    ),
     "last byte missing": (truncate_at(lambda p: p.stat().st_size - 1), "truncated or not a safetensors file"),
     "byte flipped in the first tensor": (flip_byte(lambda p: data_start(p) + 1, 0xFF), "checksum mismatch"),
     "byte flipped in the middle of the data": (
@@ -327,7 +312,9 @@ FAULTS: dict[str, tuple[Fault, str]] = {
     ),
     "byte flipped in the last tensor": (flip_byte(lambda p: p.stat().st_size - 1), "checksum mismatch"),
     "byte flipped in the header length": (flip_byte(lambda p: 0, 0xFF), "truncated or not a safetensors file"),
-    "byte flipped in a label": (flip_byte(offset_of("a2")), "metadata checksum mismatch"),
+    # the label as the header escapes it: a bare "a2" is often first found inside a sha256 digest (the metadata's
+    # order varies from one write to the next), which made this a second flipped-checksum case
+    "byte flipped in a label": (flip_byte(offset_of('a2\\"')), "metadata checksum mismatch"),
     "byte flipped in the tenant": (flip_byte(offset_of('alpha"')), "metadata checksum mismatch"),
     "byte flipped in input_scale": (flip_byte(offset_of("8.0")), "metadata checksum mismatch"),
     "byte flipped in an architecture key": (flip_byte(offset_of('dim\\"')), "metadata checksum mismatch"),
@@ -397,9 +384,9 @@ def test_each_fault_is_refused_and_harms_nothing_else(saved, name):
     store, _, shards, v2 = saved
     fault, reason = FAULTS[name]
     bad = store.path("alpha", 2)
-    before = fingerprints(store)
+    before = digests(store.root)
     fault(bad, v2, shards["alpha"][1].with_version(2))
-    assert sha(bad) != before[bad]
+    assert sha256_of(bad) != before[bad.relative_to(store.root)]
 
     for load in (lambda: read_shard(bad, FP), lambda: store.load("alpha", trunk_fingerprint=FP)):
         with pytest.raises(ShardError) as caught:
@@ -408,8 +395,8 @@ def test_each_fault_is_refused_and_harms_nothing_else(saved, name):
         assert reason in caught.value.reason, caught.value.reason
 
     # nothing else was touched: other tenants and alpha's earlier version load, byte-identical
-    after = fingerprints(store)
-    assert {p: h for p, h in after.items() if p != bad} == {p: h for p, h in before.items() if p != bad}
+    after, bad_key = digests(store.root), bad.relative_to(store.root)
+    assert {p: h for p, h in after.items() if p != bad_key} == {p: h for p, h in before.items() if p != bad_key}
     for tenant, (tensors, meta) in shards.items():
         loaded, loaded_meta = store.load(tenant, version=1, trunk_fingerprint=FP)
         assert loaded_meta == meta.with_version(1) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
@@ -523,7 +510,7 @@ def test_a_writer_killed_mid_write_leaves_the_store_as_it_was(tmp_path, mode):
         store.save(tensors, meta)
     big_v1 = store.path("big", 1)
     assert big_v1.stat().st_size > 1 << 20  # large enough that the write is real work
-    before, records = fingerprints(store), store.records()
+    before, records = digests(store.root), store.records()
     tensors_v1, meta_v1 = store.load("big", trunk_fingerprint=FP)
 
     stderr = tmp_path / "stderr.txt"
@@ -533,7 +520,7 @@ def test_a_writer_killed_mid_write_leaves_the_store_as_it_was(tmp_path, mode):
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
-            env=os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+            env=child_env(),
         )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(child.stdout, lines), daemon=True).start()
@@ -550,11 +537,11 @@ def test_a_writer_killed_mid_write_leaves_the_store_as_it_was(tmp_path, mode):
     # the previous version is intact and still the latest; no new version is visible
     assert not store.path("big", 2).exists()
     assert store.versions("big") == [1] and store.latest("big") == 1 and store.records() == records
-    assert sha(big_v1) == before[big_v1]
+    assert sha256_of(big_v1) == before[big_v1.relative_to(store.root)]
     tensors, meta = store.load("big", trunk_fingerprint=FP)
     assert meta == meta_v1 and all(torch.equal(tensors[k], tensors_v1[k]) for k in tensors_v1)
-    assert {p: h for p, h in fingerprints(store).items() if p in before} == before
-    leftovers = [p for p in fingerprints(store) if p not in before]
+    assert {p: h for p, h in digests(store.root).items() if p in before} == before
+    leftovers = [store.root / p for p in digests(store.root) if p not in before]
     assert leftovers, "the kill should have left the writer's temporary file behind"
     for p in leftovers:
         assert p.name.startswith(".") and p.name.endswith(".tmp") and p.parent.name == "big"
@@ -578,13 +565,19 @@ def test_nothing_on_the_load_path_unpickles(saved, monkeypatch):
     tenant = torch.tensor([UNKNOWN_TENANT, 0, 1, 2, 3, UNKNOWN_TENANT] * 4)
     expected = predict(model, x), predict(model, x, tenant)
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("something unpickled on the load path")
+    unpickled: list[str] = []  # recorded, not only raised: a loader that caught the error would still be seen
+
+    def refuse(name: str):
+        def call(*args, **kwargs):
+            unpickled.append(name)
+            raise AssertionError(f"{name} called on the load path")
+
+        return call
 
     for target, name in ((pickle, "loads"), (pickle, "load"), (pickle, "Unpickler"), (pickle, "_Unpickler")):
-        monkeypatch.setattr(target, name, refuse)
-    monkeypatch.setattr(torch, "load", refuse)
-    monkeypatch.setattr(torch.serialization, "load", refuse)
+        monkeypatch.setattr(target, name, refuse(f"pickle.{name}"))
+    monkeypatch.setattr(torch, "load", refuse("torch.load"))
+    monkeypatch.setattr(torch.serialization, "load", refuse("torch.serialization.load"))
 
     for tenant_name, (tensors, _) in shards.items():
         loaded, loaded_meta = store.load(tenant_name, trunk_fingerprint=FP)
@@ -602,3 +595,4 @@ def test_nothing_on_the_load_path_unpickles(saved, monkeypatch):
     torch.save(shards["alpha"][0], store.path("alpha", 9))
     with pytest.raises(ShardError, match="not a safetensors file"):
         store.load("alpha", version=9, trunk_fingerprint=FP)
+    assert unpickled == []

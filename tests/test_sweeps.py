@@ -5,37 +5,17 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT, tenant_files_override, write_synthetic_tenants
+from tests.helpers import run_python, synthetic_data
 
 pytestmark = pytest.mark.subprocess
 
 # wandb (offline) so that the tests see each job's run name and group
 FAST = ["trunk=tiny", "logger=wandb", "callbacks=none", "trainer.max_epochs=1", "data.batch_size=16"]
-# Set by a shell, a SLURM job or a sweep: each would change what a child run does.
-INHERITED = ("SLURM_", "MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "WANDB_NAME", "WANDB_RUN_GROUP")
-
-
-def run_script(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python scripts/<script> args` from the repository root, caches and data from this session's environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(INHERITED)}
-    env |= {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
-    done = subprocess.run(
-        [sys.executable, f"scripts/{script}", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert done.returncode == 0, f"{script} {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return done
-
-
-def synthetic_data(folder: Path) -> list[str]:
-    return ["data=tenant_files", tenant_files_override(write_synthetic_tenants(folder))]
 
 
 def job_folders(sweep: Path) -> list[Path]:
@@ -52,10 +32,11 @@ def assert_own_outputs(job: Path) -> dict:
     return metrics
 
 
+@pytest.mark.slow
 def test_optuna_search_and_collect_runs(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "hparams_search=clinc150_optuna", *synthetic_data(tmp_path / "data"), *FAST]
-    run_script("train.py", *args, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}")
+    run_python("scripts/train.py", *args, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}")
 
     jobs = job_folders(sweep)
     assert [j.name for j in jobs] == ["0", "1", "2"]
@@ -69,7 +50,7 @@ def test_optuna_search_and_collect_runs(tmp_path):
     assert [c["name"] for c in wandb_cfgs] == ["trial-0", "trial-1", "trial-2"]
     assert all(list((job / "wandb").glob("offline-run-*/run-*.wandb")) for job in jobs)
 
-    table = run_script("collect_runs.py", str(sweep), "--metric", "val/acc_routed").stdout
+    table = run_python("scripts/collect_runs.py", str(sweep), "--metric", "val/acc_routed").stdout
     with (sweep / "summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(row["job"] for row in rows) == ["0", "1", "2"]
@@ -85,9 +66,7 @@ def test_optuna_search_and_collect_runs(tmp_path):
 
 
 def test_collect_runs_refuses_a_folder_without_runs(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "scripts/collect_runs.py", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
-    )
+    done = run_python("scripts/collect_runs.py", str(tmp_path), check=False)
     assert done.returncode != 0 and "no runs under" in done.stderr
 
 
@@ -103,12 +82,13 @@ LAUNCHERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_launcher_runs_each_job_in_its_own_folder(launcher, tmp_path):
     overrides, logged, grouped = LAUNCHERS[launcher]
     sweep = tmp_path / "sweep"
     args = [*synthetic_data(tmp_path / "data"), *FAST, "seed=0,1", f"hydra.sweep.dir={sweep}"]
-    done = run_script("train.py", "-m", *overrides, *args)
+    done = run_python("scripts/train.py", "-m", *overrides, *args)
     assert logged in done.stdout + done.stderr
 
     jobs = job_folders(sweep)

@@ -5,7 +5,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -15,7 +15,7 @@ from moe.model import best_labels, union_scores
 from moe.store import ExpertStore, expert_shards, read_shard
 from moe.training.run import build_classifier, build_data, train
 from moe.trunk import TinyTrunk
-from tests.conftest import CONF, compose_train, tenant_files_override, write_synthetic_tenants
+from tests.helpers import CONF, compose_config, synthetic_data
 
 FAST = [
     "trunk=tiny",
@@ -29,11 +29,11 @@ FAST = [
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained")
-    files, out = write_synthetic_tenants(folder / "data"), folder / "run"
-    cfg = compose_train(["data=tenant_files", tenant_files_override(files), "logger=csv", *FAST], out)
-    return train(cfg), out
+    out = folder / "run"
+    return train(compose_config("train", [*synthetic_data(folder / "data"), "logger=csv", *FAST], out)), out
 
 
+@pytest.mark.slow
 def test_run_writes_config_shards_gate_and_metrics(trained):
     metrics, out = trained
     assert (out / "config.yaml").is_file() and (out / "gate.safetensors").is_file()
@@ -45,6 +45,7 @@ def test_run_writes_config_shards_gate_and_metrics(trained):
     assert (out / "csv").is_dir()
 
 
+@pytest.mark.slow
 def test_each_expert_is_a_self_describing_shard_readable_with_safetensors_alone(trained):
     _, out = trained
     shards = sorted((out / "experts").rglob("*.safetensors"))
@@ -65,11 +66,12 @@ def by_tenant(model, output) -> tuple[list[list[str]], torch.Tensor]:
     return chosen, output.router.probs[:, order]
 
 
-def test_reassembled_mixture_predicts_like_the_trained_one(tmp_path, synthetic_tenants):
+@pytest.mark.slow
+def test_reassembled_mixture_predicts_like_the_trained_one(tmp_path):
     """The trained in-memory mixture, cut into shards and built back by `load_mixture`, routes and scores alike
     (the two list their experts in different orders, so the gate's sums may round apart in a near tie)."""
     L.seed_everything(0)
-    cfg = compose_train(["data=tenant_files", tenant_files_override(synthetic_tenants), *FAST], tmp_path / "run")
+    cfg = compose_config("train", [*synthetic_data(tmp_path / "data"), *FAST], tmp_path / "run")
     trunk = TinyTrunk(dim=32, freeze=True)
     data = build_data(cfg, trunk)
     data.setup()
@@ -93,10 +95,11 @@ def test_reassembled_mixture_predicts_like_the_trained_one(tmp_path, synthetic_t
             assert torch.equal(best_labels(ours)[0][same], best_labels(theirs)[0][same])
 
 
-def test_wandb_logger_runs_offline(tmp_path, synthetic_tenants, monkeypatch):
+@pytest.mark.slow
+def test_wandb_logger_runs_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "run"
-    cfg = compose_train(["data=tenant_files", tenant_files_override(synthetic_tenants), "logger=wandb", *FAST], out)
+    cfg = compose_config("train", [*synthetic_data(tmp_path / "data"), "logger=wandb", *FAST], out)
     train(cfg)
     assert list((out / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
 
@@ -111,6 +114,7 @@ def test_every_experiment_file_names_the_command_that_runs_it():
     assert named == {p.stem for p in (CONF / "experiment").glob("*.yaml")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", experiments_run_by("train"))
 def test_every_experiment_runs_with_tiny_limits(experiment, tmp_path, clinc_dir):
     overrides = [
@@ -120,25 +124,16 @@ def test_every_experiment_runs_with_tiny_limits(experiment, tmp_path, clinc_dir)
         "trainer.max_epochs=1",
         "data.tenants.domains=[banking,travel]",
     ]
-    metrics = train(compose_train(overrides, tmp_path / experiment))
+    metrics = train(compose_config("train", overrides, tmp_path / experiment))
     assert metrics["data/tenants"] == 2
     assert len(list((tmp_path / experiment / "experts").rglob("*.safetensors"))) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", experiments_run_by("scenario"))
 def test_every_scenario_experiment_runs_with_tiny_limits(experiment, tmp_path, clinc_dir):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "scenario",
-            overrides=[
-                f"experiment={experiment}",
-                "trunk=tiny",
-                "growth.epochs=1",
-                "growth.rank=4",
-                "baselines.sequential=false",
-                f"paths.output_dir={tmp_path}",
-            ],
-        )
+    overrides = [f"experiment={experiment}", "trunk=tiny", "growth.epochs=1", "growth.rank=4"]
+    cfg = compose_config("scenario", [*overrides, "baselines.sequential=false"], tmp_path)
     metrics = run_scenario(cfg)
     assert metrics["final/tenants"] == len({e.tenant for e in cfg.events})
     assert metrics["final/forgetting_tenant_given"] == 0.0 and metrics["wake/identical"] == 1.0
@@ -146,15 +141,16 @@ def test_every_scenario_experiment_runs_with_tiny_limits(experiment, tmp_path, c
         assert (tmp_path / name).is_file()
 
 
-def test_trainable_trunk_trains_and_is_saved(tmp_path, synthetic_tenants):
+@pytest.mark.slow
+def test_trainable_trunk_trains_and_is_saved(tmp_path):
     out = tmp_path / "run"
-    cfg = compose_train(
-        ["data=tenant_files", tenant_files_override(synthetic_tenants), "logger=csv", *FAST, "trunk.freeze=false"], out
-    )
+    cfg = compose_config("train", [*synthetic_data(tmp_path / "data"), "logger=csv", *FAST, "trunk.freeze=false"], out)
+    initial: TinyTrunk = instantiate(cfg.trunk)  # the trunk train() starts from: the same class, config and seed
     train(cfg)
-    weights = load_file(out / "trunk.safetensors")
-    initial = TinyTrunk(dim=32, seed=0).state_dict()
-    assert not torch.equal(weights["proj.weight"], initial["proj.weight"]), "the trunk did not train"
-    rebuilt = TinyTrunk.rebuild({"dim": 32, "buckets": 4096, "seed": 0}, out)  # the experts' trunk, from the file
-    _, meta = read_shard(out / "experts" / "bank" / "v0001.safetensors", rebuilt.fingerprint)
-    assert meta.trunk_fingerprint == rebuilt.fingerprint != TinyTrunk(dim=32, seed=0, freeze=True).fingerprint
+    weights, start = load_file(out / "trunk.safetensors"), initial.state_dict()
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in start.items()}
+    assert not torch.equal(weights["proj.weight"], start["proj.weight"]), "the saved trunk is the untrained one"
+    rebuilt = TinyTrunk.rebuild(initial.init_arguments(), out)  # the experts' trunk, from the file
+    for shard in sorted((out / "experts").rglob("*.safetensors")):  # each expert names the saved trunk
+        _, meta = read_shard(shard, rebuilt.fingerprint)
+        assert meta.trunk_fingerprint == rebuilt.fingerprint != initial.fingerprint
