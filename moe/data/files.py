@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -11,30 +12,52 @@ from moe.data.tenant import SPLITS, Example, Tenant, TenantDataError
 
 Row = tuple[int, dict]  # (1-based row number as an editor shows it, record)
 
+_SURROGATE = re.compile("[\ud800-\udfff]")  # what surrogateescape makes of a byte that is not UTF-8
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """The file's lines, newlines kept (for csv); a byte that is not UTF-8 names its line, byte and column."""
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:  # -sig: skip a BOM
+        for number, line in enumerate(handle, start=1):
+            if bad := _SURROGATE.search(line):
+                byte, column = ord(bad.group()) - 0xDC00, bad.start() + 1
+                raise TenantDataError(path, f"not UTF-8 text: byte 0x{byte:02x} at column {column}", row=number)
+            yield line
+
 
 def _csv_rows(path: Path) -> Iterator[Row]:
-    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: skip a BOM
-        reader = csv.DictReader(handle)
+    reader = csv.DictReader(_lines(path))
+    try:
         if not reader.fieldnames:
             raise TenantDataError(path, "empty file (no header row)")
         for record in reader:
             if None in record:
                 raise TenantDataError(path, "more fields than the header names", row=reader.line_num)
             yield reader.line_num, record
+    except csv.Error as error:  # e.g. a field over csv.field_size_limit()
+        raise TenantDataError(path, f"bad CSV: {error}", row=reader.line_num) from None
 
 
 def _jsonl_rows(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8-sig") as handle:  # -sig: skip a BOM
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TenantDataError(path, f"bad JSON: {error.msg} (column {error.colno})", row=number) from None
-            if not isinstance(record, dict):
-                raise TenantDataError(path, f"expected a JSON object, got {type(record).__name__}", row=number)
-            yield number, record
+    for number, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise TenantDataError(path, f"bad JSON: {error.msg} (column {error.colno})", row=number) from None
+        except (ValueError, RecursionError) as error:  # an integer over 4300 digits; nesting too deep
+            raise TenantDataError(path, f"bad JSON: {error}", row=number) from None
+        if not isinstance(record, dict):
+            raise TenantDataError(path, f"expected a JSON object, got {type(record).__name__}", row=number)
+        yield number, record
+
+
+def _unencodable(value: str) -> str | None:
+    """Why `value` cannot be encoded as UTF-8 (a lone surrogate, e.g. from a JSON escape), or None."""
+    if bad := _SURROGATE.search(value):
+        return f"not encodable as UTF-8: lone surrogate U+{ord(bad.group()):04X} at position {bad.start()}"
+    return None
 
 
 def read_examples(
@@ -60,12 +83,16 @@ def read_examples(
         text, label = record[text_column], record[label_column]
         if not isinstance(text, str) or not text.strip():
             raise TenantDataError(path, f"blank text in column {text_column!r}", row=number)
-        if label is None or not str(label).strip():
+        label = "" if label is None else str(label)
+        if not label.strip():
             raise TenantDataError(path, f"blank label in column {label_column!r}", row=number)
+        for column, value in ((text_column, text), (label_column, label)):
+            if problem := _unencodable(value):
+                raise TenantDataError(path, f"column {column!r} is {problem}", row=number)
         split = str(record[split_column]).strip() if split_column else "train"
         if split not in SPLITS:
             raise TenantDataError(path, f"unknown split {split!r} (expected one of {SPLITS})", row=number)
-        yield number, split, Example(text.strip(), str(label).strip())
+        yield number, split, Example(text.strip(), label.strip())
     if not seen_any:
         raise TenantDataError(path, "empty file (no rows)")
 

@@ -2,20 +2,30 @@
 
     echo '{"text": "what is my balance", "tenant": "banking"}' | python -m moe.serving outputs/bundle --budget-mb 64
 
-A query is `{"text": "...", "tenant": "..." (optional)}`. Output line N answers input line N: a line that is not
-such a query (blank lines included), or names an unknown tenant, gets `{"error": "...", "line": N}`; the server
-goes on with the next.
+A query is `{"text": "...", "tenant": "..." (optional)}` in UTF-8. Output line N answers input line N: a line that
+is not UTF-8 or not such a query (blank lines and blank or unencodable texts included), or names an unknown tenant,
+gets `{"error": "...", "line": N}`; the server goes on with the next.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import sys
-from collections.abc import Iterator
-from typing import TextIO
+from collections.abc import Iterable, Iterator
 
-from moe.serving.runtime import Server
+from moe.serving.runtime import Server, text_problem
+
+
+def decode_line(line: bytes, first: bool = False) -> str:
+    """A line of stdin as text (the first without a BOM); ValueError names the first byte that is not UTF-8."""
+    if first and line.startswith(codecs.BOM_UTF8):
+        line = line[len(codecs.BOM_UTF8) :]
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8: byte 0x{line[error.start]:02x} at column {error.start + 1}") from None
 
 
 def parse_query(line: str) -> tuple[str, str | None]:
@@ -30,12 +40,14 @@ def parse_query(line: str) -> tuple[str, str | None]:
     text, tenant = query.get("text"), query.get("tenant")
     if not isinstance(text, str) or not text.strip():
         raise ValueError('"text" must be a non-blank string')
+    if problem := text_problem(text):
+        raise ValueError(f'"text" is {problem}')
     if tenant is not None and not isinstance(tenant, str):
         raise ValueError('"tenant" must be a string or null')
     return text, tenant
 
 
-def chunks(lines: TextIO, size: int) -> Iterator[list[tuple[int, str]]]:
+def chunks(lines: Iterable[bytes | str], size: int) -> Iterator[list[tuple[int, bytes | str]]]:
     """Numbered lines, `size` at a time (1: answer each line as soon as it arrives)."""
     chunk = []
     for number, line in enumerate(lines, start=1):
@@ -47,13 +59,13 @@ def chunks(lines: TextIO, size: int) -> Iterator[list[tuple[int, str]]]:
         yield chunk
 
 
-def answer_chunk(server: Server, chunk: list[tuple[int, str]]) -> list[dict]:
+def answer_chunk(server: Server, chunk: list[tuple[int, bytes | str]]) -> list[dict]:
     """Answers in input order; one bad query spoils only its own line."""
     results: list[dict | None] = [None] * len(chunk)
     good = []
     for i, (number, line) in enumerate(chunk):
         try:
-            text, tenant = parse_query(line)
+            text, tenant = parse_query(decode_line(line, number == 1) if isinstance(line, bytes) else line)
             server.model.tenant_ids([tenant])  # KeyError names the known tenants
             good.append((i, text, tenant))
         except (ValueError, KeyError) as error:
@@ -66,17 +78,27 @@ def answer_chunk(server: Server, chunk: list[tuple[int, str]]) -> list[dict]:
     return results  # type: ignore[return-value]
 
 
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return number
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m moe.serving", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("bundle", help="bundle folder written by scripts/export.py")
     parser.add_argument("--budget-mb", type=float, default=256.0, help="expert weights resident at most (MiB)")
-    parser.add_argument("--batch", type=int, default=1, help="lines answered together (1: each as it arrives)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="lines answered together (1: each as it arrives)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     server = Server(args.bundle, budget_bytes=int(args.budget_mb * 2**20), device=args.device)
-    for chunk in chunks(sys.stdin, max(1, args.batch)):
+    for chunk in chunks(sys.stdin.buffer, args.batch):  # bytes: each line is decoded on its own
         for result in answer_chunk(server, chunk):
             sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()

@@ -10,7 +10,7 @@ reentrant) runs under a lock, the experts under the pager's own locking.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -18,7 +18,34 @@ import torch
 from moe.inference import Answer, Bundle, open_bundle, predict
 from moe.model import UNKNOWN_TENANT
 
-Tenants = str | Sequence[str | None] | None
+Tenants = str | Iterable[str | None] | None
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be served (blank, or not encodable as UTF-8: a lone surrogate), or None."""
+    if not text.strip():
+        return "blank text"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"not encodable as UTF-8 (lone surrogate U+{ord(text[error.start]):04X} at position {error.start})"
+    return None
+
+
+def checked_texts(texts: Iterable[str]) -> list[str]:
+    """`texts` as a list, each a non-blank string encodable as UTF-8; otherwise TypeError or ValueError naming every
+    bad index."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be an iterable of strings, not a single string")
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise TypeError(f"texts must be an iterable of strings, got {type(texts).__name__}") from None
+    if wrong := [f"texts[{i}] is {type(t).__name__}" for i, t in enumerate(texts) if not isinstance(t, str)]:
+        raise TypeError(f"texts must be strings: {'; '.join(wrong)}")
+    if bad := [f"texts[{i}]: {problem}" for i, t in enumerate(texts) if (problem := text_problem(t))]:
+        raise ValueError(f"texts that cannot be served: {'; '.join(bad)}")
+    return texts
 
 
 class Server:
@@ -32,6 +59,8 @@ class Server:
         host_budget_bytes: int = 0,
         max_batch: int = 1024,
     ):
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.max_batch = max_batch
         opened = open_bundle(bundle, device, budget_bytes, host_budget_bytes)
         self.bundle, self.trunk, self.model = opened.bundle, opened.trunk, opened.model
@@ -66,15 +95,15 @@ class Server:
             result += predict(self.model, x, given, self.oos_kind, self.threshold)
         return result
 
-    def predict(self, texts: Sequence[str], tenant: Tenants = None) -> list[Answer]:
-        """One answer per text. `tenant`: None (the gate chooses among all experts), one tenant's name for every
-        text, or a list with a name or None per text. An unknown tenant raises KeyError naming the known ones."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("texts must be a sequence of strings")
-        texts = list(texts)
+    def predict(self, texts: Iterable[str], tenant: Tenants = None) -> list[Answer]:
+        """One answer per text (any iterable of non-blank strings encodable as UTF-8; a bad one raises TypeError or
+        ValueError naming every bad index). `tenant`: None (the gate chooses among all experts), one tenant's name
+        for every text, or a list with a name or None per text. An unknown tenant raises KeyError naming the known
+        ones. Nothing is encoded unless every text and tenant is good."""
+        texts = checked_texts(texts)
         names = self._tenant_list(tenant, len(texts))
         self.model.tenant_ids(names)  # refuse an unknown tenant before encoding anything
-        return self.predict_features(self.encode(texts), names)
+        return self.predict_features(self.encode(texts), names) if texts else []
 
     def stats(self) -> dict:
         """The pager's counters (hits, misses, page-ins, resident bytes)."""
