@@ -187,10 +187,11 @@ def test_archive_and_delete(saved, tmp_path):
     assert target == tmp_path / "archive" / "gamma" and not (store.root / "gamma").exists()
     assert digests(target) == before  # moved intact, live and retired
     assert read_shard(target / "v0002.safetensors", FP)[1].tenant == "gamma"
-    assert "gamma" not in store.tenants()
+    assert "gamma" not in store.tenants() and store.retired("gamma") == f"archived to {target}"  # a tombstone
     with pytest.raises(KeyError, match="gamma"):
         store.load("gamma")
-    store.save(*shards["gamma"])
+    store.save(*shards["gamma"])  # the name holds a new expert: the tombstone goes
+    assert store.retired("gamma") is None
     with pytest.raises(FileExistsError):
         store.archive("gamma", tmp_path / "archive")  # never overwrites an archive
     assert (store.root / "gamma" / "v0001.safetensors").is_file()
@@ -198,7 +199,8 @@ def test_archive_and_delete(saved, tmp_path):
     others = {p: h for p, h in digests(store.root).items() if p.parts[0] != "delta"}
     store.delete("delta")
     assert not (store.root / "delta").exists() and "delta" not in store.tenants()
-    assert digests(store.root) == others
+    after = digests(store.root)
+    assert after.pop(Path(".retired", "delta")) and after == others and store.retired("delta") == "deleted"
     with pytest.raises(KeyError, match="delta"):
         store.load("delta")
 

@@ -60,7 +60,8 @@ def load_mixture(
 ) -> PagedMixture:
     """The latest version of each tenant (all awake ones by default, in sorted order), paged under `budget_bytes`.
 
-    Every shard is verified in full (checksums, trunk fingerprint, architecture). A shard that fails is an error
+    Every shard is verified in full (checksums, trunk fingerprint, architecture, and the store's rule that a shard
+    lives in its own tenant's folder: `ExpertStore.check_shard`). A shard that fails is an error
     naming it, since a partial model would be evaluated or served silently; with `skip_failed` it is left out
     instead, logged, and listed in the model's `left_out`, and it never stops the others.
 
@@ -97,10 +98,16 @@ def load_mixture(
             try:
                 if header.architecture != arch:
                     raise ShardError(store.path(*key), f"architecture {header.architecture} differs from {arch}")
-                tensors, meta = loader.register(key, store.path(*key))
-                if statistics and not tensors["stats.count"].sum() > 0:
+                tensors, meta = loader.register(key, path := store.path(*key))
+                try:  # the file read in full is checked too: it may not be the one whose header was read
+                    store.check_shard(path, meta)
+                    if meta != header:
+                        raise ShardError(path, "changed while the mixture was being built")
+                    if statistics and not tensors["stats.count"].sum() > 0:
+                        raise ShardError(path, "holds no feature statistics, which statistics rows need")
+                except ShardError:
                     loader.forget(key)
-                    raise ShardError(store.path(*key), "holds no feature statistics, which statistics rows need")
+                    raise
             except (ShardError, KeyError, ValueError) as error:
                 failed[key[0]] = error
                 continue

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import stat
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _new_file_mode(path: Path) -> int:
+    """The mode a file created at `path` gets under the umask (0o666 & ~umask), read from one created there (read,
+    not computed: `os.umask` can only be read by changing it, for every thread)."""
+    path.unlink(missing_ok=True)  # a leftover keeps its own mode
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+
+
 def write_shard(path: str | Path, tensors: dict[str, torch.Tensor], meta: ExpertMeta) -> Path:
-    """Atomic: write a temporary file beside the target, fsync it, rename it over, fsync the folder."""
+    """Atomic: write a temporary file beside the target, fsync it, rename it over, fsync the folder. The file gets
+    the permissions any new file gets under the umask (safetensors alone would make it 0600)."""
     path = Path(path)
     shapes = expected_shapes(meta.architecture, len(meta.labels))
     if (got := {k: tuple(v.shape) for k, v in tensors.items()}) != shapes:
@@ -128,7 +141,9 @@ def write_shard(path: str | Path, tensors: dict[str, torch.Tensor], meta: Expert
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     try:
+        mode = _new_file_mode(tmp)
         save_file(tensors, tmp, metadata=meta.to_strings(tensors_sha256(tensors)))
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

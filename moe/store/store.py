@@ -4,8 +4,18 @@
     <root>/<tenant>/v0002.retired.safetensors  a retired version: kept, never loaded
     <root>/<tenant>/.v0004.safetensors.<pid>.tmp  a write in flight (or killed): invisible to readers
     <root>/<tenant>/DORMANT                    the tenant is hibernating: kept, not routed to until woken
+    <root>/.locks/<tenant>.lock                the tenant's write lock
+    <root>/.retired/<tenant>                   a retired tenant's tombstone: where it was archived, or "deleted"
 
-Every change is one atomic rename, so a process killed at any point leaves a consistent store.
+The one rule of a store: a tenant's folder is named by `check_tenant_name`, and every shard in it is that tenant's
+(its metadata's tenant is the folder's name, its version the file name's). A shard that breaks it (a copied folder,
+a shard moved or copied by hand) is refused by name wherever it is read: `load`, `load_latest`, `meta`,
+`check_shard` (which the mixture builder calls). A folder whose name breaks the name rule (hidden ones, `tmp copy/`)
+is no tenant: skipped with a warning.
+
+Every change is one atomic rename, so a process killed at any point leaves a consistent store. Writers (`save`,
+`hibernate`, `wake`, `retire`, `restore`, `rollback`, `archive`, `delete`) hold the tenant's file lock, so that
+across threads and processes no version is handed out twice or lost; readers take no lock.
 """
 
 from __future__ import annotations
@@ -14,22 +24,39 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from moe.store.shard import ExpertMeta, ShardError, read_meta, read_shard, write_shard
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_FILE = re.compile(r"^v(\d+)(\.retired)?\.safetensors$")
+NAME_LENGTH = 64
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_FILE = re.compile(r"v(\d{4}|[1-9]\d{4,})(\.retired)?\.safetensors")  # the names `ExpertStore.path` writes
+_OWN = (".locks", ".retired")  # the store's own folders, never tenants
 
 
-def check_tenant_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"tenant name {name!r} must be letters, digits, '_', '.' or '-' (it names a folder)")
+def check_tenant_name(name: object) -> str:
+    """`name` if it can name a tenant (and its folder): a string of at most 64 ASCII letters, digits, '_', '.' or
+    '-' that starts with a letter or digit. Anything else is a ValueError saying why."""
+    if not isinstance(name, str):
+        raise ValueError(
+            f"tenant name must be a string, got {type(name).__name__} {name!r} "
+            f"(quote it in YAML/Hydra: tenant.name='\"{name}\"')"
+        )
+    if len(name) > NAME_LENGTH:
+        raise ValueError(f"tenant name {name[:20]!r}... is {len(name)} characters long; at most {NAME_LENGTH}")
+    if not _NAME.fullmatch(name):
+        raise ValueError(
+            f"tenant name {name!r} must be ASCII letters, digits, '_', '.' or '-', starting with a letter or digit "
+            "(it names a folder)"
+        )
     return name
 
 
@@ -50,15 +77,29 @@ class ExpertStore:
         suffix = ".retired.safetensors" if retired else ".safetensors"
         return self.root / check_tenant_name(tenant) / f"v{version:04d}{suffix}"
 
+    # -- reading ---------------------------------------------------------------------------------------------
+
     def records(self, tenant: str | None = None) -> list[ShardRecord]:
         """Every version of every tenant (or of one), live and retired, sorted by tenant and version."""
-        folders = [self.root / check_tenant_name(tenant)] if tenant else sorted(self.root.glob("*/"))
+        folders = [self.root / check_tenant_name(tenant)] if tenant is not None else self._tenant_folders()
         found = []
         for folder in folders:
             for path in folder.glob("v*.safetensors") if folder.is_dir() else ():
-                if match := _FILE.match(path.name):
+                if match := _FILE.fullmatch(path.name):
                     found.append(ShardRecord(folder.name, int(match[1]), bool(match[2]), path, path.stat().st_size))
         return sorted(found, key=lambda r: (r.tenant, r.version))
+
+    def _tenant_folders(self) -> list[Path]:
+        """The folders that can be tenants'; any other (hidden, `tmp copy`...) is skipped with a warning."""
+        folders = []
+        for folder in sorted(self.root.iterdir()) if self.root.is_dir() else ():
+            if folder.name in _OWN or not folder.is_dir():
+                continue
+            try:
+                folders.append(self.root / check_tenant_name(folder.name))
+            except ValueError as error:
+                log.warning("expert store %s: folder %r skipped, it is no tenant's: %s", self.root, folder.name, error)
+        return folders
 
     def tenants(self, dormant: bool = False) -> list[str]:
         """Tenants with at least one live version: the awake ones, or also the hibernating ones."""
@@ -68,21 +109,14 @@ class ExpertStore:
     def is_dormant(self, tenant: str) -> bool:
         return (self.root / check_tenant_name(tenant) / "DORMANT").is_file()
 
-    def hibernate(self, tenant: str) -> None:
-        """Mark a tenant dormant: its shards stay as they are; mixtures built from the store leave it out."""
-        self.latest(tenant)  # an unknown tenant is an error, not a new folder
-        marker = self.root / tenant / "DORMANT"
-        tmp = marker.with_name(f".DORMANT.{os.getpid()}.tmp")
-        tmp.write_text("hibernating\n")
-        os.replace(tmp, marker)
-
-    def wake(self, tenant: str) -> None:
-        if not self.is_dormant(tenant):
-            raise KeyError(f"tenant {tenant!r} is not hibernating in {self.root}; dormant: {self.dormant()}")
-        (self.root / tenant / "DORMANT").unlink()
-
     def dormant(self) -> list[str]:
         return [t for t in self.tenants(dormant=True) if self.is_dormant(t)]
+
+    def retired(self, tenant: str) -> str | None:
+        """How a retired tenant left the store ("archived to <folder>" or "deleted"), from its tombstone; None if
+        it was not retired, or its name was taken again since."""
+        tombstone = self.root / ".retired" / check_tenant_name(tenant)
+        return tombstone.read_text().strip() if tombstone.is_file() else None
 
     def versions(self, tenant: str) -> list[int]:
         """Live versions of a tenant, oldest first."""
@@ -90,32 +124,46 @@ class ExpertStore:
 
     def latest(self, tenant: str) -> int:
         if not (versions := self.versions(tenant)):
-            raise KeyError(
-                f"unknown tenant {tenant!r} in expert store {self.root}; known: {self.tenants(dormant=True)}"
-            )
+            raise self._unknown(tenant)
         return versions[-1]
 
-    def save(self, tensors: dict[str, torch.Tensor], meta: ExpertMeta) -> Path:
-        """Write `meta.tenant`'s next version (after every live or retired one; the version in `meta` is replaced)."""
-        taken = [r.version for r in self.records(meta.tenant)]
-        version = max(taken, default=0) + 1
-        return write_shard(self.path(meta.tenant, version), tensors, meta.with_version(version))
+    def _unknown(self, tenant: str) -> KeyError:
+        """The error for a tenant without a live version: retired, all its versions retired, or unknown."""
+        if (how := self.retired(tenant)) is not None:
+            return KeyError(f"tenant {tenant!r} is retired ({how}); growing it again would start a new expert")
+        if retired := [r.version for r in self.records(tenant)]:
+            return KeyError(f"tenant {tenant!r} has no live version in {self.root}; retired: {retired} (restore one)")
+        return KeyError(f"unknown tenant {tenant!r} in expert store {self.root}; known: {self.tenants(dormant=True)}")
+
+    def check_shard(self, path: Path, meta: ExpertMeta) -> ExpertMeta:
+        """The store's rule for a shard read from `path`: it is its folder's tenant's, under its own version's name."""
+        if meta.tenant != path.parent.name:
+            raise ShardError(
+                path,
+                f"folder {path.parent.name!r} holds a shard of tenant {meta.tenant!r} (a copied or misplaced shard: "
+                f"every shard of a store lives in its own tenant's folder)",
+            )
+        if (match := _FILE.fullmatch(path.name)) and int(match[1]) != meta.version:
+            raise ShardError(path, f"file name says version {int(match[1])}, its metadata version {meta.version}")
+        return meta
 
     def load(
         self, tenant: str, version: int | None = None, trunk_fingerprint: str | None = None
     ) -> tuple[dict[str, torch.Tensor], ExpertMeta]:
+        """A live version (default: the latest), verified in full (`read_shard`) and against the store's rule."""
         version = self.latest(tenant) if version is None else version
         if version not in self.versions(tenant):
             raise KeyError(f"tenant {tenant!r} has no live version {version}; live: {self.versions(tenant)}")
-        return read_shard(self.path(tenant, version), trunk_fingerprint)
+        tensors, meta = read_shard(path := self.path(tenant, version), trunk_fingerprint)
+        return tensors, self.check_shard(path, meta)
 
     def load_latest(
         self, tenants: list[str] | None = None, trunk_fingerprint: str | None = None
     ) -> tuple[dict[str, tuple[dict[str, torch.Tensor], ExpertMeta]], dict[str, Exception]]:
-        """The latest version of each tenant; a bad shard is reported in the second dict, never raised, so that
-        it can not stop the others from loading."""
+        """The latest version of each tenant; a bad shard or an unknown tenant is reported in the second dict, never
+        raised, so that it can not stop the others from loading (a name that breaks the name rule is a ValueError)."""
         loaded, failed = {}, {}
-        for tenant in tenants if tenants is not None else self.tenants():
+        for tenant in [check_tenant_name(t) for t in tenants] if tenants is not None else self.tenants():
             try:
                 loaded[tenant] = self.load(tenant, trunk_fingerprint=trunk_fingerprint)
             except (ShardError, KeyError, ValueError) as error:
@@ -124,13 +172,88 @@ class ExpertStore:
         return loaded, failed
 
     def meta(self, tenant: str, version: int | None = None) -> ExpertMeta:
-        """A version's metadata from its header alone (no tensors read, no checksum)."""
+        """A version's metadata from its header alone (no tensors read, no checksum), checked against the rule."""
         version = self.latest(tenant) if version is None else version
-        return read_meta(self.path(tenant, version))[0]
+        path = self.path(tenant, version)
+        return self.check_shard(path, read_meta(path)[0])
+
+    # -- writing: one tenant at a time, under its lock ------------------------------------------------------
+
+    @contextmanager
+    def _writing(self, tenant: str, new: bool = False) -> Iterator[None]:
+        """Hold `tenant`'s write lock, across threads and processes: `<root>/.locks/<tenant, lower case>.lock`, one
+        for names that differ in case only, so that the case check of a new tenant's save has no race. Unless
+        `new`, a tenant without a folder is a KeyError at once (and no lock file is made). Never nested: a second
+        lock on the same file in one thread would wait for ever."""
+        check_tenant_name(tenant)
+        if not new and not (self.root / tenant).is_dir():
+            raise self._unknown(tenant)
+        (self.root / ".locks").mkdir(parents=True, exist_ok=True)
+        with FileLock(self.root / ".locks" / f"{tenant.lower()}.lock"):
+            yield
+
+    def check_new_tenant(self, name: object) -> str:
+        """`name` if a new tenant may take it, else a ValueError: it must pass `check_tenant_name`, have no version
+        in the store (live or retired: update it, or restore one), and differ from every tenant's name in more than
+        case (their folders would be one on a case-insensitive file system). A retired tenant's name is free."""
+        name = check_tenant_name(name)
+        if records := self.records(name):
+            versions = [(r.version, "retired" if r.retired else "live") for r in records]
+            raise ValueError(f"tenant {name!r} already has an expert in {self.root} {versions}; use update")
+        if clash := sorted({t for t in (r.tenant for r in self.records()) if t.lower() == name.lower() and t != name}):
+            raise ValueError(f"tenant name {name!r} differs only in case from tenant {clash[0]!r} in {self.root}")
+        return name
+
+    def check_awake(self, tenant: str) -> None:
+        """A ValueError if `tenant` is hibernating (an update would change what it wakes up as)."""
+        if self.is_dormant(tenant):
+            raise ValueError(
+                f"tenant {tenant!r} is hibernating: wake it first, or pass allow_dormant=True to update it while it "
+                "sleeps"
+            )
+
+    def save(
+        self, tensors: dict[str, torch.Tensor], meta: ExpertMeta, new_tenant: bool = False, allow_dormant: bool = True
+    ) -> Path:
+        """Write `meta.tenant`'s next version, after every live or retired one (the version in `meta` is replaced),
+        under the tenant's lock. A tenant's first version must pass `check_new_tenant`; `new_tenant` demands that it
+        be the first (a grow), `allow_dormant=False` that the tenant be awake (an update). A retired tenant's
+        tombstone goes: its name now holds a new expert."""
+        tenant = check_tenant_name(meta.tenant)
+        if new_tenant or not (self.root / tenant).is_dir():
+            self.check_new_tenant(tenant)  # early too: a refused name leaves no lock file behind
+        with self._writing(tenant, new=True):
+            taken = [r.version for r in self.records(tenant)]
+            if new_tenant or not taken:
+                self.check_new_tenant(tenant)
+            if not allow_dormant:
+                self.check_awake(tenant)
+            version = max(taken, default=0) + 1
+            path = write_shard(self.path(tenant, version), tensors, meta.with_version(version))
+            (self.root / ".retired" / tenant).unlink(missing_ok=True)
+        return path
+
+    def hibernate(self, tenant: str) -> None:
+        """Mark a tenant dormant: its shards stay as they are; mixtures built from the store leave it out."""
+        with self._writing(tenant):
+            self.latest(tenant)  # an unknown tenant is an error, not a new folder
+            marker = self.root / tenant / "DORMANT"
+            tmp = marker.with_name(f".DORMANT.{os.getpid()}.tmp")
+            tmp.write_text("hibernating\n")
+            os.replace(tmp, marker)
+
+    def wake(self, tenant: str) -> None:
+        with self._writing(tenant):
+            if not self.is_dormant(tenant):
+                raise KeyError(f"tenant {tenant!r} is not hibernating in {self.root}; dormant: {self.dormant()}")
+            (self.root / tenant / "DORMANT").unlink()
 
     def retire(self, tenant: str, version: int | None = None) -> Path:
         """Take a version (default: the latest) out of use; the file stays, renamed, and can be restored."""
-        version = self.latest(tenant) if version is None else version
+        with self._writing(tenant):
+            return self._retire(tenant, self.latest(tenant) if version is None else version)
+
+    def _retire(self, tenant: str, version: int) -> Path:
         if version not in self.versions(tenant):
             raise KeyError(f"tenant {tenant!r} has no live version {version}")
         target = self.path(tenant, version, retired=True)
@@ -138,34 +261,48 @@ class ExpertStore:
         return target
 
     def restore(self, tenant: str, version: int) -> Path:
-        source = self.path(tenant, version, retired=True)
-        if not source.is_file():
-            raise KeyError(f"tenant {tenant!r} has no retired version {version}")
-        os.replace(source, self.path(tenant, version))
+        with self._writing(tenant):
+            source = self.path(tenant, version, retired=True)
+            if not source.is_file():
+                raise KeyError(f"tenant {tenant!r} has no retired version {version}")
+            os.replace(source, self.path(tenant, version))
         return self.path(tenant, version)
 
     def rollback(self, tenant: str, version: int) -> list[int]:
         """Make `version` the latest again by retiring every live version after it; returns those retired."""
-        if version not in self.versions(tenant):
-            raise KeyError(f"tenant {tenant!r} has no live version {version} to roll back to")
-        newer = [v for v in self.versions(tenant) if v > version]
-        for v in reversed(newer):
-            self.retire(tenant, v)
+        with self._writing(tenant):
+            if version not in self.versions(tenant):
+                raise KeyError(f"tenant {tenant!r} has no live version {version} to roll back to")
+            newer = [v for v in self.versions(tenant) if v > version]
+            for v in reversed(newer):
+                self._retire(tenant, v)
         return newer
 
     def archive(self, tenant: str, destination: str | Path) -> Path:
-        """Move every file of a tenant (live and retired) out of the store into `destination/<tenant>`."""
-        if not self.records(tenant):
-            raise KeyError(f"unknown tenant {tenant!r} in expert store {self.root}")
+        """Move every file of a tenant (live and retired) out of the store into `destination/<tenant>`, leaving a
+        tombstone that names it (see `retired`)."""
         target = Path(destination) / check_tenant_name(tenant)
-        if target.exists():
-            raise FileExistsError(f"{target} exists; refusing to overwrite an archive")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(self.root / tenant), str(target))
+        with self._writing(tenant):
+            if not self.records(tenant):
+                raise self._unknown(tenant)
+            if target.exists():
+                raise FileExistsError(f"{target} exists; refusing to overwrite an archive")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.root / tenant), str(target))
+            self._bury(tenant, f"archived to {target.absolute()}")
         return target
 
     def delete(self, tenant: str) -> None:
-        """Remove a tenant and all its versions from disk."""
-        if not self.records(tenant):
-            raise KeyError(f"unknown tenant {tenant!r} in expert store {self.root}")
-        shutil.rmtree(self.root / check_tenant_name(tenant))
+        """Remove a tenant and all its versions from disk, leaving a tombstone (see `retired`)."""
+        with self._writing(tenant):
+            if not self.records(tenant):
+                raise self._unknown(tenant)
+            shutil.rmtree(self.root / tenant)
+            self._bury(tenant, "deleted")
+
+    def _bury(self, tenant: str, how: str) -> None:
+        tombstone = self.root / ".retired" / tenant
+        tombstone.parent.mkdir(exist_ok=True)
+        tmp = tombstone.with_name(f".{tenant}.{os.getpid()}.tmp")
+        tmp.write_text(how + "\n")
+        os.replace(tmp, tombstone)
