@@ -1,19 +1,20 @@
-"""Grow a new tenant from its own CSV/JSONL file: trains only its expert and routing entry.
+"""Grow a new tenant from its own CSV/JSONL file: trains only its expert and routing entry. The file is streamed
+(its train rows are held as trunk features only); the name and every row are checked before the trunk loads.
 
     python scripts/grow.py store_dir=outputs/clinc150/experts tenant.name=acme tenant.files=data/acme.csv \\
         tenant.text_column=utterance tenant.label_column=intent
+    python scripts/grow.py store_dir=outputs/new_store create_store=true tenant.name=acme tenant.files=data/acme.csv
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from moe.lifecycle.config import build_lifecycle, tenant_from_config
+from moe.lifecycle.config import run_grow
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="lifecycle")
 def main(cfg: DictConfig) -> None:
-    lifecycle = build_lifecycle(cfg)
-    print(lifecycle.grow(tenant_from_config(cfg)))
+    print(run_grow(cfg))
 
 
 if __name__ == "__main__":

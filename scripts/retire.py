@@ -6,14 +6,12 @@ python scripts/retire.py store_dir=outputs/clinc150/experts tenant.name=acme arc
 import hydra
 from omegaconf import DictConfig
 
-from moe.store import ExpertStore
+from moe.lifecycle.config import run_retire
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="lifecycle")
 def main(cfg: DictConfig) -> None:
-    archive = cfg.archive_dir
-    store = ExpertStore(cfg.store_dir)
-    print(store.archive(cfg.tenant.name, archive) if archive else store.delete(cfg.tenant.name))
+    print(run_retire(cfg))
 
 
 if __name__ == "__main__":

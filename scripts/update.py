@@ -1,18 +1,19 @@
 """Update a tenant with more data or new intents: a new version (the old one is kept for rollback).
 
 python scripts/update.py store_dir=outputs/clinc150/experts tenant.name=acme tenant.files=data/acme_more.csv
+
+The file is streamed as grow streams it. A hibernating tenant is refused unless allow_dormant=true.
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from moe.lifecycle.config import build_lifecycle, tenant_from_config
+from moe.lifecycle.config import run_update
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="lifecycle")
 def main(cfg: DictConfig) -> None:
-    lifecycle = build_lifecycle(cfg)
-    print(lifecycle.update(tenant_from_config(cfg)))
+    print(run_update(cfg))
 
 
 if __name__ == "__main__":

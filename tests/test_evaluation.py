@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from moe.data import Example, Tenant, TenantDataError
+from moe.data import Example, Tenant, TenantDataError, TenantFile
 from moe.evaluation.calibration import expected_calibration_error, reliability
 from moe.evaluation.collect import collect
 from moe.evaluation.metrics import confusion_matrix, macro_f1
 from moe.evaluation.oos import rejection, select_threshold
-from moe.evaluation.sources import Query, TenantFile, file_queries, tenant_sources
+from moe.evaluation.sources import Query, file_queries, tenant_sources
 from moe.model import ExpertInfo, build_mixture
 from tests.helpers import THRESHOLD
 

@@ -2,7 +2,7 @@
 
 from moe.data.clinc150 import Clinc150, load_clinc150
 from moe.data.datamodule import TenantDataModule
-from moe.data.files import read_tenant_file
+from moe.data.files import TenantFile, read_examples, read_tenant_file
 from moe.data.tenant import SPLITS, Example, Tenant, TenantDataError
 
 __all__ = [
@@ -12,6 +12,8 @@ __all__ = [
     "Tenant",
     "TenantDataError",
     "TenantDataModule",
+    "TenantFile",
     "load_clinc150",
+    "read_examples",
     "read_tenant_file",
 ]

@@ -6,6 +6,7 @@ import csv
 import json
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from moe.data.tenant import SPLITS, Example, Tenant, TenantDataError
@@ -58,6 +59,18 @@ def _unencodable(value: str) -> str | None:
     if bad := _SURROGATE.search(value):
         return f"not encodable as UTF-8: lone surrogate U+{ord(bad.group()):04X} at position {bad.start()}"
     return None
+
+
+@dataclass(frozen=True)
+class TenantFile:
+    """A tenant's CSV/JSONL file(s), as in `conf/data/tenant_files.yaml` (one file, or split -> file), not read yet:
+    evaluation, grow and update stream it (`read_examples`); `read_tenant_file` reads it whole."""
+
+    name: str
+    files: str | Mapping[str, str]
+    text_column: str = "text"
+    label_column: str = "label"
+    split_column: str | None = None
 
 
 def read_examples(

@@ -4,14 +4,13 @@ tenant given, macro-F1, routing and its confusion, out-of-scope rejection, calib
 from moe.evaluation.collect import Outcome, collect
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture, evaluate_store
 from moe.evaluation.metrics import accuracy
-from moe.evaluation.sources import Query, SplitSource, TenantFile, tenant_sources
+from moe.evaluation.sources import Query, SplitSource, tenant_sources
 
 __all__ = [
     "Evaluation",
     "Outcome",
     "Query",
     "SplitSource",
-    "TenantFile",
     "accuracy",
     "collect",
     "evaluate_mixture",

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from moe.data import Tenant
 from moe.data.clinc150 import load_clinc150
-from moe.data.files import read_examples
+from moe.data.files import TenantFile, read_examples
 
 
 class Query(NamedTuple):
@@ -35,17 +35,6 @@ class SplitSource:
 
     def batches(self, batch_size: int) -> Iterator[list[Query]]:
         return chain.from_iterable(batched(part(), batch_size) for part in self.parts)
-
-
-@dataclass(frozen=True)
-class TenantFile:
-    """A tenant's CSV/JSONL file(s), as in `conf/data/tenant_files.yaml` (one file, or split -> file)."""
-
-    name: str
-    files: str | Mapping[str, str]
-    text_column: str = "text"
-    label_column: str = "label"
-    split_column: str | None = None
 
 
 def batched(queries: Iterable[Query], size: int) -> Iterator[list[Query]]:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture
 from moe.evaluation.inputs import feature_encoder, open_trained_store, sources_from_config
-from moe.export.writer import write_bundle_manifest, write_files
+from moe.export.writer import check_target, write_bundle_manifest, write_files
 from moe.inference import load_mixture
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,10 @@ def accuracy_cost(reference: Evaluation, lowered: Evaluation, dtype: str) -> dic
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
+    """The bundle of `store_dir` in `paths.output_dir`: a folder away from the store and its run (checked first)."""
     out = Path(cfg.paths.output_dir)
+    if cfg.get("store_dir"):
+        check_target(out, cfg.store_dir, cfg.get("run_dir") or Path(cfg.store_dir).parent)
     dtype = cfg.export.dtype
     trained = open_trained_store(cfg)
     trunk = trained.trunk

@@ -17,6 +17,30 @@ from moe.store import ExpertStore, save_gate
 from moe.trunk import Trunk
 
 
+def check_target(out: Path, store_dir: str | Path, run_dir: str | Path | None = None) -> None:
+    """A bundle goes into a folder of its own, away from the store it is made from: `out` may not be the store or
+    inside it (the bundle's files would sit among its experts), nor a folder whose `experts/` or `trunk/` (what an
+    export writes, and with `overwrite` first deletes) is the store or holds it, nor the training run's folder
+    `run_dir` (its gate.safetensors would be replaced). A ValueError saying which, before anything is read."""
+    target, store = Path(out).resolve(), Path(store_dir).resolve()
+    if target == store or store in target.parents:
+        raise ValueError(
+            f"paths.output_dir {out} is inside the expert store {store_dir}: the bundle would be written among its "
+            "experts; choose a folder outside the store"
+        )
+    for name in ("experts", "trunk"):
+        if (target / name) == store or (target / name) in store.parents:
+            raise ValueError(
+                f"paths.output_dir {out} would put the bundle's {name}/ folder over the expert store {store_dir}; "
+                "choose a folder outside the store's run folder"
+            )
+    if run_dir is not None and target == Path(run_dir).resolve() and (target / "config.yaml").is_file():
+        raise ValueError(
+            f"paths.output_dir {out} is the training run's folder of the store {store_dir}: the bundle's "
+            "gate.safetensors would replace the run's; choose another folder"
+        )
+
+
 def clear_target(out: Path, overwrite: bool) -> None:
     """Refuse to write over a bundle unless asked; then remove only what an export writes."""
     existing = [out / name for name in (MANIFEST, "gate.safetensors", "experts", "trunk") if (out / name).exists()]
@@ -43,6 +67,7 @@ def write_files(
     """Everything but the manifest; returns the files written (relative to `out`) and the trunk's manifest entry."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_target(out, store_dir)
     trunk_entry = describe_trunk(trunk, trunk_mode, trained_trunk)  # refuses a reference to a trained trunk, early
     out.mkdir(parents=True, exist_ok=True)
     clear_target(out, overwrite)

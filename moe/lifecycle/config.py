@@ -1,4 +1,11 @@
-"""Building a Lifecycle from a composed `conf/lifecycle.yaml` (what the scripts in scripts/ call)."""
+"""The lifecycle operations from a composed `conf/lifecycle.yaml`: what the scripts in scripts/ run.
+
+Each operation checks what it is given before any work starts: the tenant's name (`check_tenant_name`; for grow also
+`ExpertStore.check_new_tenant`: no clash, in any case, with a tenant in the store), that `store_dir` is an existing
+store (grow may start a new one with `create_store=true`), and for grow and update every row of the tenant's file.
+Only then does the trunk load. Grow and update stream the file (`moe.lifecycle.stream`): its train rows are held as
+features, never as rows or texts.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from moe.data import Tenant, read_tenant_file
+from moe.data.files import TenantFile
 from moe.lifecycle.growth import GrowthConfig
 from moe.lifecycle.operations import Lifecycle
-from moe.paths import cache_dir
-from moe.store import ExpertStore
-from moe.trunk import FeatureCache, Trunk
+from moe.lifecycle.stream import encode_train_rows, scan_tenant_file
+from moe.store import ExpertStore, check_tenant_name
+from moe.trunk import Trunk
 
 
 def growth_config(cfg: DictConfig) -> GrowthConfig:
@@ -21,19 +29,99 @@ def growth_config(cfg: DictConfig) -> GrowthConfig:
     return GrowthConfig(**cfg.growth, **routing, routing=cfg.routing.rows)
 
 
-def build_lifecycle(cfg: DictConfig) -> Lifecycle:
+def tenant_name(cfg: DictConfig) -> str:
+    """`tenant.name`, if it can name a tenant (a ValueError saying why not: `tenant.name=123` is a number)."""
+    return check_tenant_name(cfg.tenant.name)
+
+
+def open_store(cfg: DictConfig, create: bool | None = None) -> ExpertStore:
+    """The store at `store_dir`, which must exist unless `create` (grow's `create_store`; None: an operation that
+    can not start a store). A new store's folder is made by its first save."""
+    root = Path(cfg.store_dir)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"store_dir {root} is a file, not an expert store's folder")
+    if not root.exists() and not create:
+        hint = " (a typo?); create_store=true starts a new store there" if create is not None else ""
+        raise FileNotFoundError(f"store_dir {root} does not exist{hint}")
+    return ExpertStore(root)
+
+
+def build_lifecycle(cfg: DictConfig, store: ExpertStore | None = None) -> Lifecycle:
+    """Loads the trunk (the work every check comes before). Texts are encoded by the trunk itself: a feature
+    cache would hold every feature of a large file in memory a second time."""
     trunk: Trunk = instantiate(cfg.trunk)
     if not trunk.frozen:
         raise ValueError("lifecycle operations need a frozen trunk (the one the store's experts were trained on)")
-    root = Path(cfg.paths.cache_dir) if cfg.paths.get("cache_dir") else cache_dir()
-    return Lifecycle(
-        ExpertStore(cfg.store_dir), trunk, FeatureCache(root / "features", trunk).encode, growth_config(cfg)
-    )
+    return Lifecycle(store or open_store(cfg), trunk, trunk.encode, growth_config(cfg))
 
 
-def tenant_from_config(cfg: DictConfig) -> Tenant:
+def tenant_file(cfg: DictConfig, name: str | None = None) -> TenantFile:
+    """`tenant` as the file(s) it names (not read yet)."""
     spec = cfg.tenant
     if not spec.files:
         raise ValueError("this operation needs the tenant's data: set tenant.files=PATH (CSV or JSONL)")
-    files = dict(spec.files) if isinstance(spec.files, DictConfig) else spec.files
-    return read_tenant_file(spec.name, files, spec.text_column, spec.label_column, spec.split_column)
+    if isinstance(spec.files, DictConfig):
+        files: str | dict[str, str] = {str(k): str(v) for k, v in spec.files.items()}
+    elif isinstance(spec.files, str):
+        files = spec.files
+    else:
+        raise ValueError(
+            f"tenant.files must be one file or a mapping {{train: ..., val: ..., test: ...}}, got {spec.files}"
+        )
+    name = tenant_name(cfg) if name is None else name
+    return TenantFile(name, files, spec.text_column, spec.label_column, spec.split_column)
+
+
+def tenant_from_config(cfg: DictConfig) -> Tenant:
+    """The tenant read into memory, every row of it (`run_grow` and `run_update` stream it instead)."""
+    entry = tenant_file(cfg)
+    return read_tenant_file(entry.name, entry.files, entry.text_column, entry.label_column, entry.split_column)
+
+
+def run_grow(cfg: DictConfig) -> Path:
+    """scripts/grow.py: a new tenant's expert from its file, into `store_dir` (`create_store=true`: a new store)."""
+    name = tenant_name(cfg)
+    store = open_store(cfg, create=bool(cfg.get("create_store", False)))
+    store.check_new_tenant(name)
+    entry = tenant_file(cfg, name)
+    scanned = scan_tenant_file(entry)  # every row checked, before the trunk loads
+    lifecycle = build_lifecycle(cfg, store)
+    return lifecycle.grow(scanned.tenant, encode_train_rows(entry, scanned, lifecycle.encode))
+
+
+def run_update(cfg: DictConfig) -> Path:
+    """scripts/update.py: a new version of a tenant's expert, from its new file (`allow_dormant=true`: even while
+    it hibernates)."""
+    name = tenant_name(cfg)
+    store = open_store(cfg)
+    store.latest(name)  # a KeyError for a tenant that is unknown, or retired
+    allow_dormant = bool(cfg.get("allow_dormant", False))
+    if not allow_dormant:
+        store.check_awake(name)
+    entry = tenant_file(cfg, name)
+    scanned = scan_tenant_file(entry)
+    lifecycle = build_lifecycle(cfg, store)
+    encoded = encode_train_rows(entry, scanned, lifecycle.encode)
+    return lifecycle.update(scanned.tenant, allow_dormant=allow_dormant, encoded=encoded)
+
+
+def run_hibernate(cfg: DictConfig) -> None:
+    """scripts/hibernate.py."""
+    name = tenant_name(cfg)
+    open_store(cfg).hibernate(name)
+
+
+def run_wake(cfg: DictConfig) -> None:
+    """scripts/wake.py."""
+    name = tenant_name(cfg)
+    open_store(cfg).wake(name)
+
+
+def run_retire(cfg: DictConfig) -> Path | None:
+    """scripts/retire.py: the tenant's folder moved to `archive_dir` (its new place returned), or deleted (null)."""
+    name = tenant_name(cfg)
+    store = open_store(cfg)
+    if cfg.archive_dir:
+        return store.archive(name, cfg.archive_dir)
+    store.delete(name)
+    return None

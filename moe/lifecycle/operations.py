@@ -1,7 +1,8 @@
 """The lifecycle of a tenant in an expert store: grow, update, hibernate, wake, retire.
 
-Every operation touches one tenant's folder only; the trunk and every other expert stay bit for bit as
-they were, and no other tenant's data is read (there is none to read).
+Every operation touches one tenant's folder only (and the store's lock and tombstone files); the trunk and every
+other expert stay bit for bit as they were, and no other tenant's data is read (there is none to read): only their
+shards, each verified in full as loading verifies it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 
 from moe.data import Tenant
 from moe.lifecycle.growth import GrowthConfig, expert_tensors, gaussian_samples, routing_entry, train_expert
+from moe.lifecycle.stream import EncodedRows
 from moe.model.stats import class_statistics, merge_statistics, pooled_precision
-from moe.store import ExpertMeta, ExpertStore, read_tensors
+from moe.store import ExpertMeta, ExpertStore
 from moe.trunk import Trunk
 
 log = logging.getLogger(__name__)
@@ -48,15 +50,14 @@ class Lifecycle:
         }
 
     def _others(self, exclude: str) -> list[dict[str, torch.Tensor]]:
-        """Routing entries and statistics of every other live expert, awake or dormant (read, never changed)."""
+        """Routing entries and statistics of every other live expert, awake or dormant (read, never changed), each
+        verified as loading verifies it: a damaged shard, or one of another trunk, is a ShardError naming it."""
         others = []
         for tenant in self.store.tenants(dormant=True):
             if tenant == exclude:
                 continue
-            meta = self.store.meta(tenant)
-            if meta.trunk_fingerprint != self.trunk.fingerprint:
-                raise ValueError(f"expert {tenant!r} in {self.store.root} was trained on another trunk")
-            others.append(read_tensors(self.store.path(tenant, meta.version), ROUTING_TENSORS))
+            tensors, _ = self.store.load(tenant, trunk_fingerprint=self.trunk.fingerprint)
+            others.append({name: tensors[name].clone() for name in ROUTING_TENSORS})  # not the expert's weights
         return others
 
     def _features(self, tenant: Tenant, labels: tuple[str, ...], split: str = "train"):
@@ -72,14 +73,17 @@ class Lifecycle:
             raise ValueError("growing needs a store whose experts have one gate row per label (gate=prototype)")
         return GrowthConfig(**{**self.cfg.__dict__, "rank": arch["rank"], "input_scale": arch["input_scale"]})
 
-    def grow(self, tenant: Tenant) -> Path:
-        """A new tenant: trains its expert and routing entry on its own data only."""
-        if tenant.name in self.store.tenants(dormant=True):
-            raise ValueError(f"tenant {tenant.name!r} already has an expert in {self.store.root}; use update")
+    def grow(self, tenant: Tenant, encoded: EncodedRows | None = None) -> Path:
+        """A new tenant: trains its expert and routing entry on its own data only. Its name is checked before any
+        work (`ExpertStore.check_new_tenant`) and again under the store's lock when saving, so that of two grows
+        of one name at once exactly one succeeds. A retired tenant's name may be grown again. `encoded`: its train
+        rows already encoded (label ids into `tenant.labels`; e.g. streamed from its file by
+        `moe.lifecycle.stream`), instead of encoding the train split `tenant` holds."""
+        self.store.check_new_tenant(tenant.name)
         start = time.perf_counter()
         arch = self.architecture()
         cfg = self._configured(arch)
-        features, labels = self._features(tenant, tenant.labels)
+        features, labels = self._features(tenant, tenant.labels) if encoded is None else encoded
         expert = train_expert(tenant, features, labels, cfg)
         stats = class_statistics(features, labels, len(tenant.labels))
         routing = routing_entry(features, labels, stats, self._others(tenant.name), cfg)
@@ -90,21 +94,28 @@ class Lifecycle:
             arch,
             metrics={"train_examples": len(labels), "grow_s": time.perf_counter() - start},
         )
-        path = self.store.save(expert_tensors(expert, routing, stats), meta)
+        path = self.store.save(expert_tensors(expert, routing, stats), meta, new_tenant=True)
         log.info(
             "grew %s (%d labels) in %.1f s: %s", tenant.name, len(tenant.labels), time.perf_counter() - start, path
         )
         return path
 
-    def update(self, tenant: Tenant) -> Path:
+    def update(self, tenant: Tenant, allow_dormant: bool = False, encoded: EncodedRows | None = None) -> Path:
         """More data, or new intents, for an existing tenant: a new version whose head grows for the new
         intents. The earlier intents are rehearsed from the expert's own stored statistics (their data is
-        gone); the previous version stays for rollback."""
+        gone); the previous version stays for rollback. A hibernating tenant is refused (it would wake up as
+        another version) unless `allow_dormant`. `encoded`: the new train rows already encoded, as for `grow`."""
+        if not allow_dormant:
+            self.store.check_awake(tenant.name)
         start = time.perf_counter()
         old, meta = self.store.load(tenant.name, trunk_fingerprint=self.trunk.fingerprint)
         labels = meta.labels + tuple(sorted(set(tenant.labels) - set(meta.labels)))
         cfg = self._configured(meta.architecture)
-        features, y = self._features(tenant, labels)
+        if encoded is None:
+            features, y = self._features(tenant, labels)
+        else:  # label ids into tenant.labels -> into the merged labels
+            merged_ids = torch.tensor([labels.index(label) for label in tenant.labels])
+            features, y = encoded.features, merged_ids[encoded.labels]
         known = [c for c in range(len(meta.labels)) if old["stats.count"][c] > 0]
         old_stats = {k: old[k] for k in ("stats.mean", "stats.count", "stats.scatter")}
         precision = pooled_precision(old["stats.scatter"], old["stats.count"].sum().item(), len(known), cfg.shrinkage)
@@ -114,11 +125,10 @@ class Lifecycle:
         )
         rehearsal_y = torch.tensor(known)[rehearsal_class]
         merged = Tenant(tenant.name, labels)
-        expert = train_expert(merged, torch.cat([features, rehearsal]), torch.cat([y, rehearsal_y]), cfg, initial=old)
+        x, x_y = torch.cat([features, rehearsal]), torch.cat([y, rehearsal_y])  # one copy for both
+        expert = train_expert(merged, x, x_y, cfg, initial=old)
         stats = merge_statistics(old_stats, class_statistics(features, y, len(labels)))
-        routing = routing_entry(
-            torch.cat([features, rehearsal]), torch.cat([y, rehearsal_y]), stats, self._others(tenant.name), cfg
-        )
+        routing = routing_entry(x, x_y, stats, self._others(tenant.name), cfg)
         new_meta = ExpertMeta(
             tenant.name,
             labels,
@@ -126,7 +136,7 @@ class Lifecycle:
             meta.architecture,
             metrics={"train_examples": len(y), "update_s": time.perf_counter() - start},
         )
-        path = self.store.save(expert_tensors(expert, routing, stats), new_meta)
+        path = self.store.save(expert_tensors(expert, routing, stats), new_meta, allow_dormant=allow_dormant)
         log.info("updated %s to %d labels in %.1f s: %s", tenant.name, len(labels), time.perf_counter() - start, path)
         return path
 
@@ -137,7 +147,8 @@ class Lifecycle:
         self.store.wake(name)
 
     def retire(self, name: str, archive_dir: str | Path | None = None) -> Path | None:
-        """Out of routing for good: its folder is moved to `archive_dir`, or deleted when that is None."""
+        """Out of routing for good: its folder is moved to `archive_dir`, or deleted when that is None. A tombstone
+        stays in the store, so that later operations on the name say it was retired, until it is grown again."""
         if archive_dir is not None:
             return self.store.archive(name, archive_dir)
         self.store.delete(name)

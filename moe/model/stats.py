@@ -20,14 +20,20 @@ SHRINKAGE = 0.02  # of the pooled covariance towards its mean variance: the stat
 
 
 @torch.no_grad()
-def class_statistics(features: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, torch.Tensor]:
-    """features (n, d), labels (n,) in [0, num_labels) -> mean (c, d), count (c,), scatter (d, d)."""
-    features = features.double()
+def class_statistics(
+    features: torch.Tensor, labels: torch.Tensor, num_labels: int, chunk: int = 65536
+) -> dict[str, torch.Tensor]:
+    """features (n, d), labels (n,) in [0, num_labels) -> mean (c, d), count (c,), scatter (d, d), in float64
+    `chunk` rows at a time (memory that does not grow with the rows; one chunk up to `chunk` rows)."""
     count = torch.bincount(labels, minlength=num_labels).double()
-    sums = torch.zeros(num_labels, features.shape[1], dtype=torch.float64).index_add_(0, labels, features)
+    sums = torch.zeros(num_labels, features.shape[1], dtype=torch.float64)
+    for start in range(0, len(features), chunk):
+        sums.index_add_(0, labels[start : start + chunk], features[start : start + chunk].double())
     mean = sums / count.clamp(min=1)[:, None]
-    centred = features - mean[labels]
-    scatter = einsum(centred, centred, "n i, n j -> i j")
+    scatter = torch.zeros(features.shape[1], features.shape[1], dtype=torch.float64)
+    for start in range(0, len(features), chunk):
+        centred = features[start : start + chunk].double() - mean[labels[start : start + chunk]]
+        scatter += einsum(centred, centred, "n i, n j -> i j")
     return {"stats.mean": mean.float(), "stats.count": count.float(), "stats.scatter": scatter.float()}
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors.torch import save_file
 
 from moe.config import instantiate_group
@@ -22,7 +23,7 @@ from moe.evaluation import Evaluation, evaluate_store
 from moe.model import ExpertInfo, build_mixture
 from moe.model.stats import class_statistics
 from moe.paths import cache_dir
-from moe.store import ExpertStore, expert_shards, save_gate
+from moe.store import ExpertStore, check_tenant_name, expert_shards, save_gate
 from moe.training.module import MixtureClassifier
 from moe.trunk import FeatureCache, Trunk
 
@@ -30,8 +31,51 @@ log = logging.getLogger(__name__)
 TENANT_METRICS = ("queries", "acc_routed", "acc_tenant_given", "routing_acc", "macro_f1")  # recorded in its shard
 
 
-def build_data(cfg: DictConfig, trunk: Trunk) -> TenantDataModule:
+def check_tenant_names(names: Iterable[object]) -> list[str]:
+    """`names` if each can name a tenant (`check_tenant_name`) and no two are one name in any case (their shards'
+    folders would be one on a case-insensitive file system); else a ValueError saying which."""
+    seen: dict[str, str] = {}
+    for name in names:
+        name = check_tenant_name(name)
+        if (other := seen.get(name.lower())) is not None:
+            clash = "is given twice" if other == name else f"differs only in case from tenant {other!r}"
+            raise ValueError(f"tenant name {name!r} {clash} in data.tenants")
+        seen[name.lower()] = name
+    return list(seen.values())
+
+
+def configured_tenant_names(cfg: DictConfig) -> list[object]:
+    """The names `data.tenants` gives (a list of entries with a `name`, as in conf/data/tenant_files.yaml), as
+    given: before any file is read."""
+    entries = cfg.data.get("tenants")
+    if not isinstance(entries, ListConfig):
+        return []
+    return [entry.get("name") for entry in entries if isinstance(entry, DictConfig) and "name" in entry]
+
+
+def load_tenants(cfg: DictConfig) -> list[Tenant]:
+    """`data.tenants`, their names checked before their files are read and again once they are."""
+    check_tenant_names(configured_tenant_names(cfg))
     tenants: list[Tenant] = list(instantiate(cfg.data.tenants, _convert_="all"))
+    check_tenant_names(tenant.name for tenant in tenants)
+    return tenants
+
+
+def check_run_folder(cfg: DictConfig) -> None:
+    """A run writes its experts into an experts folder of its own: one that holds shards already (an earlier run's)
+    is refused, since this run's would be stacked on them as later versions (a store that, with another
+    architecture, no longer loads)."""
+    experts = Path(cfg.paths.experts_dir)
+    if experts.is_dir() and (shard := next(experts.rglob("*.safetensors"), None)) is not None:
+        raise FileExistsError(
+            f"{experts} already holds expert shards (e.g. {shard.relative_to(experts)}), from an earlier run: choose "
+            "another paths.output_dir, or remove that run first"
+        )
+
+
+def build_data(cfg: DictConfig, trunk: Trunk, tenants: list[Tenant] | None = None) -> TenantDataModule:
+    """The data module over `tenants` (default: `data.tenants`, loaded)."""
+    tenants = load_tenants(cfg) if tenants is None else tenants
     encoder = None
     if trunk.frozen:
         root = Path(cfg.paths.cache_dir) if cfg.paths.get("cache_dir") else cache_dir()
@@ -84,13 +128,16 @@ def tenant_metrics(evaluation: Evaluation) -> dict[str, dict]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train gate and experts, evaluate them as `scripts/evaluate.py` would, and write config, shards (each with its
-    tenant's own figures), gate and metrics under `paths.output_dir`."""
+    tenant's own figures), gate and metrics under `paths.output_dir`. Before any work: the experts folder must hold
+    no shards, and the tenants' names must be names a store takes."""
     L.seed_everything(cfg.seed, workers=True)
+    check_run_folder(cfg)
+    tenants = load_tenants(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     trunk: Trunk = instantiate(cfg.trunk)
-    data = build_data(cfg, trunk)
+    data = build_data(cfg, trunk, tenants)
     data.setup()
     classifier = build_classifier(cfg, data.tenants, trunk)
 

@@ -1,0 +1,137 @@
+"""A tenant's file streamed for grow and update, as evaluation streams it: rows read one by one (`read_examples`),
+only the train rows kept, and those only as trunk features (float32) and label ids, encoded in batches as they are
+read. No row or text is held, so a file far larger than memory grows in the memory its features take.
+
+Two passes over the file(s): the first checks every row (as `read_tenant_file` does, with the same errors) and
+finds the label set, so that a bad row at the end of a large file is an error before anything is encoded; the
+second encodes the train rows into features allocated once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from moe.data import Tenant, TenantDataError
+from moe.data.files import TenantFile, read_examples
+from moe.data.tenant import SPLITS
+
+Encoder = Callable[[list[str]], torch.Tensor]
+ENCODE_BATCH = 1024  # texts read, then encoded, at a time
+
+
+class EncodedRows(NamedTuple):
+    """A tenant's train rows, in file order, as grow and update take them."""
+
+    features: torch.Tensor  # (n, d) float32 trunk features
+    labels: torch.Tensor  # (n,) int64 indices into the tenant's labels
+
+
+@dataclass(frozen=True)
+class ScannedFile:
+    """What the first pass learns: the tenant (its name, sorted train labels and source; no examples) and its
+    number of train rows."""
+
+    tenant: Tenant
+    train_rows: int
+
+
+def _sources(entry: TenantFile) -> dict[str | None, str]:
+    return dict(entry.files) if isinstance(entry.files, Mapping) else {None: entry.files}
+
+
+def _rows(entry: TenantFile, fixed_split: str | None, path: str) -> Iterator[tuple[int, str, str, str]]:
+    """(row, split, text, label) of one file, the file's own split (a `{split: file}` mapping) winning."""
+    for number, split, example in read_examples(path, entry.text_column, entry.label_column, entry.split_column):
+        yield number, fixed_split or split, example.text, example.label
+
+
+def scan_tenant_file(entry: TenantFile) -> ScannedFile:
+    """Every row of every file read and checked, keeping only the label set; the errors are `read_tenant_file`'s:
+    a malformed row, an unknown split, no train rows, a val/test label that train does not have."""
+    sources = _sources(entry)
+    train_labels: set[str] = set()
+    train_rows = 0
+    where: dict[tuple[str, str], tuple[Path, int]] = {}  # the first row of each (val/test split, label)
+    for fixed_split, path in sources.items():
+        if fixed_split is not None and fixed_split not in SPLITS:
+            raise TenantDataError(path, f"unknown split {fixed_split!r} (expected one of {SPLITS})")
+        for number, split, _, label in _rows(entry, fixed_split, path):
+            if split == "train":
+                train_labels.add(label)
+                train_rows += 1
+            else:
+                where.setdefault((split, label), (Path(path), number))
+    source = ", ".join(str(p) for p in sources.values())
+    if not train_labels:
+        raise TenantDataError(source, f"tenant {entry.name!r} has no train rows")
+    for (split, label), (path, number) in where.items():
+        if label not in train_labels:
+            raise TenantDataError(
+                path, f"label {label!r} in split {split!r} does not occur in the train split", row=number
+            )
+    return ScannedFile(Tenant(name=entry.name, labels=tuple(sorted(train_labels)), source=source), train_rows)
+
+
+@torch.no_grad()
+def encode_train_rows(
+    entry: TenantFile,
+    scanned: ScannedFile,
+    encode: Encoder,
+    batch_size: int = ENCODE_BATCH,
+    progress: bool = True,
+) -> EncodedRows:
+    """The train rows of `entry` (checked by `scan_tenant_file`), encoded `batch_size` texts at a time as they are
+    read, into features allocated once for `scanned.train_rows` rows."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    index = {label: i for i, label in enumerate(scanned.tenant.labels)}
+    labels = torch.empty(scanned.train_rows, dtype=torch.long)
+    features: torch.Tensor | None = None
+    filled = 0
+    texts: list[str] = []
+    ids: list[int] = []
+
+    def flush() -> None:
+        nonlocal features, filled
+        encoded = encode(texts).detach().to("cpu", torch.float32)
+        if features is None:
+            features = torch.empty(scanned.train_rows, encoded.shape[1], dtype=torch.float32)
+        features[filled : filled + len(texts)] = encoded
+        labels[filled : filled + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        filled += len(texts)
+        bar.update(len(texts))
+        texts.clear()
+        ids.clear()
+
+    with tqdm(total=scanned.train_rows, desc=f"encoding {entry.name}", unit="row", disable=not progress) as bar:
+        for fixed_split, path in _sources(entry).items():
+            if fixed_split not in (None, "train"):
+                continue  # a val or test file: checked by the scan, never encoded
+            for number, split, text, label in _rows(entry, fixed_split, path):
+                if split != "train":
+                    continue
+                if label not in index or filled + len(texts) >= scanned.train_rows:
+                    raise TenantDataError(path, "the file changed while it was being read", row=number)
+                texts.append(text)
+                ids.append(index[label])
+                if len(texts) == batch_size:
+                    flush()
+        if texts:
+            flush()
+    if filled != scanned.train_rows or features is None:
+        raise TenantDataError(scanned.tenant.source, "the file changed while it was being read")
+    return EncodedRows(features, labels)
+
+
+def stream_tenant_file(
+    entry: TenantFile, encode: Encoder, batch_size: int = ENCODE_BATCH, progress: bool = False
+) -> tuple[Tenant, EncodedRows]:
+    """`scan_tenant_file` then `encode_train_rows`: the tenant (no examples held) and its train rows' features."""
+    scanned = scan_tenant_file(entry)
+    return scanned.tenant, encode_train_rows(entry, scanned, encode, batch_size, progress)
