@@ -487,6 +487,43 @@ def precision(root: Path) -> str:
     return PRECISION.format(table=table(["metric", "float32", *(f"{d} cost" for d in costs)], rows))
 
 
+# --- Grow memory ------------------------------------------------------------------------------------------------
+
+GROW_MEMORY = """\
+`python scripts/bench_grow_memory.py` (`grow_memory_cpu.json`): a synthetic tenant file of {rows} rows ({mb} MB; train
+{train}, val {val}, test {test}; {intents} intents), grown into a new store by `scripts/grow.py` and evaluated by
+`scripts/evaluate.py`, each in a fresh child process on the tiny trunk ({epochs} growth epoch), their peak resident
+memory read by `/usr/bin/time -v`, side by side in one run; {cpus}-core {cpu}, torch {torch} (load average {load}: the
+wall times are not comparable). Grow streams the file and keeps only the train rows' features; evaluate streams it
+too.
+
+{table}
+
+Grow peaks at {ratio}x what evaluate needs for the same file (the bound: {limit}x)."""
+
+
+def grow_memory(root: Path) -> str:
+    result = load(root, "grow_memory_cpu.json")
+    config, machine = result["config"], result["machine"]
+    rows = [[step, f(result[step]["peak_rss_mb"], 1), f(result[step]["wall_s"], 1)] for step in ("grow", "evaluate")]
+    return GROW_MEMORY.format(
+        rows=f(config["rows"], 0),
+        mb=f(config["file_bytes"] / 2**20, 1),
+        train=f(config["split_rows"]["train"], 0),
+        val=f(config["split_rows"]["val"], 0),
+        test=f(config["split_rows"]["test"], 0),
+        intents=config["intents"],
+        epochs=config["growth_epochs"],
+        cpus=machine["cpus"],
+        cpu=machine["cpu_model"],
+        torch=machine["torch"],
+        load=f(machine["load_average"][0], 1),
+        table=table(["step", "peak RSS MB", "wall s"], rows),
+        ratio=f(result["grow_over_evaluate"], 2),
+        limit=f(result["limit"], 1),
+    )
+
+
 # --- Serving ------------------------------------------------------------------------------------------------------
 
 SERVING = """\
@@ -635,6 +672,7 @@ SECTIONS: list[tuple[str, Callable[[Path], str]]] = [
     ("Paging a Zipf stream", zipf),
     ("Evaluation and out-of-scope detection", evaluation),
     ("Lower precision", precision),
+    ("Growing from a large file", grow_memory),
     ("Serving latency", serving),
     ("Serving memory", memory),
     ("Serving on a GPU", gpu_serving),
