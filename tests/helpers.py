@@ -158,3 +158,12 @@ def build_tiny_run(root: Path) -> TinyRun:
     export(compose_config("export", common, root / "bundle"))
     export(compose_config("export", [*common, "export.dtype=bfloat16", "export.trunk=copy"], root / "bundle_bf16"))
     return TinyRun(run, evaluation, root / "bundle", root / "bundle_bf16")
+
+
+def fast_growth(**overrides):
+    """A fresh, seconds-long growth config for each test (no test sees another's changes)."""
+    from moe.lifecycle import GrowthConfig
+
+    settings = dict(rank=8, dropout=0.3, input_scale=8.0, lr=3e-3, weight_decay=1e-4, epochs=3, batch_size=32)
+    settings |= dict(routing_epochs=2, negatives_per_class=5, rehearsal_per_class=10)
+    return GrowthConfig(**settings | overrides)

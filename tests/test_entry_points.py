@@ -18,7 +18,7 @@ import torch
 import moe.trunk
 from moe.data import TenantDataError, read_tenant_file
 from moe.data.files import TenantFile
-from moe.lifecycle import GrowthConfig, Lifecycle
+from moe.lifecycle import Lifecycle
 from moe.lifecycle.stream import stream_tenant_file
 from moe.store import ExpertStore, read_tensors
 from moe.training.run import train
@@ -29,6 +29,7 @@ from tests.helpers import (
     TINY_TRAIN,
     compose_config,
     digests,
+    fast_growth,
     run_python,
     synthetic_data,
     write_synthetic_tenants,
@@ -135,18 +136,13 @@ def test_train_refuses_bad_tenant_names_before_the_trunk_loads(name, data, tmp_p
 # -- case 6: grow and update stream the tenant's file ---------------------------------------------------------
 
 
-def fast_growth() -> GrowthConfig:
-    settings = dict(rank=8, dropout=0.0, input_scale=8.0, lr=3e-3, weight_decay=1e-4, epochs=2, batch_size=32)
-    return GrowthConfig(**settings, routing_epochs=2, negatives_per_class=5, rehearsal_per_class=10)
-
-
 def test_streamed_grow_and_update_make_the_experts_the_in_memory_ones_make(tmp_path):
     trunk = TinyTrunk(dim=16, freeze=True)
     encode = FeatureCache(tmp_path / "cache", trunk).encode  # the same features for both: the cache's
     path = write_tenant_csv(tmp_path / "music.csv", SYNTHETIC["music"], per_split=(40, 9, 7), seed=3)
     more = write_tenant_csv(tmp_path / "more.csv", {"shuffle": ["shuffle", "mix"], "stop": ["stop", "halt"]}, seed=4)
-    in_memory = Lifecycle(ExpertStore(tmp_path / "in_memory"), trunk, encode, fast_growth())
-    streamed = Lifecycle(ExpertStore(tmp_path / "streamed"), trunk, encode, fast_growth())
+    in_memory = Lifecycle(ExpertStore(tmp_path / "in_memory"), trunk, encode, fast_growth(dropout=0.0, epochs=2))
+    streamed = Lifecycle(ExpertStore(tmp_path / "streamed"), trunk, encode, fast_growth(dropout=0.0, epochs=2))
     in_memory.grow(read_tenant_file("music", path, split_column="split"))
     in_memory.update(read_tenant_file("music", more, split_column="split"))
 

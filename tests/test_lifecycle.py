@@ -5,19 +5,12 @@ import torch
 
 from moe.data import read_tenant_file
 from moe.inference import GateSettings, load_mixture
-from moe.lifecycle import GrowthConfig, Lifecycle
+from moe.lifecycle import Lifecycle
 from moe.lifecycle.scenario import Event, Scenario, continual_metrics
 from moe.model import best_labels
 from moe.store import ExpertStore
 from moe.trunk import FeatureCache, TinyTrunk, fingerprint_module
-from tests.helpers import SYNTHETIC, digests, run_python, write_synthetic_tenants, write_tenant_csv
-
-
-def fast_growth(**overrides) -> GrowthConfig:
-    """A fresh, seconds-long growth config for each test (no test sees another's changes)."""
-    settings = dict(rank=8, dropout=0.3, input_scale=8.0, lr=3e-3, weight_decay=1e-4, epochs=3, batch_size=32)
-    settings |= dict(routing_epochs=2, negatives_per_class=5, rehearsal_per_class=10)
-    return GrowthConfig(**settings | overrides)
+from tests.helpers import SYNTHETIC, digests, fast_growth, run_python, write_synthetic_tenants, write_tenant_csv
 
 
 @pytest.fixture
@@ -36,7 +29,7 @@ def tenants(tmp_path):
 
 def tenant_given(lifecycle, name, tenant):
     model = load_mixture(
-        lifecycle.store, trunk_fingerprint=lifecycle.trunk.fingerprint, gate=GateSettings(rows="statistics")
+        lifecycle.store, trunk_fingerprint=lifecycle.trunk.fingerprint, gate=GateSettings(source="statistics")
     )
     features = lifecycle.encode([e.text for e in tenant.split("test")])
     output = model(features, torch.full((len(features),), model.tenant_index(name)))
@@ -46,7 +39,7 @@ def tenant_given(lifecycle, name, tenant):
 
 @pytest.mark.parametrize("routing", ["statistics", "trained"])
 def test_grow_leaves_every_other_shard_and_the_trunk_byte_identical(lifecycle, tenants, routing):
-    lifecycle.cfg = fast_growth(routing=routing)
+    lifecycle.cfg = fast_growth(source=routing)
     lifecycle.grow(tenants["weather"])
     lifecycle.grow(tenants["music"])
     trunk = lifecycle.trunk  # hashed afresh (its `fingerprint` is cached once frozen)

@@ -153,7 +153,7 @@ def test_a_float16_store_keeps_its_gate_in_float16_and_scores_it_exactly(world, 
     for tenant in store.tenants():
         version = store.latest(tenant)
         convert_shard(store.path(tenant, version), half.path(tenant, version), "float16")
-    paged = load_mixture(half, trunk_fingerprint=FP, gate=GateSettings(rows=routing), skip_failed=True)
+    paged = load_mixture(half, trunk_fingerprint=FP, gate=GateSettings(source=routing), skip_failed=True)
     failed = paged.left_out
     assert failed == {} and paged.router.weight.dtype == torch.float16  # half the resident routing memory
     widened = paged.router.subset(list(range(len(NAMES))))  # the same rows, held in float32
@@ -425,7 +425,7 @@ def test_the_statistics_gate_leaves_out_an_expert_without_statistics(world, tmp_
             tensors |= {"stats.count": torch.zeros_like(tensors["stats.count"])}
             tensors |= {"stats.mean": torch.zeros_like(tensors["stats.mean"])}
         mixed.save(tensors, meta)
-    paged = load_mixture(mixed, trunk_fingerprint=FP, gate=GateSettings(rows="statistics"), skip_failed=True)
+    paged = load_mixture(mixed, trunk_fingerprint=FP, gate=GateSettings(source="statistics"), skip_failed=True)
     failed = paged.left_out
     assert sorted(failed) == widest and all("holds no feature statistics" in str(e) for e in failed.values())
     assert len(paged.keys) == len(NAMES) - len(widest)

@@ -60,7 +60,7 @@ def test_the_manifest_describes_and_checksums_everything(tiny_run):
     assert trunk["kind"] == "tiny" and trunk["source"] == "reference" and trunk["config"]["dim"] == 32
     assert len(trunk["fingerprint"]) == 64 and trunk["init"] == {"dim": 32, "buckets": 4096, "seed": 0}
     assert manifest["gate"]["top_k"] == 2 and manifest["gate"]["oos"]["threshold"] == THRESHOLD
-    assert manifest["gate"]["rows"] == "trained" and manifest["gate"]["shrinkage"] == 0.02
+    assert manifest["gate"]["source"] == "trained" and manifest["gate"]["shrinkage"] == 0.02
     assert [e["tenant"] for e in manifest["experts"]] == ["bank", "music", "weather"]
     for entry in manifest["experts"]:
         assert entry["sha256"] == sha256_of(tiny_run.bundle / entry["file"]) == manifest["files"][entry["file"]]

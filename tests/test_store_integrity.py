@@ -27,8 +27,7 @@ from moe.inference import load_mixture, predict
 from moe.lifecycle import Lifecycle, operations
 from moe.store import ExpertStore, ShardError, check_tenant_name, expert_shards
 from moe.trunk import TinyTrunk
-from tests.helpers import child_env, digests, write_synthetic_tenants, write_tenant_csv
-from tests.test_lifecycle import fast_growth
+from tests.helpers import child_env, digests, fast_growth, write_synthetic_tenants, write_tenant_csv
 from tests.test_store import FP, random_mixture
 
 
@@ -247,8 +246,9 @@ def test_concurrent_saves_to_one_tenant_hand_out_every_version_once(store, tmp_p
 
 def test_concurrent_grows_updates_and_hibernations_lose_nothing(tmp_path, lifecycle, tenants):
     """Three processes at once: two grow the same new tenant, one grows another; all three update one tenant,
-    and one hibernates and wakes a fourth meanwhile. Exactly one of the two grows wins; every saved version is on
-    disk as it was returned; the store loads and predicts."""
+    and one hibernates and wakes a fourth meanwhile. Exactly one of the two grows wins; an update made from a version
+    that another replaced meanwhile is refused by name; every saved version is on disk as it was returned; the store
+    loads and predicts."""
     data = tmp_path / "data"
     write_tenant_csv(data / "shop.csv", {"buy": ["buy", "cart", "order"], "refund": ["refund", "return", "back"]})
     lifecycle.grow(tenants["bank"])
@@ -270,14 +270,20 @@ def test_concurrent_grows_updates_and_hibernations_lose_nothing(tmp_path, lifecy
     assert sorted(entry[2] == "error" for entry in weather) == [False, True], weather
     assert "already has an expert" in next(entry[3] for entry in weather if entry[2] == "error")
     saved = [entry for result in results for entry in result if entry[2] not in (None, "error")]
-    assert all(entry[2] != "error" for entry in results[0][1:] + results[1][1:] + results[2]), results
+    others = results[0][1:] + results[1][1:] + results[2]
+    # an update made from a version that another update replaced meanwhile is refused, never silently dropped
+    refused = [entry for entry in others if entry[2] == "error"]
+    assert all(entry[0] == "update" and "moved from version" in entry[3] for entry in refused), refused
+    updates = [entry for entry in saved if entry[0] == "update"]
+    assert len(updates) >= 1 and len(updates) + len(refused) == 4
     paths = [Path(entry[2]) for entry in saved]
-    assert len(paths) == len(set(paths)) == 6  # weather, shop and four updates of bank
+    assert len(paths) == len(set(paths)) == 2 + len(updates)  # weather, shop and the updates of bank taken
     assert {r.path for r in store.records()} == set(paths) | set(setup)
     for entry in saved:
         assert hashlib.sha256(Path(entry[2]).read_bytes()).hexdigest() == entry[3], entry
     assert all(hashlib.sha256(path.read_bytes()).hexdigest() == digest for path, digest in setup.items())
-    assert store.versions("bank") == [1, 2, 3, 4, 5] and store.versions("weather") == [1] == store.versions("shop")
+    assert store.versions("bank") == list(range(1, 2 + len(updates)))
+    assert store.versions("weather") == [1] == store.versions("shop")
     assert store.tenants() == ["bank", "music", "shop", "weather"] and store.dormant() == []
 
     model = load_mixture(store, trunk_fingerprint=lifecycle.trunk.fingerprint)
@@ -390,7 +396,7 @@ def test_any_tenant_name_is_a_value_or_key_error_and_nothing_leaves_the_store(st
             operation()
     assert {p for p in tree(tmp_path) if store.root not in p.parents} == outside
     for folder in store.root.iterdir():  # every folder in the store names a tenant, or is the store's own
-        assert folder.name in (".locks", ".retired", ".archive") or check_tenant_name(folder.name)
+        assert folder.name in (".locks", ".retired", ".leaving", ".archive") or check_tenant_name(folder.name)
     assert store.tenants() == ["alpha", "beta", "gamma"]
 
 
@@ -441,3 +447,43 @@ def test_shard_files_follow_the_umask(store, umask):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+# -- review follow-ups: an update made from an older version, readers beside a retire, a retire killed midway ----
+
+
+def test_an_update_made_from_a_version_that_is_no_longer_the_latest_is_refused(store):
+    tensors, meta = store.load("beta")
+    assert store.save(tensors, meta, parent=1) == store.path("beta", 2)  # made from the latest: taken
+    with pytest.raises(ValueError, match="moved from version 1 to 2"):  # another update landed meanwhile
+        store.save(tensors, meta, parent=1)
+    store.delete("beta")
+    with pytest.raises(KeyError, match="retired"):  # retired while it trained: not brought back as v0001
+        store.save(tensors, meta, parent=2)
+    assert store.records("beta") == [] and "beta" not in store.tenants(dormant=True)
+
+
+def test_a_shard_renamed_while_the_store_is_listed_is_skipped(store, monkeypatch):
+    vanished = store.path("alpha", 2)
+    real_stat = Path.stat
+
+    def stat_after_a_concurrent_retire(path, *args, **kwargs):
+        if path == vanished:
+            raise FileNotFoundError(path)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat_after_a_concurrent_retire)
+    assert [(r.tenant, r.version) for r in store.records()] == [("alpha", 1), ("beta", 1), ("gamma", 1)]
+
+
+@pytest.mark.parametrize("retire", ["delete", "archive"])
+def test_a_retire_killed_while_moving_files_leaves_no_version_to_serve(store, tmp_path, monkeypatch, retire):
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while the files moved")
+
+    monkeypatch.setattr(shutil, "rmtree" if retire == "delete" else "move", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.delete("alpha") if retire == "delete" else store.archive("alpha", tmp_path / "archive")
+    assert "alpha" not in store.tenants(dormant=True) and store.records("alpha") == []
+    assert store.retired("alpha") is not None
+    assert sorted(load_mixture(store, trunk_fingerprint=FP).tenants) == ["beta", "gamma"]

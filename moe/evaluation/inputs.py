@@ -61,7 +61,7 @@ def open_trained_store(cfg: DictConfig) -> TrainedStore:
         gate = GateSettings()
     if cfg.get("top_k"):
         gate = replace(gate, top_k=int(cfg.top_k))
-    gate = replace(gate, rows=cfg.routing.rows, shrinkage=float(cfg.routing.get("shrinkage", gate.shrinkage)))
+    gate = replace(gate, source=cfg.routing.source, shrinkage=float(cfg.routing.get("shrinkage", gate.shrinkage)))
     run_batch = OmegaConf.select(run_config, "data.eval_batch_size") if run_config is not None else None
     batch_size = int(cfg.get("batch_size") or run_batch or cfg.data.eval_batch_size)
     return TrainedStore(store_dir, run_dir if run_config else None, run_config, trunk, trained, gate, batch_size)

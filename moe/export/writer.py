@@ -104,7 +104,7 @@ def write_bundle_manifest(
             "file": "gate.safetensors",
             "top_k": gate.top_k,
             "normalize_weights": gate.normalize_weights,
-            "rows": gate.rows,
+            "source": gate.source,
             "shrinkage": gate.shrinkage,
             "oos": oos,
         },

@@ -29,11 +29,11 @@ log = logging.getLogger(__name__)
 class GateSettings:
     top_k: int = 2
     normalize_weights: bool = True
-    rows: RowSource = "trained"  # the gate rows stored in each shard, or rows derived from its statistics
-    shrinkage: float = SHRINKAGE  # of the pooled covariance, for rows="statistics"
+    source: RowSource = "trained"  # the gate rows stored in each shard, or rows derived from its statistics
+    shrinkage: float = SHRINKAGE  # of the pooled covariance, for source="statistics"
 
     def __post_init__(self):
-        check_choice(self.rows, RowSource, "gate rows")
+        check_choice(self.source, RowSource, "gate source")
 
 
 def read_gate_settings(path: str | Path) -> GateSettings:
@@ -65,7 +65,7 @@ def load_mixture(
     naming it, since a partial model would be evaluated or served silently; with `skip_failed` it is left out
     instead, logged, and listed in the model's `left_out`, and it never stops the others.
 
-    `gate.rows`: "trained" scores with the gate rows stored in each shard; "statistics" derives them from each
+    `gate.source`: "trained" scores with the gate rows stored in each shard; "statistics" derives them from each
     expert's class means and the covariance pooled over every expert loaded (the statistics gate)."""
     store = store if isinstance(store, ExpertStore) else ExpertStore(store)
     gate = gate or GateSettings()
@@ -82,7 +82,7 @@ def load_mixture(
     if not candidates:
         raise ValueError(f"no expert could be loaded from {store.root}: {failed}")
     arch = candidates[0][1].architecture
-    statistics = gate.rows == "statistics"
+    statistics = gate.source == "statistics"
     per_label = arch["gate_rows"] == "labels" or statistics
     rows = [len(meta.labels) if per_label else 1 for _, meta in candidates]
     dtype = getattr(torch, arch.get("dtype", "float32"))  # the gate is held in the experts' own precision

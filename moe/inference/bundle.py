@@ -27,7 +27,7 @@ from moe.inference.paged import PagedMixture
 from moe.paths import file_sha256
 from moe.trunk import HFEncoderTrunk, TinyTrunk, Trunk
 
-FORMAT = "moe.bundle/2"  # 2: the gate's `rows` ("trained" | "statistics") replaced `routing` ("rows" | "stats")
+FORMAT = "moe.bundle/2"  # 2: the gate's `source` ("trained" | "statistics") replaced `routing` ("rows" | "stats")
 MANIFEST = "manifest.json"
 CHECKED_FOLDERS = ("experts", "trunk")
 
@@ -183,7 +183,9 @@ def open_bundle(
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     trunk = build_trunk(bundle, device)
     gate = bundle.manifest["gate"]
-    settings = GateSettings(int(gate["top_k"]), bool(gate["normalize_weights"]), gate["rows"], float(gate["shrinkage"]))
+    settings = GateSettings(
+        int(gate["top_k"]), bool(gate["normalize_weights"]), gate["source"], float(gate["shrinkage"])
+    )
     model = load_mixture(
         bundle.path("experts"), bundle.tenants, settings, trunk.fingerprint, device, budget_bytes, host_budget_bytes
     )

@@ -24,9 +24,9 @@ from moe.trunk import Trunk
 
 
 def growth_config(cfg: DictConfig) -> GrowthConfig:
-    """`growth` with the routing group's settings (`routing.rows` says where a new expert's rows come from)."""
+    """`growth` with the routing group's settings (`routing.source` says where a new expert's rows come from)."""
     routing = {k: v for k, v in cfg.routing.items() if k in GrowthConfig.__dataclass_fields__}
-    return GrowthConfig(**cfg.growth, **routing, routing=cfg.routing.rows)
+    return GrowthConfig(**cfg.growth, **routing)
 
 
 def tenant_name(cfg: DictConfig) -> str:

@@ -32,7 +32,7 @@ class GrowthConfig:
     weight_decay: float
     epochs: int = 45
     batch_size: int = 256
-    routing: RowSource = "statistics"  # the new rows: discriminants of class means, or trained against samples
+    source: RowSource = "statistics"  # the new rows: discriminants of class means, or trained against samples
     shrinkage: float = SHRINKAGE
     negatives_per_class: int = 50  # trained rows: samples drawn from each other class's statistics
     routing_epochs: int = 20
@@ -41,7 +41,7 @@ class GrowthConfig:
     seed: int = 0
 
     def __post_init__(self):
-        check_choice(self.routing, RowSource, "routing")
+        check_choice(self.source, RowSource, "source")
 
 
 def _trainer(cfg: GrowthConfig, epochs: int) -> L.Trainer:
@@ -123,7 +123,7 @@ def routing_entry(
     dim = stats["stats.scatter"].shape[0]
     precision = (PooledScatter.of([stats]) + PooledScatter.of(others, dim)).precision(cfg.shrinkage)
     weight, bias = discriminant_rows(stats["stats.mean"], precision, cfg.input_scale)
-    if cfg.routing == "statistics" or not others:
+    if cfg.source == "statistics" or not others:
         return {"gate.weight": weight.contiguous(), "gate.bias": bias.contiguous()}
     generator = torch.Generator().manual_seed(cfg.seed)
     other_means = torch.cat([o["stats.mean"] for o in others])

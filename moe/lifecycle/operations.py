@@ -136,7 +136,9 @@ class Lifecycle:
             meta.architecture,
             metrics={"train_examples": len(y), "update_s": time.perf_counter() - start},
         )
-        path = self.store.save(expert_tensors(expert, routing, stats), new_meta, allow_dormant=allow_dormant)
+        path = self.store.save(
+            expert_tensors(expert, routing, stats), new_meta, allow_dormant=allow_dormant, parent=meta.version
+        )
         log.info("updated %s to %d labels in %.1f s: %s", tenant.name, len(labels), time.perf_counter() - start, path)
         return path
 

@@ -92,7 +92,7 @@ class Scenario:
     def __init__(self, lifecycle: Lifecycle, tenants: dict[str, Tenant], top_k: int = 2):
         self.lifecycle, self.tenants = lifecycle, tenants
         cfg = lifecycle.cfg  # the served mixture routes as the experts grow: trained rows, or the statistics gate
-        self.gate = GateSettings(top_k, rows=cfg.routing, shrinkage=cfg.shrinkage)
+        self.gate = GateSettings(top_k, source=cfg.source, shrinkage=cfg.shrinkage)
         self.known: dict[str, tuple[str, ...]] = {}  # tenant -> labels its expert knows now
         self.records: list[Record] = []
         self.last_trained: dict[str, int] = {}

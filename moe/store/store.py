@@ -6,6 +6,7 @@
     <root>/<tenant>/DORMANT                    the tenant is hibernating: kept, not routed to until woken
     <root>/.locks/<tenant>.lock                the tenant's write lock
     <root>/.retired/<tenant>                   a retired tenant's tombstone: where it was archived, or "deleted"
+    <root>/.leaving/<tenant>.<pid>             a retired tenant's folder on its way out (or left by a killed process)
 
 The one rule of a store: a tenant's folder is named by `check_tenant_name`, and every shard in it is that tenant's
 (its metadata's tenant is the folder's name, its version the file name's). A shard that breaks it (a copied folder,
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 NAME_LENGTH = 64
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _FILE = re.compile(r"v(\d{4}|[1-9]\d{4,})(\.retired)?\.safetensors")  # the names `ExpertStore.path` writes
-_OWN = (".locks", ".retired")  # the store's own folders, never tenants
+_OWN = (".locks", ".retired", ".leaving")  # the store's own folders, never tenants
 
 
 def check_tenant_name(name: object) -> str:
@@ -86,7 +87,11 @@ class ExpertStore:
         for folder in folders:
             for path in folder.glob("v*.safetensors") if folder.is_dir() else ():
                 if match := _FILE.fullmatch(path.name):
-                    found.append(ShardRecord(folder.name, int(match[1]), bool(match[2]), path, path.stat().st_size))
+                    try:
+                        size = path.stat().st_size
+                    except FileNotFoundError:  # renamed or removed meanwhile by a writer of that tenant
+                        continue
+                    found.append(ShardRecord(folder.name, int(match[1]), bool(match[2]), path, size))
         return sorted(found, key=lambda r: (r.tenant, r.version))
 
     def _tenant_folders(self) -> list[Path]:
@@ -213,21 +218,37 @@ class ExpertStore:
             )
 
     def save(
-        self, tensors: dict[str, torch.Tensor], meta: ExpertMeta, new_tenant: bool = False, allow_dormant: bool = True
+        self,
+        tensors: dict[str, torch.Tensor],
+        meta: ExpertMeta,
+        new_tenant: bool = False,
+        allow_dormant: bool = True,
+        parent: int | None = None,
     ) -> Path:
         """Write `meta.tenant`'s next version, after every live or retired one (the version in `meta` is replaced),
         under the tenant's lock. A tenant's first version must pass `check_new_tenant`; `new_tenant` demands that it
-        be the first (a grow), `allow_dormant=False` that the tenant be awake (an update). A retired tenant's
-        tombstone goes: its name now holds a new expert."""
+        be the first (a grow), `allow_dormant=False` that the tenant be awake (an update), and `parent` that the
+        latest live version still be the one the new version was made from (an update: of two at once, the later
+        one is refused rather than silently dropping what the other added). A retired tenant's tombstone goes: its
+        name now holds a new expert."""
         tenant = check_tenant_name(meta.tenant)
         if new_tenant or not (self.root / tenant).is_dir():
+            if parent is not None:
+                raise self._unknown(tenant)  # retired (or deleted) while the update trained
             self.check_new_tenant(tenant)  # early too: a refused name leaves no lock file behind
-        with self._writing(tenant, new=True):
+        with self._writing(tenant, new=parent is None):
             taken = [r.version for r in self.records(tenant)]
             if new_tenant or not taken:
+                if parent is not None:
+                    raise self._unknown(tenant)
                 self.check_new_tenant(tenant)
             if not allow_dormant:
                 self.check_awake(tenant)
+            if parent is not None and (latest := self.latest(tenant)) != parent:
+                raise ValueError(
+                    f"tenant {tenant!r} moved from version {parent} to {latest} while this version was made from "
+                    f"{parent}: run it again on the latest"
+                )
             version = max(taken, default=0) + 1
             path = write_shard(self.path(tenant, version), tensors, meta.with_version(version))
             (self.root / ".retired" / tenant).unlink(missing_ok=True)
@@ -288,8 +309,9 @@ class ExpertStore:
             if target.exists():
                 raise FileExistsError(f"{target} exists; refusing to overwrite an archive")
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(self.root / tenant), str(target))
+            leaving = self._take_out(tenant)
             self._bury(tenant, f"archived to {target.absolute()}")
+            shutil.move(str(leaving), str(target))
         return target
 
     def delete(self, tenant: str) -> None:
@@ -297,8 +319,17 @@ class ExpertStore:
         with self._writing(tenant):
             if not self.records(tenant):
                 raise self._unknown(tenant)
-            shutil.rmtree(self.root / tenant)
+            leaving = self._take_out(tenant)
             self._bury(tenant, "deleted")
+            shutil.rmtree(leaving)
+
+    def _take_out(self, tenant: str) -> Path:
+        """One atomic rename takes the tenant's folder out of the store (to a hidden name, never read), so that a
+        process killed while its files are moved or removed leaves no version of it behind to be served."""
+        leaving = self.root / ".leaving" / f"{tenant}.{os.getpid()}"
+        leaving.parent.mkdir(exist_ok=True)
+        os.replace(self.root / tenant, leaving)
+        return leaving
 
     def _bury(self, tenant: str, how: str) -> None:
         tombstone = self.root / ".retired" / tenant
