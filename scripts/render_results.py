@@ -195,7 +195,7 @@ def dispatch(root: Path) -> str:
 
 CONTINUAL = """\
 `python scripts/scenario.py experiment=clinc150_incremental` (`clinc150_incremental/metrics.json`,
-`accuracy_matrix.json`), and the same with `routing=learned` (`metrics_learned_gate.json`); one run each, on the 2-core
+`accuracy_matrix.json`), and the same with `routing=trained` (`metrics_trained_gate.json`); one run each, on the 2-core
 AMD EPYC CPU machine. The {events} events of `conf/experiment/clinc150_incremental.yaml` grow the {tenants} CLINC150
 domains one at a time into an empty store (banking first with 12 of its 15 intents, updated later with the other 3; two
 domains hibernated and woken); every tenant seen is evaluated after each event, and the baselines run in the same
@@ -207,7 +207,7 @@ model per tenant:
 One grow is {speedup}x cheaper than one joint retraining at {tenants} tenants ({grow} s against {joint} s, side by
 side). Backward transfer {bwt_given} tenant given, {bwt_routed} routed (forgetting max-minus-final {fmax} routed).
 Every woken tenant's predictions bit-identical to those before it slept: {wake}. The statistics gate routes
-{routing_word} than the learned gate ({routing} against {routing_learned}) and costs no training. The growth settings
+{routing_word} than the trained rows ({routing} against {routing_learned}) and costs no training. The growth settings
 (45 epochs, 300 rehearsal samples per known intent on update) were picked among three by this experiment's final test
 figure, so that figure is not a held-out estimate.
 
@@ -219,7 +219,7 @@ Accuracy of every tenant after every event: [matrix](clinc150_incremental/accura
 
 def continual(root: Path) -> str:
     m = load(root, "clinc150_incremental/metrics.json")
-    learned = load(root, "clinc150_incremental/metrics_learned_gate.json")
+    learned = load(root, "clinc150_incremental/metrics_trained_gate.json")
     matrix = load(root, "clinc150_incremental/accuracy_matrix.json")
 
     def grown(x: dict, name: str) -> list:
@@ -235,7 +235,7 @@ def continual(root: Path) -> str:
     sequential += [f(m["baseline/sequential/acc_tenant_given"]), "n/a", "(the forgetting lower bound)", "", ""]
     separate = ["one separate model per tenant", "n/a", f(m["baseline/separate/acc_tenant_given"]), "n/a", "", ""]
     separate += [f"{f(m['baseline/separate/memory_bytes'] / MB, 0)} MB"]
-    rows = [grown(m, "statistics gate (grown one by one)"), grown(learned, "learned gate (grown one by one)")]
+    rows = [grown(m, "statistics gate (grown one by one)"), grown(learned, "trained rows (grown one by one)")]
     rows += [joint, sequential, separate]
     header = ["", "routed", "tenant given", "routing", "forgetting (tenant given / routed)", "seconds", "weights"]
     kinds = ("routed", "tenant_given", "routing")
@@ -641,8 +641,9 @@ Quoted as README gave them; no JSON in `scripts/results/` records them, so `--ch
   domain given 97.0; a plain learned linear gate over separately trained domain experts about 93.3 routed".
 - Feature cache: "the first run encodes the 23,700 CLINC150 queries in 55.5 s (`time/encode_s`), an identical second
   run spends 0.075 s (0.14 %). Whole run: 1 min 37 s cold, 43 s warm, 0.85 GB peak RSS."
-- Growing a tenant into the quick start's store: "The quick start's CLINC150 store with `acme` grown in (a synthetic
-  two-intent file), evaluated on CLINC150 with `routing=stats`: 94.91 routed, 96.84 tenant given, 97.51 routing".
+- Growing a tenant into the quick start's store (`routing=stats` is now `routing=statistics`): "The quick start's
+  CLINC150 store with `acme` grown in (a synthetic two-intent file), evaluated on CLINC150 with `routing=stats`: 94.91
+  routed, 96.84 tenant given, 97.51 routing".
 - Continual learning, the previous version's run: one grow against one joint retraining "gave 2.98 s against 70.8
   s"; "Sequential fine-tuning gave 9.31 / 70.47 with the previous version"; the growth settings "were
   picked among three by this experiment's final test figure (95.00, 95.02, 95.07 routed)".

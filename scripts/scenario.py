@@ -1,7 +1,7 @@
 """The continual experiment: grow, update, hibernate, wake and retire tenants, evaluating after each event.
 
 python scripts/scenario.py experiment=clinc150_incremental paths.output_dir=outputs/incremental
-python scripts/scenario.py experiment=clinc150_incremental routing=learned   # the other gate kind
+python scripts/scenario.py experiment=clinc150_incremental routing=trained   # rows trained against the others'
 """
 
 import hydra

@@ -131,13 +131,23 @@ def test_router_losses_are_named_and_differentiable():
     assert torch.isclose(router(collapsed).load_balance_loss, torch.tensor(4.0), atol=1e-4)
 
 
-def test_rows_of_other_experts_stay_put_when_the_router_grows():
-    router = TopKRouter(8, [2, 3], top_k=1)
-    entries = [router.entry(0, 2), router.entry(1, 3)]
-    grown = TopKRouter.from_entries(entries + [{"gate.weight": torch.randn(4, 8), "gate.bias": torch.zeros(4)}])
-    assert torch.equal(grown.weight[0, :2], router.weight[0, :2])
-    assert torch.equal(grown.weight[1, :3], router.weight[1, :3])
-    assert rearrange(grown.row_mask, "e m -> (e m)").sum() == 9
+def test_rows_of_other_experts_stay_put_when_an_expert_is_added(tmp_path):
+    """Gate rows travel in each expert's shard: a mixture built after a third expert arrives scores the first two
+    with exactly the rows it had before."""
+    from moe.inference import load_mixture
+    from moe.store import ExpertStore, expert_shards
+
+    store = ExpertStore(tmp_path / "experts")
+    two = build_mixture([ExpertInfo("a", ("x", "y")), ExpertInfo("b", ("x", "y", "z"))], dim=8)
+    for tensors, meta in expert_shards(two, "f" * 64):
+        store.save(tensors, meta)
+    before = load_mixture(store).router
+    third = build_mixture([ExpertInfo("c", ("p", "q", "r", "s"))], dim=8)
+    store.save(*next(expert_shards(third, "f" * 64)))
+    after = load_mixture(store).router
+    assert torch.equal(after.weight[:2, :3], before.weight[:, :3]) and torch.equal(after.bias[:2, :3], before.bias)
+    assert torch.equal(after.weight[0, :2], two.router.weight[0, :2])
+    assert rearrange(after.row_mask, "e m -> (e m)").sum() == 9
 
 
 def test_the_router_scores_experts_chunk_by_chunk_as_if_all_at_once(monkeypatch):

@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from moe.evaluation.run import evaluate
 from moe.inference import load_mixture
 from moe.lifecycle.run import run_scenario
 from moe.model import best_labels, union_scores
@@ -46,6 +47,20 @@ def test_run_writes_config_shards_gate_and_metrics(trained):
 
 
 @pytest.mark.slow
+def test_each_shard_records_its_own_tenants_figures(trained):
+    """Not the run's: each shard holds its tenant's figures, and their query-weighted mean is the run's."""
+    metrics, out = trained
+    store = ExpertStore(out / "experts")
+    own = {tenant: store.meta(tenant).metrics for tenant in store.tenants()}
+    for split in ("val", "test"):
+        queries = {tenant: m[f"{split}/queries"] for tenant, m in own.items()}
+        assert sum(queries.values()) == metrics[f"{split}/queries"]  # each counts its own queries, not the run's
+        for key in ("acc_routed", "acc_tenant_given", "routing_acc"):
+            weighted = sum(m[f"{split}/{key}"] * queries[t] for t, m in own.items()) / sum(queries.values())
+            assert weighted == pytest.approx(metrics[f"{split}/{key}"], abs=1e-9), (split, key)
+    assert all(m["train_examples"] == 60 for m in own.values())  # 30 rows of each of its 2 intents
+
+
 def test_each_expert_is_a_self_describing_shard_readable_with_safetensors_alone(trained):
     _, out = trained
     shards = sorted((out / "experts").rglob("*.safetensors"))
@@ -139,6 +154,11 @@ def test_every_scenario_experiment_runs_with_tiny_limits(experiment, tmp_path, c
     assert metrics["final/forgetting_tenant_given"] == 0.0 and metrics["wake/identical"] == 1.0
     for name in ("metrics.json", "accuracy_matrix.json", "accuracy_matrix.png", "accuracy_over_events.png"):
         assert (tmp_path / name).is_file()
+    # the grown store evaluates as the scenario served it (its run folder has a config.yaml but no gate file)
+    store = ["store_dir=" + str(tmp_path / "experts"), "routing=statistics", "logger=none", "oos.compare=false"]
+    evaluated = evaluate(compose_config("evaluate", [*store, "splits=[test]"], tmp_path / "evaluation"))
+    assert evaluated["eval/top_k"] == cfg.top_k
+    assert evaluated["test/acc_routed"] == pytest.approx(metrics["final/acc_routed"], abs=0.05)  # 2 of 4,500
 
 
 @pytest.mark.slow

@@ -55,10 +55,10 @@ def open_trained_store(cfg: DictConfig) -> TrainedStore:
     gate_file = run_dir / "gate.safetensors"
     if gate_file.is_file():
         gate = read_gate_settings(gate_file)
-    elif run_config is not None:
-        gate = GateSettings(int(run_config.gate.top_k), bool(run_config.gate.normalize_weights))
-    else:
-        gate = GateSettings()
+    else:  # a training run's config names its gate; a scenario's its top_k; else the defaults
+        top_k = OmegaConf.select(run_config, "gate.top_k") or OmegaConf.select(run_config, "top_k") or 2
+        normalize = OmegaConf.select(run_config, "gate.normalize_weights", default=True)
+        gate = GateSettings(int(top_k), bool(normalize))
     if cfg.get("top_k"):
         gate = replace(gate, top_k=int(cfg.top_k))
     gate = replace(gate, source=cfg.routing.source, shrinkage=float(cfg.routing.get("shrinkage", gate.shrinkage)))

@@ -1,1 +1,1 @@
-"""Export of a trained store as a serving bundle (see `moe.serving.bundle` for the format)."""
+"""Export of a trained store as a serving bundle (see `moe.inference.bundle` for the format)."""

@@ -14,7 +14,6 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from moe.data import Tenant, read_tenant_file
 from moe.data.files import TenantFile
 from moe.lifecycle.growth import GrowthConfig
 from moe.lifecycle.operations import Lifecycle
@@ -70,12 +69,6 @@ def tenant_file(cfg: DictConfig, name: str | None = None) -> TenantFile:
         )
     name = tenant_name(cfg) if name is None else name
     return TenantFile(name, files, spec.text_column, spec.label_column, spec.split_column)
-
-
-def tenant_from_config(cfg: DictConfig) -> Tenant:
-    """The tenant read into memory, every row of it (`run_grow` and `run_update` stream it instead)."""
-    entry = tenant_file(cfg)
-    return read_tenant_file(entry.name, entry.files, entry.text_column, entry.label_column, entry.split_column)
 
 
 def run_grow(cfg: DictConfig) -> Path:

@@ -122,7 +122,7 @@ class Scenario:
             self.known[name] = tenant.labels
         elif event.op == "update":
             self.sleeping.pop(name, None)  # a new version: no promise of identical predictions
-            ops.update(new_data(self.tenants[name], self.known[name]))
+            ops.update(new_data(self.tenants[name], self.known[name]), allow_dormant=True)  # as the event says
             self.known[name] = ops.store.meta(name).labels
         elif event.op == "hibernate":
             self.sleeping[name] = self.given_predictions(self.mixture(), name)

@@ -121,13 +121,3 @@ class TopKRouter(nn.Module):
             router.weight.copy_(self.weight[experts, : router.weight.shape[1]])
             router.bias.copy_(self.bias[experts, : router.bias.shape[1]])
         return router
-
-    @classmethod
-    def from_entries(cls, entries: list[dict[str, torch.Tensor]], **kwargs) -> TopKRouter:
-        rows = [entry["gate.bias"].shape[0] for entry in entries]
-        router = cls(entries[0]["gate.weight"].shape[1], rows, random_init=False, **kwargs)
-        with torch.no_grad():
-            for i, entry in enumerate(entries):
-                router.weight[i, : rows[i]] = entry["gate.weight"]
-                router.bias[i, : rows[i]] = entry["gate.bias"]
-        return router

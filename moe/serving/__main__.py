@@ -68,7 +68,7 @@ def answer_chunk(server: Server, chunk: list[tuple[int, bytes | str]]) -> list[d
             text, tenant = parse_query(decode_line(line, number == 1) if isinstance(line, bytes) else line)
             server.model.tenant_ids([tenant])  # KeyError names the known tenants
             good.append((i, text, tenant))
-        except (ValueError, KeyError) as error:
+        except (ValueError, KeyError, RecursionError) as error:  # RecursionError: JSON nested too deep
             results[i] = {"error": str(error.args[0] if isinstance(error, KeyError) else error), "line": number}
     if good:
         for (i, _, _), answer in zip(

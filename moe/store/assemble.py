@@ -31,7 +31,6 @@ def expert_shards(
     model: MixtureOfExperts,
     trunk_fingerprint: str,
     stats: dict[str, dict[str, torch.Tensor]] | None = None,
-    metrics: dict[str, dict] | None = None,
 ) -> Iterator[Shard]:
     """`(tensors, meta)` for every expert: its weights, its routing entry and its feature statistics
     (`stats[tenant]`, from `class_statistics`; experts without any get empty statistics)."""
@@ -40,9 +39,7 @@ def expert_shards(
         c = len(info.labels)
         tensors = model.bank.expert_tensors(i, c) | model.router.entry(i, c if model.gate_rows == "labels" else 1)
         tensors |= (stats or {}).get(info.tenant) or empty_statistics(model.bank.dim, c)
-        meta = ExpertMeta(
-            info.tenant, info.labels, trunk_fingerprint, arch, metrics=(metrics or {}).get(info.tenant, {})
-        )
+        meta = ExpertMeta(info.tenant, info.labels, trunk_fingerprint, arch)
         yield tensors, meta
 
 

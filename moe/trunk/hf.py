@@ -61,7 +61,7 @@ class HFEncoderTrunk(Trunk):
 
     def config(self) -> dict[str, Any]:
         return {
-            "kind": "hf_encoder",
+            "kind": self.kind,
             "model_type": self.encoder.config.model_type,
             "hidden_size": self.dim,
             "num_layers": self.encoder.config.num_hidden_layers,

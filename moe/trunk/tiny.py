@@ -34,7 +34,7 @@ class TinyTrunk(Trunk):
             self.freeze()
 
     def config(self) -> dict[str, Any]:
-        return {"kind": "tiny", "dim": self.dim, "buckets": self.buckets}
+        return {"kind": self.kind, "dim": self.dim, "buckets": self.buckets}
 
     def init_arguments(self) -> dict[str, Any]:
         return {"dim": self.dim, "buckets": self.buckets, "seed": self.seed}
