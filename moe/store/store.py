@@ -205,7 +205,8 @@ class ExpertStore:
         if records := self.records(name):
             versions = [(r.version, "retired" if r.retired else "live") for r in records]
             raise ValueError(f"tenant {name!r} already has an expert in {self.root} {versions}; use update")
-        if clash := sorted({t for t in (r.tenant for r in self.records()) if t.lower() == name.lower() and t != name}):
+        folders = (f.name for f in self._tenant_folders() if f.name.lower() == name.lower() and f.name != name)
+        if clash := sorted(t for t in folders if self.records(t)):  # folder names first: no stat of every shard
             raise ValueError(f"tenant name {name!r} differs only in case from tenant {clash[0]!r} in {self.root}")
         return name
 
