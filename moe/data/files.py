@@ -72,6 +72,22 @@ class TenantFile:
     label_column: str = "label"
     split_column: str | None = None
 
+    @classmethod
+    def from_entry(cls, entry: Mapping) -> TenantFile:
+        """From a config entry with these fields (a `read_tenant_file` node's `_target_` aside); `files` one path or a
+        mapping split -> path, else a ValueError."""
+        fields = {k: v for k, v in entry.items() if k != "_target_"}
+        files = fields.pop("files", None)
+        if isinstance(files, Mapping):
+            files = {str(split): str(path) for split, path in files.items()}
+        elif isinstance(files, (str, Path)) and str(files):
+            files = str(files)
+        else:
+            raise ValueError(
+                f"tenant files must be one file or a mapping {{train: ..., val: ..., test: ...}}, got {files!r}"
+            )
+        return cls(files=files, **fields)
+
 
 def read_examples(
     path: str | Path, text_column: str = "text", label_column: str = "label", split_column: str | None = None

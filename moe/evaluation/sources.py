@@ -96,11 +96,5 @@ def clinc150_sources(
 def file_sources(splits: Sequence[str], entries: Sequence[TenantFile | Mapping]) -> dict[str, SplitSource]:
     """Tenant files streamed row by row; `entries` may be the `read_tenant_file` nodes of `conf/data/tenant_files.yaml`
     (their `_target_` aside, the same fields as `TenantFile`)."""
-    files = [entry if isinstance(entry, TenantFile) else tenant_file(entry) for entry in entries]
+    files = [entry if isinstance(entry, TenantFile) else TenantFile.from_entry(entry) for entry in entries]
     return {split: SplitSource(split, (lambda split=split: file_queries(files, split),)) for split in splits}
-
-
-def tenant_file(entry: Mapping) -> TenantFile:
-    fields = {k: v for k, v in entry.items() if k != "_target_"}
-    files = fields.pop("files")
-    return TenantFile(files=dict(files) if isinstance(files, Mapping) else str(files), **fields)

@@ -56,19 +56,9 @@ def build_lifecycle(cfg: DictConfig, store: ExpertStore | None = None) -> Lifecy
 
 def tenant_file(cfg: DictConfig, name: str | None = None) -> TenantFile:
     """`tenant` as the file(s) it names (not read yet)."""
-    spec = cfg.tenant
-    if not spec.files:
+    if not cfg.tenant.files:
         raise ValueError("this operation needs the tenant's data: set tenant.files=PATH (CSV or JSONL)")
-    if isinstance(spec.files, DictConfig):
-        files: str | dict[str, str] = {str(k): str(v) for k, v in spec.files.items()}
-    elif isinstance(spec.files, str):
-        files = spec.files
-    else:
-        raise ValueError(
-            f"tenant.files must be one file or a mapping {{train: ..., val: ..., test: ...}}, got {spec.files}"
-        )
-    name = tenant_name(cfg) if name is None else name
-    return TenantFile(name, files, spec.text_column, spec.label_column, spec.split_column)
+    return TenantFile.from_entry({**cfg.tenant, "name": tenant_name(cfg) if name is None else name})
 
 
 def run_grow(cfg: DictConfig) -> Path:
