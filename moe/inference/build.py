@@ -20,7 +20,7 @@ from moe.inference.paged import PagedMixture, ShardLoader
 from moe.inference.pager import ExpertPager
 from moe.model import TENSOR_NAMES, ExpertInfo, RowSource, TopKRouter, check_choice
 from moe.model.stats import SHRINKAGE, PooledScatter, fill_statistics_rows
-from moe.store import ExpertStore, ShardError
+from moe.store import ExpertMeta, ExpertStore, ShardError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ def load_mixture(
     names = sorted(tenants if tenants is not None else store.tenants())
     if not names:
         raise ValueError(f"expert store {store.root} holds no live expert")
-    candidates, failed = [], {}
+    candidates: list[tuple[tuple[str, int], ExpertMeta]] = []
+    failed: dict[str, Exception] = {}
     for tenant in names:
         try:
             key = (tenant, store.latest(tenant))
@@ -123,8 +124,8 @@ def load_mixture(
             kept.append(i)
     if failed and not skip_failed:
         raise ValueError(f"expert store {store.root}: " + "; ".join(f"{t}: {e}" for t, e in sorted(failed.items())))
-    for tenant, error in failed.items():
-        log.warning("expert %s left out: %s", tenant, error)
+    for tenant, problem in failed.items():
+        log.warning("expert %s left out: %s", tenant, problem)
     if not infos:
         raise ValueError(f"no expert could be loaded from {store.root}: {failed}")
     if len(kept) < len(candidates):
