@@ -1,8 +1,10 @@
 """PagedMixture: inference over expert shards, with only the pager's budget of expert weights resident.
 
 The gate's rows for every registered expert stay resident (they are small); expert weights are paged in,
-wave by wave, for the experts a batch actually chose. Each expert's group is computed on its own
-(`expert_logits`, the one expert formula), so a prediction never depends on what else happened to be resident.
+wave by wave, for the experts a batch actually chose. Each expert's group is computed on its own, at its own
+width (`expert_logits`, the one expert formula, then a softmax over its own labels only), so a prediction never
+depends on what else happened to be resident, nor on how many labels other experts have: a tenant's tenant-given
+scores are bit-identical whatever else grows (tests/test_exactness.py).
 `moe.inference.build.load_mixture` builds one from a store.
 """
 
@@ -89,7 +91,7 @@ class PagedMixture(Mixture):
         self.left_out: dict[str, Exception] = {}  # tenants whose shards failed their checks (see load_mixture)
         self.register_buffer("label_mask", self.label_ids >= 0, persistent=False)
 
-    def group_logits(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def group_log_probs(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         # g: groups (chosen experts), n: capacity, c: label width
         groups = dispatch(x, plan)  # (g, n, d)
         counts = torch.bincount(plan.group, minlength=plan.experts.numel()).tolist()
@@ -108,4 +110,4 @@ class PagedMixture(Mixture):
             for key, tensors in resident.items():
                 i, n = position[key], counts[position[key]]
                 c = tensors["head.bias"].shape[0]
-                out[i, :n, :c] = expert_logits(groups[i, :n], tensors)
+                out[i, :n, :c] = expert_logits(groups[i, :n], tensors).log_softmax(dim=-1)  # its own labels only

@@ -99,6 +99,10 @@ class Mixture(nn.Module):
         """(g, capacity, width) logits of the planned groups, -inf on labels an expert lacks."""
         raise NotImplementedError
 
+    def group_log_probs(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """(g, capacity, width) log-probabilities of each group over its expert's labels, -inf on the others."""
+        return self.group_logits(x, plan).log_softmax(dim=-1)
+
     def forward(
         self, features: torch.Tensor, tenant: torch.Tensor | None = None, keep_rows: bool = False
     ) -> MixtureOutput:
@@ -111,7 +115,7 @@ class Mixture(nn.Module):
             allowed = ~given | (self.expert_tenant[None, :] == tenant[:, None])
         routed = self.router(x, allowed, keep_rows)
         plan = plan_dispatch(routed.experts, routed.weights)
-        log_probs = combine(self.group_logits(x, plan).log_softmax(dim=-1), plan, fill=float("-inf"))
+        log_probs = combine(self.group_log_probs(x, plan), plan, fill=float("-inf"))
         return MixtureOutput(log_probs, routed.weights, routed.experts, self.label_ids[routed.experts], routed)
 
 
