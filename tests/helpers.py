@@ -124,6 +124,7 @@ def digests(folder: Path) -> dict[Path, str]:
 # -- the tiny run shared by the evaluation and serving tests (the session fixture `tiny_run`) ---------------
 
 THRESHOLD = 0.42  # a fixed out-of-scope threshold: the synthetic tenants have no out-of-scope queries to choose one
+THRESHOLD_SCORE = "gate_max_prob"  # on this score (a fixed threshold needs a named one)
 TINY_TRAIN = ["logger=none", "trunk=tiny", "callbacks=none", "trainer.max_epochs=3", "data.batch_size=16"]
 TINY_TRAIN += ["trainer.check_val_every_n_epoch=10", "expert.dropout=0"]
 
@@ -150,11 +151,12 @@ def build_tiny_run(root: Path) -> TinyRun:
         f"store_dir={run / 'experts'}",
         *data,
         f"oos.threshold={THRESHOLD}",
+        f"oos.score={THRESHOLD_SCORE}",
         "write_predictions=true",
         f"paths.output_dir={evaluation}",
         f"hydra.run.dir={root / 'hydra'}",
     )
-    common = [*data, f"store_dir={run / 'experts'}", f"oos.threshold={THRESHOLD}"]
+    common = [*data, f"store_dir={run / 'experts'}", f"oos.threshold={THRESHOLD}", f"oos.score={THRESHOLD_SCORE}"]
     export(compose_config("export", common, root / "bundle"))
     export(compose_config("export", [*common, "export.dtype=bfloat16", "export.trunk=copy"], root / "bundle_bf16"))
     return TinyRun(run, evaluation, root / "bundle", root / "bundle_bf16")

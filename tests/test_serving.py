@@ -19,7 +19,7 @@ from tests.helpers import THRESHOLD, TinyRun, run_python, sha256_of
 # Every test serves the session's tiny run (trained, evaluated by scripts/evaluate.py, exported).
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
-ANSWER = ("tenant", "intent", "score", "out_of_scope", "experts")
+ANSWER = ("tenant", "intent", "score", "out_of_scope", "experts", "runners_up")
 
 FRESH_PROCESS = """
 import json, sys

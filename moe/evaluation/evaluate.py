@@ -16,9 +16,9 @@ from moe.data import Tenant
 from moe.evaluation.calibration import Reliability, expected_calibration_error, reliability
 from moe.evaluation.collect import Encoder, Outcome, Sink, collect
 from moe.evaluation.metrics import accuracy, confusion_matrix, macro_f1, per_class_f1
-from moe.evaluation.oos import CRITERIA, rejection, select_threshold
+from moe.evaluation.oos import CRITERIA, operating_point, rejection
 from moe.evaluation.sources import SplitSource, tenant_sources
-from moe.inference import OOS_SCORES, GateSettings, load_mixture, read_gate_settings
+from moe.inference import AUTO, OOS_SCORES, UNSURE_BELOW, GateSettings, load_mixture, read_gate_settings
 from moe.model import Mixture
 
 
@@ -30,6 +30,8 @@ class Evaluation:
     reliability: dict[str, Reliability] = field(default_factory=dict)
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     threshold: float | None = None
+    score: str = next(iter(OOS_SCORES))  # the kind of out-of-scope score the threshold applies to
+    unsure_below: float = UNSURE_BELOW  # routed answers list runners-up below this top gate probability
     tenants: list[str] = field(default_factory=list)
     oos_compare: list[dict] = field(default_factory=list)  # every score kind x criterion, each chosen alike
 
@@ -85,6 +87,29 @@ def per_tenant_rows(model: Mixture, outcome: Outcome, split: str, threshold: flo
     return rows
 
 
+MAX_UNSURE = 5.0  # percent of in-scope validation queries whose routed answers may list runners-up
+
+
+def choose_unsure_below(outcome: Outcome, max_unsure: float = MAX_UNSURE) -> float:
+    """The gate-probability cut under which an answer lists its runners-up: the highest that flags at most
+    `max_unsure` percent of this outcome's in-scope queries (a store's gate is as confident as its rows make it)."""
+    top = outcome.oos_scores["gate_max_prob"][outcome.in_scope].double().sort().values
+    if top.numel() == 0:
+        return UNSURE_BELOW
+    return float(top[int(len(top) * max_unsure / 100.0)])  # values strictly below it: at most max_unsure percent
+
+
+def unsure_metrics(outcome: Outcome, split: str, unsure_below: float) -> dict[str, float]:
+    """How many in-scope answers list runners-up, and how many of the misrouted ones do (percent)."""
+    s = outcome.in_scope
+    unsure = outcome.oos_scores["gate_max_prob"][s].double() < unsure_below
+    misrouted = outcome.routed_tenant[s] != outcome.tenant[s]
+    return {
+        f"{split}/unsure": 100.0 * unsure.double().mean().item() if len(unsure) else float("nan"),
+        f"{split}/misrouted_unsure": 100.0 * unsure[misrouted].double().mean().item() if misrouted.any() else 0.0,
+    }
+
+
 def oos_metrics(outcome: Outcome, split: str, score: str, threshold: float) -> dict[str, float]:
     s = outcome.in_scope
     values = outcome.oos_scores[score]
@@ -92,10 +117,19 @@ def oos_metrics(outcome: Outcome, split: str, score: str, threshold: float) -> d
     return {f"{split}/{name}": value for name, value in r._asdict().items()}
 
 
-def choose_threshold(outcome: Outcome, score: str, criterion: str, max_cost: float = 1.0) -> float:
+def choose_threshold(outcome: Outcome, score: str, criterion: str, max_cost: float = 1.0) -> tuple[float, float]:
+    """The threshold on `score` that meets `criterion` on this outcome's queries, and the criterion's value."""
     s = outcome.in_scope
     values = outcome.oos_scores[score]
-    return select_threshold(values[s], outcome.routed[s] == outcome.label[s], values[~s], criterion, max_cost)
+    return operating_point(values[s], outcome.routed[s] == outcome.label[s], values[~s], criterion, max_cost)
+
+
+def choose_score(outcome: Outcome, criterion: str, max_cost: float = 1.0) -> tuple[str, float]:
+    """The kind of out-of-scope score whose own best threshold meets `criterion` best on this outcome's queries
+    (ties: the first in `OOS_SCORES`), and that threshold."""
+    points = {kind: choose_threshold(outcome, kind, criterion, max_cost) for kind in OOS_SCORES}
+    kind = max(points, key=lambda k: points[k][1])  # max keeps the first of equal values
+    return kind, points[kind][0]
 
 
 def evaluate_mixture(
@@ -103,7 +137,7 @@ def evaluate_mixture(
     sources: Mapping[str, SplitSource],
     encode: Encoder,
     batch_size: int,
-    oos_score: str = "gate_max_prob",
+    oos_score: str = AUTO,
     criterion: str = "in_scope_cost",
     max_cost: float = 1.0,
     threshold: float | None = None,
@@ -113,11 +147,14 @@ def evaluate_mixture(
     sink: Callable[[str], Sink] | None = None,
 ) -> Evaluation:
     """Every split of `sources`; an out-of-scope threshold (unless given) is chosen on `threshold_split` when it
-    has out-of-scope queries, and applied to every split that has them. `compare_scores` adds, for every kind of
-    out-of-scope score and every criterion, the same choice and measurement (`oos_compare`). `sink(split)` may return a
-    callback that sees each batch's routed results."""
-    if oos_score not in OOS_SCORES:
-        raise ValueError(f"unknown out-of-scope score {oos_score!r}; choose one of {sorted(OOS_SCORES)}")
+    has out-of-scope queries, and applied to every split that has them. `oos_score="auto"` chooses the kind of
+    score there too: the one whose threshold meets `criterion` best (`choose_score`); the choice is `oos/score` in
+    the metrics. `compare_scores` adds, for every kind of out-of-scope score and every criterion, the same choice and
+    measurement (`oos_compare`). `sink(split)` may return a callback that sees each batch's routed results."""
+    if oos_score != AUTO and oos_score not in OOS_SCORES:
+        raise ValueError(f"unknown out-of-scope score {oos_score!r}; choose {AUTO!r} or one of {list(OOS_SCORES)}")
+    if oos_score == AUTO and threshold is not None:
+        raise ValueError(f"a fixed out-of-scope threshold needs a named score, not {AUTO!r}: one of {list(OOS_SCORES)}")
     result = Evaluation(tenants=list(model.tenants))
     for split, source in sources.items():
         outcome = collect(
@@ -131,21 +168,34 @@ def evaluate_mixture(
     with_oos = [split for split, outcome in result.outcomes.items() if (~outcome.in_scope).any()]
     chosen_on = threshold_split if threshold_split in with_oos else None
     chosen = threshold is None and chosen_on is not None
-    if chosen:
-        threshold = choose_threshold(result.outcomes[chosen_on], oos_score, criterion, max_cost)
+    score_chosen = oos_score == AUTO
+    if chosen and score_chosen:
+        oos_score, threshold = choose_score(result.outcomes[chosen_on], criterion, max_cost)
+    elif chosen:
+        threshold = choose_threshold(result.outcomes[chosen_on], oos_score, criterion, max_cost)[0]
+    if oos_score == AUTO:  # nothing to choose on: no threshold, and the first kind for the record
+        oos_score = next(iter(OOS_SCORES))
+    result.score = oos_score
     if threshold is not None:
         result.threshold = threshold
         result.metrics |= {"oos/threshold": threshold, "oos/score": oos_score}
         if chosen:
             result.metrics |= {"oos/criterion": criterion, "oos/max_cost": max_cost, "oos/chosen_on": chosen_on}
+            result.metrics["oos/score_chosen_on"] = chosen_on if score_chosen else "given"
         else:
             result.metrics["oos/chosen_on"] = "given"
         for split in with_oos:
             result.metrics |= oos_metrics(result.outcomes[split], split, oos_score, threshold)
+    if threshold_split in result.outcomes and result.outcomes[threshold_split].in_scope.any():
+        result.unsure_below = choose_unsure_below(result.outcomes[threshold_split])
+        result.metrics |= {"routing/unsure_below": result.unsure_below, "routing/unsure_chosen_on": threshold_split}
+        result.metrics["routing/max_unsure"] = MAX_UNSURE
+    for split, outcome in result.outcomes.items():
+        result.metrics |= unsure_metrics(outcome, split, result.unsure_below)
     if compare_scores and chosen_on:
         for kind in OOS_SCORES:
             for rule in CRITERIA:
-                cut = choose_threshold(result.outcomes[chosen_on], kind, rule, max_cost)
+                cut = choose_threshold(result.outcomes[chosen_on], kind, rule, max_cost)[0]
                 row = {"score": kind, "criterion": rule, "threshold": cut, "chosen_on": chosen_on}
                 for split in with_oos:
                     row |= oos_metrics(result.outcomes[split], split, kind, cut)

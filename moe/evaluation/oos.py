@@ -39,7 +39,19 @@ def select_threshold(
     criterion: str = "in_scope_cost",
     max_cost: float = 1.0,
 ) -> float:
-    """The threshold that, on these (validation) queries, meets `criterion`:
+    """The threshold that, on these (validation) queries, meets `criterion` (see `operating_point`)."""
+    return operating_point(in_score, in_correct, oos_score, criterion, max_cost)[0]
+
+
+def operating_point(
+    in_score: torch.Tensor,
+    in_correct: torch.Tensor,
+    oos_score: torch.Tensor,
+    criterion: str = "in_scope_cost",
+    max_cost: float = 1.0,
+) -> tuple[float, float]:
+    """The threshold that, on these (validation) queries, meets `criterion`, and the criterion's value there
+    (comparable across kinds of score, so that the score itself can be chosen by it):
 
         in_scope_cost  the most out-of-scope recall while in-scope accuracy with rejection stays within
                        `max_cost` points of the accuracy without rejection (an operating point: "reject, but
@@ -69,8 +81,9 @@ def select_threshold(
     else:
         objective = accuracy + recall
     best = int(torch.argmax(objective))  # the first maximum: the lowest such cut
+    value = float(objective[best])
     if best == 0:
-        return float(cuts[0])
+        return float(cuts[0]), value
     if best == len(cuts) - 1:
-        return float(cuts[-2]) + 1.0  # reject everything seen
-    return float((cuts[best - 1] + cuts[best]) / 2)
+        return float(cuts[-2]) + 1.0, value  # reject everything seen
+    return float((cuts[best - 1] + cuts[best]) / 2), value

@@ -13,7 +13,7 @@ from moe.evaluation.collect import Sink
 from moe.evaluation.evaluate import Evaluation
 from moe.evaluation.plots import reliability_plot, routing_confusion_plot
 from moe.evaluation.sources import Query
-from moe.inference import Decoded, answers
+from moe.inference import UNSURE_BELOW, Decoded, answers
 from moe.model import Mixture
 
 
@@ -77,11 +77,11 @@ def write_report(evaluation: Evaluation, folder: str | Path, extra: dict | None 
 
 class PredictionWriter:
     """Every routed prediction as a JSON line (`predictions_<split>.jsonl`): the answer serving would give, and
-    the query's text and truth. The out-of-scope flag is filled in by `finish(threshold)`, once the threshold
-    is known; until then lines go to a `.partial` file, one at a time."""
+    the query's text and truth. The out-of-scope score and flag are filled in by `finish(score, threshold)`, once
+    both are chosen; until then lines go to a `.partial` file, one at a time, with every kind of score."""
 
-    def __init__(self, folder: str | Path, model: Mixture, score: str):
-        self.folder, self.model, self.score = Path(folder), model, score
+    def __init__(self, folder: str | Path, model: Mixture):
+        self.folder, self.model = Path(folder), model
         self.partials: list[Path] = []
 
     def __call__(self, split: str) -> Sink:
@@ -91,24 +91,28 @@ class PredictionWriter:
         self.partials.append(path)
 
         def sink(batch: list[Query], decoded: Decoded, scores: dict[str, torch.Tensor]) -> None:
-            oos = scores[self.score]
+            kinds, values = list(scores), torch.stack(list(scores.values()), dim=1).tolist()  # (b, kinds)
             with path.open("a") as handle:
-                for query, answer, value in zip(
-                    batch, answers(self.model, decoded, oos, None), oos.tolist(), strict=True
-                ):
-                    record = answer.to_dict() | {"oos_score": value, "text": query.text}
+                listed = answers(self.model, decoded, unsure_below=float("inf"))  # runners-up kept until `finish`
+                tops = decoded.gate_probs[:, 0].tolist()
+                for query, answer, row, top in zip(batch, listed, values, tops, strict=True):
+                    record = answer.to_dict() | {"oos_scores": dict(zip(kinds, row, strict=True)), "text": query.text}
+                    record["gate_prob"] = top
                     record |= {"true_tenant": query.tenant, "true_intent": query.label}
                     handle.write(json.dumps(record) + "\n")
 
         return sink
 
-    def finish(self, threshold: float | None) -> list[Path]:
+    def finish(self, score: str, threshold: float | None, unsure_below: float = UNSURE_BELOW) -> list[Path]:
         done = []
         for partial in self.partials:
             final = partial.with_suffix("")
             with partial.open() as source, final.open("w") as target:
                 for line in source:
                     record = json.loads(line)
+                    record["oos_score"] = record.pop("oos_scores")[score]
+                    if record.pop("gate_prob") >= unsure_below:
+                        record["runners_up"] = []
                     record["out_of_scope"] = None if threshold is None else record["oos_score"] < threshold
                     target.write(json.dumps(record) + "\n")
             partial.unlink()

@@ -63,7 +63,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float | str]:
     # a trunk trained with the experts is run directly, as training evaluated it
     use_cache = cfg.cache_features and not (cfg.get("bundle_dir") is None and trained.trained_trunk)
     encode = feature_encoder(trunk, cfg.paths.get("cache_dir"), use_cache)
-    writer = PredictionWriter(out, model, score) if cfg.write_predictions else None
+    writer = PredictionWriter(out, model) if cfg.write_predictions else None
     evaluation = evaluate_mixture(
         model,
         sources_from_config(cfg.data, list(cfg.splits)),
@@ -78,8 +78,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float | str]:
         sink=writer,
     )
     if writer is not None:
-        writer.finish(evaluation.threshold)
+        writer.finish(evaluation.score, evaluation.threshold, evaluation.unsure_below)
     evaluation.metrics |= {"eval/batch_size": batch_size, "eval/top_k": model.router.top_k}
+    if OmegaConf.select(cfg, "reference.joint_linear"):  # the joint linear reference, on the same features
+        from moe.evaluation.reference import store_reference_metrics
+
+        evaluation.metrics |= store_reference_metrics(cfg.data, model.labels, encode, list(cfg.splits))
     files = write_report(evaluation, out)
     log_evaluation(instantiate_group(cfg.get("logger")), cfg, evaluation, files)
     log.info("evaluated %s: %s", source, json.dumps(evaluation.metrics, sort_keys=True))

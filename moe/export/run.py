@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture
 from moe.evaluation.inputs import feature_encoder, open_trained_store, sources_from_config
 from moe.export.writer import check_target, write_bundle_manifest, write_files
-from moe.inference import load_mixture
+from moe.inference import AUTO, OOS_SCORES, UNSURE_BELOW, load_mixture
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,15 @@ def accuracy_cost(reference: Evaluation, lowered: Evaluation, dtype: str) -> dic
         cost[f"{split}/changed_predictions"] = changed
         cost[f"{split}/changed_predictions_pct"] = 100.0 * changed / len(outcome)
     return cost
+
+
+def unmeasured_score(score: str, threshold: float | None) -> str:
+    """The kind of out-of-scope score a bundle exported without measurement records (nothing to choose on)."""
+    if score != AUTO:
+        return score
+    if threshold is not None:
+        raise ValueError(f"a fixed out-of-scope threshold needs a named score, not {AUTO!r}: one of {list(OOS_SCORES)}")
+    return next(iter(OOS_SCORES))  # no threshold: the score only describes the answers, none is flagged
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
@@ -78,7 +87,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     threshold = bundled.threshold if bundled else cfg.oos.threshold
     chosen = threshold is not None and cfg.oos.threshold is None
     oos = {
-        "score": cfg.oos.score,
+        "score": bundled.score if bundled else unmeasured_score(cfg.oos.score, cfg.oos.threshold),
         "threshold": threshold,
         "criterion": cfg.oos.criterion if chosen else "given",
         "max_cost": cfg.oos.max_cost,
@@ -92,6 +101,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         dtype,
         oos,
         trained.gate,
+        bundled.unsure_below if bundled else UNSURE_BELOW,
         evaluation={
             "batch_size": trained.batch_size,
             "metrics": bundled.metrics if bundled else {},

@@ -1,7 +1,7 @@
 """The inference core: build a mixture from a store or a bundle (`load_mixture`, `open_bundle`), page its experts
 between device, host memory and disk (`ExpertPager`), and decode answers (`predict`)."""
 
-from moe.inference.answers import OOS_SCORES, Answer, Decoded, answers, decode, oos_score, predict
+from moe.inference.answers import AUTO, OOS_SCORES, UNSURE_BELOW, Answer, Decoded, answers, decode, oos_score, predict
 from moe.inference.build import GateSettings, load_mixture, read_gate_settings
 from moe.inference.bundle import FORMAT, Bundle, BundleError, OpenBundle, open_bundle, read_bundle
 from moe.inference.paged import PagedMixture, ShardLoader
@@ -9,7 +9,9 @@ from moe.inference.pager import ExpertPager, TierStats
 
 __all__ = [
     "FORMAT",
+    "AUTO",
     "OOS_SCORES",
+    "UNSURE_BELOW",
     "Answer",
     "Bundle",
     "BundleError",
