@@ -29,10 +29,16 @@ def accuracy_heatmaps(matrices: dict[str, list[list[float]]], events: list[str],
     return path
 
 
-def accuracy_over_events(curves: dict[str, list[float]], events: list[str], path: Path) -> Path:
+def accuracy_over_events(
+    curves: dict[str, list[float]], events: list[str], path: Path, references: dict[str, float] | None = None
+) -> Path:
+    """One curve per entry of `curves`; each of `references` (e.g. the joint linear reference on the final
+    tenants) a dashed horizontal line."""
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(events)), 4))
     for name, values in curves.items():
         ax.plot(range(len(events)), values, marker="o", label=name)
+    for i, (name, value) in enumerate((references or {}).items(), start=len(curves)):
+        ax.axhline(value, linestyle="--", linewidth=1, color=f"C{i % 10}", label=f"{name} ({value:.1f})")
     ax.set_xticks(range(len(events)), events, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("mean accuracy over tenants seen (%)")
     ax.grid(alpha=0.3)

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from moe.evaluation.reference import accuracy_metrics, fit_metrics, joint_linear_reference
 from moe.lifecycle.baselines import SequentialBaseline, joint_retrain
 from moe.lifecycle.config import growth_config
 from moe.lifecycle.operations import Lifecycle
@@ -34,6 +35,17 @@ def _micro(accuracy: dict[str, float], counts: dict[str, int]) -> float:
     return sum(accuracy[t] * counts[t] for t in accuracy) / sum(counts[t] for t in accuracy)
 
 
+def compare_groups(cfg: DictConfig, tenants: dict[str, object]) -> dict[str, list[str]]:
+    """`compare_groups` ({group: [tenant, ...]}, or null for none), checked against the data's tenants."""
+    groups = {str(g): [str(t) for t in members] for g, members in (cfg.get("compare_groups") or {}).items()}
+    for group, members in groups.items():
+        if not members:
+            raise ValueError(f"compare_groups.{group} names no tenant")
+        if unknown := [t for t in members if t not in tenants]:
+            raise KeyError(f"compare_groups.{group} names unknown tenants {unknown}; known: {sorted(tenants)}")
+    return groups
+
+
 def run_scenario(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
@@ -48,6 +60,7 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
     encode = FeatureCache(root / "features", trunk).encode
     growth = growth_config(cfg)
     events = [Event(**event) for event in cfg.events]
+    groups = compare_groups(cfg, tenants)
     for event in events:
         if event.tenant not in tenants:
             raise KeyError(f"event {event.op} names unknown tenant {event.tenant!r}; known: {sorted(tenants)}")
@@ -70,6 +83,18 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
         "memory/peak_rss_bytes": max(r.rss_bytes for r in records),
         "wake/identical": float(all(scenario.wake_identical.values())) if scenario.wake_identical else math.nan,
     }
+    for group, members in groups.items():  # the mixture's, pooled over the group's test queries
+        if missing := [t for t in members if t not in names]:
+            log.warning("compare_groups.%s: %s have no expert at the end; left out", group, missing)
+        present = [t for t in members if t in names]
+        for key, values in (
+            ("acc_routed", final.routed),
+            ("acc_tenant_given", final.given),
+            ("routing_acc", final.routing),
+        ):
+            metrics[f"final/{key}_{group}"] = _micro({t: values[t] for t in present}, counts) if present else math.nan
+    warned = scenario.lifecycle.warned  # the grows that warned of overlapping intents, and of which
+    metrics["overlap/warned_grows"] = len(warned)
     if updates := [r.seconds for r in records if r.event.op == "update"]:
         metrics["time/update_mean_s"] = statistics.mean(updates)
     for key, name in (("routed", "routed"), ("given", "tenant_given")):
@@ -84,6 +109,7 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
         "routing": [[r.routing.get(t, math.nan) for t in names] for r in records],
         "seconds": [r.seconds for r in records],
         "rss_bytes": [r.rss_bytes for r in records],
+        "overlap_warnings": {t: [f"{p.intent_a} ~ {p.tenant_b}/{p.intent_b}" for p in ps] for t, ps in warned.items()},
     }
     curves = {
         "mixture routed": [_mean(row) for row in matrix["routed"]],
@@ -114,8 +140,19 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
         metrics["baseline/sequential/acc_routed"] = _micro({t: rows[-1][t][0] for t in names}, counts)
         metrics["baseline/sequential/acc_tenant_given"] = _micro({t: rows[-1][t][1] for t in names}, counts)
 
+    final_tenants = [restrict(tenants[name], labels=scenario.known[name]) for name in names]
+    references: dict[str, float] = {}
+    if cfg.baselines.get("joint_linear"):  # one linear softmax over every (tenant, intent), the same features
+        reference, test = joint_linear_reference(final_tenants, encode, "test")
+        prefix = "baseline/joint_linear"
+        metrics |= accuracy_metrics(test.overall, prefix) | fit_metrics(reference, prefix)
+        metrics["time/joint_linear_s"] = reference.seconds
+        for group, members in groups.items():
+            metrics |= accuracy_metrics(test.group(t for t in members if t in names), prefix, f"_{group}")
+        mean_routed = _mean(test.per_tenant[t].acc_routed for t in names)  # over tenants, as the curves
+        references["joint linear routed, final tenants"] = mean_routed
+
     if cfg.baselines.joint:
-        final_tenants = [restrict(tenants[name], labels=scenario.known[name]) for name in names]
         joint = joint_retrain(final_tenants, encode, growth, top_k=cfg.top_k)
         metrics["time/joint_retrain_s"] = joint["seconds"]
         metrics["grow_speedup_over_joint"] = joint["seconds"] / metrics["time/grow_mean_s"]
@@ -131,6 +168,6 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     heatmaps = {"routed": matrix["routed"], "tenant given": matrix["tenant_given"]}
     accuracy_heatmaps(heatmaps, matrix["events"], names, out / "accuracy_matrix.png")
-    accuracy_over_events(curves, matrix["events"], out / "accuracy_over_events.png")
+    accuracy_over_events(curves, matrix["events"], out / "accuracy_over_events.png", references)
     log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
     return metrics
