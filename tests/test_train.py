@@ -154,8 +154,13 @@ def test_every_scenario_experiment_runs_with_tiny_limits(experiment, tmp_path, c
     assert metrics["final/forgetting_tenant_given"] == 0.0 and metrics["wake/identical"] == 1.0
     for name in ("metrics.json", "accuracy_matrix.json", "accuracy_matrix.png", "accuracy_over_events.png"):
         assert (tmp_path / name).is_file()
+    if cfg.data.tenants.get("overlapping"):  # the intents built to be shared warned when their second owner grew
+        warnings = json.loads((tmp_path / "accuracy_matrix.json").read_text())["overlap_warnings"]
+        assert "payday_date ~ hr_portal/salary_day" in warnings["payroll"], warnings
+        assert "forecast ~ utility/weather" in warnings["concierge"], warnings
     # the grown store evaluates as the scenario served it (its run folder has a config.yaml but no gate file)
     store = ["store_dir=" + str(tmp_path / "experts"), "routing=statistics", "logger=none", "oos.compare=false"]
+    store += ["data=clinc150_overlap"] if cfg.data.tenants.get("overlapping") else []  # the scenario's tenants
     evaluated = evaluate(compose_config("evaluate", [*store, "splits=[test]"], tmp_path / "evaluation"))
     assert evaluated["eval/top_k"] == cfg.top_k
     assert evaluated["test/acc_routed"] == pytest.approx(metrics["final/acc_routed"], abs=0.05)  # 2 of 4,500

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from moe.data.overlap import with_overlapping
 from moe.data.tenant import SPLITS, Example, Tenant, TenantDataError
 from moe.paths import cache_dir, data_dir, file_sha256
 
@@ -74,8 +76,11 @@ def _load_json(path: Path) -> object:
         raise TenantDataError(path, f"bad JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
 
 
-def load_clinc150(folder: str | Path | None = None, domains: list[str] | None = None) -> Clinc150:
-    """The ten domains as tenants (or the `domains` named), intents sorted by name within each domain."""
+def load_clinc150(
+    folder: str | Path | None = None, domains: list[str] | None = None, overlapping: Sequence[str] = ()
+) -> Clinc150:
+    """The ten domains as tenants (or the `domains` named), intents sorted by name within each domain, then the
+    `overlapping` tenants derived from them (`moe.data.overlap`), which take some of the domains' intents."""
     files = clinc150_files(folder)
     data, domain_map = _load_json(files["data_full.json"]), _load_json(files["domains.json"])
     for name, value in (("data_full.json", data), ("domains.json", domain_map)):
@@ -101,13 +106,18 @@ def load_clinc150(folder: str | Path | None = None, domains: list[str] | None = 
     for name in names:
         if name not in domain_map:
             raise KeyError(f"unknown CLINC150 domain {name!r}; known: {sorted(domain_map)}")
-    tenants = [
-        Tenant(name, tuple(sorted(domain_map[name])), by_domain[name], source=str(files["data_full.json"]))
-        for name in names
-    ]
-    return Clinc150(tenants, out_of_scope)
+    every = {
+        name: Tenant(name, tuple(sorted(intents)), by_domain[name], source=str(files["data_full.json"]))
+        for name, intents in domain_map.items()
+    }
+    if overlapping:  # the domains give up the intents the derived tenants take (moe.data.overlap)
+        every = {tenant.name: tenant for tenant in with_overlapping(list(every.values()), list(overlapping))}
+        names = [*names, *overlapping]
+    return Clinc150([every[name] for name in names], out_of_scope)
 
 
-def clinc150_tenants(folder: str | Path | None = None, domains: list[str] | None = None) -> list[Tenant]:
-    """The CLINC150 domains as a plain tenant list (what the data configs instantiate)."""
-    return load_clinc150(folder, list(domains) if domains else None).tenants
+def clinc150_tenants(
+    folder: str | Path | None = None, domains: list[str] | None = None, overlapping: Sequence[str] = ()
+) -> list[Tenant]:
+    """The CLINC150 domains (and overlapping tenants) as a plain tenant list (what the data configs instantiate)."""
+    return load_clinc150(folder, list(domains) if domains else None, list(overlapping or ())).tenants

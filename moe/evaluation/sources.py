@@ -86,10 +86,14 @@ def tenant_sources(
 
 
 def clinc150_sources(
-    splits: Sequence[str], folder: str | Path | None = None, domains: Sequence[str] | None = None
+    splits: Sequence[str],
+    folder: str | Path | None = None,
+    domains: Sequence[str] | None = None,
+    overlapping: Sequence[str] = (),
 ) -> dict[str, SplitSource]:
-    """CLINC150's domains as tenants, each split followed by its out-of-scope queries (oos_val, oos_test)."""
-    data = load_clinc150(folder, list(domains) if domains else None)
+    """CLINC150's domains (and `overlapping` tenants, `moe.data.overlap`) as tenants, each split followed by its
+    out-of-scope queries (oos_val, oos_test)."""
+    data = load_clinc150(folder, list(domains) if domains else None, list(overlapping or ()))
     return tenant_sources(data.tenants, splits, data.out_of_scope)
 
 
