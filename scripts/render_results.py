@@ -196,13 +196,30 @@ def dispatch(root: Path) -> str:
 CONTINUAL = """\
 `python scripts/scenario.py experiment=clinc150_incremental` (`clinc150_incremental/metrics.json`,
 `accuracy_matrix.json`), and the same with `routing=trained` (`metrics_trained_gate.json`); one run each, on the 2-core
-AMD EPYC CPU machine. The {events} events of `conf/experiment/clinc150_incremental.yaml` grow the {tenants} CLINC150
+AMD EPYC CPU machine. The {events} events of `conf/experiment/clinc150_incremental.yaml` grow the 10 CLINC150
 domains one at a time into an empty store (banking first with 12 of its 15 intents, updated later with the other 3; two
-domains hibernated and woken); every tenant seen is evaluated after each event, and the baselines run in the same
-process. Final in-scope test accuracy in percent; weights in memory: the trunk and all experts (the mixture), or one
-model per tenant:
+domains hibernated and woken), then the three tenants of `moe/data/overlap.py` that overlap them ({tenants} tenants in
+all): `hr_portal` and `payroll` share CLINC150's payday intent under names of their own, `concierge` takes intents from
+five domains and shares weather with `utility`, and the domains give up the other intents those tenants take. Every
+tenant seen is evaluated after each event, and the baselines run in the same process. Final in-scope test accuracy in
+percent; weights in memory: the trunk and all experts (the mixture), or one model per tenant:
 
 {table}
+
+The joint linear layer is the reference routed accuracy is read against: one linear softmax over every tenant's
+intents, on the same frozen features, fitted on all the tenants' train data at once (`moe/evaluation/reference.py`;
+weight decay {wd}, {steps} L-BFGS steps, standardised features: chosen on val). Routed accuracy by group, the mixture's
+beside the reference's (a shared intent's queries are the same texts in both owners' test sets, so whoever answers,
+exactly one of the two is right):
+
+{groups}
+
+{warnings} From the statistics alone, `scripts/overlap.py` on the final store ranks these pairs first
+(`clinc150_incremental/overlap.json`, [tenant x tenant heatmap](clinc150_incremental/overlap_tenants.png); Δ is the
+Mahalanobis distance between class means under the gate's covariance, `adjusted` the estimated pairwise confusion with
+the means' sampling noise taken out):
+
+{overlap}
 
 One grow is {speedup}x cheaper than one joint retraining at {tenants} tenants ({grow} s against {joint} s, side by
 side). Backward transfer {bwt_given} tenant given, {bwt_routed} routed (forgetting max-minus-final {fmax} routed).
@@ -228,6 +245,9 @@ def continual(root: Path) -> str:
         scores = [f(x["final/acc_routed"]), f(x["final/acc_tenant_given"]), f(x["final/routing_acc"])]
         return [name, *scores, forgetting, seconds, f"{f(x['memory/mixture_bytes'] / MB, 0)} MB"]
 
+    linear = ["joint linear layer over every intent (reference)"]
+    linear += [f(m[f"baseline/joint_linear/{k}"]) for k in ("acc_routed", "acc_tenant_given", "routing_acc")]
+    linear += ["n/a", f"{f(m['time/joint_linear_s'], 1)} a fit", ""]
     joint = ["joint retraining on all data (upper bound)"]
     joint += [f(m[f"baseline/joint/{k}"]) for k in ("acc_routed", "acc_tenant_given", "routing_acc")]
     joint += ["n/a", f"{f(m['time/joint_retrain_s'], 1)} a retrain", f"{f(m['memory/mixture_bytes'] / MB, 0)} MB"]
@@ -236,11 +256,37 @@ def continual(root: Path) -> str:
     separate = ["one separate model per tenant", "n/a", f(m["baseline/separate/acc_tenant_given"]), "n/a", "", ""]
     separate += [f"{f(m['baseline/separate/memory_bytes'] / MB, 0)} MB"]
     rows = [grown(m, "statistics gate (grown one by one)"), grown(learned, "trained rows (grown one by one)")]
-    rows += [joint, sequential, separate]
+    rows += [linear, joint, sequential, separate]
     header = ["", "routed", "tenant given", "routing", "forgetting (tenant given / routed)", "seconds", "weights"]
     kinds = ("routed", "tenant_given", "routing")
     tenant_rows = [[name, *(f(matrix[k][-1][i]) for k in kinds)] for i, name in enumerate(matrix["tenants"])]
     routing, routing_learned = m["final/routing_acc"], learned["final/routing_acc"]
+    groups = [
+        [name, f(m[f"final/acc_routed_{key}"]), f(m[f"baseline/joint_linear/acc_routed_{key}"])]
+        + [f(m[f"final/routing_acc_{key}"]), f(m[f"baseline/joint_linear/routing_acc_{key}"])]
+        + [f(m[f"final/acc_routed_{key}"] - m[f"baseline/joint_linear/acc_routed_{key}"])]
+        for key, name in (("old", "the 10 domains"), ("new", "the 3 overlapping tenants"))
+    ]
+    group_header = ["tenants", "routed, mixture", "routed, joint linear", "routing, mixture", "routing, joint linear"]
+    group_header += ["routed, mixture - joint linear (points)"]
+    warned = matrix.get("overlap_warnings", {})
+    warnings = (
+        "Grows that warned of overlapping intents: "
+        + "; ".join(f"{t} ({', '.join(f'`{pair}`' for pair in pairs)})" for t, pairs in warned.items())
+        + "."
+        if warned
+        else "No grow warned of overlapping intents."
+    )
+    report = load(root, "clinc150_incremental/overlap.json")
+    overlap = [
+        [
+            f"{p['tenant_a']}/{p['intent_a']}",
+            f"{p['tenant_b']}/{p['intent_b']}",
+            f(p["distance"]),
+            f"{p['adjusted']:.2g}",
+        ]
+        for p in report["closest_pairs"][:5]
+    ]
     return CONTINUAL.format(
         table=table(header, rows),
         events=len(matrix["events"]),
@@ -256,6 +302,11 @@ def continual(root: Path) -> str:
         routing=f(routing),
         routing_learned=f(routing_learned),
         tenant_table=table(["tenant", "routed", "tenant given", "routing"], tenant_rows),
+        wd=f"{m['baseline/joint_linear/weight_decay']:g}",
+        steps=int(m["baseline/joint_linear/steps"]),
+        groups=table(group_header, groups),
+        warnings=warnings,
+        overlap=table(["intent", "closest intent of another tenant", "Δ", "adjusted"], overlap),
     )
 
 
@@ -455,6 +506,47 @@ def evaluation(root: Path) -> str:
         max_cost=f"{f(m['oos/max_cost'], 0)} point{'' if m['oos/max_cost'] == 1 else 's'}",
         val_recall=f(m["val/oos_recall"], 1),
         val_acc=f(m["val/acc_in_scope_with_rejection"]),
+        compare=table(compare_header, compare),
+    )
+
+
+GROWN = """\
+`python scripts/evaluate.py store_dir=outputs/clinc150/experts routing=statistics` on the same seed-0 store: the rows a
+grown store serves with, the statistics gate (`clinc150/evaluate_statistics_seed0.json`, its `metrics.json`;
+`clinc150/oos_compare_statistics_seed0.csv`), beside the trained rows of the section above. Each evaluation chose the
+kind of out-of-scope score and its threshold on val (`oos.score=auto`, criterion `{criterion}`), and the gate
+probability under which a routed answer lists its runners-up (at most {max_unsure} % of in-scope val queries). Test
+split, percent:
+
+{table}
+
+Every score and criterion on the statistics gate, each threshold chosen on val alike:
+
+{compare}"""
+
+
+def grown_store(root: Path) -> str:
+    rows = []
+    for name, file in (("trained rows", "evaluate_seed0.json"), ("statistics gate", "evaluate_statistics_seed0.json")):
+        m = load(root, f"clinc150/{file}")
+        rows.append(
+            [name, f(m["test/acc_routed"]), f(m["test/routing_acc"]), f"`{m['oos/score']}`", f(m["oos/threshold"], 3)]
+            + [f(m["test/oos_recall"], 1), f(m["test/oos_precision"], 1), f(m["test/acc_in_scope_with_rejection"])]
+            + [f(m["routing/unsure_below"], 4), f(m["test/unsure"], 1), f(m["test/misrouted_unsure"], 1)]
+        )
+    header = ["gate", "routed", "routing", "score (val)", "threshold", "oos recall", "oos precision"]
+    header += ["in-scope acc. with rejection", "runners-up below", "answers with runners-up", "misrouted ones with"]
+    compare = [
+        [f"`{r['score']}`", f"`{r['criterion']}`", f(float(r["threshold"]), 3), f(float(r["val/oos_recall"]), 1)]
+        + [f(float(r["test/oos_recall"]), 1), f(float(r["test/acc_in_scope_with_rejection"]))]
+        for r in load_rows(root, "clinc150/oos_compare_statistics_seed0.csv")
+    ]
+    compare_header = ["score", "criterion", "threshold", "val recall", "test recall", "test acc. with rejection"]
+    m = load(root, "clinc150/evaluate_statistics_seed0.json")
+    return GROWN.format(
+        criterion=m["oos/criterion"],
+        max_unsure=f(m["routing/max_unsure"], 0),
+        table=table(header, rows),
         compare=table(compare_header, compare),
     )
 
@@ -672,6 +764,7 @@ SECTIONS: list[tuple[str, Callable[[Path], str]]] = [
     ("Expert page-in", page_in),
     ("Paging a Zipf stream", zipf),
     ("Evaluation and out-of-scope detection", evaluation),
+    ("Out of scope and runners-up on a grown store", grown_store),
     ("Lower precision", precision),
     ("Growing from a large file", grow_memory),
     ("Serving latency", serving),
@@ -721,6 +814,14 @@ SUMMARY = [  # (what, section, figure(root)): one row each
         ),
     ),
     (
+        "Statistics gate (what a grown store serves): out-of-scope recall, in-scope accuracy with rejection",
+        "Out of scope and runners-up on a grown store",
+        lambda r: " / ".join(
+            f(load(r, "clinc150/evaluate_statistics_seed0.json")[f"test/{k}"], d)
+            for k, d in (("oos_recall", 1), ("acc_in_scope_with_rejection", 2))
+        ),
+    ),
+    (
         "Routed accuracy cost of a float16 / bfloat16 bundle, points",
         "Lower precision",
         lambda r: " / ".join(
@@ -729,7 +830,7 @@ SUMMARY = [  # (what, section, figure(root)): one row each
         ),
     ),
     (
-        "10 domains grown one by one: routed accuracy, against joint retraining",
+        "13 tenants grown one by one: routed accuracy, against joint retraining",
         "Continual learning",
         lambda r: "{} against {}".format(
             *(
@@ -739,7 +840,18 @@ SUMMARY = [  # (what, section, figure(root)): one row each
         ),
     ),
     (
-        "One grow against one joint retraining, at 10 tenants",
+        "With 3 overlapping tenants: routed accuracy against the joint linear layer, old / new tenants, points",
+        "Continual learning",
+        lambda r: " / ".join(
+            f(
+                load(r, "clinc150_incremental/metrics.json")[f"final/acc_routed_{g}"]
+                - load(r, "clinc150_incremental/metrics.json")[f"baseline/joint_linear/acc_routed_{g}"]
+            )
+            for g in ("old", "new")
+        ),
+    ),
+    (
+        "One grow against one joint retraining, at 13 tenants",
         "Continual learning",
         lambda r: f"{f(load(r, 'clinc150_incremental/metrics.json')['grow_speedup_over_joint'], 1)}x cheaper",
     ),
