@@ -13,7 +13,7 @@ from moe.data import Example, Tenant, TenantDataError, TenantFile
 from moe.evaluation.calibration import expected_calibration_error, reliability
 from moe.evaluation.collect import collect
 from moe.evaluation.metrics import confusion_matrix, macro_f1
-from moe.evaluation.oos import rejection, select_threshold
+from moe.evaluation.oos import operating_point, rejection
 from moe.evaluation.sources import Query, file_queries, tenant_sources
 from moe.model import ExpertInfo, build_mixture
 from tests.helpers import THRESHOLD
@@ -77,16 +77,17 @@ def test_threshold_selection_by_hand():
         ("in_scope_cost", 25.0): 0.75,  # accuracy may fall to 50: recall 100 at .8
     }
     for (criterion, cost), expected in cases.items():
-        assert select_threshold(in_score, in_correct, oos_score, criterion, cost) == pytest.approx(expected), criterion
+        threshold, _ = operating_point(in_score, in_correct, oos_score, criterion, cost)
+        assert threshold == pytest.approx(expected), criterion
     r = rejection(in_score, in_correct, oos_score, 0.75)
     assert r.oos_recall == 100 and r.acc_in_scope_with_rejection == 50
     assert r.oos_precision == pytest.approx(60) and r.in_scope_rejected == 50  # 3 of the 5 rejected are out of scope
     # rejecting is never worth it: the lowest cut, which rejects nothing
     never = (torch.tensor([0.1, 0.2]), torch.tensor([True, True]), torch.tensor([0.8]))
     for criterion in ("sum", "overall", "in_scope_cost"):
-        assert rejection(*never, select_threshold(*never, criterion)).in_scope_rejected == 0
+        assert rejection(*never, operating_point(*never, criterion)[0]).in_scope_rejected == 0
     with pytest.raises(ValueError, match="criterion"):
-        select_threshold(in_score, in_correct, oos_score, criterion="nonsense")
+        operating_point(in_score, in_correct, oos_score, criterion="nonsense")
 
 
 def test_macro_f1_and_confusion_by_hand():

@@ -32,17 +32,6 @@ def rejection(in_score: torch.Tensor, in_correct: torch.Tensor, oos_score: torch
     )
 
 
-def select_threshold(
-    in_score: torch.Tensor,
-    in_correct: torch.Tensor,
-    oos_score: torch.Tensor,
-    criterion: str = "in_scope_cost",
-    max_cost: float = 1.0,
-) -> float:
-    """The threshold that, on these (validation) queries, meets `criterion` (see `operating_point`)."""
-    return operating_point(in_score, in_correct, oos_score, criterion, max_cost)[0]
-
-
 def operating_point(
     in_score: torch.Tensor,
     in_correct: torch.Tensor,

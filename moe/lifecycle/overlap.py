@@ -21,6 +21,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from moe.evaluation.plots import tenant_matrix_plot
 from moe.lifecycle.config import open_store
 from moe.model.overlap import ExpertStatistics, Overlap, OverlapPair, intent_overlap
 from moe.model.stats import SHRINKAGE, PooledScatter
@@ -142,32 +143,20 @@ def overlap_summary(report: OverlapReport, shown: int = 10) -> dict:
 def tenant_heatmap(overlap: Overlap, path: Path) -> Path:
     """The smallest Δ between two tenants' intents (lower: more confusable); the diagonal, a tenant's own business,
     is left blank. Annotated up to 30 tenants."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    tenants = list(overlap.tenants)
     values = overlap.min_distance.numpy().copy()
     np.fill_diagonal(values, np.nan)
     values[~np.isfinite(values)] = np.nan
-    size = max(4.0, 0.5 * len(tenants) + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(np.ma.masked_invalid(values), cmap="magma", aspect="auto")
-    ax.set_xticks(range(len(tenants)), tenants, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(tenants)), tenants, fontsize=8)
-    ax.set_title("closest intents of two tenants: Mahalanobis Δ (lower: more confusable)")
-    if len(tenants) <= 30 and np.isfinite(values).any():
-        middle = np.nanmean(values)
-        for (row, col), value in np.ndenumerate(values):
-            if not np.isnan(value):
-                color = "white" if value < middle else "black"
-                ax.text(col, row, f"{value:.1f}", ha="center", va="center", fontsize=7, color=color)
-    fig.colorbar(image, ax=ax, label="min Δ (confusion Φ(-Δ/2): 2.3 % at 4, 0.13 % at 6)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    middle = np.nanmean(values) if np.isfinite(values).any() else 0.0
+    return tenant_matrix_plot(
+        values,
+        list(overlap.tenants),
+        path,
+        "closest intents of two tenants: Mahalanobis Δ (lower: more confusable)",
+        "min Δ (confusion Φ(-Δ/2): 2.3 % at 4, 0.13 % at 6)",
+        "magma",
+        ".1f",
+        lambda value: value < middle,
+    )
 
 
 def write_overlap_report(report: OverlapReport, out_dir: str | Path) -> dict[str, Path]:
