@@ -22,7 +22,7 @@ import torch
 
 from moe.bench import DIM, device_name, write_store, zipf_probabilities
 from moe.export.writer import write_bundle_manifest, write_files
-from moe.inference import UNSURE_BELOW, GateSettings, load_mixture
+from moe.inference import UNSURE_MARGIN, GateSettings, load_mixture
 from moe.serving import Server
 from moe.trunk import TinyTrunk
 
@@ -55,7 +55,7 @@ def write_bundle(root: Path, tenants: int, seed: int = 0) -> Path:
     model = load_mixture(store, gate=gate, trunk_fingerprint=trunk.fingerprint)
     files, entry = write_files(root / "bundle", store.root, model, trunk)
     oos = {"score": "gate_max_prob", "threshold": 0.05}
-    write_bundle_manifest(root / "bundle", files, model, entry, "float32", oos, gate, UNSURE_BELOW)
+    write_bundle_manifest(root / "bundle", files, model, entry, "float32", oos, gate, UNSURE_MARGIN)
     return root / "bundle"
 
 

@@ -10,9 +10,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from moe.evaluation.run import evaluate
+from moe.export.run import export
 from moe.inference import load_mixture
 from moe.lifecycle.run import run_scenario
 from moe.model import best_labels, union_scores
+from moe.serving import Server
 from moe.store import ExpertStore, expert_shards, read_shard
 from moe.training.run import build_classifier, build_data, train
 from moe.trunk import TinyTrunk
@@ -159,11 +161,25 @@ def test_every_scenario_experiment_runs_with_tiny_limits(experiment, tmp_path, c
         assert "payday_date ~ hr_portal/salary_day" in warnings["payroll"], warnings
         assert "forecast ~ utility/weather" in warnings["concierge"], warnings
     # the grown store evaluates as the scenario served it (its run folder has a config.yaml but no gate file)
-    store = ["store_dir=" + str(tmp_path / "experts"), "routing=statistics", "logger=none", "oos.compare=false"]
+    store = ["store_dir=" + str(tmp_path / "experts"), "routing=statistics"]
     store += ["data=clinc150_overlap"] if cfg.data.tenants.get("overlapping") else []  # the scenario's tenants
-    evaluated = evaluate(compose_config("evaluate", [*store, "splits=[test]"], tmp_path / "evaluation"))
+    listing = ["logger=none", "oos.compare=false", "write_predictions=true"]
+    evaluated = evaluate(compose_config("evaluate", [*store, *listing], tmp_path / "evaluation"))
     assert evaluated["eval/top_k"] == cfg.top_k
     assert evaluated["test/acc_routed"] == pytest.approx(metrics["final/acc_routed"], abs=0.05)  # 2 of 4,500
+    # the rules chosen on val (out-of-scope score and threshold, runners-up margin) travel in the bundle, and the
+    # bundle, served in this process, answers as the evaluation did
+    manifest = export(compose_config("export", store, tmp_path / "bundle"))
+    rules = manifest["gate"]["oos"] | {"unsure_margin": manifest["gate"]["unsure_margin"]}
+    assert rules["score"] == evaluated["oos/score"] and rules["score_chosen_on"] == "val"
+    assert rules["threshold"] == evaluated["oos/threshold"]
+    assert rules["unsure_margin"] == evaluated["routing/unsure_margin"]
+    predictions = (tmp_path / "evaluation" / "predictions_test.jsonl").read_text().splitlines()
+    expected = [json.loads(line) for line in predictions[:: max(1, len(predictions) // 200)]]
+    served = Server(tmp_path / "bundle").predict([e["text"] for e in expected])
+    keys = ("tenant", "intent", "out_of_scope")
+    assert [{k: getattr(a, k) for k in keys} for a in served] == [{k: e[k] for k in keys} for e in expected]
+    assert [[t for t, _ in a.runners_up] for a in served] == [[r["tenant"] for r in e["runners_up"]] for e in expected]
 
 
 @pytest.mark.slow

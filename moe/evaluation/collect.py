@@ -28,6 +28,7 @@ class Outcome(NamedTuple):
     routed_tenant: torch.Tensor  # (n,) tenant of the gate's top expert
     confidence: torch.Tensor  # (n,) combined score of the routed prediction
     given_score: torch.Tensor  # (n,) combined score of the tenant-given prediction
+    gate_margin: torch.Tensor  # (n,) the routed gate's lead of its first expert over its second, in logits
     oos_scores: dict[str, torch.Tensor]  # kind -> (n,) out-of-scope score of the routed pass
     model_seconds: float  # gate + experts + decoding of the routed pass, features given
     encode_seconds: float
@@ -79,7 +80,7 @@ def collect(
     """Encode each batch, run it routed and with its tenant given, and keep what the metrics need.
     `total` (queries) sizes the progress bar; `sink` sees each batch's routed results (e.g. to write them)."""
     device = model.label_ids.device
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in Outcome._fields[:7]}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in Outcome._fields[:8]}
     scores: dict[str, list[torch.Tensor]] = {kind: [] for kind in OOS_SCORES}
     model_s = encode_s = 0.0
     targets = Targets(model)
@@ -96,6 +97,7 @@ def collect(
             given = decode(model, model(features, tenant.to(device)))
             batch_scores = {kind: oos_score(output, routed.score, kind).cpu() for kind in OOS_SCORES}
             values = (tenant, label, routed.label, given.label, routed.top_tenant, routed.score, given.score)
+            values += (routed.gate_margin,)
             for name, value in zip(parts, values, strict=True):
                 parts[name].append(value.cpu())
             for kind, value in batch_scores.items():

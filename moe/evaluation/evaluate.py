@@ -18,7 +18,16 @@ from moe.evaluation.collect import Encoder, Outcome, Sink, collect
 from moe.evaluation.metrics import accuracy, confusion_matrix, macro_f1, per_class_f1
 from moe.evaluation.oos import CRITERIA, operating_point, rejection
 from moe.evaluation.sources import SplitSource, tenant_sources
-from moe.inference import AUTO, OOS_SCORES, UNSURE_BELOW, GateSettings, load_mixture, read_gate_settings
+from moe.inference import (
+    AUTO,
+    DEFAULT_OOS_SCORE,
+    OOS_SCORES,
+    UNSURE_MARGIN,
+    GateSettings,
+    check_oos_rule,
+    load_mixture,
+    read_gate_settings,
+)
 from moe.model import Mixture
 
 
@@ -30,8 +39,8 @@ class Evaluation:
     reliability: dict[str, Reliability] = field(default_factory=dict)
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     threshold: float | None = None
-    score: str = next(iter(OOS_SCORES))  # the kind of out-of-scope score the threshold applies to
-    unsure_below: float = UNSURE_BELOW  # routed answers list runners-up below this top gate probability
+    score: str = DEFAULT_OOS_SCORE  # the kind of out-of-scope score the threshold applies to
+    unsure_margin: float = UNSURE_MARGIN  # routed answers list the experts within this gate-logit margin as runners-up
     tenants: list[str] = field(default_factory=list)
     oos_compare: list[dict] = field(default_factory=list)  # every score kind x criterion, each chosen alike
 
@@ -90,24 +99,23 @@ def per_tenant_rows(model: Mixture, outcome: Outcome, split: str, threshold: flo
 MAX_UNSURE = 5.0  # percent of in-scope validation queries whose routed answers may list runners-up
 
 
-def choose_unsure_below(outcome: Outcome, max_unsure: float = MAX_UNSURE) -> float:
-    """The gate-probability cut under which an answer lists its runners-up: the highest that flags at most
-    `max_unsure` percent of this outcome's in-scope queries (a store's gate is as confident as its rows make it)."""
-    top = outcome.oos_scores["gate_max_prob"][outcome.in_scope].double().sort().values
-    if top.numel() == 0:
-        return UNSURE_BELOW
-    return float(top[int(len(top) * max_unsure / 100.0)])  # values strictly below it: at most max_unsure percent
+def choose_unsure_margin(outcome: Outcome, max_unsure: float = MAX_UNSURE) -> float:
+    """The gate-logit margin within which an answer lists runners-up: the largest that flags at most `max_unsure`
+    percent of this outcome's in-scope queries (a store's gate is as confident as its rows make it)."""
+    margins = outcome.gate_margin[outcome.in_scope].double().sort().values
+    k = int(len(margins) * max_unsure / 100.0)
+    if len(margins) == 0:
+        return UNSURE_MARGIN
+    return float(margins[k]) if k < len(margins) else float("inf")  # margins strictly below it: at most k
 
 
-def unsure_metrics(outcome: Outcome, split: str, unsure_below: float) -> dict[str, float]:
-    """How many in-scope answers list runners-up, and how many of the misrouted ones do (percent)."""
+def unsure_metrics(outcome: Outcome, split: str, unsure_margin: float) -> dict[str, float]:
+    """How many in-scope answers list runners-up, and how many of the misrouted ones do (percent; NaN: none)."""
     s = outcome.in_scope
-    unsure = outcome.oos_scores["gate_max_prob"][s].double() < unsure_below
+    unsure = outcome.gate_margin[s].double() < unsure_margin  # exactly the answers whose `runners_up` is not empty
     misrouted = outcome.routed_tenant[s] != outcome.tenant[s]
-    return {
-        f"{split}/unsure": 100.0 * unsure.double().mean().item() if len(unsure) else float("nan"),
-        f"{split}/misrouted_unsure": 100.0 * unsure[misrouted].double().mean().item() if misrouted.any() else 0.0,
-    }
+    share = lambda flags: 100.0 * flags.double().mean().item() if len(flags) else float("nan")  # noqa: E731
+    return {f"{split}/unsure": share(unsure), f"{split}/misrouted_unsure": share(unsure[misrouted])}
 
 
 def oos_metrics(outcome: Outcome, split: str, score: str, threshold: float) -> dict[str, float]:
@@ -143,18 +151,17 @@ def evaluate_mixture(
     threshold: float | None = None,
     threshold_split: str = "val",
     compare_scores: bool = False,
+    unsure_margin: float | None = None,
     bins: int = 15,
     sink: Callable[[str], Sink] | None = None,
 ) -> Evaluation:
     """Every split of `sources`; an out-of-scope threshold (unless given) is chosen on `threshold_split` when it
     has out-of-scope queries, and applied to every split that has them. `oos_score="auto"` chooses the kind of
     score there too: the one whose threshold meets `criterion` best (`choose_score`); the choice is `oos/score` in
-    the metrics. `compare_scores` adds, for every kind of out-of-scope score and every criterion, the same choice and
-    measurement (`oos_compare`). `sink(split)` may return a callback that sees each batch's routed results."""
-    if oos_score != AUTO and oos_score not in OOS_SCORES:
-        raise ValueError(f"unknown out-of-scope score {oos_score!r}; choose {AUTO!r} or one of {list(OOS_SCORES)}")
-    if oos_score == AUTO and threshold is not None:
-        raise ValueError(f"a fixed out-of-scope threshold needs a named score, not {AUTO!r}: one of {list(OOS_SCORES)}")
+    the metrics. The runners-up margin (unless given) is chosen on `threshold_split` too (`choose_unsure_margin`).
+    `compare_scores` adds, for every kind of out-of-scope score and every criterion, the same choice and measurement
+    (`oos_compare`). `sink(split)` may return a callback that sees each batch's routed results."""
+    check_oos_rule(oos_score, threshold)
     result = Evaluation(tenants=list(model.tenants))
     for split, source in sources.items():
         outcome = collect(
@@ -167,31 +174,8 @@ def evaluate_mixture(
         result.reliability[split] = reliability(outcome.confidence[s], outcome.routed[s] == outcome.label[s], bins)
     with_oos = [split for split, outcome in result.outcomes.items() if (~outcome.in_scope).any()]
     chosen_on = threshold_split if threshold_split in with_oos else None
-    chosen = threshold is None and chosen_on is not None
-    score_chosen = oos_score == AUTO
-    if chosen and score_chosen:
-        oos_score, threshold = choose_score(result.outcomes[chosen_on], criterion, max_cost)
-    elif chosen:
-        threshold = choose_threshold(result.outcomes[chosen_on], oos_score, criterion, max_cost)[0]
-    if oos_score == AUTO:  # nothing to choose on: no threshold, and the first kind for the record
-        oos_score = next(iter(OOS_SCORES))
-    result.score = oos_score
-    if threshold is not None:
-        result.threshold = threshold
-        result.metrics |= {"oos/threshold": threshold, "oos/score": oos_score}
-        if chosen:
-            result.metrics |= {"oos/criterion": criterion, "oos/max_cost": max_cost, "oos/chosen_on": chosen_on}
-            result.metrics["oos/score_chosen_on"] = chosen_on if score_chosen else "given"
-        else:
-            result.metrics["oos/chosen_on"] = "given"
-        for split in with_oos:
-            result.metrics |= oos_metrics(result.outcomes[split], split, oos_score, threshold)
-    if threshold_split in result.outcomes and result.outcomes[threshold_split].in_scope.any():
-        result.unsure_below = choose_unsure_below(result.outcomes[threshold_split])
-        result.metrics |= {"routing/unsure_below": result.unsure_below, "routing/unsure_chosen_on": threshold_split}
-        result.metrics["routing/max_unsure"] = MAX_UNSURE
-    for split, outcome in result.outcomes.items():
-        result.metrics |= unsure_metrics(outcome, split, result.unsure_below)
+    _choose_oos(result, with_oos, chosen_on, oos_score, threshold, criterion, max_cost)
+    _choose_unsure(result, threshold_split, unsure_margin)
     if compare_scores and chosen_on:
         for kind in OOS_SCORES:
             for rule in CRITERIA:
@@ -201,8 +185,54 @@ def evaluate_mixture(
                     row |= oos_metrics(result.outcomes[split], split, kind, cut)
                 result.oos_compare.append(row)
     for split, outcome in result.outcomes.items():
-        result.per_tenant += per_tenant_rows(model, outcome, split, result.threshold, oos_score)
+        result.per_tenant += per_tenant_rows(model, outcome, split, result.threshold, result.score)
     return result
+
+
+def _choose_oos(
+    result: Evaluation,
+    with_oos: list[str],
+    chosen_on: str | None,
+    score: str,
+    threshold: float | None,
+    criterion: str,
+    max_cost: float,
+) -> None:
+    """The out-of-scope score and threshold: as given, or chosen on `chosen_on`; measured on `with_oos`."""
+    chosen = threshold is None and chosen_on is not None
+    score_chosen = score == AUTO
+    if chosen and chosen_on is not None:
+        if score_chosen:
+            score, threshold = choose_score(result.outcomes[chosen_on], criterion, max_cost)
+        else:
+            threshold = choose_threshold(result.outcomes[chosen_on], score, criterion, max_cost)[0]
+    result.score = DEFAULT_OOS_SCORE if score == AUTO else score  # AUTO left: nothing to choose on, no threshold
+    if threshold is None:
+        return
+    result.threshold = threshold
+    result.metrics |= {"oos/threshold": threshold, "oos/score": result.score}
+    if chosen:
+        result.metrics |= {"oos/criterion": criterion, "oos/max_cost": max_cost, "oos/chosen_on": chosen_on}
+        result.metrics["oos/score_chosen_on"] = chosen_on if score_chosen else "given"
+    else:
+        result.metrics["oos/chosen_on"] = "given"
+    for split in with_oos:
+        result.metrics |= oos_metrics(result.outcomes[split], split, result.score, threshold)
+
+
+def _choose_unsure(result: Evaluation, split: str, unsure_margin: float | None) -> None:
+    """The runners-up margin: as given, else chosen on `split`'s in-scope queries, else the default; measured on
+    every split."""
+    if unsure_margin is not None:
+        result.unsure_margin, origin = unsure_margin, "given"
+    elif split in result.outcomes and result.outcomes[split].in_scope.any():
+        result.unsure_margin, origin = choose_unsure_margin(result.outcomes[split]), split
+        result.metrics["routing/max_unsure"] = MAX_UNSURE
+    else:
+        result.unsure_margin, origin = UNSURE_MARGIN, "default"
+    result.metrics |= {"routing/unsure_margin": result.unsure_margin, "routing/unsure_chosen_on": origin}
+    for name, outcome in result.outcomes.items():
+        result.metrics |= unsure_metrics(outcome, name, result.unsure_margin)
 
 
 def evaluate_store(

@@ -13,7 +13,7 @@ from moe.evaluation.collect import Sink
 from moe.evaluation.evaluate import Evaluation
 from moe.evaluation.plots import reliability_plot, routing_confusion_plot
 from moe.evaluation.sources import Query
-from moe.inference import UNSURE_BELOW, Decoded, answers
+from moe.inference import UNSURE_MARGIN, Decoded, answers
 from moe.model import Mixture
 
 
@@ -77,8 +77,8 @@ def write_report(evaluation: Evaluation, folder: str | Path, extra: dict | None 
 
 class PredictionWriter:
     """Every routed prediction as a JSON line (`predictions_<split>.jsonl`): the answer serving would give, and
-    the query's text and truth. The out-of-scope score and flag are filled in by `finish(score, threshold)`, once
-    both are chosen; until then lines go to a `.partial` file, one at a time, with every kind of score."""
+    the query's text and truth. The out-of-scope score and flag, and the runners-up, are filled in by `finish`, once
+    the rules are chosen; until then lines go to a `.partial` file, one at a time, with every kind of score."""
 
     def __init__(self, folder: str | Path, model: Mixture):
         self.folder, self.model = Path(folder), model
@@ -93,17 +93,17 @@ class PredictionWriter:
         def sink(batch: list[Query], decoded: Decoded, scores: dict[str, torch.Tensor]) -> None:
             kinds, values = list(scores), torch.stack(list(scores.values()), dim=1).tolist()  # (b, kinds)
             with path.open("a") as handle:
-                listed = answers(self.model, decoded, unsure_below=float("inf"))  # runners-up kept until `finish`
-                tops = decoded.gate_probs[:, 0].tolist()
-                for query, answer, row, top in zip(batch, listed, values, tops, strict=True):
+                listed = answers(self.model, decoded, unsure_margin=float("inf"))  # runners-up kept until `finish`
+                gaps = [[g for g in row[1:] if math.isfinite(g)] for row in decoded.gate_gaps.tolist()]
+                for query, answer, row, gap in zip(batch, listed, values, gaps, strict=True):
                     record = answer.to_dict() | {"oos_scores": dict(zip(kinds, row, strict=True)), "text": query.text}
-                    record["gate_prob"] = top
+                    record["gate_gaps"] = gap  # of each runner-up listed
                     record |= {"true_tenant": query.tenant, "true_intent": query.label}
                     handle.write(json.dumps(record) + "\n")
 
         return sink
 
-    def finish(self, score: str, threshold: float | None, unsure_below: float = UNSURE_BELOW) -> list[Path]:
+    def finish(self, score: str, threshold: float | None, unsure_margin: float = UNSURE_MARGIN) -> list[Path]:
         done = []
         for partial in self.partials:
             final = partial.with_suffix("")
@@ -111,8 +111,10 @@ class PredictionWriter:
                 for line in source:
                     record = json.loads(line)
                     record["oos_score"] = record.pop("oos_scores")[score]
-                    if record.pop("gate_prob") >= unsure_below:
-                        record["runners_up"] = []
+                    gaps = record.pop("gate_gaps")  # as `runners_up` keeps them: within the margin
+                    record["runners_up"] = [
+                        r for r, g in zip(record["runners_up"], gaps, strict=True) if g < unsure_margin
+                    ]
                     record["out_of_scope"] = None if threshold is None else record["oos_score"] < threshold
                     target.write(json.dumps(record) + "\n")
             partial.unlink()

@@ -50,12 +50,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float | str]:
         bundle = open_bundle(cfg.bundle_dir, cfg.device, budget)
         model, trunk, score = bundle.model, bundle.trunk, bundle.oos_score  # as served: the bundle's score and
         threshold = bundle.threshold if cfg.oos.threshold is None else cfg.oos.threshold  # threshold by default
+        unsure_margin: float | None = bundle.unsure_margin  # and its runners-up margin
         made_with = (bundle.bundle.manifest.get("evaluation") or {}).get("batch_size")
         batch_size = int(cfg.batch_size or made_with or cfg.data.eval_batch_size)
         source = {"bundle_dir": str(cfg.bundle_dir)}
     else:
         trained = open_trained_store(cfg)
         trunk, batch_size, threshold, score = trained.trunk, trained.batch_size, cfg.oos.threshold, cfg.oos.score
+        unsure_margin = None  # chosen on val
         names = list(cfg.tenants) if cfg.get("tenants") else None
         model = load_mixture(trained.store_dir, names, trained.gate, trunk.fingerprint, cfg.device, budget)
         source = {"store_dir": str(trained.store_dir), "run_dir": str(trained.run_dir) if trained.run_dir else None}
@@ -75,10 +77,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float | str]:
         threshold=threshold,
         threshold_split=cfg.oos.threshold_split,
         compare_scores=cfg.oos.compare,
+        unsure_margin=unsure_margin,
         sink=writer,
     )
     if writer is not None:
-        writer.finish(evaluation.score, evaluation.threshold, evaluation.unsure_below)
+        writer.finish(evaluation.score, evaluation.threshold, evaluation.unsure_margin)
     evaluation.metrics |= {"eval/batch_size": batch_size, "eval/top_k": model.router.top_k}
     if OmegaConf.select(cfg, "reference.joint_linear"):  # the joint linear reference, on the same features
         from moe.evaluation.reference import store_reference_metrics

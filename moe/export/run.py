@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture
 from moe.evaluation.inputs import feature_encoder, open_trained_store, sources_from_config
 from moe.export.writer import check_target, write_bundle_manifest, write_files
-from moe.inference import AUTO, OOS_SCORES, UNSURE_BELOW, load_mixture
+from moe.inference import AUTO, DEFAULT_OOS_SCORE, UNSURE_MARGIN, check_oos_rule, load_mixture
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +33,18 @@ COST_KEYS = (
 )
 
 
-def accuracy_cost(reference: Evaluation, lowered: Evaluation, dtype: str) -> dict[str, Any]:
+def accuracy_cost(full: Evaluation, lowered: Evaluation, dtype: str) -> dict[str, Any]:
     """Each metric in float32 and in `dtype`, and the points lost (float32 - dtype); plus how many routed
     predictions changed."""
     cost: dict[str, Any] = {"reference": "float32", "dtype": dtype, "metrics": {}}
-    for key, value in reference.metrics.items():
+    for key, value in full.metrics.items():
         if key.split("/")[-1] in COST_KEYS and key in lowered.metrics:
             cost["metrics"][key] = {"float32": value, dtype: lowered.metrics[key], "cost": value - lowered.metrics[key]}
-    for split, outcome in reference.outcomes.items():
+    for split, outcome in full.outcomes.items():
         changed = (outcome.routed != lowered.outcomes[split].routed).sum().item()
         cost[f"{split}/changed_predictions"] = changed
         cost[f"{split}/changed_predictions_pct"] = 100.0 * changed / len(outcome)
     return cost
-
-
-def unmeasured_score(score: str, threshold: float | None) -> str:
-    """The kind of out-of-scope score a bundle exported without measurement records (nothing to choose on)."""
-    if score != AUTO:
-        return score
-    if threshold is not None:
-        raise ValueError(f"a fixed out-of-scope threshold needs a named score, not {AUTO!r}: one of {list(OOS_SCORES)}")
-    return next(iter(OOS_SCORES))  # no threshold: the score only describes the answers, none is flagged
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
@@ -71,6 +62,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     )
     encode = feature_encoder(trunk, cfg.paths.get("cache_dir"), cfg.cache_features and not trained.trained_trunk)
     sources = sources_from_config(cfg.data, list(cfg.export.splits)) if cfg.export.measure else {}
+    check_oos_rule(cfg.oos.score, cfg.oos.threshold)
     settings = dict(
         oos_score=cfg.oos.score,
         criterion=cfg.oos.criterion,
@@ -78,16 +70,19 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         threshold=cfg.oos.threshold,
         threshold_split=cfg.oos.threshold_split,
     )
-    reference = evaluate_mixture(model, sources, encode, trained.batch_size, **settings) if sources else None
-    bundled, precision = reference, None
-    if dtype != "float32" and sources:  # the bundle's own shards, as serving will load them
+    full = evaluate_mixture(model, sources, encode, trained.batch_size, **settings) if sources else None
+    bundled, precision = full, None
+    if dtype != "float32" and full is not None:  # the bundle's own shards, as serving will load them
         lowered = load_mixture(out / "experts", [t for t, _ in model.keys], trained.gate, trunk.fingerprint)
+        settings["oos_score"] = full.score  # the score float32 chose: the cost compares like with like
         bundled = evaluate_mixture(lowered, sources, encode, trained.batch_size, **settings)
-        precision = accuracy_cost(reference, bundled, dtype)
+        precision = accuracy_cost(full, bundled, dtype)
     threshold = bundled.threshold if bundled else cfg.oos.threshold
     chosen = threshold is not None and cfg.oos.threshold is None
+    score = cfg.oos.score if cfg.oos.score != AUTO else DEFAULT_OOS_SCORE  # unmeasured: nothing to choose on
     oos = {
-        "score": bundled.score if bundled else unmeasured_score(cfg.oos.score, cfg.oos.threshold),
+        "score": bundled.score if bundled else score,
+        "score_chosen_on": (full.metrics.get("oos/score_chosen_on") if full else None) or "given",
         "threshold": threshold,
         "criterion": cfg.oos.criterion if chosen else "given",
         "max_cost": cfg.oos.max_cost,
@@ -101,11 +96,11 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         dtype,
         oos,
         trained.gate,
-        bundled.unsure_below if bundled else UNSURE_BELOW,
+        bundled.unsure_margin if bundled else UNSURE_MARGIN,
         evaluation={
             "batch_size": trained.batch_size,
             "metrics": bundled.metrics if bundled else {},
-            "float32_metrics": reference.metrics if reference else {},
+            "float32_metrics": full.metrics if full else {},
         },
         precision=precision,
         config={

@@ -90,11 +90,11 @@ def write_bundle_manifest(
     dtype: str,
     oos: dict[str, Any],
     gate: GateSettings,
-    unsure_below: float,
+    unsure_margin: float,
     **extra: Any,
 ) -> dict[str, Any]:
     """The manifest over `files`: versions, trunk, gate settings (top-k, where routing rows come from, the
-    out-of-scope rule `oos`, the gate probability below which answers list runners-up), every expert with its
+    out-of-scope rule `oos`, the gate-logit margin within which answers list runners-up), every expert with its
     file's sha256, the label maps, and `extra` entries (evaluation, precision, config)."""
     manifest = {
         "package_version": __version__,
@@ -108,7 +108,7 @@ def write_bundle_manifest(
             "source": gate.source,
             "shrinkage": gate.shrinkage,
             "oos": oos,
-            "unsure_below": unsure_below,
+            "unsure_margin": unsure_margin,
         },
         "experts": [
             {

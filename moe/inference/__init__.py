@@ -1,7 +1,19 @@
 """The inference core: build a mixture from a store or a bundle (`load_mixture`, `open_bundle`), page its experts
 between device, host memory and disk (`ExpertPager`), and decode answers (`predict`)."""
 
-from moe.inference.answers import AUTO, OOS_SCORES, UNSURE_BELOW, Answer, Decoded, answers, decode, oos_score, predict
+from moe.inference.answers import (
+    AUTO,
+    DEFAULT_OOS_SCORE,
+    OOS_SCORES,
+    UNSURE_MARGIN,
+    Answer,
+    Decoded,
+    answers,
+    check_oos_rule,
+    decode,
+    oos_score,
+    predict,
+)
 from moe.inference.build import GateSettings, load_mixture, read_gate_settings
 from moe.inference.bundle import FORMAT, Bundle, BundleError, OpenBundle, open_bundle, read_bundle
 from moe.inference.paged import PagedMixture, ShardLoader
@@ -10,8 +22,9 @@ from moe.inference.pager import ExpertPager, TierStats
 __all__ = [
     "FORMAT",
     "AUTO",
+    "DEFAULT_OOS_SCORE",
     "OOS_SCORES",
-    "UNSURE_BELOW",
+    "UNSURE_MARGIN",
     "Answer",
     "Bundle",
     "BundleError",
@@ -23,6 +36,7 @@ __all__ = [
     "ShardLoader",
     "TierStats",
     "answers",
+    "check_oos_rule",
     "decode",
     "load_mixture",
     "oos_score",

@@ -7,6 +7,7 @@ in-scope, and a query is rejected when its score falls below a threshold chosen 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -38,6 +39,15 @@ OOS_SCORES = {  # in order of preference: where two do equally well on validatio
     "max_score": _max_score,  # the prediction's combined probability (gate weight x expert probability)
 }
 AUTO = "auto"  # evaluation and export: choose the kind of score, as the threshold, on validation queries
+DEFAULT_OOS_SCORE = next(iter(OOS_SCORES))  # where nothing was chosen (no threshold: it only describes answers)
+
+
+def check_oos_rule(score: str, threshold: float | None) -> None:
+    """A ValueError naming the problem with an out-of-scope rule: an unknown score, or a fixed threshold on `auto`."""
+    if score != AUTO and score not in OOS_SCORES:
+        raise ValueError(f"unknown out-of-scope score {score!r}; choose {AUTO!r} or one of {list(OOS_SCORES)}")
+    if score == AUTO and threshold is not None:
+        raise ValueError(f"a fixed out-of-scope threshold needs a named score, not {AUTO!r}: one of {list(OOS_SCORES)}")
 
 
 def oos_score(output: MixtureOutput, best_score: torch.Tensor, kind: str) -> torch.Tensor:
@@ -55,33 +65,40 @@ class Decoded(NamedTuple):
     top_tenant: torch.Tensor  # (b,) tenant index of the top-1 expert
     experts: torch.Tensor  # (b, k) chosen experts, best first
     weights: torch.Tensor  # (b, k) their gate weights (0: not consulted)
-    gate_probs: torch.Tensor  # (b, r) the gate's r highest probabilities over experts, best first
-    gate_experts: torch.Tensor  # (b, r) their experts
+    gate_experts: torch.Tensor  # (b, r) the gate's r best experts, best first
+    gate_probs: torch.Tensor  # (b, r) their gate probabilities
+    gate_gaps: torch.Tensor  # (b, r) how far each one's gate logit lies below the best's (0 first; inf: not allowed)
+
+    @property
+    def gate_margin(self) -> torch.Tensor:
+        """(b,) the gate's lead of its first choice over its second, in logits (inf with one expert allowed)."""
+        return self.gate_gaps[:, 1] if self.gate_gaps.shape[1] > 1 else torch.full_like(self.score, float("inf"))
 
 
-# A routed answer whose top expert has less gate probability than `unsure_below` lists its runners-up. Evaluation
-# and export choose the cut per store on validation (`moe.evaluation.evaluate.choose_unsure_below`): a statistics
-# gate is far more confident than a trained one. UNSURE_BELOW is the cut where none was chosen.
-UNSURE_BELOW = 0.9
-RUNNERS_UP = 2  # at most this many, each with at least MIN_RUNNER_UP of the gate's probability
-MIN_RUNNER_UP = 0.01
+# A routed answer lists as runners-up the next experts whose gate logit is within `unsure_margin` of the best's: the
+# gate was not sure. Evaluation and export choose the margin per store on validation
+# (`moe.evaluation.evaluate.choose_unsure_margin`); a margin in logits, unlike a probability, does not saturate for
+# a confident gate. UNSURE_MARGIN is the margin where none was chosen (the first choice under 3x as likely).
+UNSURE_MARGIN = math.log(3.0)
+RUNNERS_UP = 2  # at most this many
 
 
 def decode(model: Mixture, output: MixtureOutput) -> Decoded:
+    # b: batch, e: experts, r: the gate's best experts kept
     label, score = best_labels(output)
-    gate_probs, gate_experts = output.router.probs.topk(min(RUNNERS_UP + 1, output.router.probs.shape[-1]), dim=-1)
+    logits, experts = output.router.logits.topk(min(RUNNERS_UP + 1, output.router.logits.shape[-1]), dim=-1)  # (b, r)
+    gaps = (logits[:, :1] - logits).nan_to_num(nan=float("inf"))  # a disallowed expert (-inf) lies infinitely below
     top_tenant = model.expert_tenant[output.experts[:, 0]]
-    return Decoded(label, score, top_tenant, output.experts, output.weights, gate_probs, gate_experts)
+    gate_probs = output.router.probs.gather(1, experts)
+    return Decoded(label, score, top_tenant, output.experts, output.weights, experts, gate_probs, gaps)
 
 
 def runners_up(
-    model: Mixture, probs: list[float], experts: list[int], unsure_below: float = UNSURE_BELOW
+    model: Mixture, experts: list[int], probs: list[float], gaps: list[float], unsure_margin: float = UNSURE_MARGIN
 ) -> tuple[tuple[str, float], ...]:
-    """The other experts' tenants and gate probabilities, when the gate is not sure of its first choice."""
-    if probs[0] >= unsure_below:
-        return ()
-    pairs = zip(probs[1:], experts[1:], strict=True)
-    return tuple((model.experts[e].tenant, p) for p, e in pairs if p >= MIN_RUNNER_UP)
+    """(tenant, gate probability) of the experts after the first whose gate logit lies within `unsure_margin` of it."""
+    rows = zip(experts[1:], probs[1:], gaps[1:], strict=True)
+    return tuple((model.experts[e].tenant, p) for e, p, gap in rows if gap < unsure_margin)
 
 
 @dataclass(frozen=True)
@@ -94,7 +111,7 @@ class Answer:
     out_of_scope: bool | None  # the out-of-scope score fell below the threshold; None: no threshold known
     experts: tuple[str, ...]  # tenants of the experts consulted, best first
     runners_up: tuple[tuple[str, float], ...] = ()  # (tenant, gate probability) of the next experts, when the gate
-    # gave its first choice less than `unsure_below`: an application may ask its user, or fall back to a tenant id
+    # was not sure (`runners_up`): an application may ask its user, or fall back to a tenant id
 
     def to_dict(self) -> dict:
         runners = [{"tenant": tenant, "gate_prob": p} for tenant, p in self.runners_up]
@@ -106,10 +123,10 @@ def answers(
     decoded: Decoded,
     oos: torch.Tensor | None = None,
     threshold: float | None = None,
-    unsure_below: float = UNSURE_BELOW,
+    unsure_margin: float = UNSURE_MARGIN,
 ) -> list[Answer]:
     """`oos`: (b,) out-of-scope scores of the same pass; a query is out of scope when below `threshold`.
-    An answer lists its runners-up when its top expert's gate probability is below `unsure_below`."""
+    An answer lists the experts within `unsure_margin` of its first as runners-up (`runners_up`)."""
     unknown = threshold is None or oos is None
     flags = [None] * len(decoded.label) if unknown else (oos.double() < threshold).tolist()  # as chosen: float64
     rows = zip(
@@ -118,8 +135,9 @@ def answers(
         decoded.experts.tolist(),
         decoded.weights.tolist(),
         flags,
-        decoded.gate_probs.tolist(),
         decoded.gate_experts.tolist(),
+        decoded.gate_probs.tolist(),
+        decoded.gate_gaps.tolist(),
         strict=True,
     )
     return [
@@ -128,9 +146,9 @@ def answers(
             score,
             flag,
             tuple(model.experts[e].tenant for e, w in zip(es, ws, strict=True) if w > 0),
-            runners_up(model, probs, gate_experts, unsure_below),
+            runners_up(model, gate_experts, probs, gaps, unsure_margin),
         )
-        for label, score, es, ws, flag, probs, gate_experts in rows
+        for label, score, es, ws, flag, gate_experts, probs, gaps in rows
     ]
 
 
@@ -139,12 +157,12 @@ def predict(
     model: Mixture,
     features: torch.Tensor,
     tenant: torch.Tensor | None = None,
-    oos_kind: str = "gate_energy",
+    oos_kind: str = DEFAULT_OOS_SCORE,
     threshold: float | None = None,
-    unsure_below: float = UNSURE_BELOW,
+    unsure_margin: float = UNSURE_MARGIN,
 ) -> list[Answer]:
     """Answers for trunk features `(b, d)`; `tenant` (b,) restricts each query to its tenant's experts
     (`model.tenant_ids`; -1 lets the gate choose)."""
     output = model(features, tenant)
     decoded = decode(model, output)
-    return answers(model, decoded, oos_score(output, decoded.score, oos_kind).cpu(), threshold, unsure_below)
+    return answers(model, decoded, oos_score(output, decoded.score, oos_kind).cpu(), threshold, unsure_margin)

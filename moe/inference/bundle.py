@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from moe.inference.answers import UNSURE_BELOW
+from moe.inference.answers import UNSURE_MARGIN
 from moe.inference.build import GateSettings, load_mixture
 from moe.inference.paged import PagedMixture
 from moe.paths import file_sha256
@@ -175,7 +175,7 @@ class OpenBundle:
     model: PagedMixture
     oos_score: str  # kind of out-of-scope score (`moe.inference.answers.OOS_SCORES`)
     threshold: float | None  # None: no threshold was chosen
-    unsure_below: float  # routed answers list runners-up below this top gate probability
+    unsure_margin: float  # routed answers list the experts within this gate-logit margin of the first as runners-up
 
 
 def open_bundle(
@@ -195,5 +195,5 @@ def open_bundle(
     if served != {t: list(labels) for t, labels in bundle.manifest["label_maps"].items()}:
         raise BundleError(bundle.path(MANIFEST), "label maps differ from the bundled experts' labels")
     oos = gate.get("oos") or {}
-    unsure_below = float(gate.get("unsure_below", UNSURE_BELOW))
-    return OpenBundle(bundle, trunk, model, oos.get("score", "max_score"), oos.get("threshold"), unsure_below)
+    unsure_margin = float(gate.get("unsure_margin", UNSURE_MARGIN))  # bundles made before it: the default
+    return OpenBundle(bundle, trunk, model, oos.get("score", "max_score"), oos.get("threshold"), unsure_margin)

@@ -64,7 +64,7 @@ class Server:
         self.max_batch = max_batch
         opened = open_bundle(bundle, device, budget_bytes, host_budget_bytes)
         self.bundle, self.trunk, self.model = opened.bundle, opened.trunk, opened.model
-        self.oos_kind, self.threshold, self.unsure_below = opened.oos_score, opened.threshold, opened.unsure_below
+        self.oos_kind, self.threshold, self.unsure_margin = opened.oos_score, opened.threshold, opened.unsure_margin
         self._trunk_lock = threading.Lock()
 
     @property
@@ -92,7 +92,7 @@ class Server:
         for start in range(0, features.shape[0], self.max_batch):
             x, t = features[start : start + self.max_batch].to(device), ids[start : start + self.max_batch]
             given = t.to(device) if (t != UNKNOWN_TENANT).any() else None
-            result += predict(self.model, x, given, self.oos_kind, self.threshold, self.unsure_below)
+            result += predict(self.model, x, given, self.oos_kind, self.threshold, self.unsure_margin)
         return result
 
     def predict(self, texts: Iterable[str], tenant: Tenants = None) -> list[Answer]:
