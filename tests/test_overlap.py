@@ -78,6 +78,33 @@ def test_distance_matches_a_direct_mahalanobis_computation():
     for label in new.labels:
         expected = sorted((p for p in overlap.pairs if label in (p.intent_a, p.intent_b)), key=lambda p: p.distance)
         assert [p.distance for p in nearest if p.intent_a == label] == pytest.approx([p.distance for p in expected[:2]])
+    floor = 1e-3  # every pair of b's at that floor, most confusable first
+    at_floor = closest_intents(new, existing, pooled_scatter(experts), min_adjusted=floor)
+    expected = [p for p in overlap.pairs if "b" in (p.tenant_a, p.tenant_b) and p.adjusted >= floor]
+    assert 0 < len(at_floor) < 4 * 6 and all(p.tenant_a == "b" for p in at_floor)
+    assert {frozenset([p[:2], p[2:4]]) for p in at_floor} == {frozenset([p[:2], p[2:4]]) for p in expected}
+    assert [p.adjusted for p in at_floor] == sorted((p.adjusted for p in at_floor), reverse=True)
+
+
+def test_closest_intents_at_a_floor_name_every_confusable_intent_most_confusable_first():
+    """Under the identity covariance (d_eff = 2), `near` (100 examples) is closer to `x` by Δ, but `small` (one
+    example: a noisier mean) is the more confusable once the sampling noise is taken out; `far` is neither."""
+
+    def expert(tenant: str, labels: tuple[str, ...], means, counts, scatter: torch.Tensor) -> ExpertStatistics:
+        stats = {"stats.mean": torch.tensor(means), "stats.count": torch.tensor(counts), "stats.scatter": scatter}
+        return ExpertStatistics(tenant, labels, stats)
+
+    new = expert("a", ("x",), [[0.0, 0.0]], [100.0], 297 * torch.eye(2))  # 301 examples of 4 classes: covariance I
+    means, counts = [[3.0, 0.0], [3.2, 0.0], [10.0, 0.0]], [100.0, 1.0, 100.0]
+    old = expert("b", ("near", "small", "far"), means, counts, torch.zeros(2, 2))
+    pooled = pooled_scatter([new, old])
+    [closest] = closest_intents(new, [old], pooled)
+    assert closest.intent_b == "near"
+    small, near = closest_intents(new, [old], pooled, min_adjusted=0.05)
+    assert (small.intent_b, near.intent_b) == ("small", "near") and small.distance > near.distance
+    assert small.adjusted > near.adjusted >= 0.05
+    assert small.adjusted == pytest.approx(0.5 * math.erfc(math.sqrt(3.2**2 - 2 * (1 / 100 + 1)) / 2 / math.sqrt(2)))
+    assert closest_intents(new, [old], pooled, min_adjusted=0.5) == []
 
 
 def test_pairs_kept_are_those_above_the_floor_and_at_least_the_top_closest():

@@ -9,16 +9,31 @@ import logging
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from moe.data import Example, Tenant, read_tenant_file
-from moe.evaluation.reference import Accuracies, fit_joint_linear, joint_linear_reference, store_reference_metrics
+from moe.evaluation.inputs import feature_encoder
+from moe.evaluation.reference import (
+    Accuracies,
+    accuracy_metrics,
+    fit_joint_linear,
+    fit_metrics,
+    joint_linear_reference,
+    store_reference_metrics,
+)
 from moe.evaluation.run import evaluate
 from moe.lifecycle import Lifecycle
 from moe.lifecycle.run import run_scenario
 from moe.store import ExpertStore
 from moe.trunk import FeatureCache, TinyTrunk
-from tests.helpers import compose_config, fast_growth, synthetic_data, write_synthetic_tenants
+from tests.helpers import (
+    compose_config,
+    fast_growth,
+    synthetic_data,
+    tenant_files_override,
+    write_synthetic_tenants,
+)
 
 DIM = 8
 
@@ -156,10 +171,13 @@ def test_evaluate_writes_the_reference_of_a_grown_store(tmp_path):
         OmegaConf.create({"top_k": 2}), tmp_path / "run" / "config.yaml"
     )  # the run folder a store is evaluated from
     lifecycle = Lifecycle(ExpertStore(store), trunk, FeatureCache(tmp_path / "cache", trunk).encode, fast_growth())
-    for name, path in write_synthetic_tenants(tmp_path / "data").items():
-        lifecycle.grow(read_tenant_file(name, path, split_column="split"))
+    files = write_synthetic_tenants(tmp_path / "data")
+    tenants = [read_tenant_file(name, path, split_column="split") for name, path in files.items()]
+    for tenant in tenants:
+        lifecycle.grow(tenant)
     overrides = [
-        *synthetic_data(tmp_path / "data"),
+        "data=tenant_files",
+        tenant_files_override(files),
         f"store_dir={store}",
         "trunk=tiny",
         "trunk.dim=16",
@@ -168,13 +186,50 @@ def test_evaluate_writes_the_reference_of_a_grown_store(tmp_path):
         "oos.compare=false",
         "reference.joint_linear=true",
     ]
-    evaluate(compose_config("evaluate", overrides, tmp_path / "evaluation"))
+    cfg = compose_config("evaluate", overrides, tmp_path / "evaluation")
+    evaluate(cfg)
     written = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    # the same reference fitted directly on the grown tenants, with the evaluation's encoder (its feature cache)
+    encode = feature_encoder(instantiate(cfg.trunk), cfg.paths.get("cache_dir"))
+    model = fit_joint_linear(tenants, encode)
+    prefix = "reference/joint_linear"
+    expected = fit_metrics(model, prefix)
     for split in ("val", "test"):
-        for key in ("acc_routed", "routing_acc", "acc_tenant_given"):
-            assert 0 <= written[f"reference/joint_linear/{split}/{key}"] <= 100
+        figures = model.evaluate(tenants, encode, split)
+        assert figures.overall.queries == sum(len(t.split(split)) for t in tenants) > 0
+        expected |= accuracy_metrics(figures.overall, f"{prefix}/{split}")
+    assert {key: written[key] for key in expected} == pytest.approx(expected)
     assert written["reference/joint_linear/test/acc_tenant_given"] >= written["reference/joint_linear/test/acc_routed"]
     assert written["reference/joint_linear/weight_decay"] in (1e-2, 1e-3, 1e-4)
+
+
+TABLE = Table()  # the features of `seeded_gaussian_tenants`
+
+
+def seeded_gaussian_tenants() -> list[Tenant]:
+    """`gaussian_tenants` on `TABLE`, the same ones at every call (a data config's `_target_`)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        return gaussian_tenants(TABLE, spread=1.5)
+
+
+def test_store_reference_is_trained_on_the_intents_the_store_knows_in_its_order():
+    data = OmegaConf.create({"tenants": {"_target_": "tests.test_reference.seeded_gaussian_tenants"}})
+    known = [("tenant2", "intent2"), ("tenant2", "intent0"), ("tenant0", "intent1"), ("tenant0", "not_in_the_data")]
+    tenant0, _, tenant2 = seeded_gaussian_tenants()  # fills TABLE here (hydra imports this file as another module)
+    metrics = store_reference_metrics(data, known, TABLE, ["val", "test"])
+    tenants = [tenant0.restricted(["intent1"]), tenant2.restricted(["intent2", "intent0"])]  # in the data's order
+    assert tenants[1].labels == ("intent2", "intent0") and tenants[1].name == "tenant2"
+    assert {e.label for split in ("train", "val", "test") for e in tenants[1].split(split)} == {"intent2", "intent0"}
+    model = fit_joint_linear(tenants, TABLE)
+    assert model.labels == (("tenant0", "intent1"), ("tenant2", "intent2"), ("tenant2", "intent0"))
+    prefix = "reference/joint_linear"
+    expected = fit_metrics(model, prefix) | {f"{prefix}/train_s": metrics[f"{prefix}/train_s"]}
+    for split in ("val", "test"):
+        expected |= accuracy_metrics(model.evaluate(tenants, TABLE, split).overall, f"{prefix}/{split}")
+    assert metrics == pytest.approx(expected)
+    with pytest.raises(KeyError, match="not_in_the_data"):
+        tenant0.restricted(["intent0", "not_in_the_data"])
 
 
 def tenants_without_train() -> list[Tenant]:

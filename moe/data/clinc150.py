@@ -1,4 +1,5 @@
-"""CLINC150 as ten tenants (its domains, 15 intents each) plus its out-of-scope queries.
+"""CLINC150 as ten tenants (its domains, 15 intents each) plus its out-of-scope queries, and optionally the tenants of
+`moe.data.overlap` derived from them (which take some of the domains' intents).
 
 Read from `$MOE_DATA_DIR/clinc150/` (or a folder given in config); otherwise the pinned public files are
 downloaded once into the user cache and their sha256 checked.

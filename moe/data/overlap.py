@@ -52,7 +52,8 @@ def with_overlapping(domains: Sequence[Tenant], names: Sequence[str]) -> list[Te
     missing = sorted({domain for domain, _ in taken} - set(by_name))
     if missing:
         raise KeyError(f"overlapping tenants {list(names)} draw on CLINC150 domains {missing}, which are not loaded")
-    kept = [_without(tenant, {i for d, i in taken - KEPT_BY_DOMAIN if d == tenant.name}) for tenant in domains]
+    leaving = taken - KEPT_BY_DOMAIN
+    kept = [tenant.restricted(x for x in tenant.labels if (tenant.name, x) not in leaving) for tenant in domains]
     derived = []
     for name in names:
         intents = DERIVED[name]
@@ -62,11 +63,3 @@ def with_overlapping(domains: Sequence[Tenant], names: Sequence[str]) -> list[Te
                 splits[split] += [e._replace(label=label) for e in by_name[domain].split(split) if e.label == intent]
         derived.append(Tenant(name, tuple(sorted(intents)), splits, source=f"derived from CLINC150 ({name})"))
     return kept + derived
-
-
-def _without(tenant: Tenant, intents: set[str]) -> Tenant:
-    if not intents:
-        return tenant
-    labels = tuple(label for label in tenant.labels if label not in intents)
-    splits = {split: [e for e in examples if e.label not in intents] for split, examples in tenant.splits.items()}
-    return Tenant(tenant.name, labels, splits, tenant.source)

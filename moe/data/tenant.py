@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -51,3 +52,15 @@ class Tenant:
 
     def label_index(self, label: str) -> int:
         return self.labels.index(label)
+
+    def restricted(self, labels: Iterable[str]) -> Tenant:
+        """This tenant with only `labels` (in that order; each one of its own) and their examples in every split, under
+        the same name and source. Itself when `labels` are its labels in its order."""
+        kept = tuple(labels)
+        if kept == self.labels:
+            return self
+        if unknown := [label for label in kept if label not in self.labels]:
+            raise KeyError(f"labels {unknown} are not labels of tenant {self.name!r}: {list(self.labels)}")
+        keep = set(kept)
+        splits = {split: [e for e in examples if e.label in keep] for split, examples in self.splits.items()}
+        return Tenant(self.name, kept, splits, self.source)

@@ -9,9 +9,10 @@ Global labels are (tenant, intent) pairs. On a split, per query:
 The classifier is multinomial logistic regression, `mean cross-entropy + weight_decay / 2 * ||W||^2` (the bias is
 not penalised), fitted full-batch with L-BFGS (strong Wolfe line search) from zero weights. The problem is convex, so
 no Lightning loop, minibatches or seeds are needed: the same features give the same weights, run after run. The
-weight decay and the number of L-BFGS steps (and, if asked, whether features are standardised) are chosen on the
-validation split only: every candidate is scored by its val routed accuracy, ties going to the earlier candidate
-(the default grid lists the strongest decay first, then fewer steps first). The test split takes no part in a choice.
+weight decay and the number of L-BFGS steps (and, with `standardize=None`, whether features are standardised; by
+default they always are) are chosen on the validation split only: every candidate is scored by its val routed
+accuracy, ties going to the earlier candidate (the default grid lists the strongest decay first, then fewer steps
+first). The test split takes no part in a choice.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class SplitFigures:
     per_tenant: dict[str, Accuracies]
 
     def group(self, names: Iterable[str]) -> Accuracies:
-        """Micro-averaged over the test queries of the tenants `names` (those without queries count for nothing)."""
+        """Micro-averaged over this split's queries of the tenants `names` (those without queries count for nothing)."""
         names = list(names)
         if unknown := [n for n in names if n not in self.per_tenant]:
             raise KeyError(f"tenants {unknown} are not among the reference's tenants {sorted(self.per_tenant)}")
@@ -93,7 +94,7 @@ class JointLinear:
     scale: torch.Tensor  # (dim,) features are divided by it
     chosen: Candidate
     grid: list[Candidate] = field(default_factory=list)  # every candidate scored on val
-    seconds: float = 0.0  # fitting every candidate of the grid, features given
+    seconds: float = 0.0  # the whole grid of fits (every candidate, not the chosen one alone), features given
     train_queries: int = 0
 
     @property
@@ -110,10 +111,11 @@ class JointLinear:
     @torch.no_grad()
     def figures(self, features: torch.Tensor, tenant: torch.Tensor, label: torch.Tensor, split: str) -> SplitFigures:
         """Accuracies of queries with true tenant indices `tenant` and global label ids `label`."""
-        logits = self.logits(features)
-        label_tenant = self.label_tenant
-        routed = logits.argmax(-1)
-        own = label_tenant[None, :] == tenant[:, None]
+        # q: queries, l: labels (every tenant's), d: features. features (q, d), tenant (q,), label (q,)
+        logits = self.logits(features)  # (q, l)
+        label_tenant = self.label_tenant  # (l,)
+        routed = logits.argmax(-1)  # (q,)
+        own = label_tenant[None, :] == tenant[:, None]  # (q, l): the label belongs to the query's true tenant
         given = logits.masked_fill(~own, float("-inf")).argmax(-1)
 
         def accuracies(mask: torch.Tensor) -> Accuracies:
@@ -183,13 +185,15 @@ def _lbfgs_path(
     val: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> list[tuple[int, float, torch.Tensor, torch.Tensor]]:
     """(steps, val routed accuracy, weight, bias) after each of `steps` L-BFGS iterations, from zero weights."""
-    weight = torch.zeros(classes, x.shape[1], requires_grad=True)
-    bias = torch.zeros(classes, requires_grad=True)
+    # n: train examples, v: val examples, d: features, c: classes. x (n, d), y (n,), val (v, d) and (v,)
+    weight = torch.zeros(classes, x.shape[1], requires_grad=True)  # (c, d)
+    bias = torch.zeros(classes, requires_grad=True)  # (c,)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, history_size=10, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(torch.addmm(bias, x, weight.T), y) + 0.5 * weight_decay * weight.square().sum()
+        logits = torch.addmm(bias, x, weight.T)  # (n, c)
+        loss = F.cross_entropy(logits, y) + 0.5 * weight_decay * weight.square().sum()
         loss.backward()
         return loss
 
@@ -213,9 +217,10 @@ def fit_joint_linear(
     standardize: bool | None = True,
 ) -> JointLinear:
     """Fit the reference on the tenants' train splits, choosing the weight decay and the number of L-BFGS steps on
-    their val splits (`standardize=None` also chooses whether features are standardised; True, the default: always,
-    as CLINC150's val prefers with MiniLM features, 96.0% routed against 94.8% for the raw unit-norm features).
-    Without val examples the last candidate is used (weakest decay, most steps) and a warning says so."""
+    their val splits. Features are standardised or not as `standardize` says: True (the default) always, False never,
+    a fixed setting that is not chosen; only `standardize=None` adds it to the choice on val (both settings fitted).
+    Without val examples the last candidate is used (weakest decay, most steps) and a warning says so. `seconds` is
+    the time of the whole grid of fits."""
     if not tenants:
         raise ValueError("the joint linear reference needs at least one tenant")
     names = [t.name for t in tenants]
@@ -281,6 +286,7 @@ def fit_metrics(model: JointLinear, prefix: str) -> dict[str, float]:
         f"{prefix}/steps": float(model.chosen.steps),
         f"{prefix}/standardize": float(model.chosen.standardize),
         f"{prefix}/val_acc_routed": model.chosen.val_acc_routed,
+        f"{prefix}/candidates": float(len(model.grid)),
     }
 
 
@@ -290,13 +296,6 @@ def accuracy_metrics(accuracies: Accuracies, prefix: str, suffix: str = "") -> d
         f"{prefix}/acc_tenant_given{suffix}": accuracies.acc_tenant_given,
         f"{prefix}/routing_acc{suffix}": accuracies.routing_acc,
     }
-
-
-def _restricted(tenant: Tenant, labels: Sequence[str]) -> Tenant:
-    """The tenant with only `labels` (in that order) and their examples."""
-    keep = set(labels)
-    splits = {s: [e for e in examples if e.label in keep] for s, examples in tenant.splits.items()}
-    return Tenant(tenant.name, tuple(labels), splits, tenant.source)
 
 
 def store_reference_metrics(
@@ -310,7 +309,7 @@ def store_reference_metrics(
     for tenant, label in labels:
         known.setdefault(tenant, []).append(label)
     configured = list(instantiate(data.tenants, _convert_="all"))
-    tenants = [_restricted(t, [x for x in known[t.name] if x in t.labels]) for t in configured if t.name in known]
+    tenants = [t.restricted(x for x in known[t.name] if x in t.labels) for t in configured if t.name in known]
     if not tenants or not any(t.split("train") for t in tenants):
         log.error(
             "reference.joint_linear: the configured data has no train split for the store's tenants %s, so the "

@@ -26,11 +26,10 @@ from moe.trunk import Trunk
 log = logging.getLogger(__name__)
 ROUTING_TENSORS = ("gate.weight", "gate.bias", "stats.mean", "stats.count", "stats.scatter")
 # A grow (or an update's new intents) warns of an intent whose estimated pairwise confusion with an existing tenant's
-# intent, sampling noise taken out (`moe.model.overlap`), is at least this. Measured on CLINC150's MiniLM statistics:
-# no two distinct intents reach 0.04 % (the closest, meta/user_name and small_talk/what_is_your_name, 0.034 %; its
-# domains grown into the other nine: none above 0.02 %), while an intent grown from other examples of an existing one
-# reaches it in 134-149 of 150 cases (10 to 50 examples against 50). 1 % sits 30 times above the first, and is a rate
-# of misroutes worth a look.
+# intent, sampling noise taken out (`moe.model.overlap`), is at least this. On CLINC150's MiniLM statistics no two
+# distinct intents come near it (the closest pair, meta/user_name and small_talk/what_is_your_name, is at 0.033 %:
+# scripts/results/clinc150_incremental/overlap.json), while one intent under two names is at 50 %; 1 % is a rate of
+# misroutes worth a look.
 OVERLAP_WARN = 0.01
 OVERLAP_SHOWN = 5  # pairs named in the one warning
 
@@ -45,7 +44,7 @@ class Lifecycle:
     encode: Callable[[list[str]], torch.Tensor]
     cfg: GrowthConfig
     overlap_warn: float = OVERLAP_WARN
-    warned: dict[str, list[OverlapPair]] = field(default_factory=dict)  # tenant -> the overlaps its last grow warned of
+    warned: dict[str, list[OverlapPair]] = field(default_factory=dict)  # tenant -> overlaps its last grow/update named
 
     def architecture(self) -> dict:
         """The store's architecture (every expert in a store shares one), or the configured one if empty."""
@@ -83,6 +82,7 @@ class Lifecycle:
         """One warning naming the tenant's intents (those in `new`, or all) that an existing tenant's intent is likely
         to be confused with (adjusted confusion >= `overlap_warn`), under the covariance pooled over the tenant and
         every other expert, as growth's routing pools it. Reads only; a hibernating tenant counts (it wakes up)."""
+        self.warned.pop(tenant, None)  # only the last grow or update of a tenant counts
         kept = [i for i, label in enumerate(labels) if new is None or label in new]
         if not others or not kept:
             return
@@ -91,9 +91,7 @@ class Lifecycle:
             tenant, tuple(labels[i] for i in kept), {k: stats[k][kept] for k in ("stats.mean", "stats.count")}
         )
         theirs = [ExpertStatistics(meta.tenant, meta.labels, entry) for meta, entry in others]
-        close = [
-            p for p in closest_intents(ours, theirs, pooled, self.cfg.shrinkage) if p.adjusted >= self.overlap_warn
-        ]
+        close = closest_intents(ours, theirs, pooled, self.cfg.shrinkage, min_adjusted=self.overlap_warn)
         if not close:
             return
         self.warned[tenant] = close
@@ -108,7 +106,7 @@ class Lifecycle:
             "%s: %d of its intents overlap existing ones (estimated confusion >= %g%%): %s%s. Their queries may be "
             "routed to the other tenant: merge, rename or drop them, or check scripts/overlap.py's report",
             tenant,
-            len(close),
+            len({p.intent_a for p in close}),
             100 * self.overlap_warn,
             shown,
             more,

@@ -50,7 +50,7 @@ def read_statistics(
     statistics are left out, each with its reason, as the gate leaves them out."""
     tenants, left_out = store.tenants(), {}
     if trunk_fingerprint is None:
-        named = Counter()
+        named: Counter[str] = Counter()
         for tenant in tenants:
             with suppress(ShardError, KeyError, ValueError):  # said again, with its reason, when it is loaded
                 named[store.meta(tenant).trunk_fingerprint] += 1

@@ -93,8 +93,8 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
             ("routing_acc", final.routing),
         ):
             metrics[f"final/{key}_{group}"] = _micro({t: values[t] for t in present}, counts) if present else math.nan
-    warned = scenario.lifecycle.warned  # the grows that warned of overlapping intents, and of which
-    metrics["overlap/warned_grows"] = len(warned)
+    warned = scenario.lifecycle.warned  # the tenants whose last grow or update warned of overlapping intents
+    metrics["overlap/warned_tenants"] = len(warned)
     if updates := [r.seconds for r in records if r.event.op == "update"]:
         metrics["time/update_mean_s"] = statistics.mean(updates)
     for key, name in (("routed", "routed"), ("given", "tenant_given")):
@@ -110,6 +110,7 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
         "seconds": [r.seconds for r in records],
         "rss_bytes": [r.rss_bytes for r in records],
         "overlap_warnings": {t: [f"{p.intent_a} ~ {p.tenant_b}/{p.intent_b}" for p in ps] for t, ps in warned.items()},
+        "compare_groups": groups,
     }
     curves = {
         "mixture routed": [_mean(row) for row in matrix["routed"]],
@@ -140,7 +141,7 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
         metrics["baseline/sequential/acc_routed"] = _micro({t: rows[-1][t][0] for t in names}, counts)
         metrics["baseline/sequential/acc_tenant_given"] = _micro({t: rows[-1][t][1] for t in names}, counts)
 
-    final_tenants = [restrict(tenants[name], labels=scenario.known[name]) for name in names]
+    final_tenants = [tenants[name].restricted(scenario.known[name]) for name in names]
     references: dict[str, float] = {}
     if cfg.baselines.get("joint_linear"):  # one linear softmax over every (tenant, intent), the same features
         reference, test = joint_linear_reference(final_tenants, encode, "test")

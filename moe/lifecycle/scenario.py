@@ -40,22 +40,15 @@ class Record:
     routing: dict[str, float] = field(default_factory=dict)
 
 
-def restrict(tenant: Tenant, intents: int | None = None, labels: tuple[str, ...] | None = None) -> Tenant:
-    """The tenant with only its first `intents` labels (or only `labels`) and their examples."""
-    if intents is None and labels is None:
-        return tenant
-    labels = tenant.labels[:intents] if labels is None else tuple(labels)
-    splits = {s: [e for e in ex if e.label in labels] for s, ex in tenant.splits.items()}
-    return Tenant(tenant.name, labels, splits, tenant.source)
+def restrict(tenant: Tenant, intents: int | None = None) -> Tenant:
+    """The tenant with only its first `intents` labels (all when None) and their examples."""
+    return tenant if intents is None else tenant.restricted(tenant.labels[:intents])
 
 
 def new_data(tenant: Tenant, known: tuple[str, ...]) -> Tenant:
     """What an update brings: the examples of the intents the expert does not know yet (or all, if none)."""
-    fresh = tuple(label for label in tenant.labels if label not in known)
-    if not fresh:
-        return tenant
-    splits = {s: [e for e in examples if e.label in fresh] for s, examples in tenant.splits.items()}
-    return Tenant(tenant.name, fresh, splits, tenant.source)
+    fresh = [label for label in tenant.labels if label not in known]
+    return tenant.restricted(fresh) if fresh else tenant
 
 
 def test_outcome(model: Mixture, tenants: list[Tenant], encode, batch_size: int | None = None) -> Outcome:
@@ -96,7 +89,7 @@ class Scenario:
         self.known: dict[str, tuple[str, ...]] = {}  # tenant -> labels its expert knows now
         self.records: list[Record] = []
         self.last_trained: dict[str, int] = {}
-        self.sleeping: dict[str, list] = {}  # tenant -> its tenant-given predictions when it went to sleep
+        self.sleeping: dict[str, tuple[list, torch.Tensor]] = {}  # tenant -> its given predictions when it slept
         self.wake_identical: dict[str, bool] = {}
 
     def mixture(self) -> PagedMixture:
@@ -104,7 +97,7 @@ class Scenario:
 
     def known_tenant(self, name: str) -> Tenant:
         """The tenant with the intents its expert knows now, and their examples."""
-        return restrict(self.tenants[name], labels=self.known[name])
+        return self.tenants[name].restricted(self.known[name])
 
     @torch.no_grad()
     def given_predictions(self, model: Mixture, name: str) -> tuple[list, torch.Tensor]:

@@ -69,9 +69,29 @@ def pair_confusion(distance: torch.Tensor | float) -> torch.Tensor:
     return torch.special.ndtr(-torch.as_tensor(distance, dtype=torch.float64) / 2)
 
 
-def adjusted_confusion(distance: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Φ(-√max(Δ² - noise², 0) / 2): the pairwise confusion with the sampling noise of the two means taken out."""
-    return pair_confusion((distance.double() ** 2 - noise.double() ** 2).clamp(min=0).sqrt())
+def squared_noise(d_eff: float, inverse_a: torch.Tensor, inverse_b: torch.Tensor) -> torch.Tensor:
+    """noise² = d_eff (1/na + 1/nb), the E[Δ²] that sampling alone puts between two sample means of one class, for
+    every pair of a class of `a` and one of `b`: inverse counts (m,), (n,) -> (m, n)."""
+    return d_eff * (inverse_a[:, None] + inverse_b[None, :])
+
+
+def squared_excess(squared: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """max(Δ² - noise², 0) from Δ² and noise²: Δ_true² estimated without bias (clamped at 0)."""
+    return (squared - noise).clamp(min=0)
+
+
+def adjusted_confusion(excess: torch.Tensor) -> torch.Tensor:
+    """Φ(-√excess / 2), `excess` = max(Δ² - noise², 0) (`squared_excess`): the pairwise confusion with the sampling
+    noise of the two means taken out."""
+    return pair_confusion(excess.sqrt())
+
+
+def _excess_limit(min_adjusted: float) -> float:
+    """The largest excess whose adjusted confusion is at least `min_adjusted` (`adjusted_confusion` inverted, so that
+    no Φ is taken over every pair); -1 above 0.5, which nothing reaches (two means at once are 0.5)."""
+    if min_adjusted > 0.5:
+        return -1.0
+    return float(-2 * torch.special.ndtri(torch.tensor(min_adjusted, dtype=torch.float64))) ** 2
 
 
 def pooled_scatter(experts: Sequence[ExpertStatistics]) -> PooledScatter:
@@ -81,18 +101,26 @@ def pooled_scatter(experts: Sequence[ExpertStatistics]) -> PooledScatter:
 
 def effective_dimension(pooled: PooledScatter, precision: torch.Tensor) -> float:
     """d_eff = tr(P S), S the pooled covariance: E[Δ²] between two sample means of one class is d_eff (1/na + 1/nb)."""
-    covariance = pooled.scatter.double() / max(pooled.count - pooled.classes, 1.0)
-    return float(einsum(precision.double(), covariance, "i j, j i ->"))
+    return float(einsum(precision.double(), pooled.covariance(), "i j, j i ->"))
 
 
-def squared_mahalanobis(a: torch.Tensor, b: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """(a_i - b_j)ᵀ P (a_i - b_j) for every row pair, in float64: a (m, d), b (n, d) -> (m, n)."""
+def squared_norms(x: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """x_iᵀ P x_i of every row, in float64: x (n, d) -> (n,)."""
+    x = x.double()
+    return einsum(x @ precision.double(), x, "n d, n d -> n")
+
+
+def squared_mahalanobis(
+    a: torch.Tensor, b: torch.Tensor, precision: torch.Tensor, own_b: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(a_i - b_j)ᵀ P (a_i - b_j) for every row pair, in float64: a (m, d), b (n, d) -> (m, n). `own_b` (n,) is
+    `squared_norms(b, precision)` when already known (b compared against one chunk of a at a time)."""
     # m: rows of a, n: rows of b, d: features
     a, b, precision = a.double(), b.double(), precision.double()
-    projected_b = b @ precision
-    cross = einsum(a, projected_b, "m d, n d -> m n")
-    own_a = einsum(a @ precision, a, "m d, m d -> m")
-    own_b = einsum(projected_b, b, "n d, n d -> n")
+    projected_a = a @ precision
+    own_a = einsum(projected_a, a, "m d, m d -> m")
+    own_b = squared_norms(b, precision) if own_b is None else own_b
+    cross = einsum(projected_a, b, "m d, n d -> m n")
     return (own_a[:, None] + own_b[None, :] - 2 * cross).clamp(min=0)
 
 
@@ -138,7 +166,7 @@ def _pairs(found: list[torch.Tensor], names: list[tuple[str, str]], limit: float
     keep = rows[:, 4] <= limit
     keep[: top or 0] = True
     rows = rows[keep]
-    distance, noise, adjusted = rows[:, 2].sqrt(), rows[:, 3].sqrt(), pair_confusion(rows[:, 4].sqrt())
+    distance, noise, adjusted = rows[:, 2].sqrt(), rows[:, 3].sqrt(), adjusted_confusion(rows[:, 4])
     return [
         _pair(names[int(i)], names[int(j)], *values)
         for i, j, *values in torch.stack([rows[:, 0], rows[:, 1], distance, noise, adjusted], dim=1).tolist()
@@ -170,19 +198,16 @@ def intent_overlap(
     d_eff = effective_dimension(pooled, precision)
     intents = _intents(experts)
     n, t = len(intents.names), len(tenants)
-    projected = intents.means @ precision  # (n, d)
-    own = einsum(projected, intents.means, "n d, n d -> n")
-    # adjusted >= min_confusion  <=>  excess = max(Δ² - noise², 0) <= limit: no Φ over every pair
-    limit = float(-2 * torch.special.ndtri(torch.tensor(min_confusion, dtype=torch.float64))) ** 2
-    limit = -1.0 if min_confusion > 0.5 else limit  # above 0.5: nothing (two means at once are 0.5)
+    own = squared_norms(intents.means, precision)  # (n,)
+    limit = _excess_limit(min_confusion)  # adjusted >= min_confusion  <=>  excess <= limit
     min_squared, min_excess = (torch.full((t, t), torch.inf, dtype=torch.float64) for _ in range(2))
-    cross_rows, within_rows = [], []
+    cross_rows: list[torch.Tensor] = []
+    within_rows: list[torch.Tensor] = []
     for start in range(0, n, chunk):
         rows = torch.arange(start, min(start + chunk, n))
-        squared = own[rows, None] + own[None, :] - 2 * einsum(projected[rows], intents.means, "r d, n d -> r n")
-        squared = squared.clamp(min=0)  # (r, n): Δ²
-        noise = d_eff * (intents.inverse_count[rows, None] + intents.inverse_count[None, :])  # (r, n): noise²
-        excess = (squared - noise).clamp(min=0)
+        squared = squared_mahalanobis(intents.means[rows], intents.means, precision, own)  # (r, n): Δ²
+        noise = squared_noise(d_eff, intents.inverse_count[rows], intents.inverse_count)  # (r, n): noise²
+        excess = squared_excess(squared, noise)  # (r, n)
         upper = rows[:, None] < torch.arange(n)[None, :]  # each unordered pair once
         same = intents.tenant[rows, None] == intents.tenant[None, :]
         # the smallest of each (row's tenant, column's tenant) over this block's pairs: per row, then per row's tenant
@@ -200,7 +225,7 @@ def intent_overlap(
         _pairs(cross_rows, intents.names, limit, top),
         _pairs(within_rows, intents.names, limit, top),
         torch.minimum(min_squared, min_squared.T).sqrt(),
-        pair_confusion(torch.minimum(min_excess, min_excess.T).sqrt()),
+        adjusted_confusion(torch.minimum(min_excess, min_excess.T)),
         n,
         compared,
         d_eff,
@@ -214,23 +239,33 @@ def closest_intents(
     pooled: PooledScatter,
     shrinkage: float = SHRINKAGE,
     k: int = 1,
+    min_adjusted: float | None = None,
 ) -> list[OverlapPair]:
     """For each intent of `new`, its `k` closest intents of `existing` (other tenants) under the precision of `pooled`
-    (which should include `new`, as growth's routing does), as pairs (new first) by Δ ascending: the new tenant's
-    intents against the existing ones only, no existing pair computed."""
-    # c: the new tenant's intents, n: the existing intents, d: features
+    (which should include `new`, as growth's routing does), as pairs (new first) by Δ ascending. With `min_adjusted`,
+    instead every intent of `existing` whose adjusted confusion with it is at least `min_adjusted` (`k` unused), by
+    adjusted confusion descending (ties by Δ ascending): the closest by Δ need not be the most confusable, as the
+    adjusted confusion depends on the class counts. The new tenant's intents against the existing ones only, no
+    existing pair computed."""
+    # c: the new tenant's intents, n: the existing intents
     existing = [e for e in existing if (e.stats["stats.count"] > 0).any()]
     if not existing or not (new.stats["stats.count"] > 0).any():
         return []
     precision = pooled.precision(shrinkage)
     d_eff = effective_dimension(pooled, precision)
     ours, theirs = _intents([new]), _intents(existing)
-    squared = squared_mahalanobis(ours.means, theirs.means, precision)  # (c, n)
-    noise = d_eff * (ours.inverse_count[:, None] + theirs.inverse_count[None, :])  # squared
-    adjusted = pair_confusion((squared - noise).clamp(min=0).sqrt())
-    closest = squared.topk(min(k, squared.shape[1]), dim=1, largest=False).indices  # (c, k)
-    rows = sorted((squared[i, j].item(), i, j) for i in range(len(ours.names)) for j in closest[i].tolist())
+    squared = squared_mahalanobis(ours.means, theirs.means, precision)  # (c, n): Δ²
+    noise = squared_noise(d_eff, ours.inverse_count, theirs.inverse_count)  # (c, n): noise²
+    adjusted = adjusted_confusion(squared_excess(squared, noise))  # (c, n)
+    if min_adjusted is None:
+        closest = squared.topk(min(k, squared.shape[1]), dim=1, largest=False).indices  # (c, k)
+        found = [(i, j) for i in range(len(ours.names)) for j in closest[i].tolist()]
+        found.sort(key=lambda ij: (squared[ij].item(), *ij))
+    else:
+        found = [(i, j) for i, j in (adjusted >= min_adjusted).nonzero().tolist()]
+        found.sort(key=lambda ij: (-adjusted[ij].item(), squared[ij].item(), *ij))
+    distance, noise = squared.sqrt(), noise.sqrt()
     return [
-        _pair(ours.names[i], theirs.names[j], d**0.5, noise[i, j].sqrt().item(), adjusted[i, j].item())
-        for d, i, j in rows
+        _pair(ours.names[i], theirs.names[j], distance[i, j].item(), noise[i, j].item(), adjusted[i, j].item())
+        for i, j in found
     ]

@@ -46,10 +46,15 @@ def empty_statistics(dim: int, num_labels: int) -> dict[str, torch.Tensor]:
     }
 
 
+def pooled_covariance(scatter: torch.Tensor, count: float, classes: int) -> torch.Tensor:
+    """The shared within-class covariance, in float64: the summed scatter over count - classes (at least 1)."""
+    return scatter.double() / max(count - classes, 1.0)
+
+
 def pooled_precision(scatter: torch.Tensor, count: float, classes: int, shrinkage: float = SHRINKAGE) -> torch.Tensor:
-    """Inverse of the shared within-class covariance (summed scatter over count - classes), shrunk towards
-    its mean variance so that it stays well conditioned with few examples."""
-    covariance = scatter.double() / max(count - classes, 1.0)
+    """Inverse of the shared within-class covariance (`pooled_covariance`), shrunk towards its mean variance so that
+    it stays well conditioned with few examples."""
+    covariance = pooled_covariance(scatter, count, classes)
     target = torch.eye(covariance.shape[0], dtype=torch.float64) * covariance.diagonal().mean()
     return torch.linalg.inv((1 - shrinkage) * covariance + shrinkage * target)
 
@@ -89,6 +94,9 @@ class PooledScatter:
 
     def __add__(self, other: PooledScatter) -> PooledScatter:
         return PooledScatter(self.scatter + other.scatter, self.count + other.count, self.classes + other.classes)
+
+    def covariance(self) -> torch.Tensor:
+        return pooled_covariance(self.scatter, self.count, self.classes)
 
     def precision(self, shrinkage: float = SHRINKAGE) -> torch.Tensor:
         return pooled_precision(self.scatter, self.count, self.classes, shrinkage)
