@@ -195,22 +195,23 @@ def dispatch(root: Path) -> str:
 
 CONTINUAL = """\
 `python scripts/scenario.py experiment=clinc150_incremental` (`clinc150_incremental/metrics.json`,
-`accuracy_matrix.json`), and the same with `routing=trained` (`metrics_trained_gate.json`); one run each, on the 2-core
-AMD EPYC CPU machine. The {events} events of `conf/experiment/clinc150_incremental.yaml` grow the 10 CLINC150
-domains one at a time into an empty store (banking first with 12 of its 15 intents, updated later with the other 3; two
-domains hibernated and woken), then the three tenants of `moe/data/overlap.py` that overlap them ({tenants} tenants in
-all): `hr_portal` and `payroll` share CLINC150's payday intent under names of their own, `concierge` takes intents from
-five domains and shares weather with `utility`, and the domains give up the other intents those tenants take. Every
-tenant seen is evaluated after each event, and the baselines run in the same process. Final in-scope test accuracy in
-percent; weights in memory: the trunk and all experts (the mixture), or one model per tenant:
+`accuracy_matrix.json`), and the same with `routing=trained` (`metrics_trained_gate.json`); one run each, on the
+2-core AMD EPYC CPU machine. The {events} events of `conf/experiment/clinc150_incremental.yaml` grow the {old}
+CLINC150 domains one at a time into an empty store (banking first with 12 of its 15 intents, updated later with the
+other 3; two domains hibernated and woken), then the {new} tenants of `moe/data/overlap.py` that overlap them
+({tenants} tenants in all; the `old` and `new` groups below): `hr_portal` and `payroll` share CLINC150's payday intent
+under names of their own, `concierge` takes intents from five domains and shares weather with `utility`, and the
+domains give up the other intents those tenants take. Every tenant seen is evaluated after each event, and the
+baselines run in the same process. Final in-scope test accuracy in percent; weights in memory: the trunk and all
+experts (the mixture), or one model per tenant:
 
 {table}
 
 The joint linear layer is the reference routed accuracy is read against: one linear softmax over every tenant's
 intents, on the same frozen features, fitted on all the tenants' train data at once (`moe/evaluation/reference.py`;
-weight decay {wd}, {steps} L-BFGS steps, standardised features: chosen on val). Routed accuracy by group, the mixture's
-beside the reference's (a shared intent's queries are the same texts in both owners' test sets, so whoever answers,
-exactly one of the two is right):
+standardised features; weight decay {wd} and {steps} L-BFGS steps chosen on val among {grid} settings, the grid fitted
+in {fit} s). Routed accuracy by group, the mixture's beside the reference's (a shared intent's queries are the same
+texts in both owners' test sets, so whoever answers, exactly one of the two is right):
 
 {groups}
 
@@ -228,8 +229,8 @@ Every woken tenant's predictions bit-identical to those before it slept: {wake}.
 (45 epochs, 300 rehearsal samples per known intent on update) were picked among three by this experiment's final test
 figure, so that figure is not a held-out estimate.
 
-Accuracy of every tenant after every event: [matrix](clinc150_incremental/accuracy_matrix.png),
-[over events](clinc150_incremental/accuracy_over_events.png). After the last event, statistics gate:
+Accuracy of every tenant after every event: [matrix](clinc150_incremental/accuracy_matrix.png), [over
+events](clinc150_incremental/accuracy_over_events.png). After the last event, statistics gate:
 
 {tenant_table}"""
 
@@ -247,8 +248,8 @@ def continual(root: Path) -> str:
 
     linear = ["joint linear layer over every intent (reference)"]
     linear += [f(m[f"baseline/joint_linear/{k}"]) for k in ("acc_routed", "acc_tenant_given", "routing_acc")]
-    linear += ["n/a", f"{f(m['time/joint_linear_s'], 1)} a fit", ""]
-    joint = ["joint retraining on all data (upper bound)"]
+    linear += ["n/a", "", ""]
+    joint = ["joint retraining of the mixture on all data"]
     joint += [f(m[f"baseline/joint/{k}"]) for k in ("acc_routed", "acc_tenant_given", "routing_acc")]
     joint += ["n/a", f"{f(m['time/joint_retrain_s'], 1)} a retrain", f"{f(m['memory/mixture_bytes'] / MB, 0)} MB"]
     sequential = ["sequential fine-tuning of one shared model", f(m["baseline/sequential/acc_routed"])]
@@ -261,11 +262,12 @@ def continual(root: Path) -> str:
     kinds = ("routed", "tenant_given", "routing")
     tenant_rows = [[name, *(f(matrix[k][-1][i]) for k in kinds)] for i, name in enumerate(matrix["tenants"])]
     routing, routing_learned = m["final/routing_acc"], learned["final/routing_acc"]
+    old, new = (len(matrix["compare_groups"][g]) for g in ("old", "new"))
     groups = [
         [name, f(m[f"final/acc_routed_{key}"]), f(m[f"baseline/joint_linear/acc_routed_{key}"])]
         + [f(m[f"final/routing_acc_{key}"]), f(m[f"baseline/joint_linear/routing_acc_{key}"])]
         + [f(m[f"final/acc_routed_{key}"] - m[f"baseline/joint_linear/acc_routed_{key}"])]
-        for key, name in (("old", "the 10 domains"), ("new", "the 3 overlapping tenants"))
+        for key, name in (("old", f"the {old} domains (`old`)"), ("new", f"the {new} overlapping tenants (`new`)"))
     ]
     group_header = ["tenants", "routed, mixture", "routed, joint linear", "routing, mixture", "routing, joint linear"]
     group_header += ["routed, mixture - joint linear (points)"]
@@ -291,6 +293,8 @@ def continual(root: Path) -> str:
         table=table(header, rows),
         events=len(matrix["events"]),
         tenants=m["final/tenants"],
+        old=old,
+        new=new,
         speedup=f(m["grow_speedup_over_joint"], 1),
         grow=f(m["time/grow_mean_s"]),
         joint=f(m["time/joint_retrain_s"], 1),
@@ -303,6 +307,8 @@ def continual(root: Path) -> str:
         routing_learned=f(routing_learned),
         tenant_table=table(["tenant", "routed", "tenant given", "routing"], tenant_rows),
         wd=f"{m['baseline/joint_linear/weight_decay']:g}",
+        grid=int(m["baseline/joint_linear/candidates"]),
+        fit=f(m["time/joint_linear_s"], 1),
         steps=int(m["baseline/joint_linear/steps"]),
         groups=table(group_header, groups),
         warnings=warnings,
@@ -511,12 +517,12 @@ def evaluation(root: Path) -> str:
 
 
 GROWN = """\
-`python scripts/evaluate.py store_dir=outputs/clinc150/experts routing=statistics` on the same seed-0 store: the rows a
-grown store serves with, the statistics gate (`clinc150/evaluate_statistics_seed0.json`, its `metrics.json`;
-`clinc150/oos_compare_statistics_seed0.csv`), beside the trained rows of the section above. Each evaluation chose the
-kind of out-of-scope score and its threshold on val (`oos.score=auto`, criterion `{criterion}`), and the gate
-probability under which a routed answer lists its runners-up (at most {max_unsure} % of in-scope val queries). Test
-split, percent:
+`python scripts/evaluate.py store_dir=outputs/clinc150/experts routing=statistics` on the same seed-0 store, routed by
+the statistics gate, the rows a grown store serves with (`clinc150/evaluate_statistics_seed0.json`, its
+`metrics.json`; `clinc150/oos_compare_statistics_seed0.csv`), beside the trained rows of the section above. Each
+evaluation chose the kind of out-of-scope score and its threshold on val (`oos.score=auto`, criterion `{criterion}`;
+where two scores tie on val, the first of `OOS_SCORES` is kept), and the gate-logit margin within which a routed
+answer lists runners-up (the largest that flags at most {max_unsure} % of in-scope val queries). Test split, percent:
 
 {table}
 
@@ -532,10 +538,10 @@ def grown_store(root: Path) -> str:
         rows.append(
             [name, f(m["test/acc_routed"]), f(m["test/routing_acc"]), f"`{m['oos/score']}`", f(m["oos/threshold"], 3)]
             + [f(m["test/oos_recall"], 1), f(m["test/oos_precision"], 1), f(m["test/acc_in_scope_with_rejection"])]
-            + [f(m["routing/unsure_below"], 4), f(m["test/unsure"], 1), f(m["test/misrouted_unsure"], 1)]
+            + [f(m["routing/unsure_margin"], 2), f(m["test/unsure"], 1), f(m["test/misrouted_unsure"], 1)]
         )
     header = ["gate", "routed", "routing", "score (val)", "threshold", "oos recall", "oos precision"]
-    header += ["in-scope acc. with rejection", "runners-up below", "answers with runners-up", "misrouted ones with"]
+    header += ["in-scope acc. with rejection", "runners-up margin", "answers with runners-up", "misrouted ones with"]
     compare = [
         [f"`{r['score']}`", f"`{r['criterion']}`", f(float(r["threshold"]), 3), f(float(r["val/oos_recall"]), 1)]
         + [f(float(r["test/oos_recall"]), 1), f(float(r["test/acc_in_scope_with_rejection"]))]
@@ -764,7 +770,7 @@ SECTIONS: list[tuple[str, Callable[[Path], str]]] = [
     ("Expert page-in", page_in),
     ("Paging a Zipf stream", zipf),
     ("Evaluation and out-of-scope detection", evaluation),
-    ("Out of scope and runners-up on a grown store", grown_store),
+    ("Out of scope and runners-up with the statistics gate", grown_store),
     ("Lower precision", precision),
     ("Growing from a large file", grow_memory),
     ("Serving latency", serving),
@@ -814,8 +820,8 @@ SUMMARY = [  # (what, section, figure(root)): one row each
         ),
     ),
     (
-        "Statistics gate (what a grown store serves): out-of-scope recall, in-scope accuracy with rejection",
-        "Out of scope and runners-up on a grown store",
+        "Statistics gate (as a grown store serves): out-of-scope recall, in-scope accuracy with rejection",
+        "Out of scope and runners-up with the statistics gate",
         lambda r: " / ".join(
             f(load(r, "clinc150/evaluate_statistics_seed0.json")[f"test/{k}"], d)
             for k, d in (("oos_recall", 1), ("acc_in_scope_with_rejection", 2))
@@ -830,7 +836,7 @@ SUMMARY = [  # (what, section, figure(root)): one row each
         ),
     ),
     (
-        "13 tenants grown one by one: routed accuracy, against joint retraining",
+        "The continual scenario's tenants grown one by one: routed accuracy, against joint retraining",
         "Continual learning",
         lambda r: "{} against {}".format(
             *(
@@ -840,7 +846,7 @@ SUMMARY = [  # (what, section, figure(root)): one row each
         ),
     ),
     (
-        "With 3 overlapping tenants: routed accuracy against the joint linear layer, old / new tenants, points",
+        "Routed accuracy against the joint linear layer, the scenario's old / overlapping new tenants, points",
         "Continual learning",
         lambda r: " / ".join(
             f(
@@ -851,7 +857,7 @@ SUMMARY = [  # (what, section, figure(root)): one row each
         ),
     ),
     (
-        "One grow against one joint retraining, at 13 tenants",
+        "One grow against one joint retraining, at the scenario's end",
         "Continual learning",
         lambda r: f"{f(load(r, 'clinc150_incremental/metrics.json')['grow_speedup_over_joint'], 1)}x cheaper",
     ),
