@@ -12,12 +12,13 @@ import time
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from moe.data import Tenant
 from moe.data.datamodule import TenantExamples, tenant_examples
 from moe.evaluation import accuracy
 from moe.lifecycle.growth import GrowthConfig, _trainer
-from moe.lifecycle.scenario import accuracies, test_outcome
+from moe.lifecycle.scenario import Event, accuracies, new_data, restrict, test_outcome
 from moe.model import ExpertInfo, build_mixture
 from moe.training.module import MixtureClassifier
 
@@ -82,3 +83,26 @@ class SequentialBaseline:
         target = torch.tensor([self.labels.index(f"{tenant}/{label}") for label in labels])
         own = torch.tensor([name.startswith(f"{tenant}/") for name in self.labels])
         return accuracy(logits.argmax(-1), target), accuracy(logits.masked_fill(~own, float("-inf")).argmax(-1), target)
+
+
+def sequential_run(
+    events: list[Event], tenants: dict[str, Tenant], names: list[str], cfg: GrowthConfig, dim: int, encode
+) -> list[dict[str, tuple[float, float]]]:
+    """The sequential baseline through the scenario's events: after each, (routed, tenant-given) test accuracy of
+    every tenant among `names` it has seen, on the intents it knows."""
+    sequential, rows = SequentialBaseline(cfg, dim), []
+    for event in tqdm(events, desc="sequential fine-tuning", unit="event"):
+        if event.op == "grow":
+            sequential.learn(restrict(tenants[event.tenant], event.intents), encode)
+        elif event.op == "update":
+            known = tuple(label.split("/", 1)[1] for label in sequential.labels if label.startswith(f"{event.tenant}/"))
+            sequential.learn(new_data(tenants[event.tenant], known), encode)
+        seen = {label.split("/", 1)[0] for label in sequential.labels}
+        row = {}
+        for name in names:
+            if name in seen:
+                labels = tuple(lab.split("/", 1)[1] for lab in sequential.labels if lab.startswith(f"{name}/"))
+                test = [e for e in tenants[name].split("test") if e.label in labels]
+                row[name] = sequential.accuracies(name, encode([e.text for e in test]), [e.label for e in test])
+        rows.append(row)
+    return rows

@@ -14,11 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from moe.evaluation.reference import accuracy_metrics, fit_metrics, joint_linear_reference
-from moe.lifecycle.baselines import SequentialBaseline, joint_retrain
+from moe.lifecycle.baselines import joint_retrain, sequential_run
 from moe.lifecycle.config import growth_config
 from moe.lifecycle.operations import Lifecycle
 from moe.lifecycle.plots import accuracy_heatmaps, accuracy_over_events
-from moe.lifecycle.scenario import Event, Scenario, continual_metrics, new_data, restrict
+from moe.lifecycle.scenario import Event, Record, Scenario, continual_metrics
 from moe.paths import cache_dir
 from moe.store import ExpertStore
 from moe.trunk import FeatureCache, Trunk
@@ -44,6 +44,22 @@ def compare_groups(cfg: DictConfig, tenants: dict[str, object]) -> dict[str, lis
         if unknown := [t for t in members if t not in tenants]:
             raise KeyError(f"compare_groups.{group} names unknown tenants {unknown}; known: {sorted(tenants)}")
     return groups
+
+
+def group_metrics(final: Record, groups: dict[str, list[str]], counts: dict[str, int]) -> dict[str, float]:
+    """The mixture's final accuracies per group of tenants, pooled over the group's test queries."""
+    metrics: dict[str, float] = {}
+    for group, members in groups.items():
+        if missing := [t for t in members if t not in counts]:
+            log.warning("compare_groups.%s: %s have no expert at the end; left out", group, missing)
+        present = [t for t in members if t in counts]
+        for key, values in (
+            ("acc_routed", final.routed),
+            ("acc_tenant_given", final.given),
+            ("routing_acc", final.routing),
+        ):
+            metrics[f"final/{key}_{group}"] = _micro({t: values[t] for t in present}, counts) if present else math.nan
+    return metrics
 
 
 def run_scenario(cfg: DictConfig) -> dict[str, float]:
@@ -83,16 +99,7 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
         "memory/peak_rss_bytes": max(r.rss_bytes for r in records),
         "wake/identical": float(all(scenario.wake_identical.values())) if scenario.wake_identical else math.nan,
     }
-    for group, members in groups.items():  # the mixture's, pooled over the group's test queries
-        if missing := [t for t in members if t not in names]:
-            log.warning("compare_groups.%s: %s have no expert at the end; left out", group, missing)
-        present = [t for t in members if t in names]
-        for key, values in (
-            ("acc_routed", final.routed),
-            ("acc_tenant_given", final.given),
-            ("routing_acc", final.routing),
-        ):
-            metrics[f"final/{key}_{group}"] = _micro({t: values[t] for t in present}, counts) if present else math.nan
+    metrics |= group_metrics(final, groups, counts)
     warned = scenario.lifecycle.warned  # the tenants whose last grow or update warned of overlapping intents
     metrics["overlap/warned_tenants"] = len(warned)
     if updates := [r.seconds for r in records if r.event.op == "update"]:
@@ -118,23 +125,7 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
     }
 
     if cfg.baselines.sequential:
-        sequential, rows = SequentialBaseline(growth, trunk.dim), []
-        for event in tqdm(events, desc="sequential fine-tuning", unit="event"):
-            if event.op == "grow":
-                sequential.learn(restrict(tenants[event.tenant], event.intents), encode)
-            elif event.op == "update":
-                known = tuple(
-                    label.split("/", 1)[1] for label in sequential.labels if label.startswith(f"{event.tenant}/")
-                )
-                sequential.learn(new_data(tenants[event.tenant], known), encode)
-            seen = {label.split("/", 1)[0] for label in sequential.labels}
-            row = {}
-            for name in names:
-                if name in seen:
-                    labels = tuple(lab.split("/", 1)[1] for lab in sequential.labels if lab.startswith(f"{name}/"))
-                    test = [e for e in tenants[name].split("test") if e.label in labels]
-                    row[name] = sequential.accuracies(name, encode([e.text for e in test]), [e.label for e in test])
-            rows.append(row)
+        rows = sequential_run(events, tenants, names, growth, trunk.dim, encode)
         matrix["sequential_routed"] = [[row.get(t, (math.nan, math.nan))[0] for t in names] for row in rows]
         matrix["sequential_tenant_given"] = [[row.get(t, (math.nan, math.nan))[1] for t in names] for row in rows]
         curves["sequential fine-tuning routed"] = [_mean(row) for row in matrix["sequential_routed"]]
