@@ -199,21 +199,21 @@ def _choose_oos(
     max_cost: float,
 ) -> None:
     """The out-of-scope score and threshold: as given, or chosen on `chosen_on`; measured on `with_oos`."""
-    chosen = threshold is None and chosen_on is not None
     score_chosen = score == AUTO
-    if chosen and chosen_on is not None:
+    origin = chosen_on if threshold is None else None  # where the threshold (and an `auto` score) is chosen
+    if origin is not None:
         if score_chosen:
-            score, threshold = choose_score(result.outcomes[chosen_on], criterion, max_cost)
+            score, threshold = choose_score(result.outcomes[origin], criterion, max_cost)
         else:
-            threshold = choose_threshold(result.outcomes[chosen_on], score, criterion, max_cost)[0]
+            threshold = choose_threshold(result.outcomes[origin], score, criterion, max_cost)[0]
     result.score = DEFAULT_OOS_SCORE if score == AUTO else score  # AUTO left: nothing to choose on, no threshold
     if threshold is None:
         return
     result.threshold = threshold
     result.metrics |= {"oos/threshold": threshold, "oos/score": result.score}
-    if chosen:
-        result.metrics |= {"oos/criterion": criterion, "oos/max_cost": max_cost, "oos/chosen_on": chosen_on}
-        result.metrics["oos/score_chosen_on"] = chosen_on if score_chosen else "given"
+    if origin is not None:
+        result.metrics |= {"oos/criterion": criterion, "oos/max_cost": max_cost, "oos/chosen_on": origin}
+        result.metrics["oos/score_chosen_on"] = origin if score_chosen else "given"
     else:
         result.metrics["oos/chosen_on"] = "given"
     for split in with_oos:

@@ -93,7 +93,7 @@ def decode(model: Mixture, output: MixtureOutput) -> Decoded:
     return Decoded(label, score, top_tenant, output.experts, output.weights, experts, gate_probs, gaps)
 
 
-def runners_up(
+def close_runners_up(
     model: Mixture, experts: list[int], probs: list[float], gaps: list[float], unsure_margin: float = UNSURE_MARGIN
 ) -> tuple[tuple[str, float], ...]:
     """(tenant, gate probability) of the experts after the first whose gate logit lies within `unsure_margin` of it."""
@@ -111,7 +111,7 @@ class Answer:
     out_of_scope: bool | None  # the out-of-scope score fell below the threshold; None: no threshold known
     experts: tuple[str, ...]  # tenants of the experts consulted, best first
     runners_up: tuple[tuple[str, float], ...] = ()  # (tenant, gate probability) of the next experts, when the gate
-    # was not sure (`runners_up`): an application may ask its user, or fall back to a tenant id
+    # was not sure (`close_runners_up`): an application may ask its user, or fall back to a tenant id
 
     def to_dict(self) -> dict:
         runners = [{"tenant": tenant, "gate_prob": p} for tenant, p in self.runners_up]
@@ -126,9 +126,10 @@ def answers(
     unsure_margin: float = UNSURE_MARGIN,
 ) -> list[Answer]:
     """`oos`: (b,) out-of-scope scores of the same pass; a query is out of scope when below `threshold`.
-    An answer lists the experts within `unsure_margin` of its first as runners-up (`runners_up`)."""
-    unknown = threshold is None or oos is None
-    flags = [None] * len(decoded.label) if unknown else (oos.double() < threshold).tolist()  # as chosen: float64
+    An answer lists the experts within `unsure_margin` of its first as runners-up (`close_runners_up`)."""
+    flags: list = [None] * len(decoded.label)
+    if threshold is not None and oos is not None:
+        flags = (oos.double() < threshold).tolist()  # as the threshold was chosen: in float64
     rows = zip(
         decoded.label.tolist(),
         decoded.score.tolist(),
@@ -146,7 +147,7 @@ def answers(
             score,
             flag,
             tuple(model.experts[e].tenant for e, w in zip(es, ws, strict=True) if w > 0),
-            runners_up(model, gate_experts, probs, gaps, unsure_margin),
+            close_runners_up(model, gate_experts, probs, gaps, unsure_margin),
         )
         for label, score, es, ws, flag, gate_experts, probs, gaps in rows
     ]
