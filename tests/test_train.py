@@ -150,6 +150,8 @@ def test_every_experiment_runs_with_tiny_limits(experiment, tmp_path, clinc_dir)
 @pytest.mark.parametrize("experiment", experiments_run_by("scenario"))
 def test_every_scenario_experiment_runs_with_tiny_limits(experiment, tmp_path, clinc_dir):
     overrides = [f"experiment={experiment}", "trunk=tiny", "growth.epochs=1", "growth.rank=4"]
+    with pytest.raises(ValueError, match="eval_split=val: the baselines are measured on test"):
+        run_scenario(compose_config("scenario", [*overrides, "eval_split=val"], tmp_path / "on_val"))
     cfg = compose_config("scenario", [*overrides, "baselines.sequential=false"], tmp_path)
     metrics = run_scenario(cfg)
     assert metrics["final/tenants"] == len({e.tenant for e in cfg.events})

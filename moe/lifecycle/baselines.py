@@ -18,7 +18,7 @@ from moe.data import Tenant
 from moe.data.datamodule import TenantExamples, tenant_examples
 from moe.evaluation import accuracy
 from moe.lifecycle.growth import GrowthConfig, _trainer
-from moe.lifecycle.scenario import Event, accuracies, new_data, restrict, test_outcome
+from moe.lifecycle.scenario import Event, accuracies, new_data, restrict, split_outcome
 from moe.model import ExpertInfo, build_mixture
 from moe.training.module import MixtureClassifier
 
@@ -39,7 +39,7 @@ def joint_retrain(tenants: list[Tenant], encode, cfg: GrowthConfig, top_k: int =
     start = time.perf_counter()
     _trainer(cfg, cfg.epochs).fit(module, DataLoader(train, batch_size=cfg.batch_size, shuffle=True))
     seconds = time.perf_counter() - start
-    routed, given, routing = accuracies(test_outcome(model.eval(), tenants, encode))
+    routed, given, routing = accuracies(split_outcome(model.eval(), tenants, encode))
     return {"seconds": seconds, "acc_routed": routed, "acc_tenant_given": given, "routing_acc": routing}
 
 

@@ -81,13 +81,16 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
         if event.tenant not in tenants:
             raise KeyError(f"event {event.op} names unknown tenant {event.tenant!r}; known: {sorted(tenants)}")
 
-    scenario = Scenario(Lifecycle(store, trunk, encode, growth), tenants, top_k=cfg.top_k)
+    split = cfg.get("eval_split", "test")
+    if split != "test" and any(cfg.baselines.values()):
+        raise ValueError(f"eval_split={split}: the baselines are measured on test; turn them off to choose settings")
+    scenario = Scenario(Lifecycle(store, trunk, encode, growth), tenants, top_k=cfg.top_k, split=split)
     bar = tqdm(total=len(events), desc="events", unit="event")
     scenario.run(events, progress=lambda i, r: (bar.update(), bar.set_postfix_str(f"{r.event.op} {r.event.tenant}")))
     bar.close()
     records, names = scenario.records, list(scenario.known)
     final = records[-1]
-    counts = {name: len(scenario.known_tenant(name).split("test")) for name in names}
+    counts = {name: len(scenario.known_tenant(name).split(split)) for name in names}
 
     metrics: dict[str, float] = {
         "final/acc_routed": _micro(final.routed, counts),
@@ -109,6 +112,7 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
             metrics[f"final/{stat}_{name}"] = value
 
     matrix = {
+        "split": split,  # where the accuracies below were measured (config.yaml's eval_split)
         "events": [f"{r.event.op} {r.event.tenant}" for r in records],
         "tenants": names,
         "routed": [[r.routed.get(t, math.nan) for t in names] for r in records],

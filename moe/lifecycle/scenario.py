@@ -51,9 +51,11 @@ def new_data(tenant: Tenant, known: tuple[str, ...]) -> Tenant:
     return tenant.restricted(fresh) if fresh else tenant
 
 
-def test_outcome(model: Mixture, tenants: list[Tenant], encode, batch_size: int | None = None) -> Outcome:
-    """The evaluation's per-query outcome on these tenants' test examples (one batch when `batch_size` is None)."""
-    source = tenant_sources(tenants, ["test"])["test"]
+def split_outcome(
+    model: Mixture, tenants: list[Tenant], encode, split: str = "test", batch_size: int | None = None
+) -> Outcome:
+    """The evaluation's per-query outcome on these tenants' `split` examples (one batch when `batch_size` is None)."""
+    source = tenant_sources(tenants, [split])[split]
     return collect(model, source.batches(batch_size or source.size), encode, progress=False)
 
 
@@ -82,8 +84,9 @@ def continual_metrics(records: list[Record], key: str, last_trained: dict[str, i
 class Scenario:
     """Runs `events` through a `Lifecycle`, rebuilding the served mixture from the store after each."""
 
-    def __init__(self, lifecycle: Lifecycle, tenants: dict[str, Tenant], top_k: int = 2):
-        self.lifecycle, self.tenants = lifecycle, tenants
+    def __init__(self, lifecycle: Lifecycle, tenants: dict[str, Tenant], top_k: int = 2, split: str = "test"):
+        """`split`: where every tenant is evaluated after each event (val, to choose settings; test, to report)."""
+        self.lifecycle, self.tenants, self.split = lifecycle, tenants, split
         cfg = lifecycle.cfg  # the served mixture routes as the experts grow: trained rows, or the statistics gate
         self.gate = GateSettings(top_k, source=cfg.source, shrinkage=cfg.shrinkage)
         self.known: dict[str, tuple[str, ...]] = {}  # tenant -> labels its expert knows now
@@ -101,8 +104,8 @@ class Scenario:
 
     @torch.no_grad()
     def given_predictions(self, model: Mixture, name: str) -> tuple[list, torch.Tensor]:
-        """The tenant's predictions (by name) and its expert's log-probabilities on its own test set."""
-        features = self.lifecycle.encode([e.text for e in self.known_tenant(name).split("test")])
+        """The tenant's predictions (by name) and its expert's log-probabilities on its own evaluation split."""
+        features = self.lifecycle.encode([e.text for e in self.known_tenant(name).split(self.split)])
         output = model(features, torch.full((len(features),), model.tenant_index(name)))
         own = len(self.known[name])  # the padded width depends on other experts: compare its own columns
         return [model.labels[i] for i in best_labels(output)[0].tolist()], output.log_probs[:, 0, :own]
@@ -146,7 +149,8 @@ class Scenario:
                 self.wake_identical[event.tenant] = names == names_before and torch.equal(log_probs, log_probs_before)
             for name in self.known:
                 if name in awake:
-                    outcome = test_outcome(model, [self.known_tenant(name)], self.lifecycle.encode, batch_size=1024)
+                    tenant = [self.known_tenant(name)]
+                    outcome = split_outcome(model, tenant, self.lifecycle.encode, self.split, batch_size=1024)
                     routed, given, routing = accuracies(outcome)
                 else:
                     routed = given = routing = math.nan  # dormant: not served
