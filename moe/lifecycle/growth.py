@@ -30,13 +30,13 @@ class GrowthConfig:
     input_scale: float
     lr: float
     weight_decay: float
-    epochs: int = 45
+    epochs: int = 120  # as conf/growth/default.yaml, chosen on val
     batch_size: int = 256
     source: RowSource = "statistics"  # the new rows: discriminants of class means, or trained against samples
     shrinkage: float = SHRINKAGE
     negatives_per_class: int = 50  # trained rows: samples drawn from each other class's statistics
     routing_epochs: int = 20
-    rehearsal_per_class: int = 300  # update: samples drawn from the tenant's own earlier classes
+    rehearsal_per_class: int = 100  # update: samples drawn from the tenant's own earlier classes (chosen on val)
     accelerator: str = "cpu"
     seed: int = 0
 
