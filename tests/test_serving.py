@@ -83,7 +83,9 @@ def test_one_altered_byte_is_refused_naming_the_file(tiny_run, tmp_path, name):
     bundle = Path(shutil.copytree(tiny_run.bundle_bf16, tmp_path / "bundle"))
     path = bundle / name
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01  # one bit of one byte, in the middle (tensor data; a value in the manifest)
+    key = b'"threshold": '  # in the manifest, one bit of a value that matters: the threshold's first digit
+    at = data.index(key) + len(key) if name == "manifest.json" else len(data) // 2  # else tensor data, mid-file
+    data[at] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(BundleError, match=name.replace(".", r"\.")):
         Server(bundle)
