@@ -23,9 +23,11 @@ from typing import Any
 import torch
 
 from moe.inference.answers import UNSURE_MARGIN
-from moe.inference.build import GateSettings, load_mixture
+from moe.inference.build import GateSettings, Verify, load_mixture
 from moe.inference.paged import PagedMixture
+from moe.model import check_choice
 from moe.paths import file_sha256
+from moe.store import is_url, mirror_bundle
 from moe.trunk import HFEncoderTrunk, TinyTrunk, Trunk
 
 FORMAT = "moe.bundle/2"  # 2: the gate's `source` ("trained" | "statistics") replaced `routing` ("rows" | "stats")
@@ -94,10 +96,14 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_bundle(root: str | Path) -> Bundle:
+def read_bundle(root: str | Path, verify: Verify = "full") -> Bundle:
     """Read and verify a bundle: the manifest's checksum, then every listed file's sha256, then that no
-    unlisted file hides under the checked folders."""
-    root = Path(root)
+    unlisted file hides under the checked folders. A URL (`s3://bucket/bundle`) is mirrored into the local cache
+    first (`moe.store.mirror_bundle`), then read from there like any folder. `verify="lazy"` leaves the experts'
+    files unread: their own checksums are verified when each is first paged in (`load_mixture`), which proves a
+    shard intact but not that it is the very file the manifest lists."""
+    check_choice(verify, Verify, "verify")
+    root = mirror_bundle(str(root)) if is_url(root) else Path(root)
     manifest = _read_manifest(root)
     listed: dict[str, str] = manifest["files"]
     for name, expected in sorted(listed.items()):
@@ -106,6 +112,8 @@ def read_bundle(root: str | Path) -> Bundle:
             raise BundleError(path, "listed path leaves the bundle folder")
         if not path.is_file():
             raise BundleError(path, "listed in the manifest but missing")
+        if verify == "lazy" and Path(name).parts[0] == "experts":
+            continue
         if (actual := file_sha256(path)) != expected:
             raise BundleError(
                 path, f"sha256 mismatch: the file hashes to {actual[:12]}…, the manifest lists {expected[:12]}…"
@@ -179,17 +187,33 @@ class OpenBundle:
 
 
 def open_bundle(
-    bundle: str | Path | Bundle, device: str = "cpu", budget_bytes: int = 256 << 20, host_budget_bytes: int = 0
+    bundle: str | Path | Bundle,
+    device: str = "cpu",
+    budget_bytes: int = 256 << 20,
+    host_budget_bytes: int = 0,
+    verify: Verify = "full",
 ) -> OpenBundle:
-    """Read and check a bundle, rebuild its trunk, and load its experts paged under `budget_bytes`."""
-    bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    """Read and check a bundle, rebuild its trunk, and load its experts paged under `budget_bytes` (`verify`: every
+    expert's file when the bundle opens, or each at its first page-in: `load_mixture`)."""
+    bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, verify)
     trunk = build_trunk(bundle, device)
     gate = bundle.manifest["gate"]
     settings = GateSettings(
-        int(gate["top_k"]), bool(gate["normalize_weights"]), gate["source"], float(gate["shrinkage"])
+        int(gate["top_k"]),
+        bool(gate["normalize_weights"]),
+        gate["source"],
+        float(gate["shrinkage"]),
+        float(gate.get("own_covariance", 0.0)),  # bundles made before it: the linear gate
     )
     model = load_mixture(
-        bundle.path("experts"), bundle.tenants, settings, trunk.fingerprint, device, budget_bytes, host_budget_bytes
+        bundle.path("experts"),
+        bundle.tenants,
+        settings,
+        trunk.fingerprint,
+        device,
+        budget_bytes,
+        host_budget_bytes,
+        verify=verify,
     )
     served = {info.tenant: list(info.labels) for info in model.experts}
     if served != {t: list(labels) for t, labels in bundle.manifest["label_maps"].items()}:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,7 +20,8 @@ import torch
 
 from moe.inference.pager import ExpertPager
 from moe.model import TENSOR_NAMES, DispatchPlan, ExpertInfo, GateRows, Mixture, TopKRouter, dispatch, expert_logits
-from moe.store import ExpertMeta, ShardError, read_shard, read_tensors
+from moe.store import ExpertMeta, ShardError, expected_shapes, read_shard, read_tensors
+from moe.store.shard import meta_dtype
 
 Key = tuple[str, int]  # (tenant, version)
 
@@ -31,16 +32,18 @@ def _identity(path: str | Path) -> tuple[int, int, int]:
 
 
 class ShardLoader:
-    """Reads expert weights for the pager. A shard is verified in full when registered, and again whenever
-    its file changed since (inode, size or modification time); unchanged files are read without rehashing.
+    """Reads expert weights for the pager. A shard is verified in full when registered (`register`), or at its first
+    page-in when registered from its header (`register_header`), and again whenever its file changed since (inode,
+    size or modification time); unchanged files are read without rehashing.
 
     Per expert it keeps only the file name, its identity and a digest of its metadata: at thousands of
-    registered experts, every byte kept here is resident."""
+    registered experts, every byte kept here is resident. `locate(key)`, when given, finds a file that disappeared
+    (a remote store's cache evicted it): the copy it hands back is verified in full, as any changed file is."""
 
-    def __init__(self, trunk_fingerprint: str | None):
-        self.trunk_fingerprint = trunk_fingerprint
+    def __init__(self, trunk_fingerprint: str | None, locate: Callable[[Hashable], Path] | None = None):
+        self.trunk_fingerprint, self.locate = trunk_fingerprint, locate
         self.paths: dict[Hashable, str] = {}
-        self.identities: dict[Hashable, tuple[int, int, int]] = {}
+        self.identities: dict[Hashable, tuple[int, int, int] | None] = {}
         self.digests: dict[Hashable, int] = {}
 
     def register(self, key: Hashable, path: Path) -> tuple[dict[str, torch.Tensor], ExpertMeta]:
@@ -53,6 +56,23 @@ class ShardLoader:
         self.paths[key], self.identities[key], self.digests[key] = str(path), identity, _digest(meta)
         return tensors, meta
 
+    def register_header(
+        self, key: Hashable, path: Path, meta: ExpertMeta, names: tuple[str, ...]
+    ) -> dict[str, torch.Tensor]:
+        """Remember a shard from its header (`meta`, read and checked by the caller), reading only the tensors
+        `names` (its routing entry or statistics); its checksum is verified in full when it is first paged in."""
+        if self.trunk_fingerprint is not None and meta.trunk_fingerprint != self.trunk_fingerprint:
+            fingerprints = f"{meta.trunk_fingerprint[:12]}…, not on this model's trunk {self.trunk_fingerprint[:12]}…"
+            raise ShardError(path, f"trained on trunk {fingerprints}")
+        tensors = read_tensors(path, names)
+        shapes, dtype = expected_shapes(meta.architecture, len(meta.labels)), meta_dtype(meta)
+        for name, tensor in tensors.items():
+            if tuple(tensor.shape) != shapes[name] or tensor.dtype != dtype:
+                found = f"{tuple(tensor.shape)} {tensor.dtype}"
+                raise ShardError(path, f"tensor {name} is {found}, its metadata implies {shapes[name]} {dtype}")
+        self.paths[key], self.identities[key], self.digests[key] = str(path), None, _digest(meta)
+        return tensors
+
     def forget(self, key: Hashable) -> None:
         for table in (self.paths, self.identities, self.digests):
             table.pop(key, None)
@@ -62,7 +82,14 @@ class ShardLoader:
         try:
             identity = _identity(path)
         except FileNotFoundError:
-            raise ShardError(path, "file disappeared after it was registered") from None
+            if self.locate is None:
+                raise ShardError(path, "file disappeared after it was registered") from None
+            path = self.paths[key] = str(self.locate(key))
+            self.identities[key] = None  # a fresh copy: verified in full below
+            try:
+                identity = _identity(path)
+            except FileNotFoundError:
+                raise ShardError(path, "file disappeared after it was located again") from None
         if identity == self.identities[key]:
             return read_tensors(path, TENSOR_NAMES)
         tensors, meta = read_shard(path, self.trunk_fingerprint)

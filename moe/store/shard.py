@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import stat
 from dataclasses import asdict, dataclass, field, replace
@@ -102,6 +103,17 @@ def expected_shapes(architecture: dict[str, Any], num_labels: int) -> dict[str, 
     }
 
 
+def meta_dtype(meta: ExpertMeta) -> torch.dtype:
+    """The dtype every tensor of `meta`'s shard is stored in."""
+    return getattr(torch, meta.architecture.get("dtype", "float32"))
+
+
+def tensor_bytes(meta: ExpertMeta, names: tuple[str, ...]) -> int:
+    """Bytes the named tensors of `meta`'s shard hold, from its metadata alone."""
+    shapes = expected_shapes(meta.architecture, len(meta.labels))
+    return sum(math.prod(shapes[name]) * meta_dtype(meta).itemsize for name in names)
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
@@ -188,7 +200,7 @@ def read_shard(path: str | Path, trunk_fingerprint: str | None = None) -> tuple[
         raise ShardError(path, f"missing tensors {missing}")
     if extra := sorted(set(tensors) - set(shapes)):
         raise ShardError(path, f"unexpected tensors {extra}")
-    dtype = getattr(torch, meta.architecture.get("dtype", "float32"))
+    dtype = meta_dtype(meta)
     for name, shape in shapes.items():
         if tuple(tensors[name].shape) != shape:
             raise ShardError(path, f"tensor {name} has shape {tuple(tensors[name].shape)}, metadata implies {shape}")

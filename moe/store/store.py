@@ -191,7 +191,7 @@ class ExpertStore:
         `new`, a tenant without a folder is a KeyError at once (and no lock file is made). Never nested: a second
         lock on the same file in one thread would wait for ever."""
         check_tenant_name(tenant)
-        if not new and not (self.root / tenant).is_dir():
+        if not new and not self._has_folder(tenant):
             raise self._unknown(tenant)
         (self.root / ".locks").mkdir(parents=True, exist_ok=True)
         with FileLock(self.root / ".locks" / f"{tenant.lower()}.lock"):
@@ -233,7 +233,7 @@ class ExpertStore:
         one is refused rather than silently dropping what the other added). A retired tenant's tombstone goes: its
         name now holds a new expert."""
         tenant = check_tenant_name(meta.tenant)
-        if new_tenant or not (self.root / tenant).is_dir():
+        if new_tenant or not self._has_folder(tenant):
             if parent is not None:
                 raise self._unknown(tenant)  # retired (or deleted) while the update trained
             self.check_new_tenant(tenant)  # early too: a refused name leaves no lock file behind
@@ -250,9 +250,18 @@ class ExpertStore:
                     f"tenant {tenant!r} moved from version {parent} to {latest} while this version was made from "
                     f"{parent}: run it again on the latest"
                 )
-            version = max(taken, default=0) + 1
-            path = write_shard(self.path(tenant, version), tensors, meta.with_version(version))
-            (self.root / ".retired" / tenant).unlink(missing_ok=True)
+            path = self._write_version(tenant, max(taken, default=0) + 1, tensors, meta)
+        return path
+
+    def _has_folder(self, tenant: str) -> bool:
+        """Whether the store holds anything of `tenant` (its folder)."""
+        return (self.root / tenant).is_dir()
+
+    def _write_version(self, tenant: str, version: int, tensors: dict[str, torch.Tensor], meta: ExpertMeta) -> Path:
+        """Write a version not taken yet (the caller holds the tenant's lock); a retired tenant's tombstone goes: its
+        name now holds a new expert."""
+        path = write_shard(self.path(tenant, version), tensors, meta.with_version(version))
+        (self.root / ".retired" / tenant).unlink(missing_ok=True)
         return path
 
     def hibernate(self, tenant: str) -> None:
