@@ -61,7 +61,10 @@ def open_trained_store(cfg: DictConfig) -> TrainedStore:
         gate = GateSettings(int(top_k), bool(normalize))
     if cfg.get("top_k"):
         gate = replace(gate, top_k=int(cfg.top_k))
-    gate = replace(gate, source=cfg.routing.source, shrinkage=float(cfg.routing.get("shrinkage", gate.shrinkage)))
+    ran = OmegaConf.select(run_config, "routing") if run_config is not None else None
+    if ran is not None and ran.get("source") == cfg.routing.source:  # as the run routed, unless told otherwise
+        gate = gate.with_routing(ran)
+    gate = gate.with_routing(cfg.routing)
     run_batch = OmegaConf.select(run_config, "data.eval_batch_size") if run_config is not None else None
     batch_size = int(cfg.get("batch_size") or run_batch or cfg.data.eval_batch_size)
     return TrainedStore(store_dir, run_dir if run_config else None, run_config, trunk, trained, gate, batch_size)

@@ -107,6 +107,7 @@ def write_bundle_manifest(
             "normalize_weights": gate.normalize_weights,
             "source": gate.source,
             "shrinkage": gate.shrinkage,
+            "own_covariance": gate.own_covariance,
             "oos": oos,
             "unsure_margin": unsure_margin,
         },

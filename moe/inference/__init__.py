@@ -14,8 +14,9 @@ from moe.inference.answers import (
     oos_score,
     predict,
 )
-from moe.inference.build import GateSettings, load_mixture, read_gate_settings
+from moe.inference.build import GateSettings, Verify, load_mixture, read_gate_settings
 from moe.inference.bundle import FORMAT, Bundle, BundleError, OpenBundle, open_bundle, read_bundle
+from moe.inference.index import IndexSettings, RowIndex
 from moe.inference.paged import PagedMixture, ShardLoader
 from moe.inference.pager import ExpertPager, TierStats
 
@@ -31,8 +32,11 @@ __all__ = [
     "Decoded",
     "ExpertPager",
     "GateSettings",
+    "Verify",
+    "IndexSettings",
     "OpenBundle",
     "PagedMixture",
+    "RowIndex",
     "ShardLoader",
     "TierStats",
     "answers",

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -19,10 +21,14 @@ from safetensors import SafetensorError, safe_open
 from moe.inference.paged import PagedMixture, ShardLoader
 from moe.inference.pager import ExpertPager
 from moe.model import TENSOR_NAMES, ExpertInfo, RowSource, TopKRouter, check_choice
-from moe.model.stats import SHRINKAGE, PooledScatter, fill_statistics_rows
-from moe.store import ExpertMeta, ExpertStore, ShardError
+from moe.model.stats import OWN_COVARIANCE, SHRINKAGE, PooledScatter, fill_statistics_rows, fill_tenant_rows
+from moe.store import ExpertMeta, ExpertStore, RemoteStore, ShardError, open_store, tensor_bytes
 
 log = logging.getLogger(__name__)
+
+
+Verify = Literal["full", "lazy"]  # each shard's checksum: when the mixture is built, or at its first page-in
+STATISTICS_TENSORS = ("stats.mean", "stats.count", "stats.scatter")
 
 
 @dataclass(frozen=True)
@@ -31,9 +37,26 @@ class GateSettings:
     normalize_weights: bool = True
     source: RowSource = "trained"  # the gate rows stored in each shard, or rows derived from its statistics
     shrinkage: float = SHRINKAGE  # of the pooled covariance, for source="statistics"
+    own_covariance: float = OWN_COVARIANCE  # source="statistics": each expert's own covariance's share (0: linear)
 
     def __post_init__(self):
         check_choice(self.source, RowSource, "gate source")
+        if not 0.0 <= self.own_covariance <= 1.0:
+            raise ValueError(f"own_covariance must lie in [0, 1], got {self.own_covariance}")
+        if self.own_covariance and self.source != "statistics":
+            raise ValueError("own_covariance needs source='statistics': trained rows have no covariance to mix")
+
+    def with_routing(self, routing: Mapping[str, Any]) -> GateSettings:
+        """These settings with a `conf/routing/` group's: its source, and its shrinkage and (for the statistics gate)
+        own_covariance where it names them (not null)."""
+        own = routing.get("own_covariance") if routing["source"] == "statistics" else 0.0
+        own = self.own_covariance if own is None else own
+        return replace(
+            self,
+            source=routing["source"],
+            shrinkage=float(routing.get("shrinkage", self.shrinkage)),
+            own_covariance=float(own),
+        )
 
 
 def read_gate_settings(path: str | Path) -> GateSettings:
@@ -57,6 +80,7 @@ def load_mixture(
     budget_bytes: int = 256 << 20,
     host_budget_bytes: int = 0,
     skip_failed: bool = False,
+    verify: Verify = "full",
 ) -> PagedMixture:
     """The latest version of each tenant (all awake ones by default, in sorted order), paged under `budget_bytes`.
 
@@ -65,9 +89,16 @@ def load_mixture(
     naming it, since a partial model would be evaluated or served silently; with `skip_failed` it is left out
     instead, logged, and listed in the model's `left_out`, and it never stops the others.
 
+    `verify="lazy"` registers each expert from its header and its stored gate rows alone (what thousands of tenants
+    need: the weights are not read); its checksum is verified in full when it is first paged in, and a shard that
+    fails then is a ShardError naming it, for the batch that chose it. The statistics gate pools every expert's
+    statistics into every expert's rows, so with `gate.source="statistics"` every shard is verified in full anyway.
+
     `gate.source`: "trained" scores with the gate rows stored in each shard; "statistics" derives them from each
-    expert's class means and the covariance pooled over every expert loaded (the statistics gate)."""
-    store = store if isinstance(store, ExpertStore) else ExpertStore(store)
+    expert's class means and the covariance pooled over every expert loaded (the statistics gate), mixed with each
+    expert's own covariance when `gate.own_covariance` > 0 (which holds a d x d matrix per expert in the gate)."""
+    check_choice(verify, Verify, "verify")
+    store = store if isinstance(store, ExpertStore) else open_store(store)
     gate = gate or GateSettings()
     names = sorted(tenants if tenants is not None else store.tenants())
     if not names:
@@ -90,16 +121,23 @@ def load_mixture(
     # filled in place, expert by expert: no per-expert copies linger
     router = TopKRouter(arch["dim"], rows, gate.top_k, gate.normalize_weights, random_init=False, dtype=dtype)
     means = torch.zeros(len(candidates), max(rows), arch["dim"]) if statistics else None
-    loader = ShardLoader(trunk_fingerprint)
+    remote = isinstance(store, RemoteStore)  # its cache may evict a shard: fetched again when paged in
+    loader = ShardLoader(trunk_fingerprint, locate=(lambda key: store.path(*key)) if remote else None)
+    routing_tensors = STATISTICS_TENSORS if statistics else ("gate.weight", "gate.bias")
     pager = ExpertPager(loader, device, budget_bytes, host_budget_bytes)
     pooled = PooledScatter.of([], arch["dim"])  # only the aggregate stays resident; the rest stays in the shards
+    own: list[dict[str, torch.Tensor]] = []  # each expert's statistics, when its own covariance enters its rows
     infos, keys, kept = [], [], []
     with torch.no_grad():
         for i, (key, header) in enumerate(candidates):
             try:
                 if header.architecture != arch:
                     raise ShardError(store.path(*key), f"architecture {header.architecture} differs from {arch}")
-                tensors, meta = loader.register(key, path := store.path(*key))
+                if verify == "lazy" and not statistics:  # the header was read and checked by store.meta
+                    tensors = loader.register_header(key, path := store.path(*key), header, routing_tensors)
+                    meta = header
+                else:
+                    tensors, meta = loader.register(key, path := store.path(*key))
                 try:  # the file read in full is checked too: it may not be the one whose header was read
                     store.check_shard(path, meta)
                     if meta != header:
@@ -117,8 +155,11 @@ def load_mixture(
             else:
                 router.weight[i, : rows[i]] = tensors["gate.weight"]
                 router.bias[i, : rows[i]] = tensors["gate.bias"]
-            pooled.add(tensors)
-            pager.register(key, sum(tensors[n].numel() * tensors[n].element_size() for n in TENSOR_NAMES))
+            if statistics:
+                pooled.add(tensors)
+            if statistics and gate.own_covariance:
+                own.append({name: tensors[name] for name in STATISTICS_TENSORS})
+            pager.register(key, tensor_bytes(meta, TENSOR_NAMES))
             infos.append(ExpertInfo(meta.tenant, meta.labels))
             keys.append(key)
             kept.append(i)
@@ -131,9 +172,13 @@ def load_mixture(
     if len(kept) < len(candidates):
         router = router.subset(kept)
         means = means[kept, : router.weight.shape[1]] if means is not None else None
-    if means is not None:
-        precision = pooled.precision(gate.shrinkage)
-        fill_statistics_rows(router, means, precision, arch["input_scale"], [info.tenant for info in infos])
+    tenants_loaded = [info.tenant for info in infos]
+    if means is not None and own:
+        fill_tenant_rows(
+            router, own, pooled.covariance(), gate.own_covariance, gate.shrinkage, arch["input_scale"], tenants_loaded
+        )
+    elif means is not None:
+        fill_statistics_rows(router, means, pooled.precision(gate.shrinkage), arch["input_scale"], tenants_loaded)
     model = PagedMixture(router, infos, keys, pager, arch["input_scale"], "labels" if per_label else "one")
     model.left_out = failed
     return model.to(device).eval()

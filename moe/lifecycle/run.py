@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from moe.evaluation.reference import accuracy_metrics, fit_metrics, joint_linear_reference
+from moe.inference import GateSettings
 from moe.lifecycle.baselines import joint_retrain, sequential_run
 from moe.lifecycle.config import growth_config
 from moe.lifecycle.operations import Lifecycle
@@ -84,7 +85,8 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
     split = cfg.get("eval_split", "test")
     if split != "test" and any(cfg.baselines.values()):
         raise ValueError(f"eval_split={split}: the baselines are measured on test; turn them off to choose settings")
-    scenario = Scenario(Lifecycle(store, trunk, encode, growth), tenants, top_k=cfg.top_k, split=split)
+    gate = GateSettings(cfg.top_k).with_routing(cfg.routing)
+    scenario = Scenario(Lifecycle(store, trunk, encode, growth), tenants, gate, split=split)
     bar = tqdm(total=len(events), desc="events", unit="event")
     scenario.run(events, progress=lambda i, r: (bar.update(), bar.set_postfix_str(f"{r.event.op} {r.event.tenant}")))
     bar.close()

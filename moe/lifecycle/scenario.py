@@ -84,11 +84,15 @@ def continual_metrics(records: list[Record], key: str, last_trained: dict[str, i
 class Scenario:
     """Runs `events` through a `Lifecycle`, rebuilding the served mixture from the store after each."""
 
-    def __init__(self, lifecycle: Lifecycle, tenants: dict[str, Tenant], top_k: int = 2, split: str = "test"):
-        """`split`: where every tenant is evaluated after each event (val, to choose settings; test, to report)."""
+    def __init__(
+        self, lifecycle: Lifecycle, tenants: dict[str, Tenant], gate: GateSettings | None = None, split: str = "test"
+    ):
+        """`gate`: how the served mixture routes as the experts grow (by default as growth makes rows: trained rows,
+        or the statistics gate). `split`: where every tenant is evaluated after each event (val, to choose
+        settings; test, to report)."""
         self.lifecycle, self.tenants, self.split = lifecycle, tenants, split
-        cfg = lifecycle.cfg  # the served mixture routes as the experts grow: trained rows, or the statistics gate
-        self.gate = GateSettings(top_k, source=cfg.source, shrinkage=cfg.shrinkage)
+        cfg = lifecycle.cfg
+        self.gate = gate or GateSettings(source=cfg.source, shrinkage=cfg.shrinkage)
         self.known: dict[str, tuple[str, ...]] = {}  # tenant -> labels its expert knows now
         self.records: list[Record] = []
         self.last_trained: dict[str, int] = {}

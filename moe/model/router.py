@@ -3,7 +3,8 @@
 Each expert owns `m` rows of the gate, its routing entry (`GateRows`): one per label ("labels", the prototype gate)
 or one in all ("one", Switch/GShard-style); an expert's logit is the logsumexp of its rows. Adding an expert
 appends rows and never touches the others'. At inference the rows come from one of two places (`RowSource`): as
-trained and stored in each shard, or derived from each shard's feature statistics (`moe.model.stats`).
+trained and stored in each shard, or derived from each shard's feature statistics (`moe.model.stats`), where an
+expert may also add a quadratic term common to its rows (its classes scored as Gaussians under its own covariance).
 """
 
 from __future__ import annotations
@@ -66,6 +67,17 @@ class TopKRouter(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_experts, rows))
         mask = torch.arange(rows)[None, :] < torch.tensor(rows_per_expert)[:, None]
         self.register_buffer("row_mask", mask, persistent=False)
+        # an optional quadratic term per expert, common to its rows (`set_quadratic`); None: a linear gate
+        self.register_buffer("factor", None, persistent=False)  # (e, d, d)
+        self.register_buffer("offset", None, persistent=False)  # (e,)
+
+    def set_quadratic(self, factor: torch.Tensor, offset: torch.Tensor) -> None:
+        """Add `-|x F_e|^2 / 2 + offset_e` to every row logit of expert e: factor (e, d, d), offset (e,). With it the
+        gate scores each expert's classes as Gaussians under that expert's own covariance (`tenant_discriminants`)."""
+        shape = (self.num_experts, self.weight.shape[-1], self.weight.shape[-1])
+        if factor.shape != shape or offset.shape != shape[:1]:
+            raise ValueError(f"quadratic term {tuple(factor.shape)}, {tuple(offset.shape)} does not fit {shape}")
+        self.factor, self.offset = factor.to(self.weight.device), offset.to(self.weight.device)
 
     @property
     def num_experts(self) -> int:
@@ -102,6 +114,10 @@ class TopKRouter(nn.Module):
         """(b, e', m) row logits of the experts from `start` on, -inf on padding rows."""
         weight, bias = self.weight[start : start + self.CHUNK].to(x.dtype), self.bias[start : start + self.CHUNK]
         row_logits = torch.einsum("b d, e m d -> b e m", x, weight) + bias
+        if self.factor is not None:  # b: batch, e: experts, d, r: features
+            factor = self.factor[start : start + self.CHUNK].to(x.dtype)
+            quadratic = torch.einsum("b d, e d r -> b e r", x, factor).square().sum(-1)  # (b, e') |x F_e|^2
+            row_logits = row_logits + (self.offset[start : start + self.CHUNK] - 0.5 * quadratic)[..., None]
         return row_logits.masked_fill(~self.row_mask[start : start + self.CHUNK], float("-inf"))
 
     def entry(self, expert: int, rows: int) -> dict[str, torch.Tensor]:
@@ -120,4 +136,6 @@ class TopKRouter(nn.Module):
         with torch.no_grad():
             router.weight.copy_(self.weight[experts, : router.weight.shape[1]])
             router.bias.copy_(self.bias[experts, : router.bias.shape[1]])
+        if self.factor is not None:
+            router.set_quadratic(self.factor[experts], self.offset[experts])
         return router

@@ -17,6 +17,7 @@ from einops import einsum
 from moe.model.router import TopKRouter
 
 SHRINKAGE = 0.02  # of the pooled covariance towards its mean variance: the statistics gate's one default
+OWN_COVARIANCE = 0.0  # share of each expert's own covariance in its discriminants: 0 is the linear gate
 
 
 @torch.no_grad()
@@ -51,12 +52,15 @@ def pooled_covariance(scatter: torch.Tensor, count: float, classes: int) -> torc
     return scatter.double() / max(count - classes, 1.0)
 
 
-def pooled_precision(scatter: torch.Tensor, count: float, classes: int, shrinkage: float = SHRINKAGE) -> torch.Tensor:
-    """Inverse of the shared within-class covariance (`pooled_covariance`), shrunk towards its mean variance so that
-    it stays well conditioned with few examples."""
-    covariance = pooled_covariance(scatter, count, classes)
+def shrunk(covariance: torch.Tensor, shrinkage: float = SHRINKAGE) -> torch.Tensor:
+    """The covariance shrunk towards its mean variance, so that it stays well conditioned with few examples."""
     target = torch.eye(covariance.shape[0], dtype=torch.float64) * covariance.diagonal().mean()
-    return torch.linalg.inv((1 - shrinkage) * covariance + shrinkage * target)
+    return (1 - shrinkage) * covariance + shrinkage * target
+
+
+def pooled_precision(scatter: torch.Tensor, count: float, classes: int, shrinkage: float = SHRINKAGE) -> torch.Tensor:
+    """Inverse of the shared within-class covariance (`pooled_covariance`), `shrunk`."""
+    return torch.linalg.inv(shrunk(pooled_covariance(scatter, count, classes), shrinkage))
 
 
 def discriminant_rows(means: torch.Tensor, precision: torch.Tensor, input_scale: float = 1.0):
@@ -67,6 +71,28 @@ def discriminant_rows(means: torch.Tensor, precision: torch.Tensor, input_scale:
     projected = (means.double() @ precision).float()
     bias = -0.5 * (projected * means).sum(-1)
     return projected / input_scale, bias
+
+
+@torch.no_grad()
+def tenant_discriminants(
+    stats: dict[str, torch.Tensor], pooled: torch.Tensor, own: float, shrinkage: float, input_scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gaussian discriminants of one expert's classes under its own covariance mixed into the pooled one
+    (regularised discriminant analysis, Friedman 1989, with the expert as the unit that owns a covariance):
+    `cov = shrunk((1 - own) * pooled + own * expert's within-class covariance)`, and for a class mean mu
+
+        logit(x) = x . P mu - mu . P mu / 2  -  |x F|^2 / 2 - log det(cov) / 2,   P = F F^T = cov^-1
+
+    The first two terms are linear rows (`discriminant_rows`); the last two are the expert's quadratic term, the
+    same for all its rows, which the linear gate (own = 0, one covariance for all) drops as a common constant.
+    Returns rows weight (c, d), bias (c,), factor (d, d) and offset (scalar), for a router that sees
+    `x * input_scale`."""
+    count, classes = stats["stats.count"].sum().item(), stats["stats.count"].numel()
+    covariance = shrunk((1 - own) * pooled + own * pooled_covariance(stats["stats.scatter"], count, classes), shrinkage)
+    precision = torch.linalg.inv(covariance)
+    weight, bias = discriminant_rows(stats["stats.mean"], precision, input_scale)
+    factor = torch.linalg.cholesky(precision) / input_scale
+    return weight, bias, factor.float(), -0.5 * torch.linalg.slogdet(covariance).logabsdet.float()
 
 
 @dataclass
@@ -117,6 +143,33 @@ def fill_statistics_rows(
             raise ValueError(f"statistics-gate rows of {names} overflow {router.weight.dtype}: use float32 shards")
         router.weight[start : start + router.CHUNK] = weight
         router.bias[start : start + router.CHUNK] = bias
+
+
+@torch.no_grad()
+def fill_tenant_rows(
+    router: TopKRouter,
+    experts: list[dict[str, torch.Tensor]],
+    pooled: torch.Tensor,
+    own: float,
+    shrinkage: float,
+    input_scale: float,
+    tenants: list[str],
+) -> None:
+    """Set the router's rows and quadratic term to each expert's `tenant_discriminants` (statistics in router order)."""
+    factors, offsets = [], []
+    for i, stats in enumerate(experts):
+        try:
+            weight, bias, factor, offset = tenant_discriminants(stats, pooled, own, shrinkage, input_scale)
+        except torch.linalg.LinAlgError as error:
+            raise ValueError(f"statistics-gate rows of {tenants[i]}: its covariance is singular ({error})") from None
+        weight = weight.to(router.weight.dtype)
+        if not (torch.isfinite(weight).all() and torch.isfinite(factor).all()):
+            raise ValueError(f"statistics-gate rows of {tenants[i]} overflow {router.weight.dtype}: use float32 shards")
+        router.weight[i, : len(bias)] = weight
+        router.bias[i, : len(bias)] = bias
+        factors.append(factor)
+        offsets.append(offset)
+    router.set_quadratic(torch.stack(factors), torch.stack(offsets))
 
 
 def merge_statistics(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,123 @@
+"""Benchmark: registering thousands of tenants, from their headers alone (`verify="lazy"`) beside a full
+verification of every shard (`verify="full"`), each in a fresh process, side by side in one run.
+
+    python scripts/bench_registration.py --out scripts/results/registration/registration.json
+    python scripts/bench_registration.py --tenants 1000 --out outputs/benchmarks/registration_1k.json
+
+Per mode: seconds to build the mixture (`load_mixture`), bytes the process read while doing it (`rchar` of
+/proc/self/io: page-cache hits included, so the figure is what registration asks for, not what the disk served),
+resident memory it added (VmRSS after minus before, per tenant), and then, with an expert budget of `--budget`
+of the tenants, the median batch-1 latency of a tenant-given query (its expert paged in) and of a routed one (the
+gate's exact scan over every row). The store is written once (synthetic experts of a CLINC150 domain's shape:
+384 features, 15 labels, adapter rank `--rank`) into the user cache and reused; the page cache is warm for both
+modes alike (the store was just written or read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moe.bench import DIM, LABELS, SYNTHETIC_FINGERPRINT, machine_info, rss_bytes, write_store
+from moe.inference import load_mixture
+from moe.paths import cache_dir
+from moe.store import ExpertStore
+
+
+def bytes_read() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+def measure(store_dir: Path, verify: str, budget: float, queries: int) -> dict:
+    """One mode, in this (fresh) process."""
+    torch.set_num_threads(1)
+    x = torch.randn(queries, DIM, generator=torch.Generator().manual_seed(0))
+    x = x / x.norm(dim=-1, keepdim=True)  # trunk features are unit-norm
+    store = ExpertStore(store_dir)
+    tenants = store.tenants()
+    rss, read, start = rss_bytes(), bytes_read(), time.perf_counter()
+    sizes = 0
+    model = load_mixture(store, trunk_fingerprint=SYNTHETIC_FINGERPRINT, verify=verify, budget_bytes=1 << 40)
+    seconds = time.perf_counter() - start
+    read, rss = bytes_read() - read, rss_bytes() - rss
+    sizes = sum(model.pager.sizes.values())
+    model.pager.device_budget = int(budget * sizes)  # an expert budget of a share of the tenants
+    picks = torch.randint(len(tenants), (queries,), generator=torch.Generator().manual_seed(1))
+    given, routed = [], []
+    with torch.no_grad():
+        for i in range(queries):
+            start = time.perf_counter()
+            model(x[i : i + 1], picks[i : i + 1])
+            given.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            model(x[i : i + 1])
+            routed.append(time.perf_counter() - start)
+    n = len(tenants)
+    return {
+        "verify": verify,
+        "tenants": n,
+        "registration_s": seconds,
+        "bytes_read": read,
+        "bytes_read_per_tenant": read / n,
+        "resident_bytes": rss,
+        "resident_bytes_per_tenant": rss / n,
+        "gate_bytes_per_tenant": (model.router.weight.nbytes + model.router.bias.nbytes) / n,
+        "expert_bytes": sizes / n,
+        "tenant_given_ms": 1000 * statistics.median(given),
+        "routed_ms": 1000 * statistics.median(routed),
+        "queries": queries,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tenants", type=int, default=10_000)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--budget", type=float, default=0.01, help="expert budget, as a share of all tenants' bytes")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--store", type=Path, default=None, help="default: the user cache")
+    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/registration.json"))
+    parser.add_argument("--child", choices=["full", "lazy"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    store_dir = args.store or cache_dir() / "bench" / f"registration_{args.tenants}_r{args.rank}"
+    if args.child:
+        print(json.dumps(measure(store_dir, args.child, args.budget, args.queries)))
+        return
+    if len(ExpertStore(store_dir).tenants()) != args.tenants:  # not written yet, or left half written
+        shutil.rmtree(store_dir, ignore_errors=True)
+        write_store(store_dir, args.tenants, args.rank)
+    results = {}
+    for verify in ("lazy", "full"):  # each in a fresh process: resident memory is its own
+        command = [sys.executable, __file__, "--child", verify, "--store", str(store_dir)]
+        command += ["--tenants", str(args.tenants), "--budget", str(args.budget), "--queries", str(args.queries)]
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        results[verify] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(verify, results[verify], flush=True)
+    lazy, full = results["lazy"], results["full"]
+    report = {
+        "benchmark": "registration",
+        "machine": machine_info(),
+        "settings": {"tenants": args.tenants, "labels": LABELS, "dim": DIM, "rank": args.rank, "budget": args.budget},
+        "results": results,
+        "lazy_speedup": full["registration_s"] / lazy["registration_s"],
+        "lazy_read_ratio": lazy["bytes_read"] / full["bytes_read"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    speedup, ratio = report["lazy_speedup"], report["lazy_read_ratio"]
+    print(f"wrote {args.out}: lazy registration {speedup:.1f}x faster, reading {ratio:.3f}x the bytes")
+
+
+if __name__ == "__main__":
+    main()
