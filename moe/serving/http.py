@@ -1,0 +1,390 @@
+"""An HTTP service on Ray Serve: `Server.predict` behind JSON requests, with Serve's request batching and its model
+multiplexing keyed by tenant.
+
+    python -m moe.serving.http outputs/bundle_clinc150 --port 8000        # one replica on this machine
+    curl -s localhost:8000/predict -H 'content-type: application/json' -H 'serve_multiplexed_model_id: banking' \
+        -d '{"text": "what is my balance", "tenant": "banking"}'
+
+Routes: `POST /predict` takes one query `{"text": ..., "tenant": ...}` (tenant absent or null: the gate chooses), a
+batch `{"queries": [...]}` or a list of queries, and answers as `Server.predict` does (`Answer.to_dict()`: one
+answer, `{"answers": [...]}` or a list, in order); `GET /health`; `GET /stats`, the answering replica's pager
+(resident experts, hit rate per tier, bytes) and batching counters; `/docs` and `/openapi.json`. A bad body, wrong
+types, a blank, unencodable or oversized text, too many queries or an unknown tenant get a 4xx whose `detail`
+names every problem found; nothing is answered unless the whole request is good.
+
+Queries from concurrent requests are answered together (`@serve.batch`). The optional request header
+`serve_multiplexed_model_id: TENANT` routes a request to a replica that already holds that tenant's expert
+(`@serve.multiplexed`: loading a tenant prefetches its expert into the pager); the body still says what each query
+asks. On a Ray cluster the same code runs N replicas (`--replicas N`, or `conf/serve/moe_http.yaml`).
+"""
+
+# No `from __future__ import annotations`: Serve's ingress hands FastAPI the routes' annotations as they are.
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import ray
+from fastapi import Body, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveFloat, PositiveInt
+from ray import serve
+from ray.serve import Application
+
+from moe import __version__
+from moe.inference import read_bundle
+from moe.serving.runtime import Server, text_problem
+from moe.serving.schema import AnswerOut, Batch, BatchAnswers, PredictBody, Problem, Query
+from moe.store import ShardError, is_url
+
+log = logging.getLogger("ray.serve")  # in a replica, Serve writes this logger to the replica's log
+APP_NAME = "moe"
+MULTIPLEX_HEADER = "serve_multiplexed_model_id"
+REPLICA_HEADER = "x-moe-replica"  # on every answer: the replica that gave it
+MAX_PROBLEMS = 10  # problems named in one refusal; the rest are counted
+
+
+class ServiceSettings(BaseModel):
+    """What `build_app` (and the Serve config's `args`) takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: str  # the bundle folder; on a cluster, a path every node can read
+    budget_mb: PositiveFloat = 256.0  # expert weights resident on the device at most, per replica (MiB)
+    host_budget_mb: NonNegativeFloat = 0.0  # host-memory tier under the device, per replica (MiB)
+    device: str = "cpu"
+    max_text_chars: PositiveInt = 10_000  # a longer text is refused (413)
+    max_queries: PositiveInt = 1024  # queries in one request at most (413)
+    max_batch_size: PositiveInt = 64  # queries answered together, across requests
+    batch_wait_ms: NonNegativeFloat = 5.0  # how long a batch waits to fill
+    tenants_per_replica: PositiveInt | None = None  # multiplexed tenants a replica keeps; None: what the budget holds
+    replicas: PositiveInt = 1
+    replica_cpus: PositiveFloat = 1.0
+    verify: Literal["full", "lazy"] = "full"  # experts' files: when a replica starts, or each at its first page-in
+
+
+class Refused(Exception):
+    """A request the service will not answer: an HTTP status and a message naming every problem."""
+
+    def __init__(self, status: int, problems: list[str]):
+        more = f"; and {len(problems) - MAX_PROBLEMS} more" if len(problems) > MAX_PROBLEMS else ""
+        super().__init__("; ".join(problems[:MAX_PROBLEMS]) + more)
+        self.status = status
+
+
+def field_path(loc: tuple | list) -> str:
+    """A pydantic error location as the body's own path (`queries[3].text`), without `body` and the shape's tag."""
+    parts = [p for p in loc[1:] if p not in ("query", "batch", "list")] if loc and loc[0] == "body" else list(loc)
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
+    return path or "body"
+
+
+SHAPES = 'a query {"text": ..., "tenant": ...}, {"queries": [...]} or a list of queries'
+
+
+def validation_problem(error: RequestValidationError, content_type: str) -> tuple[int, list[str]]:
+    """400 for a body that is not JSON; 422 naming each field that is missing, extra or of the wrong type."""
+    problems, status = [], 422
+    for item in error.errors():
+        where = field_path(item["loc"])
+        if item["type"] == "json_invalid":
+            status = 400
+            problems.append(f"body is not JSON: {item.get('ctx', {}).get('error', item['msg'])}")
+        elif item["type"] == "missing" and where == "body":
+            problems.append(f"no body: send {SHAPES} as JSON")
+        elif where == "body" and "json" not in content_type:
+            problems.append(f"body: send {SHAPES} as JSON (content-type: application/json, not {content_type!r})")
+        elif where == "body":
+            problems.append(f"body: expected {SHAPES}, got {type(item.get('input')).__name__}")
+        else:
+            problems.append(f"{where}: {item['msg']}")  # never the input: it may be 1 MB
+    return status, problems
+
+
+def problem_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status)
+
+
+app = FastAPI(
+    title="moe intent service",
+    version=__version__,
+    description="Sparse mixture-of-experts intent classification: one expert per tenant, paged under a byte budget.",
+)
+
+
+@app.exception_handler(RequestValidationError)
+async def _refuse_invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
+    status, problems = validation_problem(error, request.headers.get("content-type", "none"))
+    return problem_response(status, str(Refused(status, problems)))
+
+
+@app.exception_handler(Refused)
+async def _refuse(request: Request, error: Refused) -> JSONResponse:
+    return problem_response(error.status, str(error))
+
+
+class TenantExperts:
+    """What multiplexing holds per tenant: the pager keys of its experts. The weights live in the pager, which
+    evicts under its own budgets; Serve forgetting a tenant (its LRU over `tenants_per_replica`) only stops routing
+    that tenant's requests here first."""
+
+    def __init__(self, tenant: str, keys: list[Hashable]):
+        self.tenant, self.keys = tenant, keys
+
+
+REFUSALS: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "description": why}
+    for status, why in [
+        (400, "the body is not JSON"),
+        (404, "an unknown tenant"),
+        (413, "a text or a batch over the service's limits"),
+        (422, "a missing, extra or mistyped field; a blank or unencodable text"),
+        (503, "the expert chosen is damaged on this server (a lazily verified bundle found it at its first use)"),
+    ]
+}
+EXAMPLES: dict[str, Any] = {
+    "tenant": {"summary": "a tenant's query", "value": {"text": "what is my balance", "tenant": "banking"}},
+    "routed": {"summary": "routed: the gate chooses the tenant", "value": {"text": "play some jazz"}},
+    "batch": {
+        "summary": "a batch, answered in order",
+        "value": {"queries": [{"text": "what is my balance", "tenant": "banking"}, {"text": "play some jazz"}]},
+    },
+}
+HEADER_DOC = {
+    "name": MULTIPLEX_HEADER,
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "a known tenant: routes the request to a replica that already holds its expert",
+}
+
+
+@serve.deployment(name="MoeService")
+@serve.ingress(app)
+class MoeService:
+    """One replica: a `Server` over the bundle, its queries batched, its tenants multiplexed."""
+
+    def __init__(self, settings: ServiceSettings | dict):
+        self.settings = ServiceSettings.model_validate(settings)
+        s = self.settings
+        started = time.perf_counter()
+        budgets = int(s.budget_mb * 2**20), s.device, int(s.host_budget_mb * 2**20)
+        self.server = Server(s.bundle, *budgets, verify=s.verify)
+        model, pager = self.server.model, self.server.model.pager
+        expert_tenant: list[int] = model.expert_tenant.tolist()  # type: ignore[operator]
+        self.tenant_of: dict[Hashable, str] = {
+            key: model.tenants[t] for key, t in zip(model.keys, expert_tenant, strict=True)
+        }
+        self.keys_of: dict[str, list[Hashable]] = {name: [] for name in model.tenants}
+        for key, tenant in self.tenant_of.items():
+            self.keys_of[tenant].append(key)
+        largest = max(pager.sizes.values(), default=1)
+        self.tenants_per_replica = s.tenants_per_replica or max(
+            1, min(len(self.keys_of), pager.device_budget // largest)
+        )
+        self._load_tenant = serve.multiplexed(max_num_models_per_replica=self.tenants_per_replica)(
+            self._tenant_loader()
+        )
+        self._answer.set_max_batch_size(s.max_batch_size)  # type: ignore[attr-defined]
+        self._answer.set_batch_wait_timeout_s(s.batch_wait_ms / 1000)  # type: ignore[attr-defined]
+        self.counts = {"requests": 0, "queries": 0, "batches": 0, "largest_batch": 0}
+        self.tenant_loads = 0
+        log.info(
+            f"moe replica {self.replica}: {s.bundle}, {len(self.keys_of)} tenants, device budget {s.budget_mb} MiB, "
+            f"{self.tenants_per_replica} tenants multiplexed, batches of up to {s.max_batch_size} "
+            f"({time.perf_counter() - started:.2f} s)"
+        )
+
+    @property
+    def replica(self) -> str:
+        try:
+            return serve.get_replica_context().replica_id.unique_id
+        except RuntimeError:  # outside a replica
+            return "local"
+
+    def _tenant_loader(self):
+        async def load_tenant(tenant: str) -> TenantExperts:
+            """Make a tenant's experts resident (as far as the budgets allow) on this replica."""
+            keys = self.keys_of[tenant]
+            await asyncio.to_thread(self.server.model.pager.prefetch, keys)
+            self.tenant_loads += 1
+            log.info(f"tenant {tenant!r} multiplexed onto replica {self.replica}")
+            return TenantExperts(tenant, keys)
+
+        return load_tenant
+
+    def unknown(self, tenant: str) -> str:
+        known = sorted(self.keys_of)
+        listed = f"known tenants: {known}" if len(known) <= 20 else f"{len(known)} known tenants (GET /health)"
+        return f"unknown tenant {tenant!r}; {listed}"
+
+    def check(self, queries: list[Query], prefix: str) -> list[tuple[str, str | None]]:
+        """The queries as (text, tenant) pairs, or `Refused` naming every bad one (oversized first: 413)."""
+        limit, too_long, bad, unknown = self.settings.max_text_chars, [], [], []
+        if len(queries) > self.settings.max_queries:
+            raise Refused(413, [f"{len(queries)} queries, more than the limit of {self.settings.max_queries}"])
+        for i, q in enumerate(queries):
+            where = prefix.format(i)
+            if len(q.text) > limit:
+                too_long.append(f"{where}text: {len(q.text)} characters, more than the limit of {limit}")
+            elif problem := text_problem(q.text):
+                bad.append(f"{where}text: {problem}")
+            if q.tenant is not None and q.tenant not in self.keys_of:
+                unknown.append(f"{where}tenant: {self.unknown(q.tenant)}")
+        for status, problems in ((413, too_long), (422, bad), (404, unknown)):
+            if problems:
+                raise Refused(status, too_long + bad + unknown)
+        return [(q.text, q.tenant) for q in queries]
+
+    @app.post(
+        "/predict",
+        response_model=AnswerOut | BatchAnswers | list[AnswerOut],
+        responses=REFUSALS,
+        openapi_extra={"parameters": [HEADER_DOC]},
+        summary="Answer a query, {'queries': [...]}, or a list of queries",
+    )
+    async def predict(self, body: Annotated[PredictBody, Body(openapi_examples=EXAMPLES)]) -> JSONResponse:
+        """Answers as `Server.predict` gives them, in order; 4xx naming every problem, and then nothing answered."""
+        if isinstance(body, Query):
+            pairs = self.check([body], "")
+        elif isinstance(body, Batch):
+            pairs = self.check(body.queries, "queries[{}].")
+        else:
+            pairs = self.check(body, "[{}].")
+        if tenant := serve.get_multiplexed_model_id():  # Serve routed on it; load it here if it is not yet
+            if tenant not in self.keys_of:
+                raise Refused(404, [f"{MULTIPLEX_HEADER} header: {self.unknown(tenant)}"])
+            try:
+                await self._load_tenant(tenant)
+            except ShardError as error:
+                raise self.damaged(error) from None
+        self.counts["requests"] += 1
+        self.counts["queries"] += len(pairs)
+        try:
+            answers = await asyncio.gather(*(self._answer(pair) for pair in pairs))
+        except ShardError as error:  # the server's fault, not the request's: no path of the server's disk shown
+            raise self.damaged(error) from None
+        except (KeyError, TypeError, ValueError) as error:  # checked above; should Server refuse anyway, say why
+            raise Refused(422, [str(error.args[0] if isinstance(error, KeyError) else error)]) from None
+        content = (
+            answers[0] if isinstance(body, Query) else {"answers": answers} if isinstance(body, Batch) else answers
+        )
+        return JSONResponse(content, headers={REPLICA_HEADER: self.replica})
+
+    def damaged(self, error: ShardError) -> Refused:
+        """503 for an expert whose shard failed its checks when paged in (a lazily verified bundle), naming its
+        tenant; the replica logs the file and the reason."""
+        log.error("replica %s: %s", self.replica, error)
+        tenant = Path(error.path).parent.name
+        return Refused(503, [f"the expert of tenant {tenant!r} is damaged on this server and can not answer"])
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)  # set from the settings in __init__
+    async def _answer(self, pairs: list[tuple[str, str | None]]) -> list[dict]:
+        """Queries of concurrent requests, answered together (split by multiplexed tenant, as Serve does)."""
+        texts, tenants = [t for t, _ in pairs], [n for _, n in pairs]
+        answers = await asyncio.to_thread(self.server.predict, texts, tenants)
+        self.counts["batches"] += 1
+        self.counts["largest_batch"] = max(self.counts["largest_batch"], len(pairs))
+        return [a.to_dict() for a in answers]
+
+    @app.get("/health", summary="Liveness: the replica, its bundle and how many tenants it serves")
+    async def health(self) -> dict:
+        return {"status": "ok", "replica": self.replica, "bundle": self.settings.bundle, "tenants": len(self.keys_of)}
+
+    @app.get("/stats", summary="This replica's pager (resident experts, hit rate per tier, bytes) and batching")
+    async def stats(self) -> dict:
+        pager = self.server.model.pager
+        summary = self.server.stats()
+        tiers = [t for t in summary if t != "resident"]
+        looked_up = {t: summary[t]["hits"] + summary[t]["misses"] for t in tiers}
+        counts = self.counts
+        return {
+            "replica": self.replica,
+            "tenants": len(self.keys_of),
+            "resident_experts": {
+                tier: [self.tenant_of[k] for k in pager.resident(tier)] for tier in ("device", "host")
+            },
+            "hit_rate": {t: summary[t]["hits"] / looked_up[t] if looked_up[t] else None for t in tiers},
+            "bytes": {
+                "device_resident": summary["resident"]["device_bytes"],
+                "host_resident": summary["resident"]["host_bytes"],
+                "device_peak": summary["resident"]["peak_device_bytes"],
+                "device_budget": pager.device_budget,
+                "host_budget": pager.host_budget,
+                "paged_in": {t: summary[t]["bytes_in"] for t in tiers},
+            },
+            "pager": summary,
+            "batching": counts | {"mean_batch": counts["queries"] / counts["batches"] if counts["batches"] else 0.0},
+            "multiplexing": {"tenants_per_replica": self.tenants_per_replica, "tenant_loads": self.tenant_loads},
+        }
+
+
+def build_app(args: dict | ServiceSettings) -> Application:
+    """The Serve application (an application builder: `import_path: moe.serving.http:build_app` with `args`)."""
+    settings = ServiceSettings.model_validate(args.model_dump() if isinstance(args, BaseModel) else args)
+    return MoeService.options(  # type: ignore[attr-defined]
+        num_replicas=settings.replicas,
+        ray_actor_options={"num_cpus": settings.replica_cpus},
+        max_ongoing_requests=2 * settings.max_batch_size,  # room for a batch to fill while another runs
+    ).bind(settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m moe.serving.http", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    defaults = ServiceSettings(bundle="")
+    parser.add_argument("bundle", help="bundle folder written by scripts/export.py")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--replicas", type=int, default=defaults.replicas)
+    parser.add_argument("--address", default=None, help="a running Ray cluster (`auto`); default: start one here")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the Ray instance started here")
+    parser.add_argument("--budget-mb", type=float, default=defaults.budget_mb, help="device budget per replica")
+    parser.add_argument("--host-budget-mb", type=float, default=defaults.host_budget_mb)
+    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars)
+    parser.add_argument("--max-queries", type=int, default=defaults.max_queries, help="queries per request")
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    parser.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms)
+    parser.add_argument("--tenants-per-replica", type=int, default=None, help="default: what the budget holds")
+    parser.add_argument("--replica-cpus", type=float, default=defaults.replica_cpus)
+    parser.add_argument(
+        "--verify", choices=["full", "lazy"], default=defaults.verify, help="lazy: thousands of tenants"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    fields = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields and v is not None}
+    try:
+        bundle = args.bundle if is_url(args.bundle) else str(Path(args.bundle).resolve())  # as every replica sees it
+        settings = ServiceSettings(**fields | {"bundle": bundle})
+    except ValueError as error:
+        parser.error(str(error))
+    read_bundle(settings.bundle, settings.verify)  # a bad bundle fails here, named, before Ray starts
+    from moe.serving import http  # the deployment by its module's name, not `__main__`'s copy
+
+    ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(http.build_app(settings), name=APP_NAME, route_prefix="/")
+    url = f"http://{args.host}:{args.port}"
+    logging.getLogger(__name__).info(f"serving {settings.bundle} at {url}/predict ({url}/docs); Ctrl-C stops")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
