@@ -30,3 +30,24 @@ def test_check_names_the_section_whose_figure_changed(tmp_path):
     assert render_results.check(root) == ["Dispatch"]
     (root / render_results.DOC).write_text(render_results.render(root))
     assert render_results.check(root) == []
+
+
+def test_the_settings_chosen_on_val_are_the_ones_the_configs_use():
+    """The continual experiment's growth settings and λ are the best of their validation sweeps (first of equals)."""
+    import csv
+
+    import yaml
+
+    folder = render_results.RESULTS / "clinc150_incremental"
+    experiment = yaml.safe_load((ROOT / "conf/experiment/clinc150_incremental.yaml").read_text())
+    growth = yaml.safe_load((ROOT / "conf/growth/default.yaml").read_text())
+    own = list(csv.DictReader((folder / "own_covariance_val.csv").open()))
+    assert float(max(own, key=lambda r: float(r["val/acc_routed"]))["routing.own_covariance"]) == float(
+        experiment["routing"]["own_covariance"]
+    )
+    sweep = list(csv.DictReader((folder / "growth_sweep_val.csv").open()))
+    best = max(sweep, key=lambda r: float(r["final/acc_routed"]))
+    assert (int(best["growth.epochs"]), int(best["growth.rehearsal_per_class"])) == (
+        growth["epochs"],
+        growth["rehearsal_per_class"],
+    )
