@@ -81,6 +81,12 @@ class Mixture(nn.Module):
         self.register_buffer("label_ids", torch.tensor([row + [-1] * (self.width - len(row)) for row in ids]), False)
         tenant_index = {name: i for i, name in enumerate(self.tenants)}
         self.register_buffer("expert_tenant", torch.tensor([tenant_index[i.tenant] for i in experts]), False)
+        # each tenant's one expert, where every tenant has one: a query with its tenant given then scores no other
+        one_each = len(self.tenants) == len(experts)
+        tenant_expert = torch.empty(len(self.tenants), dtype=torch.long).scatter_(
+            0, self.expert_tenant, torch.arange(len(experts))
+        )
+        self.register_buffer("tenant_expert", tenant_expert if one_each else None, False)
 
     def tenant_index(self, name: str) -> int:
         try:
@@ -110,10 +116,13 @@ class Mixture(nn.Module):
         # b: batch, k: chosen experts, c: labels per expert (padded), d: features
         x = features * self.input_scale
         allowed = None
-        if tenant is not None:
-            given = tenant[:, None] != UNKNOWN_TENANT
-            allowed = ~given | (self.expert_tenant[None, :] == tenant[:, None])
-        routed = self.router(x, allowed, keep_rows)
+        if tenant is not None and not keep_rows and self.tenant_expert is not None and bool((tenant >= 0).all()):
+            routed = self.router.given(x, self.tenant_expert[tenant])  # every tenant known: no other expert scored
+        else:
+            if tenant is not None:
+                given = tenant[:, None] != UNKNOWN_TENANT
+                allowed = ~given | (self.expert_tenant[None, :] == tenant[:, None])
+            routed = self.router(x, allowed, keep_rows)
         plan = plan_dispatch(routed.experts, routed.weights)
         log_probs = combine(self.group_log_probs(x, plan), plan, fill=float("-inf"))
         return MixtureOutput(log_probs, routed.weights, routed.experts, self.label_ids[routed.experts], routed)

@@ -29,8 +29,8 @@ def check_choice(value: str, kind, name: str) -> str:
 class RouterOutput(NamedTuple):
     logits: torch.Tensor  # (b, e) expert logits, -inf where not allowed
     row_logits: torch.Tensor | None  # (b, e, m) prototype-row logits, -inf on padding rows (when asked for)
-    energy: torch.Tensor  # (b,) logsumexp of every row of every expert, allowed or not
-    max_row: torch.Tensor  # (b,) the best single row's logit, allowed or not
+    energy: torch.Tensor  # (b,) logsumexp of every row of every expert scored (`forward`: all; `given`: its own)
+    max_row: torch.Tensor  # (b,) the best single row's logit among those scored
     probs: torch.Tensor  # (b, e) softmax over allowed experts
     experts: torch.Tensor  # (b, k) chosen experts, best first
     weights: torch.Tensor  # (b, k) gate weights of the chosen experts (0 where fewer than k are allowed)
@@ -109,6 +109,30 @@ class TopKRouter(nn.Module):
         fraction_routed = reduce(routed, "b e -> e", "mean") / k
         load_balance = self.num_experts * (fraction_routed * reduce(probs, "b e -> e", "mean")).sum()
         return RouterOutput(logits, row_logits, energy, max_row, probs, experts, weights, load_balance, z_loss)
+
+    @torch.no_grad()
+    def given(self, x: torch.Tensor, experts: torch.Tensor) -> RouterOutput:
+        """Each input routed to its one given expert (b,), scoring that expert's rows only: what a query whose
+        tenant is known costs, whatever number of experts the gate holds. Chosen experts, weights and probabilities
+        are those `forward` gives with only that expert allowed; `energy` and `max_row` cover its own rows."""
+        # b: batch, e: experts, m: rows per expert, d, r: features, k: chosen experts
+        b, k = x.shape[0], min(self.top_k, self.num_experts)
+        weight, bias = self.weight[experts].to(x.dtype), self.bias[experts]  # (b, m, d), (b, m)
+        rows = torch.einsum("b d, b m d -> b m", x, weight) + bias
+        if self.factor is not None:  # each expert's quadratic term, a distinct expert at a time (no (b, d, d) copy)
+            quadratic = torch.empty(b, dtype=x.dtype, device=x.device)
+            for e in experts.unique().tolist():
+                mine = experts == e
+                quadratic[mine] = (x[mine] @ self.factor[e].to(x.dtype)).square().sum(-1)
+            rows = rows + (self.offset[experts] - 0.5 * quadratic)[:, None]
+        rows = rows.masked_fill(~self.row_mask[experts], float("-inf"))
+        own = torch.logsumexp(rows, dim=-1)  # (b,)
+        logits = torch.full((b, self.num_experts), float("-inf"), dtype=own.dtype, device=x.device)
+        logits.scatter_(1, experts[:, None], own[:, None])
+        probs = logits.softmax(dim=-1)
+        weights, chosen = probs.topk(k, dim=-1)  # as `forward` with one expert allowed: the rest weigh 0
+        zero = own.new_zeros(())
+        return RouterOutput(logits, None, own, rows.amax(dim=-1), probs, chosen, weights, zero, zero)
 
     def _row_logits(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """(b, e', m) row logits of the experts from `start` on, -inf on padding rows."""
