@@ -865,8 +865,9 @@ latency over {queries} queries, tenant given (its expert paged in) and routed (t
 {table}
 
 Lazy registration is {speedup}x faster and reads {ratio}x the bytes; the resident memory per tenant is the same in both
-modes, most of it the gate's rows. At this many tenants both latencies are dominated by the gate, which scores every
-tenant's rows for every query, a tenant-given one included: the index above is not yet wired into serving."""
+modes, most of it the gate's rows. A tenant-given query scores its own tenant's rows only (`TopKRouter.given`); in
+lazy mode its latency includes each expert's verification at its first page-in. A routed query still scores every
+row: the index above is not yet wired into serving."""
 
 
 def registration(root: Path) -> str:
