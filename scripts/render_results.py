@@ -899,6 +899,51 @@ def registration(root: Path) -> str:
     )
 
 
+LOAD = """\
+`python scripts/bench_load.py` (`load/load.json`), on the 2-core AMD EPYC CPU machine, everything on it at once (Ray,
+the replicas and locust itself): the HTTP service (`python -m moe.serving.http BUNDLE --verify lazy`) over a bundle of
+{tenants:,} synthetic experts on all-MiniLM-L6-v2 ({labels} labels, adapter rank {rank}), each replica's expert budget
+{budget:.0%} of the tenants ({budget_mb:.1f} MiB), {users} locust users sending tenant-given queries for {seconds} s,
+tenants drawn from a Zipf law (exponent {zipf}) over all of them, each request with its tenant's multiplexing header.
+One replica against two ({replica_cpus} CPU each), side by side in one run; the device-tier hit rate pools the
+replicas' pagers:
+
+{table}
+
+Two replicas answer {ratio}x the requests of one on this 2-core machine, where the trunk of each replica competes for
+the same cores, with no error. A tenant's first request on a replica loads it (Serve's multiplexing; `tenant loads`
+counts them), which pages its expert in before the request's batch runs: that page-in is not counted as a lookup, so
+the device tier's hit rate counts the batches' lookups only. Serve batches a replica's requests per multiplexed
+tenant, so over thousands of tenants a batch rarely holds more than one query."""
+
+
+def load_test(root: Path) -> str:
+    bench = load(root, "load/load.json")
+    cfg = bench["settings"]
+    rows = [
+        [r["replicas"], f(r["startup_s"], 1), r["requests"], r["failures"], f(r["requests_per_s"], 1)]
+        + [f(r["p50_ms"], 0), f(r["p99_ms"], 0), f(100 * r["device_hit_rate"], 1), r["tenant_loads"]]
+        + [f(sum(r["mean_batch"]) / len(r["mean_batch"]), 2)]
+        for r in bench["results"]
+    ]
+    header = ["replicas", "start s", "requests", "errors", "requests/s", "p50 ms", "p99 ms", "device hit rate %"]
+    header += ["tenant loads"]
+    header += ["queries per batch"]
+    return LOAD.format(
+        table=table(header, rows),
+        tenants=cfg["tenants"],
+        labels=cfg["labels"],
+        rank=cfg["rank"],
+        budget=cfg["budget"],
+        budget_mb=cfg["budget_mb"],
+        users=cfg["users"],
+        seconds=cfg["seconds"],
+        zipf=cfg["zipf"],
+        replica_cpus=cfg["replica_cpus"],
+        ratio=f(bench["two_over_one_throughput"], 2),
+    )
+
+
 SECTIONS: list[tuple[str, Callable[[Path], str]]] = [
     ("Training", training),
     ("Training on one GPU", gpu_training),
@@ -915,6 +960,7 @@ SECTIONS: list[tuple[str, Callable[[Path], str]]] = [
     ("Serving on a GPU", gpu_serving),
     ("Routing thousands of tenants through an index", routing_index),
     ("Registering thousands of tenants", registration),
+    ("A load test of the HTTP service", load_test),
     ("Earlier measurements without a JSON record", earlier),
 ]
 
@@ -1032,6 +1078,22 @@ SUMMARY = [  # (what, section, figure(root)): one row each
                 next(m for m in load(r, "serving_cpu.json")["memory"] if m["tenants"] == 1000)["separate_over_mixture"],
                 0,
             )
+        ),
+    ),
+    (
+        "Routed top-2 through the gate-row index at 10,000 tenants: speed-up over the exact scan, recall",
+        "Routing thousands of tenants through an index",
+        lambda r: (lambda x: f"{f(x['speedup_over_router'], 1)}x, {f(100 * x['test_recall'])} %")(
+            next(res for res in load(r, "routing_index/routing_index.json")["results"] if res["tenants"] == 10_000)[
+                "libraries"
+            ][load(r, "routing_index/routing_index.json")["choice"]["library"]]
+        ),
+    ),
+    (
+        "HTTP service, 10,000 tenants, 1 % expert budget: requests/s and p99 ms, one replica / two",
+        "A load test of the HTTP service",
+        lambda r: " / ".join(
+            f"{f(x['requests_per_s'], 1)} req/s, p99 {f(x['p99_ms'], 0)}" for x in load(r, "load/load.json")["results"]
         ),
     ),
 ]

@@ -188,7 +188,13 @@ def test_health_stats_and_the_openapi_schema(service):
     shapes = predict["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
     assert len(shapes) == 3 and {"400", "404", "413", "422"} <= set(predict["responses"])
     assert predict["parameters"][0]["name"] == "serve_multiplexed_model_id"
-    assert {"/predict", "/health", "/stats"} <= set(schema["paths"])
+    assert {"/predict", "/health", "/stats", "/tenants"} <= set(schema["paths"])
+    status, listed = call(f"{service}/tenants")
+    assert (
+        status == 200
+        and len(listed["tenants"]) == health["tenants"] == 3
+        and listed["tenants"] == sorted(listed["tenants"])
+    )
     with urllib.request.urlopen(f"{service}/docs", timeout=30) as docs:
         assert docs.status == 200
 

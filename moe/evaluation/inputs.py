@@ -55,10 +55,12 @@ def open_trained_store(cfg: DictConfig) -> TrainedStore:
     gate_file = run_dir / "gate.safetensors"
     if gate_file.is_file():
         gate = read_gate_settings(gate_file)
-    else:  # a training run's config names its gate; a scenario's its top_k; else the defaults
+    elif run_config is not None:  # a training run's config names its gate; a scenario's its top_k
         top_k = OmegaConf.select(run_config, "gate.top_k") or OmegaConf.select(run_config, "top_k") or 2
         normalize = OmegaConf.select(run_config, "gate.normalize_weights", default=True)
         gate = GateSettings(int(top_k), bool(normalize))
+    else:  # a store no run wrote (grown by scripts/grow.py, or written by a program): the defaults
+        gate = GateSettings()
     if cfg.get("top_k"):
         gate = replace(gate, top_k=int(cfg.top_k))
     ran = OmegaConf.select(run_config, "routing") if run_config is not None else None

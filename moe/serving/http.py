@@ -297,6 +297,10 @@ class MoeService:
     async def health(self) -> dict:
         return {"status": "ok", "replica": self.replica, "bundle": self.settings.bundle, "tenants": len(self.keys_of)}
 
+    @app.get("/tenants", summary="The tenants this service answers for, sorted")
+    async def tenants(self) -> dict:
+        return {"tenants": sorted(self.keys_of)}
+
     @app.get("/stats", summary="This replica's pager (resident experts, hit rate per tier, bytes) and batching")
     async def stats(self) -> dict:
         pager = self.server.model.pager
