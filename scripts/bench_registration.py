@@ -8,7 +8,8 @@ Per mode: seconds to build the mixture (`load_mixture`), bytes the process read 
 /proc/self/io: page-cache hits included, so the figure is what registration asks for, not what the disk served),
 resident memory it added (VmRSS after minus before, per tenant), and then, with an expert budget of `--budget`
 of the tenants, the median batch-1 latency of a tenant-given query (its expert paged in) and of a routed one (the
-gate's exact scan over every row). The store is written once (synthetic experts of a CLINC150 domain's shape:
+gate's exact scan over every row; in lazy mode also through the gate-row index, `RowIndex`, with its build time).
+The store is written once (synthetic experts of a CLINC150 domain's shape:
 384 features, 15 labels, adapter rank `--rank`) into the user cache and reused; the page cache is warm for both
 modes alike (the store was just written or read).
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from moe.bench import DIM, LABELS, SYNTHETIC_FINGERPRINT, machine_info, rss_bytes, write_store
-from moe.inference import load_mixture
+from moe.inference import RowIndex, load_mixture
 from moe.paths import cache_dir
 from moe.store import ExpertStore
 
@@ -63,8 +64,20 @@ def measure(store_dir: Path, verify: str, budget: float, queries: int) -> dict:
             start = time.perf_counter()
             model(x[i : i + 1])
             routed.append(time.perf_counter() - start)
+    indexed = {}
+    if verify == "lazy":  # then routed through the gate-row index (moe.inference.index), built once here
+        start = time.perf_counter()
+        model.index = RowIndex.build(model.router)
+        indexed["index_build_s"] = time.perf_counter() - start
+        routed_index = []
+        with torch.no_grad():
+            for i in range(queries):
+                start = time.perf_counter()
+                model(x[i : i + 1])
+                routed_index.append(time.perf_counter() - start)
+        indexed["routed_index_ms"] = 1000 * statistics.median(routed_index)
     n = len(tenants)
-    return {
+    return indexed | {
         "verify": verify,
         "tenants": n,
         "registration_s": seconds,

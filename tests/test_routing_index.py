@@ -115,3 +115,30 @@ def test_refuses_a_gate_with_a_quadratic_term():
     for serve in (lambda: RowIndex.build(router), lambda: index.top_k(torch.randn(4, DIM))):
         with pytest.raises(ValueError, match="linear gate only"):
             serve()
+
+
+# -- routing a served mixture through the index ------------------------------------------------------------------
+
+
+def test_the_index_routes_like_the_full_gate_and_answers_alike(tmp_path):
+    """`load_mixture(index=...)`: batches without a tenant go through the index, with the full gate's choices,
+    weights and answers; batches that name tenants never touch it."""
+    from moe.bench import SYNTHETIC_FINGERPRINT, write_store
+    from moe.inference import load_mixture
+    from moe.model import best_labels
+
+    store = write_store(tmp_path / "experts", 40, rank=2, init_std={"router.weight": 0.05}, progress=False)
+    exact_model = load_mixture(store, trunk_fingerprint=SYNTHETIC_FINGERPRINT)
+    indexed = load_mixture(store, trunk_fingerprint=SYNTHETIC_FINGERPRINT, index=IndexSettings(ef=256, rows=64))
+    assert exact_model.index is None and indexed.index is not None
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 384, generator=g)
+    x = x / x.norm(dim=-1, keepdim=True)
+    with torch.no_grad():
+        ours, theirs = indexed(x), exact_model(x)
+        assert torch.equal(ours.experts, theirs.experts)
+        torch.testing.assert_close(ours.weights, theirs.weights)
+        assert torch.equal(best_labels(ours)[0], best_labels(theirs)[0])
+        given = torch.arange(64) % 40
+        a, b = indexed(x, given), exact_model(x, given)
+    assert torch.equal(a.log_probs, b.log_probs) and torch.equal(a.router.energy, b.router.energy)

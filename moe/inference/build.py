@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from safetensors import SafetensorError, safe_open
 
+from moe.inference.index import IndexSettings, RowIndex
 from moe.inference.paged import PagedMixture, ShardLoader
 from moe.inference.pager import ExpertPager
 from moe.model import TENSOR_NAMES, ExpertInfo, RowSource, TopKRouter, check_choice
@@ -81,6 +82,7 @@ def load_mixture(
     host_budget_bytes: int = 0,
     skip_failed: bool = False,
     verify: Verify = "full",
+    index: IndexSettings | None = None,
 ) -> PagedMixture:
     """The latest version of each tenant (all awake ones by default, in sorted order), paged under `budget_bytes`.
 
@@ -93,6 +95,9 @@ def load_mixture(
     need: the weights are not read); its checksum is verified in full when it is first paged in, and a shard that
     fails then is a ShardError naming it, for the batch that chose it. The statistics gate pools every expert's
     statistics into every expert's rows, so with `gate.source="statistics"` every shard is verified in full anyway.
+
+    `index`: batches that name no tenant are routed through an approximate index over the gate's rows
+    (`moe.inference.index.RowIndex`, linear gates only) instead of a scan of every row.
 
     `gate.source`: "trained" scores with the gate rows stored in each shard; "statistics" derives them from each
     expert's class means and the covariance pooled over every expert loaded (the statistics gate), mixed with each
@@ -181,4 +186,5 @@ def load_mixture(
         fill_statistics_rows(router, means, pooled.precision(gate.shrinkage), arch["input_scale"], tenants_loaded)
     model = PagedMixture(router, infos, keys, pager, arch["input_scale"], "labels" if per_label else "one")
     model.left_out = failed
+    model.index = RowIndex.build(router, index) if index is not None else None
     return model.to(device).eval()

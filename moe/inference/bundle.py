@@ -24,6 +24,7 @@ import torch
 
 from moe.inference.answers import UNSURE_MARGIN
 from moe.inference.build import GateSettings, Verify, load_mixture
+from moe.inference.index import IndexSettings
 from moe.inference.paged import PagedMixture
 from moe.model import check_choice
 from moe.paths import file_sha256
@@ -192,9 +193,11 @@ def open_bundle(
     budget_bytes: int = 256 << 20,
     host_budget_bytes: int = 0,
     verify: Verify = "full",
+    index: IndexSettings | None = None,
 ) -> OpenBundle:
     """Read and check a bundle, rebuild its trunk, and load its experts paged under `budget_bytes` (`verify`: every
-    expert's file when the bundle opens, or each at its first page-in: `load_mixture`)."""
+    expert's file when the bundle opens, or each at its first page-in; `index`: routed batches through an index over
+    the gate's rows: `load_mixture`)."""
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, verify)
     trunk = build_trunk(bundle, device)
     gate = bundle.manifest["gate"]
@@ -214,6 +217,7 @@ def open_bundle(
         budget_bytes,
         host_budget_bytes,
         verify=verify,
+        index=index,
     )
     served = {info.tenant: list(info.labels) for info in model.experts}
     if served != {t: list(labels) for t, labels in bundle.manifest["label_maps"].items()}:

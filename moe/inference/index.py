@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from einops import einsum
 
-from moe.model import TopKRouter, check_choice
+from moe.model import RouterOutput, TopKRouter, check_choice
 
 Library = Literal["hnswlib", "faiss", "usearch"]
 Metric = Literal["l2", "ip"]  # the MIPS-to-L2 reduction, or inner products on the augmented rows as they are
@@ -204,6 +204,24 @@ class RowIndex:
         if (short := counts < k).any():  # too few candidates: these inputs get the exact scan
             top[short], chosen[short] = router(x[short]).logits.topk(k, dim=-1)
         return top, chosen
+
+    @torch.no_grad()
+    def route(self, x: torch.Tensor) -> RouterOutput:
+        """The router's output for routed inputs, from `top_k`. Chosen experts and their logits are exact (when the
+        candidates hold the exact top-k); the other experts are not scored, so probabilities, `energy` and
+        `max_row` cover the chosen experts only (normalised weights among them are the router's)."""
+        # b: batch, e: experts, k: chosen experts, m: rows per expert, d: features
+        router = self.router
+        top, chosen = self.top_k(x)
+        logits = top.new_full((x.shape[0], router.num_experts), float("-inf")).scatter_(1, chosen, top)
+        probs = logits.softmax(dim=-1)
+        weights = probs.gather(1, chosen)
+        if router.normalize_weights:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-9)
+        rows = einsum(x, router.weight[chosen].to(x.dtype), "b d, b k m d -> b k m") + router.bias[chosen]
+        rows = rows.masked_fill(~router.row_mask[chosen], float("-inf"))
+        zero = top.new_zeros(())
+        return RouterOutput(logits, None, top.logsumexp(-1), rows.amax(dim=(1, 2)), probs, chosen, weights, zero, zero)
 
 
 def _check_linear(router: TopKRouter) -> None:

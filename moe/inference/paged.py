@@ -18,8 +18,19 @@ from pathlib import Path
 
 import torch
 
+from moe.inference.index import RowIndex
 from moe.inference.pager import ExpertPager
-from moe.model import TENSOR_NAMES, DispatchPlan, ExpertInfo, GateRows, Mixture, TopKRouter, dispatch, expert_logits
+from moe.model import (
+    TENSOR_NAMES,
+    DispatchPlan,
+    ExpertInfo,
+    GateRows,
+    Mixture,
+    RouterOutput,
+    TopKRouter,
+    dispatch,
+    expert_logits,
+)
 from moe.store import ExpertMeta, ShardError, expected_shapes, read_shard, read_tensors
 from moe.store.shard import meta_dtype
 
@@ -116,7 +127,14 @@ class PagedMixture(Mixture):
         super().__init__(router, experts, input_scale, gate_rows)
         self.keys, self.pager = list(keys), pager
         self.left_out: dict[str, Exception] = {}  # tenants whose shards failed their checks (see load_mixture)
+        self.index: RowIndex | None = None  # routes batches without a known tenant (`load_mixture(index=...)`)
         self.register_buffer("label_mask", self.label_ids >= 0, persistent=False)
+
+    def route(self, x: torch.Tensor, tenant: torch.Tensor | None, keep_rows: bool = False) -> RouterOutput:
+        """With an index, a batch that names no tenant is routed through it (no full scan of the gate)."""
+        if self.index is not None and not keep_rows and (tenant is None or bool((tenant < 0).all())):
+            return self.index.route(x)
+        return super().route(x, tenant, keep_rows)
 
     def group_log_probs(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         # g: groups (chosen experts), n: capacity, c: label width

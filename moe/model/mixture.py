@@ -109,20 +109,24 @@ class Mixture(nn.Module):
         """(g, capacity, width) log-probabilities of each group over its expert's labels, -inf on the others."""
         return self.group_logits(x, plan).log_softmax(dim=-1)
 
+    def route(self, x: torch.Tensor, tenant: torch.Tensor | None, keep_rows: bool = False) -> RouterOutput:
+        """The gate's choice for scaled inputs: a batch whose every tenant is known scores those tenants' rows only;
+        otherwise the whole gate is scored, each known tenant's input restricted to its own experts."""
+        if tenant is not None and not keep_rows and self.tenant_expert is not None and bool((tenant >= 0).all()):
+            return self.router.given(x, self.tenant_expert[tenant])
+        allowed = None
+        if tenant is not None:
+            given = tenant[:, None] != UNKNOWN_TENANT
+            allowed = ~given | (self.expert_tenant[None, :] == tenant[:, None])
+        return self.router(x, allowed, keep_rows)
+
     def forward(
         self, features: torch.Tensor, tenant: torch.Tensor | None = None, keep_rows: bool = False
     ) -> MixtureOutput:
         """`keep_rows`: keep the gate's (b, e, m) row logits in the output (for the supervised gate loss)."""
         # b: batch, k: chosen experts, c: labels per expert (padded), d: features
         x = features * self.input_scale
-        allowed = None
-        if tenant is not None and not keep_rows and self.tenant_expert is not None and bool((tenant >= 0).all()):
-            routed = self.router.given(x, self.tenant_expert[tenant])  # every tenant known: no other expert scored
-        else:
-            if tenant is not None:
-                given = tenant[:, None] != UNKNOWN_TENANT
-                allowed = ~given | (self.expert_tenant[None, :] == tenant[:, None])
-            routed = self.router(x, allowed, keep_rows)
+        routed = self.route(x, tenant, keep_rows)
         plan = plan_dispatch(routed.experts, routed.weights)
         log_probs = combine(self.group_log_probs(x, plan), plan, fill=float("-inf"))
         return MixtureOutput(log_probs, routed.weights, routed.experts, self.label_ids[routed.experts], routed)

@@ -38,7 +38,7 @@ from ray import serve
 from ray.serve import Application
 
 from moe import __version__
-from moe.inference import read_bundle
+from moe.inference import IndexSettings, read_bundle
 from moe.serving.runtime import Server, text_problem
 from moe.serving.schema import AnswerOut, Batch, BatchAnswers, PredictBody, Problem, Query
 from moe.store import ShardError, is_url
@@ -67,6 +67,7 @@ class ServiceSettings(BaseModel):
     replicas: PositiveInt = 1
     replica_cpus: PositiveFloat = 1.0
     verify: Literal["full", "lazy"] = "full"  # experts' files: when a replica starts, or each at its first page-in
+    index: bool = False  # route queries without a tenant through an index over the gate's rows (thousands of tenants)
 
 
 class Refused(Exception):
@@ -175,7 +176,7 @@ class MoeService:
         s = self.settings
         started = time.perf_counter()
         budgets = int(s.budget_mb * 2**20), s.device, int(s.host_budget_mb * 2**20)
-        self.server = Server(s.bundle, *budgets, verify=s.verify)
+        self.server = Server(s.bundle, *budgets, verify=s.verify, index=IndexSettings() if s.index else None)
         model, pager = self.server.model, self.server.model.pager
         expert_tenant: list[int] = model.expert_tenant.tolist()  # type: ignore[operator]
         self.tenant_of: dict[Hashable, str] = {
@@ -362,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--verify", choices=["full", "lazy"], default=defaults.verify, help="lazy: thousands of tenants"
     )
+    parser.add_argument("--index", action="store_true", help="route tenant-less queries through a gate-row index")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     fields = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields and v is not None}

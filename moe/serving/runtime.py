@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from moe.inference import Answer, Bundle, Verify, open_bundle, predict
+from moe.inference import Answer, Bundle, IndexSettings, Verify, open_bundle, predict
 from moe.model import UNKNOWN_TENANT
 
 Tenants = str | Iterable[str | None] | None
@@ -51,7 +51,9 @@ def checked_texts(texts: Iterable[str]) -> list[str]:
 class Server:
     """`budget_bytes`: expert weights resident on the device at most (the gate and trunk come on top). `verify`:
     "full" checks every expert's file when the bundle opens; "lazy", for thousands of tenants, reads only each
-    expert's header and routing rows then, and verifies its checksums when it is first paged in."""
+    expert's header and routing rows then, and verifies its checksums when it is first paged in. `index`: queries
+    without a tenant are routed through an index over the gate's rows (`moe.inference.index`), for thousands of
+    tenants; the gate's out-of-scope scores then cover the experts it chose only."""
 
     def __init__(
         self,
@@ -61,11 +63,12 @@ class Server:
         host_budget_bytes: int = 0,
         max_batch: int = 1024,
         verify: Verify = "full",
+        index: IndexSettings | None = None,
     ):
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.max_batch = max_batch
-        opened = open_bundle(bundle, device, budget_bytes, host_budget_bytes, verify)
+        opened = open_bundle(bundle, device, budget_bytes, host_budget_bytes, verify, index)
         self.bundle, self.trunk, self.model = opened.bundle, opened.trunk, opened.model
         self.oos_kind, self.threshold, self.unsure_margin = opened.oos_score, opened.threshold, opened.unsure_margin
         self._trunk_lock = threading.Lock()
