@@ -449,6 +449,20 @@ def test_shard_files_follow_the_umask(store, umask):
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_the_gate_file_follows_the_umask(tmp_path, umask):
+    from moe.model import ExpertInfo, build_mixture
+    from moe.store import save_gate
+
+    model = build_mixture([ExpertInfo("a", ("x", "y"))], dim=4, rank=2)
+    old = os.umask(umask)
+    try:
+        path = save_gate(tmp_path / "gate.safetensors", model, "f" * 64)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask and sorted(os.listdir(tmp_path)) == [path.name]
+
+
 # -- review follow-ups: an update made from an older version, readers beside a retire, a retire killed midway ----
 
 

@@ -4,6 +4,7 @@ mixture back from shards)."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 
 from moe.model import Mixture, MixtureOfExperts
 from moe.model.stats import empty_statistics
-from moe.store.shard import ExpertMeta
+from moe.store.shard import ExpertMeta, new_file_mode
 
 Shard = tuple[dict[str, torch.Tensor], ExpertMeta]
 
@@ -60,5 +61,13 @@ def save_gate(path: str | Path, model: Mixture, trunk_fingerprint: str, arch: di
         "bias": router.bias.detach().cpu().contiguous().clone(),
         "row_mask": router.row_mask.cpu().contiguous().clone(),
     }
-    save_file(tensors, path, metadata=metadata)
-    return Path(path)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:  # whole or not at all, with the permissions any new file gets (safetensors alone would make it 0600)
+        mode = new_file_mode(tmp)
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -131,7 +131,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _new_file_mode(path: Path) -> int:
+def new_file_mode(path: Path) -> int:
     """The mode a file created at `path` gets under the umask (0o666 & ~umask), read from one created there (read,
     not computed: `os.umask` can only be read by changing it, for every thread)."""
     path.unlink(missing_ok=True)  # a leftover keeps its own mode
@@ -153,7 +153,7 @@ def write_shard(path: str | Path, tensors: dict[str, torch.Tensor], meta: Expert
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     try:
-        mode = _new_file_mode(tmp)
+        mode = new_file_mode(tmp)
         save_file(tensors, tmp, metadata=meta.to_strings(tensors_sha256(tensors)))
         os.chmod(tmp, mode)
         with open(tmp, "rb+") as handle:
