@@ -141,4 +141,7 @@ def test_the_index_routes_like_the_full_gate_and_answers_alike(tmp_path):
         assert torch.equal(best_labels(ours)[0], best_labels(theirs)[0])
         given = torch.arange(64) % 40
         a, b = indexed(x, given), exact_model(x, given)
+        mixed = indexed(x, torch.where(torch.arange(64) % 2 == 0, given, -1))  # half known, half routed
     assert torch.equal(a.log_probs, b.log_probs) and torch.equal(a.router.energy, b.router.energy)
+    assert torch.equal(mixed.experts[::2], a.experts[::2]) and torch.equal(mixed.experts[1::2], ours.experts[1::2])
+    assert torch.equal(mixed.router.energy[1::2], ours.router.energy[1::2])

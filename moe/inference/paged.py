@@ -130,11 +130,9 @@ class PagedMixture(Mixture):
         self.index: RowIndex | None = None  # routes batches without a known tenant (`load_mixture(index=...)`)
         self.register_buffer("label_mask", self.label_ids >= 0, persistent=False)
 
-    def route(self, x: torch.Tensor, tenant: torch.Tensor | None, keep_rows: bool = False) -> RouterOutput:
-        """With an index, a batch that names no tenant is routed through it (no full scan of the gate)."""
-        if self.index is not None and not keep_rows and (tenant is None or bool((tenant < 0).all())):
-            return self.index.route(x)
-        return super().route(x, tenant, keep_rows)
+    def route_unknown(self, x: torch.Tensor) -> RouterOutput:
+        """Through the index over the gate's rows when there is one (no full scan of the gate), else every row."""
+        return self.index.route(x) if self.index is not None else super().route_unknown(x)
 
     def group_log_probs(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         # g: groups (chosen experts), n: capacity, c: label width

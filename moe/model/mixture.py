@@ -110,15 +110,27 @@ class Mixture(nn.Module):
         return self.group_logits(x, plan).log_softmax(dim=-1)
 
     def route(self, x: torch.Tensor, tenant: torch.Tensor | None, keep_rows: bool = False) -> RouterOutput:
-        """The gate's choice for scaled inputs: a batch whose every tenant is known scores those tenants' rows only;
-        otherwise the whole gate is scored, each known tenant's input restricted to its own experts."""
-        if tenant is not None and not keep_rows and self.tenant_expert is not None and bool((tenant >= 0).all()):
+        """The gate's choice for scaled inputs. An input whose tenant is known scores that tenant's rows only
+        (`TopKRouter.given`), whatever else is in its batch; the others are routed by `route_unknown`. With row
+        logits kept (the supervised gate loss), or tenants owning several experts, the whole gate is scored, each
+        known tenant's input restricted to its own experts."""
+        if keep_rows or self.tenant_expert is None:
+            allowed = None
+            if tenant is not None:
+                given = tenant[:, None] != UNKNOWN_TENANT
+                allowed = ~given | (self.expert_tenant[None, :] == tenant[:, None])
+            return self.router(x, allowed, keep_rows)
+        known = tenant >= 0 if tenant is not None else torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        if not known.any():
+            return self.route_unknown(x)
+        if known.all():
             return self.router.given(x, self.tenant_expert[tenant])
-        allowed = None
-        if tenant is not None:
-            given = tenant[:, None] != UNKNOWN_TENANT
-            allowed = ~given | (self.expert_tenant[None, :] == tenant[:, None])
-        return self.router(x, allowed, keep_rows)
+        own = self.router.given(x[known], self.tenant_expert[tenant[known]])
+        return RouterOutput.merged(known, own, self.route_unknown(x[~known]))
+
+    def route_unknown(self, x: torch.Tensor) -> RouterOutput:
+        """The gate's choice for inputs whose tenant is not known: every expert's rows scored."""
+        return self.router(x)
 
     def forward(
         self, features: torch.Tensor, tenant: torch.Tensor | None = None, keep_rows: bool = False

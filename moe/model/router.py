@@ -37,6 +37,19 @@ class RouterOutput(NamedTuple):
     load_balance_loss: torch.Tensor  # Switch/GShard: e * sum_e(fraction routed_e * mean prob_e)
     z_loss: torch.Tensor  # ST-MoE: mean(logsumexp(logits)^2)
 
+    @staticmethod
+    def merged(first: torch.Tensor, a: RouterOutput, b: RouterOutput) -> RouterOutput:
+        """One batch's output from two parts: the inputs where `first` (b,) is true from `a`, the others from `b`, in
+        order (per-input fields only: no row logits; the losses are `a`'s, for inference)."""
+
+        def put(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out = x.new_empty((first.numel(), *x.shape[1:]))
+            out[first], out[~first] = x, y
+            return out
+
+        fields = ("logits", "energy", "max_row", "probs", "experts", "weights")
+        return a._replace(row_logits=None, **{name: put(getattr(a, name), getattr(b, name)) for name in fields})
+
 
 class TopKRouter(nn.Module):
     """Scores experts from features; `allowed` (b, e) restricts each input to a subset (e.g. its tenant's)."""

@@ -4,16 +4,14 @@ mixture back from shards)."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from moe.model import Mixture, MixtureOfExperts
 from moe.model.stats import empty_statistics
-from moe.store.shard import ExpertMeta, new_file_mode
+from moe.store.shard import ExpertMeta, save_atomically
 
 Shard = tuple[dict[str, torch.Tensor], ExpertMeta]
 
@@ -61,13 +59,4 @@ def save_gate(path: str | Path, model: Mixture, trunk_fingerprint: str, arch: di
         "bias": router.bias.detach().cpu().contiguous().clone(),
         "row_mask": router.row_mask.cpu().contiguous().clone(),
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:  # whole or not at all, with the permissions any new file gets (safetensors alone would make it 0600)
-        mode = new_file_mode(tmp)
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_atomically(path, tensors, metadata)

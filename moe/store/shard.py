@@ -131,7 +131,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def new_file_mode(path: Path) -> int:
+def _new_file_mode(path: Path) -> int:
     """The mode a file created at `path` gets under the umask (0o666 & ~umask), read from one created there (read,
     not computed: `os.umask` can only be read by changing it, for every thread)."""
     path.unlink(missing_ok=True)  # a leftover keeps its own mode
@@ -142,19 +142,16 @@ def new_file_mode(path: Path) -> int:
         os.close(fd)
 
 
-def write_shard(path: str | Path, tensors: dict[str, torch.Tensor], meta: ExpertMeta) -> Path:
-    """Atomic: write a temporary file beside the target, fsync it, rename it over, fsync the folder. The file gets
-    the permissions any new file gets under the umask (safetensors alone would make it 0600)."""
+def save_atomically(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """A safetensors file written whole or not at all: a temporary file beside the target, fsynced, renamed over,
+    the folder fsynced. It gets the permissions any new file gets under the umask (safetensors alone would make it
+    0600)."""
     path = Path(path)
-    shapes = expected_shapes(meta.architecture, len(meta.labels))
-    if (got := {k: tuple(v.shape) for k, v in tensors.items()}) != shapes:
-        raise ShardError(path, f"refusing to write tensors {got}; the architecture needs {shapes}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     try:
-        mode = new_file_mode(tmp)
-        save_file(tensors, tmp, metadata=meta.to_strings(tensors_sha256(tensors)))
+        mode = _new_file_mode(tmp)
+        save_file(tensors, tmp, metadata=metadata)
         os.chmod(tmp, mode)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -163,6 +160,15 @@ def write_shard(path: str | Path, tensors: dict[str, torch.Tensor], meta: Expert
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
     return path
+
+
+def write_shard(path: str | Path, tensors: dict[str, torch.Tensor], meta: ExpertMeta) -> Path:
+    """An expert's shard, its tensors checked against its architecture, written atomically (`save_atomically`)."""
+    shapes = expected_shapes(meta.architecture, len(meta.labels))
+    if (got := {k: tuple(v.shape) for k, v in tensors.items()}) != shapes:
+        raise ShardError(path, f"refusing to write tensors {got}; the architecture needs {shapes}")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    return save_atomically(path, tensors, meta.to_strings(tensors_sha256(tensors)))
 
 
 def read_meta(path: str | Path) -> tuple[ExpertMeta, str]:
