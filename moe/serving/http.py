@@ -215,14 +215,14 @@ class MoeService:
             keys = self.keys_of[tenant]
             await asyncio.to_thread(self.server.model.pager.prefetch, keys)
             self.tenant_loads += 1
-            log.info(f"tenant {tenant!r} multiplexed onto replica {self.replica}")
+            log.debug(f"tenant {tenant!r} multiplexed onto replica {self.replica}")
             return TenantExperts(tenant, keys)
 
         return load_tenant
 
     def unknown(self, tenant: str) -> str:
         known = sorted(self.keys_of)
-        listed = f"known tenants: {known}" if len(known) <= 20 else f"{len(known)} known tenants (GET /health)"
+        listed = f"known tenants: {known}" if len(known) <= 20 else f"{len(known)} known tenants (GET /tenants)"
         return f"unknown tenant {tenant!r}; {listed}"
 
     def check(self, queries: list[Query], prefix: str) -> list[tuple[str, str | None]]:
