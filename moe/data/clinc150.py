@@ -122,3 +122,8 @@ def clinc150_tenants(
 ) -> list[Tenant]:
     """The CLINC150 domains (and overlapping tenants) as a plain tenant list (what the data configs instantiate)."""
     return load_clinc150(folder, list(domains) if domains else None, list(overlapping or ())).tenants
+
+
+def clinc150_out_of_scope(split: str = "train", folder: str | Path | None = None) -> list[str]:
+    """CLINC150's out-of-scope queries of one split: unlabeled texts that belong to no domain (e.g. calibration)."""
+    return list(load_clinc150(folder).out_of_scope.get(split, []))

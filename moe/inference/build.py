@@ -22,8 +22,9 @@ from moe.inference.index import IndexSettings, RowIndex
 from moe.inference.paged import PagedMixture, ShardLoader
 from moe.inference.pager import ExpertPager
 from moe.model import TENSOR_NAMES, ExpertInfo, RowSource, TopKRouter, check_choice
+from moe.model.bridge import AffineMap, Bridge
 from moe.model.stats import OWN_COVARIANCE, SHRINKAGE, PooledScatter, fill_statistics_rows, fill_tenant_rows
-from moe.store import ExpertMeta, ExpertStore, RemoteStore, ShardError, open_store, tensor_bytes
+from moe.store import ExpertMeta, ExpertStore, RemoteStore, ShardError, TrunkVersions, open_store, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,11 @@ def load_mixture(
             failed[tenant] = error
     if not candidates:
         raise ValueError(f"no expert could be loaded from {store.root}: {failed}")
-    arch = candidates[0][1].architecture
+    bridges = bridges_for(store, [meta for _, meta in candidates], trunk_fingerprint, failed)
+    candidates = [(key, meta) for key, meta in candidates if key[0] not in failed]
+    if not candidates:
+        raise ValueError(f"no expert could be loaded from {store.root}: {failed}")
+    arch = served_architecture(candidates[0][1], bridges)
     statistics = gate.source == "statistics"
     per_label = arch["gate_rows"] == "labels" or statistics
     rows = [len(meta.labels) if per_label else 1 for _, meta in candidates]
@@ -133,16 +138,20 @@ def load_mixture(
     pooled = PooledScatter.of([], arch["dim"])  # only the aggregate stays resident; the rest stays in the shards
     own: list[dict[str, torch.Tensor]] = []  # each expert's statistics, when its own covariance enters its rows
     infos, keys, kept = [], [], []
+    input_maps: dict[tuple[str, int], AffineMap] = {}
+    expert_trunks: dict[str, str] = {}  # tenant -> the trunk version its expert was trained on
     with torch.no_grad():
         for i, (key, header) in enumerate(candidates):
+            bridge = bridges.get(header.trunk_fingerprint)  # None: on the model's own trunk
+            old_trunk = bridge.old if bridge else None
             try:
-                if header.architecture != arch:
+                if served_architecture(header, bridges) != arch:
                     raise ShardError(store.path(*key), f"architecture {header.architecture} differs from {arch}")
                 if verify == "lazy" and not statistics:  # the header was read and checked by store.meta
-                    tensors = loader.register_header(key, path := store.path(*key), header, routing_tensors)
+                    tensors = loader.register_header(key, path := store.path(*key), header, routing_tensors, old_trunk)
                     meta = header
                 else:
-                    tensors, meta = loader.register(key, path := store.path(*key))
+                    tensors, meta = loader.register(key, path := store.path(*key), old_trunk)
                 try:  # the file read in full is checked too: it may not be the one whose header was read
                     store.check_shard(path, meta)
                     if meta != header:
@@ -155,6 +164,9 @@ def load_mixture(
             except (ShardError, KeyError, ValueError) as error:
                 failed[key[0]] = error
                 continue
+            if bridge is not None:  # its routing entry, as it scores the model's trunk's features
+                tensors = bridge.entry_to_new(tensors, arch["input_scale"])
+                input_maps[key] = bridge.to_old
             if means is not None:  # turned into gate rows once the pooled covariance is known
                 means[i, : rows[i]] = tensors["stats.mean"]
             else:
@@ -166,6 +178,7 @@ def load_mixture(
                 own.append({name: tensors[name] for name in STATISTICS_TENSORS})
             pager.register(key, tensor_bytes(meta, TENSOR_NAMES))
             infos.append(ExpertInfo(meta.tenant, meta.labels))
+            expert_trunks[meta.tenant] = meta.trunk_fingerprint
             keys.append(key)
             kept.append(i)
     if failed and not skip_failed:
@@ -186,5 +199,31 @@ def load_mixture(
         fill_statistics_rows(router, means, pooled.precision(gate.shrinkage), arch["input_scale"], tenants_loaded)
     model = PagedMixture(router, infos, keys, pager, arch["input_scale"], "labels" if per_label else "one")
     model.left_out = failed
+    model.input_maps = input_maps
+    model.expert_trunks = expert_trunks
     model.index = RowIndex.build(router, index) if index is not None else None
     return model.to(device).eval()
+
+
+def bridges_for(
+    store: ExpertStore, metas: list[ExpertMeta], trunk_fingerprint: str | None, failed: dict[str, Exception]
+) -> dict[str, Bridge]:
+    """The bridge into `trunk_fingerprint`'s features of each other trunk version an expert is on, by that version's
+    fingerprint. An expert on a version without one is a ShardError in `failed`, naming both fingerprints."""
+    versions, bridges = TrunkVersions(store.root), {}
+    for meta in metas:
+        if trunk_fingerprint is None or meta.trunk_fingerprint == trunk_fingerprint:
+            continue
+        try:
+            bridges[meta.trunk_fingerprint] = versions.require_bridge(
+                meta.trunk_fingerprint, trunk_fingerprint, store.path(meta.tenant, meta.version)
+            )
+        except (ShardError, ValueError) as error:
+            failed[meta.tenant] = error
+    return bridges
+
+
+def served_architecture(meta: ExpertMeta, bridges: dict[str, Bridge]) -> dict[str, Any]:
+    """An expert's architecture as the mixture sees it: a bridged expert takes the model's trunk's features."""
+    bridge = bridges.get(meta.trunk_fingerprint)
+    return meta.architecture | {"dim": bridge.new_dim} if bridge else meta.architecture

@@ -29,7 +29,7 @@ from moe.inference.paged import PagedMixture
 from moe.model import check_choice
 from moe.paths import file_sha256
 from moe.store import is_url, mirror_bundle
-from moe.trunk import HFEncoderTrunk, TinyTrunk, Trunk
+from moe.trunk import TRUNK_KINDS, Trunk
 
 FORMAT = "moe.bundle/2"  # 2: the gate's `source` ("trained" | "statistics") replaced `routing` ("rows" | "stats")
 MANIFEST = "manifest.json"
@@ -129,7 +129,6 @@ def read_bundle(root: str | Path, verify: Verify = "full") -> Bundle:
     return Bundle(root, manifest)
 
 
-TRUNK_KINDS: dict[str, type[Trunk]] = {cls.kind: cls for cls in (HFEncoderTrunk, TinyTrunk)}
 TRUNK_MODES = ("reference", "copy")
 
 

@@ -31,6 +31,7 @@ from moe.model import (
     dispatch,
     expert_logits,
 )
+from moe.model.bridge import AffineMap
 from moe.store import ExpertMeta, ShardError, expected_shapes, read_shard, read_tensors
 from moe.store.shard import meta_dtype
 
@@ -53,27 +54,41 @@ class ShardLoader:
 
     def __init__(self, trunk_fingerprint: str | None, locate: Callable[[Hashable], Path] | None = None):
         self.trunk_fingerprint, self.locate = trunk_fingerprint, locate
+        self.trunks: dict[Hashable, str] = {}  # experts on another trunk version (bridged): the one each must name
         self.paths: dict[Hashable, str] = {}
         self.identities: dict[Hashable, tuple[int, int, int] | None] = {}
         self.digests: dict[Hashable, int] = {}
 
-    def register(self, key: Hashable, path: Path) -> tuple[dict[str, torch.Tensor], ExpertMeta]:
-        """Read and check a shard in full, and remember it; returns its tensors and metadata."""
+    def trunk_of(self, key: Hashable) -> str | None:
+        """The trunk fingerprint `key`'s shard must name: its own bridged version's, else the model's."""
+        return self.trunks.get(key, self.trunk_fingerprint)
+
+    def register(
+        self, key: Hashable, path: Path, trunk: str | None = None
+    ) -> tuple[dict[str, torch.Tensor], ExpertMeta]:
+        """Read and check a shard in full, and remember it; returns its tensors and metadata. `trunk`: the shard is
+        on this other trunk version (bridged to the model's)."""
         try:
             identity = _identity(path)  # before the read: a change made during it shows as a change later
         except FileNotFoundError:
             raise ShardError(path, "file not found") from None
-        tensors, meta = read_shard(path, self.trunk_fingerprint)
+        if trunk is not None:
+            self.trunks[key] = trunk
+        tensors, meta = read_shard(path, self.trunk_of(key))
         self.paths[key], self.identities[key], self.digests[key] = str(path), identity, _digest(meta)
         return tensors, meta
 
     def register_header(
-        self, key: Hashable, path: Path, meta: ExpertMeta, names: tuple[str, ...]
+        self, key: Hashable, path: Path, meta: ExpertMeta, names: tuple[str, ...], trunk: str | None = None
     ) -> dict[str, torch.Tensor]:
         """Remember a shard from its header (`meta`, read and checked by the caller), reading only the tensors
-        `names` (its routing entry or statistics); its checksum is verified in full when it is first paged in."""
-        if self.trunk_fingerprint is not None and meta.trunk_fingerprint != self.trunk_fingerprint:
-            fingerprints = f"{meta.trunk_fingerprint[:12]}…, not on this model's trunk {self.trunk_fingerprint[:12]}…"
+        `names` (its routing entry or statistics); its checksum is verified in full when it is first paged in.
+        `trunk`: as for `register`."""
+        if trunk is not None:
+            self.trunks[key] = trunk
+        expected = self.trunk_of(key)
+        if expected is not None and meta.trunk_fingerprint != expected:
+            fingerprints = f"{meta.trunk_fingerprint[:12]}…, not on this model's trunk {expected[:12]}…"
             raise ShardError(path, f"trained on trunk {fingerprints}")
         tensors = read_tensors(path, names)
         shapes, dtype = expected_shapes(meta.architecture, len(meta.labels)), meta_dtype(meta)
@@ -85,7 +100,7 @@ class ShardLoader:
         return tensors
 
     def forget(self, key: Hashable) -> None:
-        for table in (self.paths, self.identities, self.digests):
+        for table in (self.paths, self.identities, self.digests, self.trunks):
             table.pop(key, None)
 
     def __call__(self, key: Hashable) -> dict[str, torch.Tensor]:
@@ -103,7 +118,7 @@ class ShardLoader:
                 raise ShardError(path, "file disappeared after it was located again") from None
         if identity == self.identities[key]:
             return read_tensors(path, TENSOR_NAMES)
-        tensors, meta = read_shard(path, self.trunk_fingerprint)
+        tensors, meta = read_shard(path, self.trunk_of(key))
         if _digest(meta) != self.digests[key]:
             raise ShardError(path, "file was replaced by a different expert after it was registered")
         self.identities[key] = identity
@@ -128,6 +143,8 @@ class PagedMixture(Mixture):
         self.keys, self.pager = list(keys), pager
         self.left_out: dict[str, Exception] = {}  # tenants whose shards failed their checks (see load_mixture)
         self.index: RowIndex | None = None  # routes batches without a known tenant (`load_mixture(index=...)`)
+        self.input_maps: dict[Key, AffineMap] = {}  # experts on an older trunk: their bridge from the model's features
+        self.expert_trunks: dict[str, str] = {}  # tenant -> fingerprint of the trunk version its expert was trained on
         self.register_buffer("label_mask", self.label_ids >= 0, persistent=False)
 
     def route_unknown(self, x: torch.Tensor) -> RouterOutput:
@@ -153,4 +170,7 @@ class PagedMixture(Mixture):
             for key, tensors in resident.items():
                 i, n = position[key], counts[position[key]]
                 c = tensors["head.bias"].shape[0]
-                out[i, :n, :c] = expert_logits(groups[i, :n], tensors).log_softmax(dim=-1)  # its own labels only
+                inputs = groups[i, :n]
+                if key in self.input_maps:  # an expert of an older trunk reads the model's features bridged to it
+                    inputs = self.input_maps[key](inputs, self.input_scale)
+                out[i, :n, :c] = expert_logits(inputs, tensors).log_softmax(dim=-1)  # its own labels only

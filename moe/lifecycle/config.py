@@ -18,7 +18,7 @@ from moe.data.files import TenantFile
 from moe.lifecycle.growth import GrowthConfig
 from moe.lifecycle.operations import Lifecycle
 from moe.lifecycle.stream import encode_train_rows, scan_tenant_file
-from moe.store import ExpertStore, check_tenant_name
+from moe.store import ExpertStore, TrunkVersions, check_tenant_name
 from moe.trunk import Trunk
 
 
@@ -48,10 +48,20 @@ def open_store(cfg: DictConfig, create: bool | None = None) -> ExpertStore:
 def build_lifecycle(cfg: DictConfig, store: ExpertStore | None = None) -> Lifecycle:
     """Loads the trunk (the work every check comes before). Texts are encoded by the trunk itself: a feature
     cache would hold every feature of a large file in memory a second time."""
-    trunk: Trunk = instantiate(cfg.trunk)
+    store = store or open_store(cfg)
+    trunk = current_trunk(store, cfg.trunk)
     if not trunk.frozen:
         raise ValueError("lifecycle operations need a frozen trunk (the one the store's experts were trained on)")
-    return Lifecycle(store or open_store(cfg), trunk, trunk.encode, growth_config(cfg))
+    return Lifecycle(store, trunk, trunk.encode, growth_config(cfg))
+
+
+def current_trunk(store: ExpertStore, trunk_cfg: DictConfig) -> Trunk:
+    """The trunk the store serves on: its current version (`TrunkVersions.current`, set by an upgrade), rebuilt and
+    checked; else `trunk_cfg`'s (a store that was never upgraded is on the trunk of the run that made it)."""
+    versions = TrunkVersions(store.root)
+    if (fingerprint := versions.current()) is not None:
+        return versions.rebuild(fingerprint)
+    return instantiate(trunk_cfg)
 
 
 def tenant_file(cfg: DictConfig, name: str | None = None) -> TenantFile:

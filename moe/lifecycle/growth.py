@@ -37,6 +37,7 @@ class GrowthConfig:
     negatives_per_class: int = 50  # trained rows: samples drawn from each other class's statistics
     routing_epochs: int = 20
     rehearsal_per_class: int = 100  # update: samples drawn from the tenant's own earlier classes (chosen on val)
+    transport_per_class: int = 100  # trunk upgrade, transport: samples per class drawn from the moved statistics
     accelerator: str = "cpu"
     seed: int = 0
 

@@ -18,9 +18,10 @@ import torch
 from moe.data import Tenant
 from moe.lifecycle.growth import GrowthConfig, expert_tensors, gaussian_samples, routing_entry, train_expert
 from moe.lifecycle.stream import EncodedRows
+from moe.model.bridge import Bridge
 from moe.model.overlap import ExpertStatistics, OverlapPair, closest_intents
 from moe.model.stats import PooledScatter, class_statistics, merge_statistics, pooled_precision
-from moe.store import ExpertMeta, ExpertStore
+from moe.store import ExpertMeta, ExpertStore, TrunkVersions
 from moe.trunk import Trunk
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,8 @@ class Lifecycle:
     def architecture(self) -> dict:
         """The store's architecture (every expert in a store shares one), or the configured one if empty."""
         existing = self.store.tenants(dormant=True)
-        if existing:
-            return self.store.meta(existing[0]).architecture
+        if existing:  # on this trunk's features (a store's experts may span trunk versions)
+            return self.store.meta(existing[0]).architecture | {"dim": self.trunk.dim}
         return {
             "dim": self.trunk.dim,
             "rank": self.cfg.rank,
@@ -67,9 +68,22 @@ class Lifecycle:
         for tenant in self.store.tenants(dormant=True):
             if tenant == exclude:
                 continue
-            tensors, meta = self.store.load(tenant, trunk_fingerprint=self.trunk.fingerprint)
-            others.append((meta, {name: tensors[name].clone() for name in ROUTING_TENSORS}))  # not the weights
+            bridge = self._bridge(tenant)
+            tensors, meta = self.store.load(tenant, trunk_fingerprint=bridge.old if bridge else self.trunk.fingerprint)
+            entry = {name: tensors[name].clone() for name in ROUTING_TENSORS}  # not the weights
+            others.append((meta, bridge.entry_to_new(entry, meta.architecture["input_scale"]) if bridge else entry))
         return others
+
+    def _bridge(self, tenant: str) -> Bridge | None:
+        """The bridge from the trunk `tenant`'s latest expert was trained on to this trunk, when they differ (an
+        expert kept through a trunk upgrade); a ShardError naming both when the store has none."""
+        meta = self.store.meta(tenant)
+        if meta.trunk_fingerprint == self.trunk.fingerprint:
+            return None
+        versions = TrunkVersions(self.store.root)
+        return versions.require_bridge(
+            meta.trunk_fingerprint, self.trunk.fingerprint, self.store.path(tenant, meta.version)
+        )
 
     def _warn_overlap(
         self,
@@ -132,6 +146,18 @@ class Lifecycle:
         rows already encoded (label ids into `tenant.labels`; e.g. streamed from its file by
         `moe.lifecycle.stream`), instead of encoding the train split `tenant` holds."""
         self.store.check_new_tenant(tenant.name)
+        return self._train(tenant, encoded, "grow")
+
+    def retrain(self, tenant: Tenant, encoded: EncodedRows | None = None) -> Path:
+        """A new version of an existing, awake tenant trained anew on this trunk from all of its data (`tenant`'s
+        labels and train split; `encoded` as for `grow`): what a trunk upgrade does for the tenants whose data is
+        at hand. The previous version stays for rollback."""
+        self.store.check_awake(tenant.name)
+        return self._train(tenant, encoded, "retrain", parent=self.store.meta(tenant.name).version)
+
+    def _train(self, tenant: Tenant, encoded: EncodedRows | None, how: str, parent: int | None = None) -> Path:
+        """Train an expert and its routing entry on the tenant's data and save it: its first version (`parent`
+        None), or the version after `parent`."""
         start = time.perf_counter()
         arch = self.architecture()
         cfg = self._configured(arch)
@@ -146,11 +172,56 @@ class Lifecycle:
             tenant.labels,
             self.trunk.fingerprint,
             arch,
-            metrics={"train_examples": len(labels), "grow_s": time.perf_counter() - start},
+            metrics={"train_examples": len(labels), f"{how}_s": time.perf_counter() - start},
         )
-        path = self.store.save(expert_tensors(expert, routing, stats), meta, new_tenant=True)
+        tensors = expert_tensors(expert, routing, stats)
+        if parent is None:
+            path = self.store.save(tensors, meta, new_tenant=True)
+        else:
+            path = self.store.save(tensors, meta, allow_dormant=False, parent=parent)
+        TrunkVersions(self.store.root).record(self.trunk)  # once: what rebuilds the trunk it was trained on
+        log.info("%s %s (%d labels) in %.1f s: %s", how, tenant.name, len(labels), time.perf_counter() - start, path)
+        return path
+
+    def transport(self, name: str) -> Path:
+        """A new version of `name` on this trunk made from its shard alone, with none of its data: its statistics
+        moved through the bridge from the trunk it was trained on (`Bridge.statistics_to_new`), its expert trained on
+        `transport_per_class` samples per class drawn from them, its routing entry rebuilt from them. Works on a
+        hibernating tenant (it wakes up as this version); the previous version stays for rollback."""
+        start = time.perf_counter()
+        bridge = self._bridge(name)
+        if bridge is None:
+            raise ValueError(
+                f"tenant {name!r} is on trunk {self.trunk.fingerprint[:12]}… already: nothing to transport"
+            )
+        old, meta = self.store.load(name, trunk_fingerprint=bridge.old)
+        stats = bridge.statistics_to_new({k: old[k] for k in ("stats.mean", "stats.count", "stats.scatter")})
+        known = [c for c in range(len(meta.labels)) if stats["stats.count"][c] > 0]
+        if not known:
+            raise ValueError(f"tenant {name!r}'s shard holds no feature statistics: it can not be transported")
+        arch = self.architecture()
+        cfg = self._configured(arch)
+        count = stats["stats.count"].sum().item()
+        precision = pooled_precision(stats["stats.scatter"], count, len(known), cfg.shrinkage)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        x, drawn = gaussian_samples(stats["stats.mean"][known], precision, cfg.transport_per_class, generator)
+        y = torch.tensor(known)[drawn]
+        expert = train_expert(Tenant(name, meta.labels), x, y, cfg)
+        routing = routing_entry(x, y, stats, [entry for _, entry in self._others(name)], cfg)
+        new_meta = ExpertMeta(
+            name,
+            meta.labels,
+            self.trunk.fingerprint,
+            arch,
+            metrics={"train_examples": 0, "samples": len(y), "transport_s": time.perf_counter() - start},
+        )
+        path = self.store.save(expert_tensors(expert, routing, stats), new_meta, parent=meta.version)
         log.info(
-            "grew %s (%d labels) in %.1f s: %s", tenant.name, len(tenant.labels), time.perf_counter() - start, path
+            "transported %s to trunk %s… in %.1f s: %s",
+            name,
+            self.trunk.fingerprint[:12],
+            new_meta.metrics["transport_s"],
+            path,
         )
         return path
 
@@ -158,11 +229,16 @@ class Lifecycle:
         """More data, or new intents, for an existing tenant: a new version whose head grows for the new
         intents. The earlier intents are rehearsed from the expert's own stored statistics (their data is
         gone); the previous version stays for rollback. A hibernating tenant is refused (it would wake up as
-        another version) unless `allow_dormant`. `encoded`: the new train rows already encoded, as for `grow`."""
+        another version) unless `allow_dormant`. `encoded`: the new train rows already encoded, as for `grow`.
+        An expert still on an older trunk version (bridged since an upgrade) is trained anew on this trunk, its earlier
+        intents rehearsed from its statistics moved through the bridge."""
         if not allow_dormant:
             self.store.check_awake(tenant.name)
         start = time.perf_counter()
-        old, meta = self.store.load(tenant.name, trunk_fingerprint=self.trunk.fingerprint)
+        bridge = self._bridge(tenant.name)  # an expert kept through a trunk upgrade: its statistics move to this trunk
+        old, meta = self.store.load(tenant.name, trunk_fingerprint=bridge.old if bridge else self.trunk.fingerprint)
+        if bridge is not None:
+            old = bridge.statistics_to_new({name: old[name] for name in ("stats.mean", "stats.count", "stats.scatter")})
         labels = meta.labels + tuple(sorted(set(tenant.labels) - set(meta.labels)))
         cfg = self._configured(meta.architecture)
         if encoded is None:
@@ -183,7 +259,7 @@ class Lifecycle:
         stats = merge_statistics(old_stats, class_statistics(features, y, len(labels)))
         others = self._others(tenant.name)
         self._warn_overlap(tenant.name, labels, stats, others, new=set(labels) - set(meta.labels))
-        expert = train_expert(merged, x, x_y, cfg, initial=old)
+        expert = train_expert(merged, x, x_y, cfg, initial=None if bridge else old)  # weights of another trunk: anew
         routing = routing_entry(x, x_y, stats, [entry for _, entry in others], cfg)
         new_meta = ExpertMeta(
             tenant.name,

@@ -14,6 +14,7 @@ from moe.store.shard import (
     write_shard,
 )
 from moe.store.store import ExpertStore, ShardRecord, check_tenant_name
+from moe.store.trunks import TrunkVersions
 
 __all__ = [
     "ExpertMeta",
@@ -21,6 +22,7 @@ __all__ = [
     "RemoteStore",
     "ShardError",
     "ShardRecord",
+    "TrunkVersions",
     "architecture",
     "check_tenant_name",
     "expected_shapes",

@@ -5,4 +5,6 @@ from moe.trunk.cache import FeatureCache
 from moe.trunk.hf import HFEncoderTrunk, minilm_folder
 from moe.trunk.tiny import TinyTrunk
 
-__all__ = ["FeatureCache", "HFEncoderTrunk", "TinyTrunk", "Trunk", "fingerprint_module", "minilm_folder"]
+TRUNK_KINDS: dict[str, type[Trunk]] = {cls.kind: cls for cls in (HFEncoderTrunk, TinyTrunk)}  # rebuilt by kind
+
+__all__ = ["TRUNK_KINDS", "FeatureCache", "HFEncoderTrunk", "TinyTrunk", "Trunk", "fingerprint_module", "minilm_folder"]

@@ -86,6 +86,7 @@ class Trunk(nn.Module, ABC):
 
     def freeze(self) -> Trunk:
         self.requires_grad_(False)
+        self._fingerprint = None  # hashed again: the weights may have been trained (or copied with a stale hash)
         return self.eval()
 
     @property

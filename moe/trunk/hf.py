@@ -75,9 +75,12 @@ class HFEncoderTrunk(Trunk):
         return {"max_length": self.max_length}
 
     def save_weights(self, folder: Path) -> None:
+        """The folder's files, with the encoder's weights as they are now (an adapted trunk's differ from the
+        folder's): `model.safetensors` and `config.json` written by `save_pretrained`."""
         for name in folder_files(self.folder):
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.folder / name, folder / name)
+        self.encoder.save_pretrained(folder, safe_serialization=True)
 
     def reference(self) -> dict[str, Any]:
         files = folder_files(self.folder)

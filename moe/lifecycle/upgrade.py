@@ -1,0 +1,110 @@
+"""Moving a store onto a new trunk version without waking anyone's data.
+
+    awake tenants with data   retrained on the new trunk from their data (`Lifecycle.retrain`)
+    every other tenant        kept working through what its shard holds, by one strategy:
+        bridge      the shard stays as it is; its expert reads the new trunk's features mapped back into its old
+                    feature space, and its routing entry is moved into the new one (`moe.model.bridge`)
+        transport   a new version on the new trunk, rebuilt from its statistics moved into the new space
+                    (`Lifecycle.transport`); nothing of the old trunk is used when serving
+
+The bridge between the two versions is fitted on calibration texts only: the awake tenants' train texts and any
+unlabeled texts the user gives, never a sleeping tenant's (their data is gone; the upgrade never reads it). Keeping
+the old trunk for the sleeping tenants, the exact reference, costs a second trunk in memory and a second pass per
+query; the trunk-upgrade experiment measures it beside these two.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tqdm.auto import tqdm
+
+from moe.data import Tenant
+from moe.lifecycle.operations import Lifecycle
+from moe.model import check_choice
+from moe.model.bridge import Bridge
+from moe.store import TrunkVersions
+from moe.trunk import Trunk
+
+log = logging.getLogger(__name__)
+
+Strategy = Literal["bridge", "transport"]
+
+
+@dataclass
+class UpgradeReport:
+    old: str
+    new: str
+    strategy: str
+    bridge: dict  # calibration texts and the bridge's fidelity on held-out ones
+    tenants: dict[str, str] = field(default_factory=dict)  # tenant -> retrained | bridged | transported | current
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def fit_bridge(old_trunk: Trunk, new_trunk: Trunk, texts: Sequence[str], batch_size: int = 64) -> Bridge:
+    """The bridge between two trunk versions from calibration `texts` encoded by each."""
+    texts = list(dict.fromkeys(texts))  # each text once
+    old = old_trunk.encode(texts, batch_size, progress=True).cpu()
+    new = new_trunk.encode(texts, batch_size, progress=True).cpu()
+    return Bridge.fit(old_trunk.fingerprint, new_trunk.fingerprint, old, new)
+
+
+def upgrade_store(
+    lifecycle: Lifecycle,
+    old_trunk: Trunk,
+    awake: Sequence[Tenant],
+    strategy: Strategy,
+    calibration: Sequence[str] = (),
+) -> UpgradeReport:
+    """Move `lifecycle.store` from `old_trunk` to `lifecycle.trunk` (the new version): fit and save the bridge between
+    them (on `calibration` texts plus the awake tenants' train texts), retrain each tenant of `awake` (awake tenants
+    with their data), keep every other expert working by `strategy`, then make the new version the store's current
+    one. Only the tenants in `awake` have data; nothing else is read but shards."""
+    check_choice(strategy, Strategy, "strategy")
+    store, new_trunk = lifecycle.store, lifecycle.trunk
+    versions = TrunkVersions(store.root)
+    if not versions.has(new_trunk.fingerprint):
+        raise KeyError(
+            f"trunk {new_trunk.fingerprint[:12]}… is not recorded in {store.root}: adapt it into the store first "
+            "(scripts/adapt_trunk.py) or record it"
+        )
+    versions.record(old_trunk)
+    dormant = set(store.dormant())
+    if asleep := sorted(t.name for t in awake if t.name in dormant):
+        raise ValueError(f"tenants {asleep} are hibernating: the upgrade keeps them through their shards, not data")
+    names = store.tenants(dormant=True)
+    if unknown := sorted(t.name for t in awake if t.name not in names):
+        raise KeyError(f"tenants {unknown} have no expert in {store.root}; known: {names}")
+    on = {name: store.meta(name).trunk_fingerprint for name in names}
+    if stray := sorted(n for n, fp in on.items() if fp not in (old_trunk.fingerprint, new_trunk.fingerprint)):
+        raise ValueError(
+            f"experts {stray} are on trunk versions other than {old_trunk.fingerprint[:12]}… and "
+            f"{new_trunk.fingerprint[:12]}…: upgrade one version at a time"
+        )
+    report = UpgradeReport(old_trunk.fingerprint, new_trunk.fingerprint, strategy, {})
+    start = time.perf_counter()
+    texts = [*calibration, *(e.text for tenant in awake for e in tenant.split("train"))]
+    bridge = fit_bridge(old_trunk, new_trunk, texts)
+    versions.save_bridge(bridge)
+    report.bridge, report.seconds["bridge"] = bridge.info, time.perf_counter() - start
+    log.info("bridge %s… -> %s…: %s", bridge.old[:12], bridge.new[:12], bridge.info)
+    data = {tenant.name: tenant for tenant in awake}
+    for name in tqdm(names, desc=f"upgrading ({strategy})", unit="tenant"):
+        start = time.perf_counter()
+        if on[name] == new_trunk.fingerprint:
+            report.tenants[name] = "current"
+        elif name in data:
+            lifecycle.retrain(data[name])
+            report.tenants[name] = "retrained"
+        elif strategy == "transport":
+            lifecycle.transport(name)
+            report.tenants[name] = "transported"
+        else:
+            report.tenants[name] = "bridged"
+        report.seconds[name] = time.perf_counter() - start
+    versions.set_current(new_trunk.fingerprint)
+    return report

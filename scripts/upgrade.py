@@ -1,0 +1,20 @@
+"""Move a store onto a new trunk version: awake tenants retrained from their files, every other tenant kept working
+through its shard (a bridge, or its statistics transported), none of its data read.
+
+    python scripts/upgrade.py store_dir=outputs/acme_store strategy=bridge \\
+        'tenants=[{name: banking, files: data/banking.csv, split_column: split}]'
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from moe.lifecycle.versions_run import run_upgrade
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="upgrade")
+def main(cfg: DictConfig) -> None:
+    print(run_upgrade(cfg)["tenants"])
+
+
+if __name__ == "__main__":
+    main()

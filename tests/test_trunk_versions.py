@@ -1,0 +1,174 @@
+"""Trunk versions: a store records the trunks its experts were trained on, a new version is adapted from the awake
+tenants' data, and an upgrade keeps every sleeping expert working (bridged or transported) without its data."""
+
+import pytest
+import torch
+
+from moe.data import read_tenant_file
+from moe.inference import GateSettings, load_mixture
+from moe.lifecycle import Lifecycle
+from moe.lifecycle.adapt import AdaptConfig, adapt_trunk
+from moe.lifecycle.upgrade import upgrade_store
+from moe.lifecycle.trunk_upgrade import run_trunk_upgrade
+from moe.lifecycle.versions_run import run_adapt_trunk, run_upgrade
+from moe.model import best_labels
+from moe.model.bridge import AffineMap, Bridge
+from moe.store import ExpertStore, TrunkVersions
+from moe.trunk import TinyTrunk
+from tests.helpers import compose_config, digests, fast_growth, tenant_files_override, write_synthetic_tenants
+
+STATISTICS = GateSettings(source="statistics")
+ADAPT = AdaptConfig(epochs=3, lr=3e-2, head_lr=3e-2, batch_size=16, input_scale=8.0)
+
+
+@pytest.fixture
+def files(tmp_path):
+    return write_synthetic_tenants(tmp_path / "data")
+
+
+@pytest.fixture
+def tenants(files):
+    return {name: read_tenant_file(name, path, split_column="split") for name, path in files.items()}
+
+
+@pytest.fixture
+def store(tmp_path, tenants):
+    """weather, music and bank grown on a tiny trunk; bank hibernating."""
+    trunk = TinyTrunk(dim=16, freeze=True)
+    lifecycle = Lifecycle(ExpertStore(tmp_path / "store"), trunk, trunk.encode, fast_growth(epochs=30))
+    for tenant in tenants.values():
+        lifecycle.grow(tenant)
+    lifecycle.hibernate("bank")
+    return lifecycle.store
+
+
+def given_answers(store, trunk, tenant, tenants=None):
+    model = load_mixture(store, tenants, STATISTICS, trunk.fingerprint)
+    features = trunk.encode([e.text for e in tenant.split("test")])
+    output = model(features, torch.full((len(features),), model.tenant_index(tenant.name)))
+    return [model.labels[i][1] for i in best_labels(output)[0].tolist()], model
+
+
+def accuracy(answers, tenant):
+    return sum(a == e.label for a, e in zip(answers, tenant.split("test"), strict=True)) / len(answers)
+
+
+def adapted_trunk(store, tenants):
+    old = TinyTrunk(dim=16, freeze=True)
+    new, _ = adapt_trunk(old, [tenants["weather"], tenants["music"]], ADAPT)
+    TrunkVersions(store.root).record(new, parent=old.fingerprint, weights=True)
+    return old, new
+
+
+def test_a_grow_records_its_trunk_and_a_recorded_version_rebuilds_to_the_same_fingerprint(store, tenants):
+    versions = TrunkVersions(store.root)
+    old = TinyTrunk(dim=16, freeze=True)
+    assert versions.fingerprints() == [old.fingerprint] and versions.current() is None
+    assert versions.rebuild(old.fingerprint).fingerprint == old.fingerprint
+    _, new = adapted_trunk(store, tenants)
+    assert new.fingerprint != old.fingerprint and versions.describe(new.fingerprint)["parent"] == old.fingerprint
+    rebuilt = versions.rebuild(new.fingerprint)  # from its saved weights
+    assert rebuilt.fingerprint == new.fingerprint and rebuilt.frozen
+    with pytest.raises(KeyError, match="not recorded"):
+        versions.rebuild("f" * 64)
+
+
+def test_an_old_expert_is_refused_on_a_new_trunk_unless_a_bridge_exists_naming_both_fingerprints(store, tenants):
+    old, new = adapted_trunk(store, tenants)
+    with pytest.raises(ValueError) as refused:
+        load_mixture(store, ["bank", "music", "weather"], STATISTICS, new.fingerprint)
+    message = str(refused.value)
+    assert old.fingerprint[:12] in message and new.fingerprint[:12] in message and "no bridge" in message
+    lifecycle = Lifecycle(store, new, new.encode, fast_growth())
+    with pytest.raises(ValueError, match=old.fingerprint[:12]):  # a grow reads the others' statistics: refused too
+        lifecycle.grow(read_tenant_file("late", store.root.parent / "data" / "bank.csv", split_column="split"))
+
+
+@pytest.mark.parametrize("strategy", ["bridge", "transport"])
+def test_an_upgrade_keeps_a_sleeping_expert_answering_on_the_new_trunk(store, tenants, strategy):
+    bank = tenants["bank"]
+    old_answers, _ = given_answers(store, TinyTrunk(dim=16, freeze=True), bank, ["bank", "music", "weather"])
+    old, new = adapted_trunk(store, tenants)
+    bank_files = {k: v for k, v in digests(store.root).items() if k.parts[0] == "bank"}
+    lifecycle = Lifecycle(store, new, new.encode, fast_growth(epochs=30, transport_per_class=50))
+    report = upgrade_store(lifecycle, old, [tenants["weather"], tenants["music"]], strategy)
+    how = "bridged" if strategy == "bridge" else "transported"
+    assert report.tenants == {"bank": how, "music": "retrained", "weather": "retrained"}
+    assert TrunkVersions(store.root).current() == new.fingerprint
+    answers, model = given_answers(store, new, bank, ["bank", "music", "weather"])
+    assert accuracy(answers, bank) >= accuracy(old_answers, bank) - 0.1
+    if strategy == "bridge":  # its shard untouched; it runs through the bridge
+        assert {k: v for k, v in digests(store.root).items() if k.parts[0] == "bank"} == bank_files
+        assert model.expert_trunks == {"bank": old.fingerprint, "music": new.fingerprint, "weather": new.fingerprint}
+    else:  # a new version on the new trunk; the old one kept for rollback
+        assert store.versions("bank") == [1, 2] and set(model.expert_trunks.values()) == {new.fingerprint}
+    assert store.is_dormant("bank")  # still asleep
+
+
+@pytest.mark.parametrize("gone", ["deleted", "unreadable"])
+def test_adapting_and_upgrading_never_open_a_sleeping_tenants_files(tmp_path, store, files, gone):
+    bank = files["bank"]  # still named in the configs below, as a user's list of every tenant would name it
+    bank.unlink()
+    if gone == "unreadable":  # a folder where its file stood: any attempt to read it fails
+        bank.mkdir()
+    override = _tenants_override(files)
+    cfg = compose_config(
+        "adapt_trunk",
+        [f"store_dir={store.root}", "trunk=tiny", "trunk.dim=16", "logger=none", "adapt.epochs=2", "adapt.lr=3e-2"]
+        + [override],
+        tmp_path / "adapt",
+    )
+    adapted = run_adapt_trunk(cfg)
+    assert adapted["tenants"] == ["weather", "music"]
+    cfg = compose_config(
+        "upgrade",
+        [f"store_dir={store.root}", "trunk=tiny", "trunk.dim=16", "strategy=bridge", override]
+        + ["growth.epochs=5", "expert.rank=8"],
+        tmp_path / "upgrade",
+    )
+    summary = run_upgrade(cfg)
+    assert summary["new"] == adapted["fingerprint"] and summary["tenants"]["bank"] == "bridged"
+    assert TrunkVersions(store.root).current() == adapted["fingerprint"]
+
+
+def _tenants_override(files):
+    entries = ", ".join(f"{{name: {name}, files: '{path}', split_column: split}}" for name, path in files.items())
+    return f"tenants=[{entries}]"
+
+
+def test_a_bridge_folds_exactly_into_gate_rows_and_moves_statistics_by_their_definition():
+    generator = torch.Generator().manual_seed(0)
+    new = torch.randn(400, 6, generator=generator)
+    old = new @ torch.randn(6, 5, generator=generator) + 0.3 + 0.01 * torch.randn(400, 5, generator=generator)
+    bridge = Bridge.fit("a" * 64, "b" * 64, old, new)
+    assert bridge.info["r2"] > 0.99
+    weight, bias, scale = torch.randn(3, 5, generator=generator), torch.randn(3), 8.0
+    folded_weight, folded_bias = bridge.rows_to_new(weight, bias, scale)
+    x = new[:10] * scale
+    torch.testing.assert_close(x @ folded_weight.T + folded_bias, bridge.to_old(x, scale) @ weight.T + bias)
+    labels = torch.arange(400) % 2
+    from moe.model.stats import class_statistics
+
+    moved = bridge.statistics_to_new(class_statistics(old, labels, 2))
+    direct = class_statistics(bridge.to_new(old), labels, 2)
+    torch.testing.assert_close(moved["stats.mean"], direct["stats.mean"])
+    assert torch.allclose(moved["stats.scatter"], direct["stats.scatter"] + 400 * bridge.residual, atol=1e-3)
+    with pytest.raises(ValueError, match="calibration texts"):
+        Bridge.fit("a" * 64, "b" * 64, old[:8], new[:8])
+    assert isinstance(bridge.to_old, AffineMap)
+
+
+def test_the_experiment_reports_every_strategy_and_keep_is_exact_for_sleeping_tenants(tmp_path, files):
+    overrides = ["trunk=tiny", "trunk.dim=16", "data=tenant_files", tenant_files_override(files), "dormant=[bank]"]
+    overrides += ["growth.epochs=20", "expert.rank=8", "adapt.epochs=2", "adapt.lr=3e-2", "adapt.head_lr=3e-2"]
+    overrides += ["growth.transport_per_class=30", "eval_split=test"]
+    metrics = run_trunk_upgrade(compose_config("trunk_upgrade", overrides, tmp_path / "run"))
+    for strategy in ("old", "bridge", "transport", "keep"):
+        assert 0 <= metrics[f"{strategy}/all/acc_routed"] <= 100 and metrics[f"{strategy}/latency_ms_batch1"] > 0
+    # the reference feeds the sleeping expert its own old trunk's features: exactly its old answers
+    assert metrics["keep/dormant/acc_tenant_given"] == metrics["old/dormant/acc_tenant_given"]
+    assert metrics["keep/trunks"] == 2 and metrics["bridge/trunks"] == 1
+    assert metrics["keep/memory_bytes"] > metrics["bridge/memory_bytes"]
+    assert not (tmp_path / "run" / "data" / "bank.csv").exists()  # its data file was deleted before the upgrade
+    assert metrics["best_one_trunk/strategy"] in ("bridge", "transport")
+    assert "newcomer/acc_tenant_given_new_trunk" in metrics
