@@ -947,6 +947,108 @@ def load_test(root: Path) -> str:
     )
 
 
+TRUNK_UPGRADE = """\
+`python scripts/trunk_upgrade.py experiment=clinc150_trunk_upgrade` (`clinc150_trunk_upgrade/metrics.json`, with
+`per_tenant.json` beside it), one run on the 2-core AMD EPYC CPU machine, CLINC150 in-scope {split} queries. The ten
+domains were grown on the shipped MiniLM, each from its own data file; {dormant} were hibernated and their files
+deleted; MiniLM was fine-tuned on the other five ({awake}: {examples:,} texts, {epochs} epochs, every weight, feature
+compatibility weight {compatibility}; {adapt_s} s), which made trunk version `{new}` from `{old}`. Each strategy then
+upgraded its own copy of the store (`scripts/upgrade.py` does the same on a user's store): the five awake tenants
+retrained on the new trunk from their files, the five dormant ones kept by the strategy, their data never read. The
+statistics gate routes (top-2); dormant and awake figures are pooled over their tenants' queries, routing over all ten.
+
+{table}
+
+- **bridge**: the dormant shards stay byte for byte; their experts read the new trunk's features mapped back into the
+  old space by an affine map fitted on {calibration:,} calibration texts (the awake tenants' train texts and
+  CLINC150's out-of-scope train queries, no dormant tenant's): R^2 {r2} and mean cosine {cosine} on {held_out} held-out
+  ones (ridge {ridge}, chosen on them). Their routing entries move into the new space through the reverse map.
+- **transport**: each dormant expert rebuilt on the new trunk from its statistics moved into the new space
+  ({per_class} samples per class); nothing of the old trunk or the bridge is used when serving.
+- **keep**: the reference. Each expert reads its own trunk's features, so two trunks run per query; the dormant
+  tenants' tenant-given answers are their old ones exactly (a test checks it).
+
+Memory is the trunks' parameters, every latest shard and the bridges; latency is the median of one tenant-given query
+of a dormant tenant, text to answer, over {queries} queries. The best strategy that runs one trunk, **{best}**, keeps
+the dormant tenants within {best_delta} points of their old tenant-given accuracy and moves routed accuracy over all
+ten by {best_routed} points.
+
+**Does a trunk adapted on other tenants help a tenant that comes later?** Each dormant domain, whose data the adapted
+trunk never saw, grown afresh on it: tenant-given {newcomer_new} against {newcomer_old} on the shipped trunk
+({newcomer_delta} points, pooled over the five). The adapted trunk helped the tenants it was adapted on (awake
+tenant-given {awake_old} to {awake_new}) {newcomer_verdict}
+
+The adaptation's settings were chosen on val (`val_settings.csv`: each setting's run with `eval_split=val`), by the
+routed accuracy over all ten of the best one-trunk strategy among the settings that keep the dormant tenants within
+0.5 points of their tenant-given accuracy:
+
+{val_table}"""
+
+
+def trunk_upgrade(root: Path) -> str:
+    m = load(root, "clinc150_trunk_upgrade/metrics.json")
+    cfg = load(root, "clinc150_trunk_upgrade/settings.json")
+    strategies = [s for s in ("old", "bridge", "transport", "keep") if f"{s}/all/acc_routed" in m]
+
+    def change(s: str, key: str) -> str:
+        """The figure, and for a strategy its change from the old trunk's."""
+        value = f(m[f"{s}/{key}"])
+        return value if s == "old" else f"{value} ({f(m[f'{s}/{key}'] - m[f'old/{key}'])})"
+
+    rows = [
+        ["old trunk, before" if s == "old" else s, m[f"{s}/trunks"], change(s, "dormant/acc_tenant_given")]
+        + [f(m[f"{s}/dormant/acc_routed"]), f(m[f"{s}/awake/acc_tenant_given"]), f(m[f"{s}/awake/acc_routed"])]
+        + [change(s, "all/acc_routed"), f(m[f"{s}/all/routing_acc"])]
+        + [f(m[f"{s}/memory_bytes"] / MB, 1), f(m[f"{s}/latency_ms_batch1"], 1)]
+        + [f(m[f"{s}/upgrade_s"], 0) if f"{s}/upgrade_s" in m else ""]
+        for s in strategies
+    ]
+    header = ["strategy", "trunks", "dormant tenant given", "dormant routed", "awake tenant given", "awake routed"]
+    header += ["all routed", "routing", "memory MB", "batch-1 ms", "upgrade s"]
+    val = load_rows(root, "clinc150_trunk_upgrade/val_settings.csv")
+    val_rows = [
+        [r["epochs"], r["compatibility"], f(float(r["bridge_dormant_delta"])), f(float(r["bridge_all_routed"]))]
+        + [f(float(r["awake_tenant_given"])), "yes" if r["chosen"] == "true" else ""]
+        for r in val
+    ]
+    val_header = ["epochs", "compatibility", "bridge: dormant tenant given, points", "bridge: all routed"]
+    val_header += ["awake tenant given", "chosen"]
+    helped = m["newcomer/delta_tenant_given"] > 0
+    return TRUNK_UPGRADE.format(
+        table=table(header, rows),
+        split=m["split"],
+        dormant=", ".join(m["dormant"]),
+        awake=", ".join(m["awake"]),
+        examples=int(m["adapt/examples"]),
+        epochs=cfg["adapt"]["epochs"],
+        compatibility=cfg["adapt"]["compatibility"],
+        adapt_s=f(m["adapt/seconds"], 0),
+        new=m["trunk/new"][:12],
+        old=m["trunk/old"][:12],
+        calibration=int(m["bridge/bridge/calibration_texts"]),
+        r2=f(m["bridge/bridge/r2"], 3),
+        cosine=f(m["bridge/bridge/cosine"], 3),
+        held_out=int(m["bridge/bridge/held_out_texts"]),
+        ridge=m["bridge/bridge/ridge"],
+        per_class=cfg["transport_per_class"],
+        queries=cfg["latency_queries"],
+        best=m["best_one_trunk/strategy"],
+        best_delta=f(-m["best_one_trunk/dormant/delta_tenant_given"]),
+        best_routed=f(m["best_one_trunk/all/delta_routed"]),
+        newcomer_new=f(m["newcomer/acc_tenant_given_new_trunk"]),
+        newcomer_old=f(m["newcomer/acc_tenant_given_old_trunk"]),
+        newcomer_delta=f(m["newcomer/delta_tenant_given"]),
+        awake_old=f(m["old/awake/acc_tenant_given"]),
+        awake_new=f(m["bridge/awake/acc_tenant_given"]),
+        newcomer_verdict=(
+            "and a newcomer a little: build on the adapted trunk."
+            if helped
+            else "but not a newcomer from other domains: its gain stays with the tenants it was adapted on."
+        ),
+        val_table=table(val_header, val_rows),
+    )
+
+
 SECTIONS: list[tuple[str, Callable[[Path], str]]] = [
     ("Training", training),
     ("Training on one GPU", gpu_training),
@@ -964,6 +1066,7 @@ SECTIONS: list[tuple[str, Callable[[Path], str]]] = [
     ("Routing thousands of tenants through an index", routing_index),
     ("Registering thousands of tenants", registration),
     ("A load test of the HTTP service", load_test),
+    ("Trunk versions", trunk_upgrade),
     ("Earlier measurements without a JSON record", earlier),
 ]
 
@@ -1091,6 +1194,17 @@ SUMMARY = [  # (what, section, figure(root)): one row each
                 "libraries"
             ][load(r, "routing_index/routing_index.json")["choice"]["library"]]
         ),
+    ),
+    (
+        "Trunk upgrade, best one-trunk strategy: dormant tenants' tenant-given / routed over all ten, points",
+        "Trunk versions",
+        lambda r: (
+            lambda m: "{}: {} / {}".format(
+                m["best_one_trunk/strategy"],
+                f(m["best_one_trunk/dormant/delta_tenant_given"]),
+                f(m["best_one_trunk/all/delta_routed"]),
+            )
+        )(load(r, "clinc150_trunk_upgrade/metrics.json")),
     ),
     (
         "HTTP service, 10,000 tenants, 1 % expert budget: requests/s and p99 ms, one replica / two",

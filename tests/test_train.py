@@ -1,6 +1,7 @@
 """End-to-end training from the real Hydra configs: outputs, shards, loggers, and every experiment file."""
 
 import json
+from typing import get_args
 
 import lightning as L
 import pytest
@@ -127,8 +128,18 @@ def experiments_run_by(script: str) -> list[str]:
 
 
 def test_every_experiment_file_names_the_command_that_runs_it():
-    named = set(experiments_run_by("train")) | set(experiments_run_by("scenario"))
+    named = {name for script in ("train", "scenario", "trunk_upgrade") for name in experiments_run_by(script)}
     assert named == {p.stem for p in (CONF / "experiment").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("experiment", experiments_run_by("trunk_upgrade"))
+def test_every_trunk_upgrade_experiment_names_real_tenants_and_strategies(experiment, tmp_path, clinc_dir):
+    from moe.data.clinc150 import load_clinc150
+    from moe.lifecycle.upgrade import Strategy
+
+    cfg = compose_config("trunk_upgrade", [f"experiment={experiment}"], tmp_path)
+    domains = {t.name for t in load_clinc150(clinc_dir).tenants}
+    assert set(cfg.dormant) < domains and set(cfg.strategies) <= {*get_args(Strategy), "keep"}
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """Trunk versions: a store records the trunks its experts were trained on, a new version is adapted from the awake
 tenants' data, and an upgrade keeps every sleeping expert working (bridged or transported) without its data."""
 
+import json
+
 import pytest
 import torch
 
@@ -8,14 +10,21 @@ from moe.data import read_tenant_file
 from moe.inference import GateSettings, load_mixture
 from moe.lifecycle import Lifecycle
 from moe.lifecycle.adapt import AdaptConfig, adapt_trunk
-from moe.lifecycle.upgrade import upgrade_store
 from moe.lifecycle.trunk_upgrade import run_trunk_upgrade
+from moe.lifecycle.upgrade import upgrade_store
 from moe.lifecycle.versions_run import run_adapt_trunk, run_upgrade
 from moe.model import best_labels
 from moe.model.bridge import AffineMap, Bridge
 from moe.store import ExpertStore, TrunkVersions
 from moe.trunk import TinyTrunk
-from tests.helpers import compose_config, digests, fast_growth, tenant_files_override, write_synthetic_tenants
+from tests.helpers import (
+    compose_config,
+    digests,
+    fast_growth,
+    run_python,
+    tenant_files_override,
+    write_synthetic_tenants,
+)
 
 STATISTICS = GateSettings(source="statistics")
 ADAPT = AdaptConfig(epochs=3, lr=3e-2, head_lr=3e-2, batch_size=16, input_scale=8.0)
@@ -172,3 +181,44 @@ def test_the_experiment_reports_every_strategy_and_keep_is_exact_for_sleeping_te
     assert not (tmp_path / "run" / "data" / "bank.csv").exists()  # its data file was deleted before the upgrade
     assert metrics["best_one_trunk/strategy"] in ("bridge", "transport")
     assert "newcomer/acc_tenant_given_new_trunk" in metrics
+
+
+FRESH_PROCESS = """
+import json, sys
+from moe.serving import Server
+queries = [json.loads(line) for line in open(sys.argv[2])]
+server = Server(sys.argv[1])
+print(json.dumps([a.to_dict() for a in server.predict([q["text"] for q in queries])]))
+"""
+ANSWER = ("tenant", "intent", "score", "out_of_scope", "experts", "runners_up")
+
+
+@pytest.mark.subprocess
+def test_a_bundle_of_an_upgraded_store_serves_in_a_fresh_process_what_evaluation_predicted(tmp_path, store, files):
+    from moe.evaluation.run import evaluate
+    from moe.export.run import export
+    from moe.inference import read_bundle
+
+    tenants = {name: read_tenant_file(name, path, split_column="split") for name, path in files.items()}
+    old, new = adapted_trunk(store, tenants)
+    lifecycle = Lifecycle(store, new, new.encode, fast_growth(epochs=30))
+    upgrade_store(lifecycle, old, [tenants["weather"], tenants["music"]], "bridge")
+    store.wake("bank")  # months later: the sleeping tenant wakes on the upgraded store, through its bridge
+    data = ["data=tenant_files", tenant_files_override(files), "routing=statistics"]
+    rule = ["oos.threshold=0.42", "oos.score=gate_max_prob"]
+    common = [*data, *rule, f"store_dir={store.root}"]
+    evaluate(
+        compose_config(
+            "evaluate", [*common, "logger=none", "write_predictions=true", "splits=[test]"], tmp_path / "eval"
+        )
+    )
+    export(compose_config("export", [*common, "export.trunk=copy"], tmp_path / "bundle"))
+    manifest = read_bundle(tmp_path / "bundle").manifest
+    assert {e["tenant"]: e["trunk"] for e in manifest["experts"]}["bank"] == old.fingerprint
+    assert manifest["trunk"]["fingerprint"] == new.fingerprint
+    assert any(name.startswith("experts/.bridges/") for name in manifest["files"])
+    predictions = tmp_path / "eval" / "predictions_test.jsonl"
+    expected = [json.loads(line) for line in predictions.read_text().splitlines()]
+    done = run_python("-c", FRESH_PROCESS, str(tmp_path / "bundle"), str(predictions))
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [{k: e[k] for k in ANSWER} for e in expected]
+    assert {e["tenant"] for e in expected} >= {"bank"}

@@ -15,6 +15,7 @@ from moe.evaluation.collect import Encoder
 from moe.evaluation.sources import SplitSource, tenant_sources
 from moe.inference import GateSettings, read_gate_settings
 from moe.paths import cache_dir
+from moe.store import TrunkVersions
 from moe.trunk import FeatureCache, Trunk
 
 DEFAULT_TRUNK = {"_target_": "moe.trunk.HFEncoderTrunk", "folder": None, "max_length": None, "freeze": True}
@@ -33,7 +34,8 @@ class TrainedStore:
 
 def open_trained_store(cfg: DictConfig) -> TrainedStore:
     """`cfg.store_dir` (required); the run folder is `cfg.run_dir` or the store's parent when that holds a
-    config.yaml. Trunk: `cfg.trunk` when chosen, else the run's. Top-k: `cfg.top_k` when set, else the run's gate
+    config.yaml. Trunk: `cfg.trunk` when chosen, else the store's current trunk version (after an upgrade), else the
+    run's. Top-k: `cfg.top_k` when set, else the run's gate
     file, else its config. Routing rows (`routing=trained|statistics`): the gate rows stored in each shard, or rows
     derived from each shard's statistics (the lifecycle's statistics gate). Batch size: `cfg.batch_size`, else the run's
     `data.eval_batch_size` (the same batches give the same figures to the last bit)."""
@@ -46,12 +48,16 @@ def open_trained_store(cfg: DictConfig) -> TrainedStore:
     run_config = OmegaConf.load(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     if cfg.get("run_dir") and run_config is None:
         raise FileNotFoundError(f"run_dir {run_dir} holds no config.yaml")
-    trunk_cfg = cfg.get("trunk") or (run_config.get("trunk") if run_config else None) or DEFAULT_TRUNK
-    trunk: Trunk = instantiate(trunk_cfg)
-    trained = run_config is not None and (run_dir / "trunk.safetensors").is_file()
-    if trained:
-        trunk.load_state_dict(load_file(run_dir / "trunk.safetensors"))
-    trunk.freeze()
+    versions = TrunkVersions(store_dir)
+    if not cfg.get("trunk") and (current := versions.current()) is not None:  # an upgraded store's trunk version
+        trunk, trained = versions.rebuild(current), bool(versions.describe(current).get("weights"))
+    else:
+        trunk_cfg = cfg.get("trunk") or (run_config.get("trunk") if run_config else None) or DEFAULT_TRUNK
+        trunk = instantiate(trunk_cfg)
+        trained = run_config is not None and (run_dir / "trunk.safetensors").is_file()
+        if trained:
+            trunk.load_state_dict(load_file(run_dir / "trunk.safetensors"))
+        trunk.freeze()
     gate_file = run_dir / "gate.safetensors"
     if gate_file.is_file():
         gate = read_gate_settings(gate_file)

@@ -83,6 +83,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float | str]:
     if writer is not None:
         writer.finish(evaluation.score, evaluation.threshold, evaluation.unsure_margin)
     evaluation.metrics |= {"eval/batch_size": batch_size, "eval/top_k": model.router.top_k}
+    bridged = {t: fp for t, fp in model.expert_trunks.items() if fp != trunk.fingerprint}  # experts of older trunks
+    evaluation.metrics |= {"trunk/fingerprint": trunk.fingerprint, "trunk/bridged_experts": len(bridged)}
+    if bridged:
+        log.info("experts on older trunk versions, through bridges: %s", {t: fp[:12] for t, fp in bridged.items()})
     if OmegaConf.select(cfg, "reference.joint_linear"):  # the joint linear reference, on the same features
         from moe.evaluation.reference import store_reference_metrics
 

@@ -13,7 +13,8 @@ from moe.export.precision import DTYPES, convert_shard
 from moe.inference import GateSettings, PagedMixture
 from moe.inference.bundle import MANIFEST, copy_trunk, describe_trunk, write_manifest
 from moe.paths import file_sha256
-from moe.store import ExpertStore, save_gate
+from moe.store import ExpertStore, TrunkVersions, save_gate
+from moe.store.trunks import BRIDGES
 from moe.trunk import Trunk
 
 
@@ -75,7 +76,13 @@ def write_files(
     for tenant, version in model.keys:
         convert_shard(store.path(tenant, version), out / expert_file(tenant, version), dtype)
         files.append(expert_file(tenant, version))
-    architecture = store.meta(*model.keys[0]).architecture | {"dtype": dtype}
+    versions = TrunkVersions(store_dir)  # experts on an older trunk version travel with their bridge
+    for old in sorted({fp for fp in model.expert_trunks.values() if fp != trunk.fingerprint}):
+        name = f"experts/{BRIDGES}/{versions.bridge_path(old, trunk.fingerprint).name}"
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(versions.bridge_path(old, trunk.fingerprint), out / name)
+        files.append(name)
+    architecture = store.meta(*model.keys[0]).architecture | {"dtype": dtype, "dim": trunk.dim}
     files.append(save_gate(out / "gate.safetensors", model, trunk.fingerprint, architecture).name)
     if trunk_mode == "copy":
         files += copy_trunk(trunk, out)
@@ -119,6 +126,9 @@ def write_bundle_manifest(
                 "file": expert_file(info.tenant, version),
                 "sha256": file_sha256(out / expert_file(info.tenant, version)),
                 "dtype": dtype,
+                "trunk": model.expert_trunks.get(
+                    info.tenant, trunk_entry["fingerprint"]
+                ),  # bridged when not the trunk's
             }
             for info, (_, version) in zip(model.experts, model.keys, strict=True)
         ],

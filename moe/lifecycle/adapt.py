@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import lightning as L
@@ -31,6 +32,7 @@ class AdaptConfig:
     batch_size: int = 32
     layers: int | None = None  # the top N transformer layers are trained (None: every weight of the trunk)
     input_scale: float = 8.0  # the head sees unit-norm features times this (as experts do)
+    compatibility: float = 0.0  # weight of |f_new(x) - f_old(x)|^2: keeps the features near the old trunk's (BCT-like)
     accelerator: str = "cpu"
     seed: int = 0
 
@@ -50,9 +52,15 @@ def trainable_parameters(trunk: Trunk, layers: int | None) -> list[torch.nn.Para
 class TrunkAdaptation(L.LightningModule):
     """Trunk -> unit-norm features -> linear head over every (tenant, intent) of the awake tenants."""
 
-    def __init__(self, trunk: Trunk, num_labels: int, cfg: AdaptConfig):
+    def __init__(
+        self, trunk: Trunk, num_labels: int, cfg: AdaptConfig, reference: Callable[[list[str]], torch.Tensor] | None
+    ):
+        """`reference`: the old trunk's features of a batch of texts, which `cfg.compatibility` keeps the new ones
+        near."""
         super().__init__()
-        self.trunk, self.cfg = trunk, cfg
+        if cfg.compatibility and reference is None:
+            raise ValueError("compatibility > 0 needs the old trunk's features (reference)")
+        self.trunk, self.cfg, self.reference = trunk, cfg, reference
         self.trunk.requires_grad_(False)
         self.trained = trainable_parameters(trunk, cfg.layers)
         for parameter in self.trained:
@@ -61,9 +69,15 @@ class TrunkAdaptation(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         texts, labels = batch
-        logits = self.head(self.trunk(texts) * self.cfg.input_scale)
-        loss = F.cross_entropy(logits, labels)
-        self.log("adapt/loss", loss, prog_bar=True, batch_size=len(labels))
+        features = self.trunk(texts)
+        loss = F.cross_entropy(self.head(features * self.cfg.input_scale), labels)
+        self.log("adapt/cross_entropy", loss, prog_bar=True, batch_size=len(labels))
+        if self.cfg.compatibility:
+            with torch.no_grad():
+                old = self.reference(texts).to(features)
+            drift = (features - old).square().sum(-1).mean()
+            self.log("adapt/drift", drift, prog_bar=True, batch_size=len(labels))
+            loss = loss + self.cfg.compatibility * drift
         return loss
 
     def configure_optimizers(self):
@@ -77,10 +91,15 @@ def _collate(rows: list[tuple[str, int]]) -> tuple[list[str], torch.Tensor]:
 
 
 def adapt_trunk(
-    trunk: Trunk, tenants: list[Tenant], cfg: AdaptConfig, loggers: list[Logger] | None = None
+    trunk: Trunk,
+    tenants: list[Tenant],
+    cfg: AdaptConfig,
+    loggers: list[Logger] | None = None,
+    reference: Callable[[list[str]], torch.Tensor] | None = None,
 ) -> tuple[Trunk, dict[str, float]]:
     """A fine-tuned copy of `trunk` (frozen, a new fingerprint) trained on `tenants`' train splits; `trunk` itself is
-    left as it was. Returns it with the run's figures (examples, labels, seconds)."""
+    left as it was. `reference`: `trunk`'s features of texts (default: `trunk.encode`; a feature cache saves the
+    passes), for `cfg.compatibility`. Returns it with the run's figures (examples, labels, seconds)."""
     if not tenants:
         raise ValueError("adapting a trunk needs at least one awake tenant with data")
     L.seed_everything(cfg.seed, workers=True)
@@ -93,7 +112,7 @@ def adapt_trunk(
     if not rows:
         raise ValueError(f"tenants {[t.name for t in tenants]} have no train examples")
     adapted = copy.deepcopy(trunk)
-    module = TrunkAdaptation(adapted, len(label_id), cfg)
+    module = TrunkAdaptation(adapted, len(label_id), cfg, reference or trunk.encode)
     loader = DataLoader(rows, batch_size=cfg.batch_size, shuffle=True, collate_fn=_collate)
     trainer = L.Trainer(
         max_epochs=cfg.epochs,

@@ -180,7 +180,9 @@ class Lifecycle:
         else:
             path = self.store.save(tensors, meta, allow_dormant=False, parent=parent)
         TrunkVersions(self.store.root).record(self.trunk)  # once: what rebuilds the trunk it was trained on
-        log.info("%s %s (%d labels) in %.1f s: %s", how, tenant.name, len(labels), time.perf_counter() - start, path)
+        log.info(
+            "%s %s (%d labels) in %.1f s: %s", how, tenant.name, len(tenant.labels), time.perf_counter() - start, path
+        )
         return path
 
     def transport(self, name: str) -> Path:

@@ -160,7 +160,7 @@ def run_trunk_upgrade(cfg: DictConfig) -> dict[str, float]:
 
     # 3. a new trunk version, adapted on the awake tenants' files
     awake_data = [read_tenant_file(n, files[n], split_column="split") for n in awake]
-    new_trunk, adapt_figures = adapt_trunk(old_trunk, awake_data, AdaptConfig(**cfg.adapt))
+    new_trunk, adapt_figures = adapt_trunk(old_trunk, awake_data, AdaptConfig(**cfg.adapt), reference=old_encode)
     TrunkVersions(store.root).record(new_trunk, parent=old_trunk.fingerprint, note=f"adapted on {awake}", weights=True)
     metrics |= adapt_figures
     new_encode = FeatureCache(root / "features", new_trunk).encode
@@ -239,6 +239,9 @@ def run_trunk_upgrade(cfg: DictConfig) -> dict[str, float]:
 
     metrics |= {"split": split, "awake": awake, "dormant": dormant}  # type: ignore[dict-item]
     metrics["trunk/old"], metrics["trunk/new"] = old_trunk.fingerprint, new_trunk.fingerprint  # type: ignore[assignment]
+    settings = {"adapt": OmegaConf.to_container(cfg.adapt, resolve=True), "top_k": cfg.top_k}
+    settings |= {"transport_per_class": growth.transport_per_class, "latency_queries": len(sample)}
+    (out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
     (out / "per_tenant.json").write_text(json.dumps(figures, indent=1) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     log.info("metrics: %s", json.dumps(metrics, sort_keys=True))

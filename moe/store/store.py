@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 NAME_LENGTH = 64
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _FILE = re.compile(r"v(\d{4}|[1-9]\d{4,})(\.retired)?\.safetensors")  # the names `ExpertStore.path` writes
-_OWN = (".locks", ".retired", ".leaving", ".trunks", ".bridges")  # the store's own folders, never tenants
+_OWN = (".locks", ".retired", ".leaving", ".trunks", ".bridges")  # the store's own folders (moe.store.trunks too)
 
 
 def check_tenant_name(name: object) -> str:

@@ -25,6 +25,7 @@ from moe.model.bridge import Bridge
 from moe.store.shard import ShardError, read_tensors, save_atomically
 from moe.trunk import TRUNK_KINDS, Trunk
 
+TRUNKS, BRIDGES = ".trunks", ".bridges"  # the store's folders of trunk versions and of bridges
 VERSION_FORMAT = "moe.trunk_version/1"
 BRIDGE_FORMAT = "moe.bridge/1"
 
@@ -45,7 +46,7 @@ class TrunkVersions:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.folder, self.bridges_folder = self.root / ".trunks", self.root / ".bridges"
+        self.folder, self.bridges_folder = self.root / TRUNKS, self.root / BRIDGES
 
     # -- versions --------------------------------------------------------------------------------------------
 
