@@ -51,3 +51,18 @@ def test_the_settings_chosen_on_val_are_the_ones_the_configs_use():
         growth["epochs"],
         growth["rehearsal_per_class"],
     )
+
+
+def test_the_trunk_adaptation_settings_are_the_ones_chosen_on_val():
+    """conf/trunk_upgrade.yaml and conf/adapt_trunk.yaml adapt as the val runs chose (`chosen_adaptation`), and the
+    reported run used them."""
+    import yaml
+
+    folder = render_results.RESULTS / "clinc150_trunk_upgrade"
+    chosen = render_results.chosen_adaptation(render_results.load_rows(folder.parent, "clinc150_trunk_upgrade/val_settings.csv"))
+    wanted = (int(chosen["adapt.epochs"]), float(chosen["adapt.compatibility"] or 0.0))
+    for name in ("trunk_upgrade", "adapt_trunk"):
+        adapt = yaml.safe_load((ROOT / f"conf/{name}.yaml").read_text())["adapt"]
+        assert (adapt["epochs"], float(adapt["compatibility"])) == wanted, name
+    used = json.loads((folder / "settings.json").read_text())["adapt"]
+    assert (used["epochs"], float(used["compatibility"])) == wanted

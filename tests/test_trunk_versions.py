@@ -188,6 +188,7 @@ import json, sys
 from moe.serving import Server
 queries = [json.loads(line) for line in open(sys.argv[2])]
 server = Server(sys.argv[1])
+assert set(server.bridged) == {"bank"}, server.bridged
 print(json.dumps([a.to_dict() for a in server.predict([q["text"] for q in queries])]))
 """
 ANSWER = ("tenant", "intent", "score", "out_of_scope", "experts", "runners_up")

@@ -77,6 +77,12 @@ class Server:
     def tenants(self) -> list[str]:
         return list(self.model.tenants)
 
+    @property
+    def bridged(self) -> dict[str, str]:
+        """Tenants whose experts were trained on an older trunk version (they read this trunk's features through a
+        bridge), with that version's fingerprint."""
+        return {t: fp for t, fp in self.model.expert_trunks.items() if fp != self.trunk.fingerprint}
+
     def encode(self, texts: list[str]) -> torch.Tensor:
         with self._trunk_lock:
             return self.trunk.encode(texts)
