@@ -953,7 +953,7 @@ TRUNK_UPGRADE = """\
 `python scripts/trunk_upgrade.py experiment=clinc150_trunk_upgrade` (`clinc150_trunk_upgrade/metrics.json`, with
 `per_tenant.json` beside it), one run on the 2-core AMD EPYC CPU machine, CLINC150 in-scope {split} queries. The ten
 domains were grown on the shipped MiniLM, each from its own data file; {dormant} were hibernated and their files
-deleted; MiniLM was fine-tuned on the other five ({awake}: {examples:,} texts, {epochs} epochs, every weight, feature
+deleted; MiniLM was fine-tuned on the other five ({awake}: {examples:,} texts; epochs {epochs}, every weight, feature
 compatibility weight {compatibility}; {adapt_s} s), which made trunk version `{new}` from `{old}`. Each strategy then
 upgraded its own copy of the store (`scripts/upgrade.py` does the same on a user's store): the five awake tenants
 retrained on the new trunk from their files, the five dormant ones kept by the strategy, their data never read. The
@@ -973,7 +973,9 @@ statistics gate routes (top-2); dormant and awake figures are pooled over their 
 Memory is the trunks' parameters, every latest shard and the bridges; latency is the median of one tenant-given query
 of a dormant tenant, text to answer, over {queries} queries. The best strategy that runs one trunk, **{best}**, moves
 the dormant tenants' tenant-given accuracy by {best_delta} points and routed accuracy over all ten by {best_routed}
-points.
+points. Every strategy shares one gate over the new trunk's features, the dormant tenants' routing entries rebuilt
+there from their statistics moved through the bridge: routing of their queries went from {routing_old} % to
+{routing_new} % (keep, which changes nothing else for them, shows the gate's share of their routed loss).
 
 **Does a trunk adapted on other tenants help a tenant that comes later?** Each dormant domain, whose data the adapted
 trunk never saw, grown afresh on it: tenant-given {newcomer_new} against {newcomer_old} on the shipped trunk
@@ -1052,6 +1054,8 @@ def trunk_upgrade(root: Path) -> str:
         best=m["best_one_trunk/strategy"],
         best_delta=f(m["best_one_trunk/dormant/delta_tenant_given"]),
         best_routed=f(m["best_one_trunk/all/delta_routed"]),
+        routing_old=f(m["old/dormant/routing_acc"]),
+        routing_new=f(m[f"{m['best_one_trunk/strategy']}/dormant/routing_acc"]),
         newcomer_new=f(m["newcomer/acc_tenant_given_new_trunk"]),
         newcomer_old=f(m["newcomer/acc_tenant_given_old_trunk"]),
         newcomer_delta=f(m["newcomer/delta_tenant_given"]),

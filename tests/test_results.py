@@ -59,7 +59,9 @@ def test_the_trunk_adaptation_settings_are_the_ones_chosen_on_val():
     import yaml
 
     folder = render_results.RESULTS / "clinc150_trunk_upgrade"
-    chosen = render_results.chosen_adaptation(render_results.load_rows(folder.parent, "clinc150_trunk_upgrade/val_settings.csv"))
+    chosen = render_results.chosen_adaptation(
+        render_results.load_rows(folder.parent, "clinc150_trunk_upgrade/val_settings.csv")
+    )
     wanted = (int(chosen["adapt.epochs"]), float(chosen["adapt.compatibility"] or 0.0))
     for name in ("trunk_upgrade", "adapt_trunk"):
         adapt = yaml.safe_load((ROOT / f"conf/{name}.yaml").read_text())["adapt"]

@@ -223,3 +223,43 @@ def test_a_bundle_of_an_upgraded_store_serves_in_a_fresh_process_what_evaluation
     done = run_python("-c", FRESH_PROCESS, str(tmp_path / "bundle"), str(predictions))
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [{k: e[k] for k in ANSWER} for e in expected]
     assert {e["tenant"] for e in expected} >= {"bank"}
+
+
+def test_a_sleeping_expert_survives_two_upgrades_through_chained_bridges(store, tenants):
+    bank = tenants["bank"]
+    before, _ = given_answers(store, TinyTrunk(dim=16, freeze=True), bank, ["bank", "music", "weather"])
+    awake = [tenants["weather"], tenants["music"]]
+    v1, v2 = adapted_trunk(store, tenants)
+    upgrade_store(Lifecycle(store, v2, v2.encode, fast_growth(epochs=30)), v1, awake, "bridge")
+    v3, _ = adapt_trunk(v2, awake, ADAPT)
+    TrunkVersions(store.root).record(v3, parent=v2.fingerprint, weights=True)
+    report = upgrade_store(Lifecycle(store, v3, v3.encode, fast_growth(epochs=30)), v2, awake, "bridge")
+    assert report.tenants["bank"] == "bridged" and TrunkVersions(store.root).current() == v3.fingerprint
+    answers, model = given_answers(store, v3, bank, ["bank", "music", "weather"])
+    assert model.expert_trunks["bank"] == v1.fingerprint  # the shard of the first trunk, read through v3 -> v1
+    assert accuracy(answers, bank) >= accuracy(before, bank) - 0.15
+
+
+def test_chained_bridges_compose_exactly():
+    generator = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randn(300, 5, generator=generator) for _ in range(3))
+    first = Bridge.fit("1" * 64, "2" * 64, a, b)  # trunk 1 -> trunk 2
+    second = Bridge.fit("2" * 64, "3" * 64, b, c)  # trunk 2 -> trunk 3
+    chained = first.then(second)
+    x = torch.randn(7, 5, generator=generator)
+    torch.testing.assert_close(chained.to_old(x, 8.0), first.to_old(second.to_old(x, 8.0), 8.0))
+    torch.testing.assert_close(chained.to_new(x), second.to_new(first.to_new(x)))
+    assert (chained.old, chained.new) == ("1" * 64, "3" * 64)
+    with pytest.raises(ValueError, match="can not be followed"):
+        second.then(first)
+
+
+def test_a_bridged_tenant_that_wakes_with_data_is_updated_onto_the_current_trunk(store, tenants):
+    old, new = adapted_trunk(store, tenants)
+    lifecycle = Lifecycle(store, new, new.encode, fast_growth(epochs=30, rehearsal_per_class=20))
+    upgrade_store(lifecycle, old, [tenants["weather"], tenants["music"]], "bridge")
+    store.wake("bank")
+    lifecycle.update(tenants["bank"])  # its earlier intents rehearsed from its statistics, moved through the bridge
+    assert store.meta("bank").trunk_fingerprint == new.fingerprint and store.versions("bank") == [1, 2]
+    answers, model = given_answers(store, new, tenants["bank"])
+    assert set(model.expert_trunks.values()) == {new.fingerprint} and accuracy(answers, tenants["bank"]) > 0.8

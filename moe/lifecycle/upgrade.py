@@ -80,16 +80,15 @@ def upgrade_store(
     if unknown := sorted(t.name for t in awake if t.name not in names):
         raise KeyError(f"tenants {unknown} have no expert in {store.root}; known: {names}")
     on = {name: store.meta(name).trunk_fingerprint for name in names}
-    if stray := sorted(n for n, fp in on.items() if fp not in (old_trunk.fingerprint, new_trunk.fingerprint)):
-        raise ValueError(
-            f"experts {stray} are on trunk versions other than {old_trunk.fingerprint[:12]}… and "
-            f"{new_trunk.fingerprint[:12]}…: upgrade one version at a time"
-        )
+    older = {fp for fp in on.values() if fp not in (old_trunk.fingerprint, new_trunk.fingerprint)}
+    earlier = {fp: versions.require_bridge(fp, old_trunk.fingerprint, store.root) for fp in sorted(older)}
     report = UpgradeReport(old_trunk.fingerprint, new_trunk.fingerprint, strategy, {})
     start = time.perf_counter()
     texts = [*calibration, *(e.text for tenant in awake for e in tenant.split("train"))]
     bridge = fit_bridge(old_trunk, new_trunk, texts)
     versions.save_bridge(bridge)
+    for first in earlier.values():  # experts asleep through an earlier upgrade too: their bridges chained
+        versions.save_bridge(first.then(bridge))
     report.bridge, report.seconds["bridge"] = bridge.info, time.perf_counter() - start
     log.info("bridge %s… -> %s…: %s", bridge.old[:12], bridge.new[:12], bridge.info)
     data = {tenant.name: tenant for tenant in awake}

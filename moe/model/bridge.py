@@ -128,6 +128,19 @@ class Bridge:
             "stats.scatter": scatter.float(),
         }
 
+    def then(self, later: Bridge) -> Bridge:
+        """This bridge followed by `later` (from this one's new trunk to a newer one): the bridge from this one's old
+        trunk straight to `later`'s new trunk, what keeps an expert asleep through several upgrades. Both maps compose
+        exactly; this bridge's residual is carried through `later`'s forward map and adds to its own."""
+        if later.old != self.new:
+            raise ValueError(f"bridge to {self.new[:12]}… can not be followed by one from {later.old[:12]}…")
+        to_old = AffineMap(later.to_old.weight @ self.to_old.weight, self.to_old(later.to_old.bias))
+        to_new = AffineMap(self.to_new.weight @ later.to_new.weight, later.to_new(self.to_new.bias))
+        weight = later.to_new.weight.double()
+        residual = (weight.T @ self.residual.double() @ weight).float() + later.residual
+        info = {"composed_of": [self.info, later.info]}
+        return Bridge(self.old, later.new, to_old, to_new, residual, info)
+
     @property
     def new_dim(self) -> int:
         return self.to_old.weight.shape[0]
