@@ -263,3 +263,20 @@ def test_a_bridged_tenant_that_wakes_with_data_is_updated_onto_the_current_trunk
     assert store.meta("bank").trunk_fingerprint == new.fingerprint and store.versions("bank") == [1, 2]
     answers, model = given_answers(store, new, tenants["bank"])
     assert set(model.expert_trunks.values()) == {new.fingerprint} and accuracy(answers, tenants["bank"]) > 0.8
+
+
+def test_an_adapted_minilm_version_is_saved_with_its_own_weights_and_rebuilds_to_its_fingerprint(tmp_path):
+    from moe.trunk import HFEncoderTrunk
+
+    trunk = HFEncoderTrunk()
+    shipped = trunk.fingerprint
+    versions = TrunkVersions(tmp_path / "store")
+    assert "reference" in versions.record(trunk)  # the package rebuilds it: referenced, not copied
+    with torch.no_grad():
+        trunk.encoder.encoder.layer[-1].output.dense.bias.add_(0.01)  # "adapted"
+    trunk.freeze()
+    entry = versions.record(trunk, parent=shipped)  # a reference would rebuild the shipped weights: saved instead
+    assert entry["weights"] == "weights" and trunk.fingerprint != shipped
+    rebuilt = versions.rebuild(trunk.fingerprint)
+    assert rebuilt.fingerprint == trunk.fingerprint
+    torch.testing.assert_close(rebuilt.encode(["hello there"]), trunk.encode(["hello there"]))

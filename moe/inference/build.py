@@ -210,16 +210,20 @@ def bridges_for(
 ) -> dict[str, Bridge]:
     """The bridge into `trunk_fingerprint`'s features of each other trunk version an expert is on, by that version's
     fingerprint. An expert on a version without one is a ShardError in `failed`, naming both fingerprints."""
-    versions, bridges = TrunkVersions(store.root), {}
+    versions, bridges, missing = TrunkVersions(store.root), {}, {}
     for meta in metas:
-        if trunk_fingerprint is None or meta.trunk_fingerprint == trunk_fingerprint:
+        old = meta.trunk_fingerprint
+        if trunk_fingerprint is None or old == trunk_fingerprint or old in bridges:
             continue
-        try:
-            bridges[meta.trunk_fingerprint] = versions.require_bridge(
-                meta.trunk_fingerprint, trunk_fingerprint, store.path(meta.tenant, meta.version)
-            )
-        except (ShardError, ValueError) as error:
-            failed[meta.tenant] = error
+        if old not in missing:  # each bridge read once, however many experts it serves
+            try:
+                bridges[old] = versions.require_bridge(old, trunk_fingerprint, store.path(meta.tenant, meta.version))
+                continue
+            except ShardError as error:
+                missing[old] = error.reason
+            except ValueError as error:  # an unreadable bridge file
+                missing[old] = str(error)
+        failed[meta.tenant] = ShardError(store.path(meta.tenant, meta.version), missing[old])
     return bridges
 
 

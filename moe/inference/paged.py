@@ -88,7 +88,7 @@ class ShardLoader:
             self.trunks[key] = trunk
         expected = self.trunk_of(key)
         if expected is not None and meta.trunk_fingerprint != expected:
-            fingerprints = f"{meta.trunk_fingerprint[:12]}…, not on this model's trunk {expected[:12]}…"
+            fingerprints = f"{meta.trunk_fingerprint[:12]}…, not on trunk {expected[:12]}… as expected"
             raise ShardError(path, f"trained on trunk {fingerprints}")
         tensors = read_tensors(path, names)
         shapes, dtype = expected_shapes(meta.architecture, len(meta.labels)), meta_dtype(meta)

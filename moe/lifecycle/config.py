@@ -9,6 +9,7 @@ features, never as rows or texts.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -20,6 +21,8 @@ from moe.lifecycle.operations import Lifecycle
 from moe.lifecycle.stream import encode_train_rows, scan_tenant_file
 from moe.store import ExpertStore, TrunkVersions, check_tenant_name
 from moe.trunk import Trunk
+
+log = logging.getLogger(__name__)
 
 
 def growth_config(cfg: DictConfig) -> GrowthConfig:
@@ -60,6 +63,7 @@ def current_trunk(store: ExpertStore, trunk_cfg: DictConfig) -> Trunk:
     checked; else `trunk_cfg`'s (a store that was never upgraded is on the trunk of the run that made it)."""
     versions = TrunkVersions(store.root)
     if (fingerprint := versions.current()) is not None:
+        log.info("%s serves on its trunk version %s… (the trunk config is not used)", store.root, fingerprint[:12])
         return versions.rebuild(fingerprint)
     return instantiate(trunk_cfg)
 

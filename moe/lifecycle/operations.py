@@ -46,6 +46,7 @@ class Lifecycle:
     cfg: GrowthConfig
     overlap_warn: float = OVERLAP_WARN
     warned: dict[str, list[OverlapPair]] = field(default_factory=dict)  # tenant -> overlaps its last grow/update named
+    bridges: dict[str, Bridge] = field(default_factory=dict)  # older trunk version -> its bridge to this trunk
 
     def architecture(self) -> dict:
         """The store's architecture (every expert in a store shares one), or the configured one if empty."""
@@ -80,10 +81,13 @@ class Lifecycle:
         meta = self.store.meta(tenant)
         if meta.trunk_fingerprint == self.trunk.fingerprint:
             return None
-        versions = TrunkVersions(self.store.root)
-        return versions.require_bridge(
-            meta.trunk_fingerprint, self.trunk.fingerprint, self.store.path(tenant, meta.version)
-        )
+        if meta.trunk_fingerprint not in self.bridges:  # read once per trunk version, however many experts it serves
+            versions = TrunkVersions(self.store.root)
+            path = self.store.path(tenant, meta.version)
+            self.bridges[meta.trunk_fingerprint] = versions.require_bridge(
+                meta.trunk_fingerprint, self.trunk.fingerprint, path
+            )
+        return self.bridges[meta.trunk_fingerprint]
 
     def _warn_overlap(
         self,
@@ -153,7 +157,13 @@ class Lifecycle:
         labels and train split; `encoded` as for `grow`): what a trunk upgrade does for the tenants whose data is
         at hand. The previous version stays for rollback."""
         self.store.check_awake(tenant.name)
-        return self._train(tenant, encoded, "retrain", parent=self.store.meta(tenant.name).version)
+        meta = self.store.meta(tenant.name)
+        if lost := [label for label in meta.labels if label not in tenant.labels]:
+            raise ValueError(
+                f"tenant {tenant.name!r}: its data lacks intents its expert knows, {lost}; a retrained expert would "
+                "drop them (give every intent's examples)"
+            )
+        return self._train(tenant, encoded, "retrain", parent=meta.version)
 
     def _train(self, tenant: Tenant, encoded: EncodedRows | None, how: str, parent: int | None = None) -> Path:
         """Train an expert and its routing entry on the tenant's data and save it: its first version (`parent`
@@ -242,7 +252,8 @@ class Lifecycle:
         if bridge is not None:
             old = bridge.statistics_to_new({name: old[name] for name in ("stats.mean", "stats.count", "stats.scatter")})
         labels = meta.labels + tuple(sorted(set(tenant.labels) - set(meta.labels)))
-        cfg = self._configured(meta.architecture)
+        arch = meta.architecture | {"dim": self.trunk.dim}  # a bridged expert's new version reads this trunk
+        cfg = self._configured(arch)
         if encoded is None:
             features, y = self._features(tenant, labels)
         else:  # label ids into tenant.labels -> into the merged labels
@@ -267,7 +278,7 @@ class Lifecycle:
             tenant.name,
             labels,
             self.trunk.fingerprint,
-            meta.architecture,
+            arch,
             metrics={"train_examples": len(y), "update_s": time.perf_counter() - start},
         )
         path = self.store.save(

@@ -133,6 +133,8 @@ def run_trunk_upgrade(cfg: DictConfig) -> dict[str, float]:
     if unknown := [n for n in dormant if n not in tenants]:
         raise KeyError(f"dormant names unknown tenants {unknown}; known: {names}")
     awake = [n for n in names if n not in dormant]
+    if "keep" in cfg.strategies and "bridge" not in cfg.strategies:
+        raise ValueError("strategy keep is measured on the bridged store: list bridge too (strategies=[bridge, keep])")
     everyone = [tenants[n] for n in names]
     metrics: dict[str, float] = {}
 
@@ -180,7 +182,7 @@ def run_trunk_upgrade(cfg: DictConfig) -> dict[str, float]:
         figures[strategy] = tenant_figures(models[strategy], everyone, new_encode, split)
         metrics |= group_metrics(figures[strategy], awake, dormant, strategy)
         metrics[f"{strategy}/trunks"] = 1
-        metrics[f"{strategy}/memory_bytes"] = parameter_bytes(new_trunk) + store_bytes(copy)
+        metrics[f"{strategy}/memory_bytes"] = parameter_bytes(new_trunk) + store_bytes(copy, models[strategy])
 
     # 5. keep the old trunk for the dormant experts (the exact reference), on the bridged store
     if "keep" in cfg.strategies:
@@ -195,9 +197,8 @@ def run_trunk_upgrade(cfg: DictConfig) -> dict[str, float]:
         figures["keep"] = tenant_figures(kept, everyone, both, split)
         metrics |= group_metrics(figures["keep"], awake, dormant, "keep")
         metrics["keep/trunks"] = 2
-        bridge_files = sum(p.stat().st_size for p in TrunkVersions(out / "bridge" / "experts").bridge_files())
-        bridged_store = store_bytes(ExpertStore(out / "bridge" / "experts")) - bridge_files
-        metrics["keep/memory_bytes"] = parameter_bytes(new_trunk) + parameter_bytes(old_trunk) + bridged_store
+        shards = store_bytes(ExpertStore(out / "bridge" / "experts"))  # its experts; no bridge used
+        metrics["keep/memory_bytes"] = parameter_bytes(new_trunk) + parameter_bytes(old_trunk) + shards
 
     # batch-1 latency, text to answer, tenant given: a dormant tenant's queries (what each strategy changes)
     sample = [(e.text, n) for n in dormant for e in tenants[n].split(split)[:20]]
@@ -207,7 +208,7 @@ def run_trunk_upgrade(cfg: DictConfig) -> dict[str, float]:
     for name, model in {"old": old_model, **models}.items():
         batch1_latency_ms(model, latency_encoders[name], sample[:5])  # warm-up
         metrics[f"{name}/latency_ms_batch1"] = batch1_latency_ms(model, latency_encoders[name], sample)
-    metrics["old/memory_bytes"] = parameter_bytes(old_trunk) + store_bytes(store)
+    metrics["old/memory_bytes"] = parameter_bytes(old_trunk) + store_bytes(store, old_model)
     metrics["old/trunks"] = 1
 
     for strategy in models:
@@ -248,7 +249,13 @@ def run_trunk_upgrade(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def store_bytes(store: ExpertStore) -> int:
-    """Bytes of the latest live version of every tenant, and of the store's bridges (what serving holds)."""
+def store_bytes(store: ExpertStore, model: PagedMixture | None = None) -> int:
+    """Bytes of the latest live version of every tenant, and of the bridge files `model` reads through (what serving
+    holds)."""
     latest = sum(store.path(t, store.latest(t)).stat().st_size for t in store.tenants(dormant=True))
-    return latest + sum(p.stat().st_size for p in TrunkVersions(store.root).bridge_files())
+    if model is None or not model.input_maps:
+        return latest
+    versions = TrunkVersions(store.root)
+    current = versions.current()
+    olds = {model.expert_trunks[tenant] for tenant, _ in model.input_maps}
+    return latest + sum(versions.bridge_path(old, current).stat().st_size for old in olds)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from tqdm.auto import tqdm
 
 from moe.data import Tenant
@@ -45,12 +46,17 @@ class UpgradeReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def fit_bridge(old_trunk: Trunk, new_trunk: Trunk, texts: Sequence[str], batch_size: int = 64) -> Bridge:
-    """The bridge between two trunk versions from calibration `texts` encoded by each."""
-    texts = list(dict.fromkeys(texts))  # each text once
+def fit_bridge(
+    old_trunk: Trunk, new_trunk: Trunk, texts: Sequence[str], unseen: Sequence[str] = (), batch_size: int = 64
+) -> Bridge:
+    """The bridge between two trunk versions from calibration `texts` and `unseen` ones (texts the new trunk was not
+    trained on: its fidelity is also reported on these alone, as `unseen/r2` and `unseen/cosine`) encoded by each."""
+    texts = list(dict.fromkeys([*unseen, *texts]))  # each text once
     old = old_trunk.encode(texts, batch_size, progress=True).cpu()
     new = new_trunk.encode(texts, batch_size, progress=True).cpu()
-    return Bridge.fit(old_trunk.fingerprint, new_trunk.fingerprint, old, new)
+    unseen_set = set(unseen)
+    unseen_rows = torch.tensor([text in unseen_set for text in texts], dtype=torch.bool)
+    return Bridge.fit(old_trunk.fingerprint, new_trunk.fingerprint, old, new, groups={"unseen": unseen_rows})
 
 
 def upgrade_store(
@@ -67,6 +73,13 @@ def upgrade_store(
     check_choice(strategy, Strategy, "strategy")
     store, new_trunk = lifecycle.store, lifecycle.trunk
     versions = TrunkVersions(store.root)
+    if new_trunk.fingerprint == old_trunk.fingerprint:
+        raise ValueError(f"the store is on trunk {old_trunk.fingerprint[:12]}… already: nothing to upgrade to")
+    if (current := versions.current()) not in (None, old_trunk.fingerprint):
+        raise ValueError(
+            f"{store.root} serves on trunk {current[:12]}…, not on {old_trunk.fingerprint[:12]}…: upgrade from the "
+            "current version"
+        )
     if not versions.has(new_trunk.fingerprint):
         raise KeyError(
             f"trunk {new_trunk.fingerprint[:12]}… is not recorded in {store.root}: adapt it into the store first "
@@ -80,12 +93,14 @@ def upgrade_store(
     if unknown := sorted(t.name for t in awake if t.name not in names):
         raise KeyError(f"tenants {unknown} have no expert in {store.root}; known: {names}")
     on = {name: store.meta(name).trunk_fingerprint for name in names}
-    older = {fp for fp in on.values() if fp not in (old_trunk.fingerprint, new_trunk.fingerprint)}
-    earlier = {fp: versions.require_bridge(fp, old_trunk.fingerprint, store.root) for fp in sorted(older)}
+    older = {fp: name for name, fp in on.items() if fp not in (old_trunk.fingerprint, new_trunk.fingerprint)}
+    earlier = {  # experts asleep since an earlier upgrade: their bridge into the old trunk, to chain
+        fp: versions.require_bridge(fp, old_trunk.fingerprint, store.path(name, store.latest(name)))
+        for fp, name in sorted(older.items())
+    }
     report = UpgradeReport(old_trunk.fingerprint, new_trunk.fingerprint, strategy, {})
     start = time.perf_counter()
-    texts = [*calibration, *(e.text for tenant in awake for e in tenant.split("train"))]
-    bridge = fit_bridge(old_trunk, new_trunk, texts)
+    bridge = fit_bridge(old_trunk, new_trunk, [e.text for tenant in awake for e in tenant.split("train")], calibration)
     versions.save_bridge(bridge)
     for first in earlier.values():  # experts asleep through an earlier upgrade too: their bridges chained
         versions.save_bridge(first.then(bridge))

@@ -48,10 +48,11 @@ def calibration_texts(cfg: DictConfig) -> list[str]:
     texts: list[str] = []
     for path in cfg.files or []:
         path = Path(path)
-        if path.suffix == ".txt":
+        if path.suffix.lower() == ".txt":
             texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         else:
-            texts += [ex.text for _, _, ex in read_examples(path, cfg.text_column, cfg.text_column, None)]
+            rows = read_examples(path, cfg.text_column, cfg.text_column, None)  # the text column read as its own label
+            texts += [example.text for _, _, example in rows]
     return texts
 
 
@@ -83,12 +84,13 @@ def run_adapt_trunk(cfg: DictConfig) -> dict:
 
 
 def resolve_version(versions: TrunkVersions, wanted: str, current: str) -> str:
-    """A recorded fingerprint from a prefix, or `latest`: the newest recorded version that is not `current`."""
+    """A recorded fingerprint from a prefix, or `latest`: the newest recorded descendant of `current` (a version
+    adapted from it, or from one adapted from it...), never an older one."""
     recorded = versions.fingerprints()
     if wanted == "latest":
-        newer = [f for f in recorded if f != current]
+        newer = [f for f in recorded if versions.descends_from(f, current)]
         if not newer:
-            raise KeyError(f"{versions.root} records no trunk version besides the current one {current[:12]}…")
+            raise KeyError(f"{versions.root} records no trunk version adapted from the current one {current[:12]}…")
         return newer[-1]
     matches = [f for f in recorded if f.startswith(str(wanted))]
     if len(matches) != 1:

@@ -35,7 +35,7 @@ class AffineMap:
     def __call__(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """The map of `x`; `scale`: `x` holds features times `scale` (as a mixture's experts see them), and so does
         the result."""
-        return x @ self.weight.to(x.dtype) + scale * self.bias.to(x.dtype)
+        return x @ self.weight.to(x) + scale * self.bias.to(x)  # x's dtype and device
 
     @classmethod
     def fit(cls, source: torch.Tensor, target: torch.Tensor, ridge: float = RIDGE) -> tuple[AffineMap, torch.Tensor]:
@@ -74,11 +74,13 @@ class Bridge:
         new_features: torch.Tensor,
         held_out: float = 0.1,
         ridges: tuple[float, ...] = RIDGES,
+        groups: dict[str, torch.Tensor] | None = None,
     ) -> Bridge:
         """Both maps from the same calibration texts encoded by each trunk (rows paired). A `held_out` share of the
         rows (every k-th) chooses the ridge among `ridges` (the best R^2 of the bridged features: the share of the
         old features' variance explained) and measures fidelity (that R^2, and the mean cosine between bridged and
-        true old features). Then both maps are refitted on every row with that ridge."""
+        true old features), also per group of rows (`groups`: name -> (n,) mask). Then both maps are refitted on every
+        row with that ridge."""
         if old_features.shape[0] != new_features.shape[0]:
             raise ValueError(f"{old_features.shape[0]} old feature rows against {new_features.shape[0]} new ones")
         n = old_features.shape[0]
@@ -96,6 +98,11 @@ class Bridge:
             scores[ridge] = fidelity(probe(new_features[test]), old_features[test])
         ridge = max(ridges, key=lambda r: scores[r]["r2"])
         info = {"calibration_texts": n, "held_out_texts": int(test.sum()), "ridge": ridge} | scores[ridge]
+        probe, _ = AffineMap.fit(new_features[~test], old_features[~test], ridge)
+        for name, rows in (groups or {}).items():
+            if (mine := test & rows).sum() > 1:
+                scored = fidelity(probe(new_features[mine]), old_features[mine])
+                info |= {f"{name}/{k}": v for k, v in scored.items()} | {f"{name}/held_out_texts": int(mine.sum())}
         to_old, _ = AffineMap.fit(new_features, old_features, ridge)
         to_new, residual = AffineMap.fit(old_features, new_features, ridge)
         return cls(old, new, to_old, to_new, residual, info)

