@@ -964,7 +964,9 @@ statistics gate routes (top-2); dormant and awake figures are pooled over their 
 - **bridge**: the dormant shards stay byte for byte; their experts read the new trunk's features mapped back into the
   old space by an affine map fitted on {calibration:,} calibration texts (the awake tenants' train texts and
   CLINC150's out-of-scope train queries, no dormant tenant's): R^2 {r2} and mean cosine {cosine} on {held_out} held-out
-  ones (ridge {ridge}, chosen on them). Their routing entries move into the new space through the reverse map.
+  ones (ridge {ridge}, chosen on them), most of them texts the trunk was adapted on; on the {unseen_n} held-out
+  out-of-scope queries alone, which it never trained on, R^2 {unseen_r2} and cosine {unseen_cosine}. Their routing
+  entries move into the new space through the reverse map.
 - **transport**: each dormant expert rebuilt on the new trunk from its statistics moved into the new space
   ({per_class} samples per class); nothing of the old trunk or the bridge is used when serving.
 - **keep**: the reference. Each expert reads its own trunk's features, so two trunks run per query; the dormant
@@ -976,6 +978,8 @@ the dormant tenants' tenant-given accuracy by {best_delta} points and routed acc
 points. Every strategy shares one gate over the new trunk's features, the dormant tenants' routing entries rebuilt
 there from their statistics moved through the bridge: routing of their queries went from {routing_old} % to
 {routing_new} % (keep, which changes nothing else for them, shows the gate's share of their routed loss).
+
+{seeds}
 
 **Does a trunk adapted on other tenants help a tenant that comes later?** Each dormant domain, whose data the adapted
 trunk never saw, grown afresh on it: tenant-given {newcomer_new} against {newcomer_old} on the shipped trunk
@@ -1049,6 +1053,9 @@ def trunk_upgrade(root: Path) -> str:
         cosine=f(m["bridge/bridge/cosine"], 3),
         held_out=int(m["bridge/bridge/held_out_texts"]),
         ridge=m["bridge/bridge/ridge"],
+        unseen_n=int(m["bridge/bridge/unseen/held_out_texts"]),
+        unseen_r2=f(m["bridge/bridge/unseen/r2"], 3),
+        unseen_cosine=f(m["bridge/bridge/unseen/cosine"], 3),
         per_class=cfg["transport_per_class"],
         queries=cfg["latency_queries"],
         best=m["best_one_trunk/strategy"],
@@ -1070,6 +1077,36 @@ def trunk_upgrade(root: Path) -> str:
             "it was adapted on, and a newcomer may be grown on either trunk."
         ),
         val_table=table(val_header, val_rows),
+        seeds=trunk_upgrade_seeds(root, m),
+    )
+
+
+def trunk_upgrade_seeds(root: Path, first: dict) -> str:
+    """The same run with other seeds (`metrics_seed<N>.json`): how much of each change is the run's own noise."""
+    runs = {0: first}
+    for seed in (1, 2):
+        try:
+            runs[seed] = load(root, f"clinc150_trunk_upgrade/metrics_seed{seed}.json")
+        except Missing:
+            continue
+    if len(runs) == 1:
+        return "(one seed only)"
+    keys = [("bridge", "dormant/delta_tenant_given"), ("bridge", "all/delta_routed")]
+    keys += [("transport", "dormant/delta_tenant_given"), ("transport", "all/delta_routed")]
+    keys += [("keep", "all/delta_routed"), ("bridge", "awake/acc_tenant_given")]
+    rows = [
+        [seed, f(m["old/all/acc_routed"]), f(m["old/awake/acc_tenant_given"])] + [f(m[f"{s}/{k}"]) for s, k in keys]
+        for seed, m in runs.items()
+    ]
+    means = [statistics.mean(m[k] for m in runs.values()) for k in ("old/all/acc_routed", "old/awake/acc_tenant_given")]
+    means += [statistics.mean(m[f"{s}/{k}"] for m in runs.values()) for s, k in keys]
+    rows.append(["mean", *(f(v) for v in means)])
+    header = ["seed", "old: all routed", "old: awake tenant given", "bridge: dormant tenant given, points"]
+    header += ["bridge: all routed, points", "transport: dormant tenant given, points", "transport: all routed, points"]
+    header += ["keep: all routed, points", "new trunk: awake tenant given"]
+    return (
+        "The same command with `seed=1` and `seed=2` (`metrics_seed<N>.json`: every tenant grown, the trunk adapted "
+        f"and the store upgraded afresh), to show each change against the run's own noise:\n\n{table(header, rows)}"
     )
 
 
