@@ -8,11 +8,11 @@ import math
 import statistics
 from pathlib import Path
 
-import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from moe.config import start_run
 from moe.evaluation.reference import accuracy_metrics, fit_metrics, joint_linear_reference
 from moe.inference import GateSettings
 from moe.lifecycle.baselines import joint_retrain, sequential_run
@@ -64,10 +64,7 @@ def group_metrics(final: Record, groups: dict[str, list[str]], counts: dict[str,
 
 
 def run_scenario(cfg: DictConfig) -> dict[str, float]:
-    L.seed_everything(cfg.seed, workers=True)
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    out = start_run(cfg)
     trunk: Trunk = instantiate(cfg.trunk)
     tenants = {t.name: t for t in instantiate(cfg.data.tenants, _convert_="all")}
     store = ExpertStore(cfg.store_dir)

@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from moe.config import start_run
 from moe.data import Tenant, read_tenant_file
 from moe.evaluation import accuracy
 from moe.inference import GateSettings, PagedMixture, load_mixture
@@ -122,10 +122,7 @@ def keep_old_trunk(model: PagedMixture, old: str, new_dim: int, old_dim: int) ->
 
 
 def run_trunk_upgrade(cfg: DictConfig) -> dict[str, float]:
-    L.seed_everything(cfg.seed, workers=True)
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    out = start_run(cfg)
     split, gate = cfg.eval_split, GateSettings(cfg.top_k).with_routing(cfg.routing)
     tenants = {t.name: t for t in instantiate(cfg.data.tenants, _convert_="all")}
     names = sorted(tenants)
