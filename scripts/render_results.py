@@ -1105,8 +1105,9 @@ def trunk_upgrade_seeds(root: Path, first: dict) -> str:
     header += ["bridge: all routed, points", "transport: dormant tenant given, points", "transport: all routed, points"]
     header += ["keep: all routed, points", "new trunk: awake tenant given"]
     return (
-        "The same command with `seed=1` and `seed=2` (`metrics_seed<N>.json`: every tenant grown, the trunk adapted "
-        f"and the store upgraded afresh), to show each change against the run's own noise:\n\n{table(header, rows)}"
+        f"The same command with {' and '.join(f'`seed={seed}`' for seed in list(runs)[1:])} (`metrics_seed<N>.json`: "
+        "every tenant grown, the trunk adapted and the store upgraded afresh), to show each change against the run's "
+        f"own noise:\n\n{table(header, rows)}"
     )
 
 
