@@ -147,9 +147,8 @@ def run_trunk_upgrade(cfg: DictConfig) -> dict[str, float]:
     for name in names:
         lifecycle.grow(read_tenant_file(name, files[name], split_column="split"))
     metrics["time/grow_all_s"] = time.perf_counter() - start
-    figures = {
-        "old": tenant_figures(load_mixture(store, names, gate, old_trunk.fingerprint), everyone, old_encode, split)
-    }
+    old_model = load_mixture(store, names, gate, old_trunk.fingerprint)  # every expert on the shipped trunk
+    figures = {"old": tenant_figures(old_model, everyone, old_encode, split)}
     metrics |= group_metrics(figures["old"], awake, dormant, "old")
 
     # 2. the dormant tenants hibernate, and their data files are deleted
@@ -201,7 +200,6 @@ def run_trunk_upgrade(cfg: DictConfig) -> dict[str, float]:
     sample = [(e.text, n) for n in dormant for e in tenants[n].split(split)[:20]]
     latency_encoders = {"old": old_trunk.encode, "bridge": new_trunk.encode, "transport": new_trunk.encode}
     latency_encoders["keep"] = lambda texts: torch.cat([new_trunk.encode(texts), old_trunk.encode(texts)], dim=1)
-    old_model = load_mixture(store, names, gate, old_trunk.fingerprint)
     for name, model in {"old": old_model, **models}.items():
         batch1_latency_ms(model, latency_encoders[name], sample[:5])  # warm-up
         metrics[f"{name}/latency_ms_batch1"] = batch1_latency_ms(model, latency_encoders[name], sample)
