@@ -88,13 +88,15 @@ def collect(
         for batch in batches:
             tenant, label = targets(batch)
             start = time.perf_counter()
-            features = encode([query.text for query in batch]).to(device)
+            texts = [query.text for query in batch]
+            features = encode(texts).to(device)
+            hidden = model.hidden_states(texts)  # pathway experts: the token states of the shared lower layers
             encode_s += time.perf_counter() - start
             start = time.perf_counter()
-            output = model(features)
+            output = model(features, hidden=hidden)
             routed = decode(model, output)
             model_s += time.perf_counter() - start
-            given = decode(model, model(features, tenant.to(device)))
+            given = decode(model, model(features, tenant.to(device), hidden=hidden))
             batch_scores = {kind: oos_score(output, routed.score, kind).cpu() for kind in OOS_SCORES}
             values = (tenant, label, routed.label, given.label, routed.top_tenant, routed.score, given.score)
             values += (routed.gate_margin,)

@@ -29,6 +29,7 @@ from moe.inference import (
     read_gate_settings,
 )
 from moe.model import Mixture
+from moe.trunk import Trunk
 
 
 @dataclass
@@ -243,8 +244,10 @@ def evaluate_store(
     batch_size: int,
     gate_file: str | Path | None = None,
     trunk_fingerprint: str | None = None,
+    trunk: Trunk | None = None,
 ) -> Evaluation:
-    """The training run's own evaluation: its tenants' latest shards, paged, on its in-memory splits."""
+    """The training run's own evaluation: its tenants' latest shards, paged, on its in-memory splits. `trunk`: the
+    trunk pathway experts adapt (`load_mixture`)."""
     gate = read_gate_settings(gate_file) if gate_file and Path(gate_file).is_file() else GateSettings()
-    model = load_mixture(store_dir, [t.name for t in tenants], gate, trunk_fingerprint)
+    model = load_mixture(store_dir, [t.name for t in tenants], gate, trunk_fingerprint, trunk=trunk)
     return evaluate_mixture(model, tenant_sources(tenants, splits), encode, batch_size)

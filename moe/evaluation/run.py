@@ -59,7 +59,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float | str]:
         trunk, batch_size, threshold, score = trained.trunk, trained.batch_size, cfg.oos.threshold, cfg.oos.score
         unsure_margin = None  # chosen on val
         names = list(cfg.tenants) if cfg.get("tenants") else None
-        model = load_mixture(trained.store_dir, names, trained.gate, trunk.fingerprint, cfg.device, budget)
+        model = load_mixture(trained.store_dir, names, trained.gate, trunk.fingerprint, cfg.device, budget, trunk=trunk)
         source = {"store_dir": str(trained.store_dir), "run_dir": str(trained.run_dir) if trained.run_dir else None}
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     # a trunk trained with the experts is run directly, as training evaluated it

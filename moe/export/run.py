@@ -56,7 +56,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     trained = open_trained_store(cfg)
     trunk = trained.trunk
     names = list(cfg.tenants) if cfg.get("tenants") else None
-    model = load_mixture(trained.store_dir, names, trained.gate, trunk.fingerprint)
+    model = load_mixture(trained.store_dir, names, trained.gate, trunk.fingerprint, trunk=trunk)
     files, trunk_entry = write_files(
         out, trained.store_dir, model, trunk, dtype, cfg.export.trunk, trained.trained_trunk, cfg.export.overwrite
     )

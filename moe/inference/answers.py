@@ -161,9 +161,10 @@ def predict(
     oos_kind: str = DEFAULT_OOS_SCORE,
     threshold: float | None = None,
     unsure_margin: float = UNSURE_MARGIN,
+    hidden=None,
 ) -> list[Answer]:
     """Answers for trunk features `(b, d)`; `tenant` (b,) restricts each query to its tenant's experts
-    (`model.tenant_ids`; -1 lets the gate choose)."""
-    output = model(features, tenant)
+    (`model.tenant_ids`; -1 lets the gate choose); `hidden`: the queries' `model.hidden_states` (pathway experts)."""
+    output = model(features, tenant, hidden=hidden)
     decoded = decode(model, output)
     return answers(model, decoded, oos_score(output, decoded.score, oos_kind).cpu(), threshold, unsure_margin)

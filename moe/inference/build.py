@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,10 +21,15 @@ from safetensors import SafetensorError, safe_open
 from moe.inference.index import IndexSettings, RowIndex
 from moe.inference.paged import PagedMixture, ShardLoader
 from moe.inference.pager import ExpertPager
-from moe.model import TENSOR_NAMES, ExpertInfo, RowSource, TopKRouter, check_choice
+from moe.model import ExpertInfo, RowSource, TopKRouter, check_choice
 from moe.model.bridge import AffineMap, Bridge
+from moe.model.pathway import Pathways, PathwaySpec, is_pathway
 from moe.model.stats import OWN_COVARIANCE, SHRINKAGE, PooledScatter, fill_statistics_rows, fill_tenant_rows
 from moe.store import ExpertMeta, ExpertStore, RemoteStore, ShardError, TrunkVersions, open_store, tensor_bytes
+from moe.store.shard import weight_names
+
+if TYPE_CHECKING:
+    from moe.trunk import Trunk
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,7 @@ def load_mixture(
     skip_failed: bool = False,
     verify: Verify = "full",
     index: IndexSettings | None = None,
+    trunk: Trunk | None = None,
 ) -> PagedMixture:
     """The latest version of each tenant (all awake ones by default, in sorted order), paged under `budget_bytes`.
 
@@ -97,6 +103,9 @@ def load_mixture(
     fails then is a ShardError naming it, for the batch that chose it. The statistics gate pools every expert's
     statistics into every expert's rows, so with `gate.source="statistics"` every shard is verified in full anyway.
 
+    `trunk`: the trunk whose top layers pathway experts adapt (`moe.model.pathway`); a store of pathway experts needs
+    it, and its fingerprint is then the one every shard must name.
+
     `index`: batches that name no tenant are routed through an approximate index over the gate's rows
     (`moe.inference.index.RowIndex`, linear gates only) instead of a scan of every row.
 
@@ -104,6 +113,11 @@ def load_mixture(
     expert's class means and the covariance pooled over every expert loaded (the statistics gate), mixed with each
     expert's own covariance when `gate.own_covariance` > 0 (which holds a d x d matrix per expert in the gate)."""
     check_choice(verify, Verify, "verify")
+    if trunk is not None:
+        trunk_fingerprint = trunk_fingerprint or trunk.fingerprint
+        if trunk.fingerprint != trunk_fingerprint:
+            given, wanted = trunk.fingerprint[:12], trunk_fingerprint[:12]
+            raise ValueError(f"trunk {given}… given, but the mixture is to load on trunk {wanted}…")
     store = store if isinstance(store, ExpertStore) else open_store(store)
     gate = gate or GateSettings()
     names = sorted(tenants if tenants is not None else store.tenants())
@@ -124,6 +138,7 @@ def load_mixture(
     if not candidates:
         raise ValueError(f"no expert could be loaded from {store.root}: {failed}")
     arch = served_architecture(candidates[0][1], bridges)
+    pathways = pathways_for(arch, trunk, bridges)
     statistics = gate.source == "statistics"
     per_label = arch["gate_rows"] == "labels" or statistics
     rows = [len(meta.labels) if per_label else 1 for _, meta in candidates]
@@ -176,7 +191,7 @@ def load_mixture(
                 pooled.add(tensors)
             if statistics and gate.own_covariance:
                 own.append({name: tensors[name] for name in STATISTICS_TENSORS})
-            pager.register(key, tensor_bytes(meta, TENSOR_NAMES))
+            pager.register(key, tensor_bytes(meta, weight_names(meta.architecture)))
             infos.append(ExpertInfo(meta.tenant, meta.labels))
             expert_trunks[meta.tenant] = meta.trunk_fingerprint
             keys.append(key)
@@ -201,6 +216,7 @@ def load_mixture(
     model.left_out = failed
     model.input_maps = input_maps
     model.expert_trunks = expert_trunks
+    model.pathways = pathways
     model.index = RowIndex.build(router, index) if index is not None else None
     return model.to(device).eval()
 
@@ -225,6 +241,17 @@ def bridges_for(
                 missing[old] = str(error)
         failed[meta.tenant] = ShardError(store.path(meta.tenant, meta.version), missing[old])
     return bridges
+
+
+def pathways_for(arch: dict[str, Any], trunk: Trunk | None, bridges: dict[str, Bridge]) -> Pathways | None:
+    """The trunk's top layers as the store's pathway experts adapt them (None for experts over trunk features)."""
+    if not is_pathway(arch):
+        return None
+    if trunk is None:
+        raise ValueError("the store holds pathway experts, which adapt the trunk's layers: load it with its trunk")
+    if bridges:
+        raise ValueError("pathway experts adapt their own trunk's layers: they can not be bridged to another trunk")
+    return Pathways(trunk, PathwaySpec.from_architecture(arch))
 
 
 def served_architecture(meta: ExpertMeta, bridges: dict[str, Bridge]) -> dict[str, Any]:

@@ -217,6 +217,7 @@ def open_bundle(
         host_budget_bytes,
         verify=verify,
         index=index,
+        trunk=trunk,
     )
     served = {info.tenant: list(info.labels) for info in model.experts}
     if served != {t: list(labels) for t, labels in bundle.manifest["label_maps"].items()}:

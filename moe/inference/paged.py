@@ -21,7 +21,6 @@ import torch
 from moe.inference.index import RowIndex
 from moe.inference.pager import ExpertPager
 from moe.model import (
-    TENSOR_NAMES,
     DispatchPlan,
     ExpertInfo,
     GateRows,
@@ -32,8 +31,9 @@ from moe.model import (
     expert_logits,
 )
 from moe.model.bridge import AffineMap
+from moe.model.pathway import Hidden, Pathways
 from moe.store import ExpertMeta, ShardError, expected_shapes, read_shard, read_tensors
-from moe.store.shard import meta_dtype
+from moe.store.shard import meta_dtype, weight_names
 
 Key = tuple[str, int]  # (tenant, version)
 
@@ -58,6 +58,7 @@ class ShardLoader:
         self.paths: dict[Hashable, str] = {}
         self.identities: dict[Hashable, tuple[int, int, int] | None] = {}
         self.digests: dict[Hashable, int] = {}
+        self.names: dict[Hashable, tuple[str, ...]] = {}  # the tensors each expert computes with (`weight_names`)
 
     def trunk_of(self, key: Hashable) -> str | None:
         """The trunk fingerprint `key`'s shard must name: its own bridged version's, else the model's."""
@@ -76,6 +77,7 @@ class ShardLoader:
             self.trunks[key] = trunk
         tensors, meta = read_shard(path, self.trunk_of(key))
         self.paths[key], self.identities[key], self.digests[key] = str(path), identity, _digest(meta)
+        self.names[key] = weight_names(meta.architecture)
         return tensors, meta
 
     def register_header(
@@ -97,10 +99,11 @@ class ShardLoader:
                 found = f"{tuple(tensor.shape)} {tensor.dtype}"
                 raise ShardError(path, f"tensor {name} is {found}, its metadata implies {shapes[name]} {dtype}")
         self.paths[key], self.identities[key], self.digests[key] = str(path), None, _digest(meta)
+        self.names[key] = weight_names(meta.architecture)
         return tensors
 
     def forget(self, key: Hashable) -> None:
-        for table in (self.paths, self.identities, self.digests, self.trunks):
+        for table in (self.paths, self.identities, self.digests, self.trunks, self.names):
             table.pop(key, None)
 
     def __call__(self, key: Hashable) -> dict[str, torch.Tensor]:
@@ -117,12 +120,12 @@ class ShardLoader:
             except FileNotFoundError:
                 raise ShardError(path, "file disappeared after it was located again") from None
         if identity == self.identities[key]:
-            return read_tensors(path, TENSOR_NAMES)
+            return read_tensors(path, self.names[key])
         tensors, meta = read_shard(path, self.trunk_of(key))
         if _digest(meta) != self.digests[key]:
             raise ShardError(path, "file was replaced by a different expert after it was registered")
         self.identities[key] = identity
-        return {name: tensors[name].clone() for name in TENSOR_NAMES}  # not views keeping every tensor alive
+        return {name: tensors[name].clone() for name in self.names[key]}  # not views keeping every tensor alive
 
 
 def _digest(meta: ExpertMeta) -> int:
@@ -145,32 +148,55 @@ class PagedMixture(Mixture):
         self.index: RowIndex | None = None  # routes batches without a known tenant (`load_mixture(index=...)`)
         self.input_maps: dict[Key, AffineMap] = {}  # experts on an older trunk: their bridge from the model's features
         self.expert_trunks: dict[str, str] = {}  # tenant -> fingerprint of the trunk version its expert was trained on
+        self.pathways: Pathways | None = None  # pathway experts: the trunk's top layers they adapt
         self.register_buffer("label_mask", self.label_ids >= 0, persistent=False)
 
     def route_unknown(self, x: torch.Tensor) -> RouterOutput:
         """Through the index over the gate's rows when there is one (no full scan of the gate), else every row."""
         return self.index.route(x) if self.index is not None else super().route_unknown(x)
 
-    def group_log_probs(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def hidden_states(self, texts: list[str]) -> Hidden | None:
+        """What pathway experts read of a batch besides its features: its token states after the shared lower
+        layers (None for experts that read the trunk's features)."""
+        return self.pathways.lower(texts) if self.pathways is not None else None
+
+    def group_log_probs(self, x: torch.Tensor, plan: DispatchPlan, hidden: Hidden | None = None) -> torch.Tensor:
         # g: groups (chosen experts), n: capacity, c: label width
+        if self.pathways is not None and hidden is None:
+            raise ValueError("pathway experts read the queries' token states: pass hidden=model.hidden_states(texts)")
         groups = dispatch(x, plan)  # (g, n, d)
         counts = torch.bincount(plan.group, minlength=plan.experts.numel()).tolist()
+        rows = torch.zeros(plan.experts.numel(), plan.capacity, dtype=torch.long, device=x.device)
+        rows[plan.group, plan.slot] = plan.token  # the query in each group's slot
         experts = plan.experts.tolist()
         out = x.new_zeros(len(experts), plan.capacity, self.width)
         out.masked_fill_(~self.label_mask[plan.experts][:, None, :], float("-inf"))
         position = {self.keys[e]: i for i, e in enumerate(experts)}
         for wave in self.pager.waves([self.keys[e] for e in experts]):
-            self._compute_wave(wave, groups, counts, position, out)
+            self._compute_wave(wave, groups, counts, position, out, rows, hidden)
         return out
 
-    def _compute_wave(self, wave: list[Hashable], groups, counts, position, out: torch.Tensor) -> None:
+    def _compute_wave(self, wave: list[Hashable], groups, counts, position, out, rows, hidden) -> None:
         # a function of its own: no reference to this wave's weights outlives it, so the next wave's
         # evictions free their memory before its page-ins take more
         with self.pager.acquire(wave) as resident:
+            pathways = self.pathways is not None
+            pathway_inputs = self._pathway_inputs(resident, counts, position, rows, hidden) if pathways else {}
             for key, tensors in resident.items():
                 i, n = position[key], counts[position[key]]
                 c = tensors["head.bias"].shape[0]
-                inputs = groups[i, :n]
+                inputs = pathway_inputs[key] if key in pathway_inputs else groups[i, :n]
                 if key in self.input_maps:  # an expert of an older trunk reads the model's features bridged to it
                     inputs = self.input_maps[key](inputs, self.input_scale)
                 out[i, :n, :c] = expert_logits(inputs, tensors).log_softmax(dim=-1)  # its own labels only
+
+    def _pathway_inputs(self, resident, counts, position, rows, hidden: Hidden) -> dict[Hashable, torch.Tensor]:
+        """Every resident pathway expert's features of its own queries, in one pass over the top layers: each row
+        of the pass gathers its expert's LoRA tensors (no loop over experts or queries)."""
+        keys = list(resident)
+        sizes = [counts[position[key]] for key in keys]
+        queries = torch.cat([rows[position[key], :n] for key, n in zip(keys, sizes, strict=True)])
+        which = torch.repeat_interleave(torch.arange(len(keys), device=queries.device), torch.tensor(sizes))
+        stacked = self.pathways.stack([resident[key] for key in keys])
+        features = self.pathways.upper(hidden.take(queries), stacked, which) * self.input_scale
+        return dict(zip(keys, features.split(sizes), strict=True))

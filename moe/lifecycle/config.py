@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from moe.data.files import TenantFile
 from moe.lifecycle.growth import GrowthConfig
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def growth_config(cfg: DictConfig) -> GrowthConfig:
     """`growth` with the routing group's settings (`routing.source` says where a new expert's rows come from)."""
     routing = {k: v for k, v in cfg.routing.items() if k in GrowthConfig.__dataclass_fields__}
-    return GrowthConfig(**cfg.growth, **routing)
+    return GrowthConfig(**OmegaConf.to_container(cfg.growth, resolve=True), **routing)
 
 
 def tenant_name(cfg: DictConfig) -> str:

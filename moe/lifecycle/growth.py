@@ -16,8 +16,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from moe.data import Tenant
 from moe.data.datamodule import TenantExamples
 from moe.model import TENSOR_NAMES, ExpertInfo, RowSource, build_mixture, check_choice
+from moe.model.pathway import PathwaySpec
 from moe.model.stats import SHRINKAGE, PooledScatter, discriminant_rows
 from moe.training.module import MixtureClassifier
+from moe.training.pathway import PathwayConfig
 
 
 @dataclass
@@ -40,9 +42,24 @@ class GrowthConfig:
     transport_per_class: int = 100  # trunk upgrade, transport: samples per class drawn from the moved statistics
     accelerator: str = "cpu"
     seed: int = 0
+    pathway: dict | None = None  # pathway experts (conf/expert/pathway.yaml): `PathwayConfig`'s own settings
 
     def __post_init__(self):
         check_choice(self.source, RowSource, "source")
+
+    def pathway_config(self, arch: dict) -> PathwayConfig:
+        """How a pathway expert of architecture `arch` is trained: the pathway's own settings, the store's
+        architecture (its layers, LoRA rank and head) winning over the configured one."""
+        spec = PathwaySpec.from_architecture(arch)
+        settings = dict(self.pathway or {}) | {"layers": spec.layers, "lora_rank": spec.rank, "lora_alpha": spec.alpha}
+        return PathwayConfig(
+            **settings,
+            rank=arch["rank"],
+            dropout=self.dropout,
+            input_scale=arch["input_scale"],
+            accelerator=self.accelerator,
+            seed=self.seed,
+        )
 
 
 def _trainer(cfg: GrowthConfig, epochs: int) -> L.Trainer:

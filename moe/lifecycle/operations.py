@@ -20,8 +20,17 @@ from moe.lifecycle.growth import GrowthConfig, expert_tensors, gaussian_samples,
 from moe.lifecycle.stream import EncodedRows
 from moe.model.bridge import Bridge
 from moe.model.overlap import ExpertStatistics, OverlapPair, closest_intents
+from moe.model.pathway import (
+    Pathways,
+    PathwaySpec,
+    as_pathway_statistics,
+    is_pathway,
+    lora_shapes,
+    pathway_statistics,
+)
 from moe.model.stats import PooledScatter, class_statistics, merge_statistics, pooled_precision
 from moe.store import ExpertMeta, ExpertStore, TrunkVersions
+from moe.training.pathway import PathwayConfig, train_pathway
 from moe.trunk import Trunk
 
 log = logging.getLogger(__name__)
@@ -47,19 +56,50 @@ class Lifecycle:
     overlap_warn: float = OVERLAP_WARN
     warned: dict[str, list[OverlapPair]] = field(default_factory=dict)  # tenant -> overlaps its last grow/update named
     bridges: dict[str, Bridge] = field(default_factory=dict)  # older trunk version -> its bridge to this trunk
+    _pathways: Pathways | None = field(default=None, repr=False)  # the trunk's top layers, for pathway experts
 
     def architecture(self) -> dict:
         """The store's architecture (every expert in a store shares one), or the configured one if empty."""
         existing = self.store.tenants(dormant=True)
         if existing:  # on this trunk's features (a store's experts may span trunk versions)
             return self.store.meta(existing[0]).architecture | {"dim": self.trunk.dim}
-        return {
+        arch = {
             "dim": self.trunk.dim,
             "rank": self.cfg.rank,
             "gate_rows": "labels",
             "input_scale": self.cfg.input_scale,
             "dtype": "float32",
         }
+        if self.cfg.pathway is not None:  # pathway experts (conf/expert/pathway.yaml)
+            arch |= PathwayConfig(**self.cfg.pathway).spec().architecture(self.trunk)
+        return arch
+
+    def pathways(self, arch: dict) -> Pathways:
+        """The trunk's top layers as experts of `arch` adapt them."""
+        spec = PathwaySpec.from_architecture(arch)
+        if self._pathways is None or self._pathways.spec != spec:
+            self._pathways = Pathways(self.trunk, spec)
+        return self._pathways
+
+    @staticmethod
+    def _texts(tenant: Tenant, encoded: EncodedRows | None, split: str = "train") -> list[str]:
+        """A tenant's train texts, which a pathway expert trains on (through the trunk's layers)."""
+        if encoded is not None:
+            raise ValueError(f"tenant {tenant.name!r}: pathway experts train on texts, not on encoded rows")
+        return [e.text for e in tenant.split(split)]
+
+    def pathway_expert(self, tenant: Tenant) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """A pathway expert trained on `tenant`'s train split, as a grow into this store trains it, not saved:
+        (expert, pathway tensors)."""
+        arch = self.architecture()
+        _, labels = self._features(tenant, tenant.labels)
+        return self._train_pathway(self._texts(tenant, None), labels, len(tenant.labels), arch, self._configured(arch))
+
+    def _train_pathway(self, texts: list[str], labels: torch.Tensor, num_labels: int, arch: dict, cfg: GrowthConfig):
+        """A new pathway and its expert trained on (texts, labels); -> (expert, pathway tensors with the statistics of
+        its own features)."""
+        pathway, expert = train_pathway(self.pathways(arch), texts, labels, num_labels, cfg.pathway_config(arch))
+        return expert, pathway
 
     def _others(self, exclude: str) -> list[tuple[ExpertMeta, dict[str, torch.Tensor]]]:
         """Metadata, routing entries and statistics of every other live expert, awake or dormant (read, never
@@ -175,7 +215,12 @@ class Lifecycle:
         stats = class_statistics(features, labels, len(tenant.labels))
         others = self._others(tenant.name)
         self._warn_overlap(tenant.name, tenant.labels, stats, others)  # before training: read only
-        expert = train_expert(tenant, features, labels, cfg)
+        pathway: dict[str, torch.Tensor] = {}
+        if is_pathway(arch):
+            texts = self._texts(tenant, encoded)
+            expert, pathway = self._train_pathway(texts, labels, len(tenant.labels), arch, cfg)
+        else:
+            expert = train_expert(tenant, features, labels, cfg)
         routing = routing_entry(features, labels, stats, [entry for _, entry in others], cfg)
         meta = ExpertMeta(
             tenant.name,
@@ -184,7 +229,7 @@ class Lifecycle:
             arch,
             metrics={"train_examples": len(labels), f"{how}_s": time.perf_counter() - start},
         )
-        tensors = expert_tensors(expert, routing, stats)
+        tensors = expert_tensors(expert, routing, stats) | pathway
         if parent is None:
             path = self.store.save(tensors, meta, new_tenant=True)
         else:
@@ -201,6 +246,10 @@ class Lifecycle:
         `transport_per_class` samples per class drawn from them, its routing entry rebuilt from them. Works on a
         hibernating tenant (it wakes up as this version); the previous version stays for rollback."""
         start = time.perf_counter()
+        if is_pathway(self.store.meta(name).architecture):
+            raise ValueError(
+                f"tenant {name!r} is a pathway expert: its LoRA adapts its own trunk's layers (not transportable)"
+            )
         bridge = self._bridge(name)
         if bridge is None:
             raise ValueError(
@@ -272,7 +321,14 @@ class Lifecycle:
         stats = merge_statistics(old_stats, class_statistics(features, y, len(labels)))
         others = self._others(tenant.name)
         self._warn_overlap(tenant.name, labels, stats, others, new=set(labels) - set(meta.labels))
-        expert = train_expert(merged, x, x_y, cfg, initial=None if bridge else old)  # weights of another trunk: anew
+        pathway: dict[str, torch.Tensor] = {}
+        if is_pathway(arch):
+            if bridge is not None:
+                raise ValueError(f"tenant {tenant.name!r}: a pathway expert of another trunk can not be updated here")
+            texts = self._texts(tenant, encoded)
+            expert, pathway = self._update_pathway(old, merged, texts, y, arch, cfg)
+        else:
+            expert = train_expert(merged, x, x_y, cfg, initial=None if bridge else old)  # another trunk's: anew
         routing = routing_entry(x, x_y, stats, [entry for _, entry in others], cfg)
         new_meta = ExpertMeta(
             tenant.name,
@@ -282,10 +338,27 @@ class Lifecycle:
             metrics={"train_examples": len(y), "update_s": time.perf_counter() - start},
         )
         path = self.store.save(
-            expert_tensors(expert, routing, stats), new_meta, allow_dormant=allow_dormant, parent=meta.version
+            expert_tensors(expert, routing, stats) | pathway, new_meta, allow_dormant=allow_dormant, parent=meta.version
         )
         log.info("updated %s to %d labels in %.1f s: %s", tenant.name, len(labels), time.perf_counter() - start, path)
         return path
+
+    def _update_pathway(self, old: dict, merged: Tenant, texts: list[str], y: torch.Tensor, arch: dict, cfg):
+        """An update of a pathway expert: its pathway is kept as it is, and its expert learns the new intents on the
+        pathway's features of the new texts, rehearsing the earlier intents from the statistics of those features
+        that its shard keeps (their data is gone). -> (expert, pathway tensors with the merged statistics)."""
+        lora = {name: old[name] for name in lora_shapes(arch)}
+        features = self.pathways(arch).encode(texts, lora)
+        before = pathway_statistics(old)
+        known = [c for c in range(len(before["stats.count"])) if before["stats.count"][c] > 0]
+        count = before["stats.count"].sum().item()
+        precision = pooled_precision(before["stats.scatter"], count, len(known), cfg.shrinkage)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        rehearsal, drawn = gaussian_samples(before["stats.mean"][known], precision, cfg.rehearsal_per_class, generator)
+        x, x_y = torch.cat([features, rehearsal]), torch.cat([y, torch.tensor(known)[drawn]])
+        expert = train_expert(merged, x, x_y, cfg, initial=old)
+        own = merge_statistics(before, class_statistics(features, y, len(merged.labels)))
+        return expert, lora | as_pathway_statistics(own)
 
     def hibernate(self, name: str) -> None:
         self.store.hibernate(name)

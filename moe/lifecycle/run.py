@@ -15,11 +15,12 @@ from tqdm.auto import tqdm
 from moe.config import start_run
 from moe.evaluation.reference import accuracy_metrics, fit_metrics, joint_linear_reference
 from moe.inference import GateSettings
-from moe.lifecycle.baselines import joint_retrain, sequential_run
+from moe.lifecycle.baselines import joint_pathway_retrain, joint_retrain, sequential_run
 from moe.lifecycle.config import growth_config
 from moe.lifecycle.operations import Lifecycle
 from moe.lifecycle.plots import accuracy_heatmaps, accuracy_over_events
 from moe.lifecycle.scenario import Event, Record, Scenario, continual_metrics
+from moe.model.pathway import is_pathway
 from moe.paths import cache_dir
 from moe.store import ExpertStore
 from moe.trunk import FeatureCache, Trunk
@@ -147,7 +148,12 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
         mean_routed = _mean(test.per_tenant[t].acc_routed for t in names)  # over tenants, as the curves
         references["joint linear routed, final tenants"] = mean_routed
 
-    if cfg.baselines.joint:
+    if cfg.baselines.joint and is_pathway(scenario.lifecycle.architecture()):  # the cost of retraining the pathways
+        chosen = cfg.baselines.get("joint_tenants") or names
+        joint = joint_pathway_retrain([t for t in final_tenants if t.name in chosen], scenario.lifecycle)
+        metrics["time/joint_retrain_s"], metrics["baseline/joint/tenants"] = joint["seconds"], joint["tenants"]
+        metrics["grow_speedup_over_joint"] = joint["seconds"] / metrics["time/grow_mean_s"]
+    elif cfg.baselines.joint:
         joint = joint_retrain(final_tenants, encode, growth, top_k=cfg.top_k)
         metrics["time/joint_retrain_s"] = joint["seconds"]
         metrics["grow_speedup_over_joint"] = joint["seconds"] / metrics["time/grow_mean_s"]

@@ -100,7 +100,8 @@ class Scenario:
         self.wake_identical: dict[str, bool] = {}
 
     def mixture(self) -> PagedMixture:
-        return load_mixture(self.lifecycle.store, gate=self.gate, trunk_fingerprint=self.lifecycle.trunk.fingerprint)
+        trunk = self.lifecycle.trunk
+        return load_mixture(self.lifecycle.store, gate=self.gate, trunk_fingerprint=trunk.fingerprint, trunk=trunk)
 
     def known_tenant(self, name: str) -> Tenant:
         """The tenant with the intents its expert knows now, and their examples."""
@@ -109,8 +110,9 @@ class Scenario:
     @torch.no_grad()
     def given_predictions(self, model: Mixture, name: str) -> tuple[list, torch.Tensor]:
         """The tenant's predictions (by name) and its expert's log-probabilities on its own evaluation split."""
-        features = self.lifecycle.encode([e.text for e in self.known_tenant(name).split(self.split)])
-        output = model(features, torch.full((len(features),), model.tenant_index(name)))
+        texts = [e.text for e in self.known_tenant(name).split(self.split)]
+        features, hidden = self.lifecycle.encode(texts), model.hidden_states(texts)
+        output = model(features, torch.full((len(features),), model.tenant_index(name)), hidden=hidden)
         own = len(self.known[name])  # the padded width depends on other experts: compare its own columns
         return [model.labels[i] for i in best_labels(output)[0].tolist()], output.log_probs[:, 0, :own]
 

@@ -105,9 +105,14 @@ class Mixture(nn.Module):
         """(g, capacity, width) logits of the planned groups, -inf on labels an expert lacks."""
         raise NotImplementedError
 
-    def group_log_probs(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """(g, capacity, width) log-probabilities of each group over its expert's labels, -inf on the others."""
+    def group_log_probs(self, x: torch.Tensor, plan: DispatchPlan, hidden=None) -> torch.Tensor:
+        """(g, capacity, width) log-probabilities of each group over its expert's labels, -inf on the others.
+        `hidden`: the batch's token states, for experts that read them (`moe.model.pathway`)."""
         return self.group_logits(x, plan).log_softmax(dim=-1)
+
+    def hidden_states(self, texts: list[str]):
+        """What the experts read of a batch besides its features (None: features only)."""
+        return None
 
     def route(self, x: torch.Tensor, tenant: torch.Tensor | None, keep_rows: bool = False) -> RouterOutput:
         """The gate's choice for scaled inputs. An input whose tenant is known scores that tenant's rows only
@@ -133,14 +138,15 @@ class Mixture(nn.Module):
         return self.router(x)
 
     def forward(
-        self, features: torch.Tensor, tenant: torch.Tensor | None = None, keep_rows: bool = False
+        self, features: torch.Tensor, tenant: torch.Tensor | None = None, keep_rows: bool = False, hidden=None
     ) -> MixtureOutput:
-        """`keep_rows`: keep the gate's (b, e, m) row logits in the output (for the supervised gate loss)."""
+        """`keep_rows`: keep the gate's (b, e, m) row logits in the output (for the supervised gate loss);
+        `hidden`: the batch's `hidden_states`, for experts that read them."""
         # b: batch, k: chosen experts, c: labels per expert (padded), d: features
         x = features * self.input_scale
         routed = self.route(x, tenant, keep_rows)
         plan = plan_dispatch(routed.experts, routed.weights)
-        log_probs = combine(self.group_log_probs(x, plan), plan, fill=float("-inf"))
+        log_probs = combine(self.group_log_probs(x, plan, hidden), plan, fill=float("-inf"))
         return MixtureOutput(log_probs, routed.weights, routed.experts, self.label_ids[routed.experts], routed)
 
 

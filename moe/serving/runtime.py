@@ -17,6 +17,7 @@ import torch
 
 from moe.inference import Answer, Bundle, IndexSettings, Verify, open_bundle, predict
 from moe.model import UNKNOWN_TENANT
+from moe.model.pathway import Hidden
 
 Tenants = str | Iterable[str | None] | None
 
@@ -96,15 +97,19 @@ class Server:
         return names
 
     @torch.no_grad()
-    def predict_features(self, features: torch.Tensor, tenant: Tenants = None) -> list[Answer]:
-        """Answers for trunk features `(n, d)`; `tenant` as in `predict`."""
+    def predict_features(
+        self, features: torch.Tensor, tenant: Tenants = None, hidden: Hidden | None = None
+    ) -> list[Answer]:
+        """Answers for trunk features `(n, d)`; `tenant` as in `predict`; `hidden`: the texts' token states after the
+        shared lower layers, which pathway experts read (`model.hidden_states`)."""
         ids = self.model.tenant_ids(self._tenant_list(tenant, features.shape[0]))  # KeyError names unknown ones
         device = self.model.label_ids.device
         result: list[Answer] = []
         for start in range(0, features.shape[0], self.max_batch):
             x, t = features[start : start + self.max_batch].to(device), ids[start : start + self.max_batch]
             given = t.to(device) if (t != UNKNOWN_TENANT).any() else None
-            result += predict(self.model, x, given, self.oos_kind, self.threshold, self.unsure_margin)
+            h = hidden.take(slice(start, start + self.max_batch)) if hidden is not None else None
+            result += predict(self.model, x, given, self.oos_kind, self.threshold, self.unsure_margin, hidden=h)
         return result
 
     def predict(self, texts: Iterable[str], tenant: Tenants = None) -> list[Answer]:
@@ -115,7 +120,11 @@ class Server:
         texts = checked_texts(texts)
         names = self._tenant_list(tenant, len(texts))
         self.model.tenant_ids(names)  # refuse an unknown tenant before encoding anything
-        return self.predict_features(self.encode(texts), names) if texts else []
+        if not texts:
+            return []
+        with self._trunk_lock:
+            features, hidden = self.trunk.encode(texts), self.model.hidden_states(texts)
+        return self.predict_features(features, names, hidden)
 
     def stats(self) -> dict:
         """The pager's counters (hits, misses, page-ins, resident bytes)."""

