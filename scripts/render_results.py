@@ -128,6 +128,42 @@ def training(root: Path) -> str:
     )
 
 
+PATHWAY = """\
+`python scripts/train.py experiment=clinc150_pathway seed=S paths.output_dir=...` (`clinc150_pathway/train_seed*.json`),
+on {machine}. Each CLINC150 domain's expert is a pathway: its own LoRA (rank {rank}, alpha {alpha}) in the top
+{layers} of MiniLM's 6 layers and a linear head over the pathway's features, {epochs} epochs; the gate is trained on the
+frozen trunk's features as in experiment=clinc150 (Training, above), whose figures are beside. In-scope accuracy in
+percent; `train s` includes the gate's training and every pathway's.
+
+{table}
+
+{mean}"""
+
+
+def pathway_training(root: Path) -> str:
+    seeds = [s for s in SEEDS if (root / f"clinc150_pathway/train_seed{s}.json").is_file()]
+    if not seeds:
+        raise Missing("clinc150_pathway/train_seed0.json")
+    runs = {s: load(root, f"clinc150_pathway/train_seed{s}.json") for s in seeds}
+    heads = {s: load(root, f"clinc150/train_seed{s}.json") for s in seeds}
+    keys = ("test/acc_tenant_given", "test/acc_routed", "test/routing_acc", "val/acc_tenant_given", "val/acc_routed")
+    rows = [[s, *(f(m[k]) for k in keys), f(m["time/train_s"], 0)] for s, m in runs.items()]
+    rows += [[f"{s}, head experts", *(f(m[k]) for k in keys), f(m["time/train_s"], 0)] for s, m in heads.items()]
+    header = ["seed", "test tenant given", "test routed", "test routing", "val tenant given", "val routed", "train s"]
+    mean = {k: statistics.mean(m[k] for m in runs.values()) for k in keys[:2]}
+    settings = load(root, "clinc150_pathway/settings.json")
+    text = f"Mean over the {len(runs)} seed(s): {f(mean[keys[0]])} tenant given, {f(mean[keys[1]])} routed."
+    return PATHWAY.format(
+        machine=settings["machine"],
+        rank=settings["lora_rank"],
+        alpha=f(settings["lora_alpha"], 0),
+        layers=settings["layers"],
+        epochs=settings["epochs"],
+        table=table(header, rows),
+        mean=text,
+    )
+
+
 GPU_TRAINING = """\
 `OUT=outputs/gpu bash scripts/gpu_check.sh` (`train_speed_h100.json`; the GPU in `h100_gpu.txt`: {gpu}), on one GPU
 and on the same machine's CPU, one after the other. The tiny trunk widened to 384 features, so that gate and experts
@@ -1113,6 +1149,7 @@ def trunk_upgrade_seeds(root: Path, first: dict) -> str:
 
 SECTIONS: list[tuple[str, Callable[[Path], str]]] = [
     ("Training", training),
+    ("Pathway experts", pathway_training),
     ("Training on one GPU", gpu_training),
     ("Dispatch", dispatch),
     ("Continual learning", continual),

@@ -23,6 +23,7 @@ from tests.helpers import (
     digests,
     fast_growth,
     run_python,
+    synthetic_data,
     tenant_files_override,
     write_synthetic_tenants,
 )
@@ -219,3 +220,26 @@ def test_a_bundle_of_a_pathway_store_serves_in_a_fresh_process_what_evaluation_p
     expected = [json.loads(line) for line in predictions.read_text().splitlines()]
     done = run_python("-c", FRESH_PROCESS, str(tmp_path / "bundle"), str(predictions))
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [{k: e[k] for k in ANSWER} for e in expected]
+
+
+@pytest.mark.slow
+def test_the_pathway_scenario_runs_with_tiny_limits(tmp_path):
+    """experiment=clinc150_pathway_incremental's machinery on the synthetic tenants, one adapted layer, one epoch:
+    every tenant's tenant-given answers survive the others' growth and its own sleep exactly, and the joint baseline
+    times the retraining of the pathways."""
+    from moe.lifecycle.run import run_scenario
+
+    events = (
+        "events=[{op: grow, tenant: bank, intents: 1}, {op: grow, tenant: music}, {op: hibernate, tenant: music}, "
+        "{op: grow, tenant: weather}, {op: update, tenant: bank}, {op: wake, tenant: music}]"
+    )
+    overrides = ["experiment=clinc150_pathway_incremental", events, *synthetic_data(tmp_path / "data")]
+    overrides += ["compare_groups=null", "baselines.joint_tenants=[bank,music]", "baselines.joint_linear=false"]
+    overrides += ["expert.pathway.layers=1", "expert.pathway.epochs=1", "growth.epochs=5"]
+    cfg = compose_config("scenario", overrides, tmp_path / "run")
+    assert cfg.expert.kind == "pathway" and not cfg.baselines.sequential
+    metrics = run_scenario(cfg)
+    assert metrics["final/tenants"] == 3
+    assert metrics["final/forgetting_tenant_given"] == 0.0 and metrics["wake/identical"] == 1.0
+    assert metrics["baseline/joint/tenants"] == 2 and metrics["grow_speedup_over_joint"] > 0
+    assert ExpertStore(tmp_path / "run" / "experts").meta("bank").architecture["pathway_layers"] == 1

@@ -127,6 +127,10 @@ def experiments_run_by(script: str) -> list[str]:
     return sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if f"scripts/{script}.py" in p.read_text())
 
 
+# Pathway experts train through a Hugging Face encoder's layers (not the tiny trunk): one layer, one epoch.
+PATHWAY_LIMITS = ["trunk=minilm", "expert.pathway.layers=1", "expert.pathway.epochs=1"]
+
+
 def test_every_experiment_file_names_the_command_that_runs_it():
     named = {name for script in ("train", "scenario", "trunk_upgrade") for name in experiments_run_by(script)}
     assert named == {p.stem for p in (CONF / "experiment").glob("*.yaml")}
@@ -151,6 +155,7 @@ def test_every_experiment_runs_with_tiny_limits(experiment, tmp_path, clinc_dir)
         *FAST,
         "trainer.max_epochs=1",
         "data.tenants.domains=[banking,travel]",
+        *(PATHWAY_LIMITS if "pathway" in experiment else []),
     ]
     metrics = train(compose_config("train", overrides, tmp_path / experiment))
     assert metrics["data/tenants"] == 2
@@ -158,7 +163,9 @@ def test_every_experiment_runs_with_tiny_limits(experiment, tmp_path, clinc_dir)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", experiments_run_by("scenario"))
+@pytest.mark.parametrize(  # the pathway scenario at its own limits: tests/test_pathway.py
+    "experiment", [name for name in experiments_run_by("scenario") if "pathway" not in name]
+)
 def test_every_scenario_experiment_runs_with_tiny_limits(experiment, tmp_path, clinc_dir):
     overrides = [f"experiment={experiment}", "trunk=tiny", "growth.epochs=1", "growth.rank=4"]
     with pytest.raises(ValueError, match="eval_split=val: the baselines are measured on test"):
