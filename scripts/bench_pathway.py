@@ -6,8 +6,8 @@
 - throughput, tenant given: a batch of 256 queries spread over 16 tenants against the same batch all on one tenant
   (each pathway's rows gather its own LoRA tensors in one pass; vLLM's multi-LoRA serves at about 0.66x of its
   no-adapter rate)
-- batch-1 latency, tenant given (features for the gate, the lower layers, the tenant's pathway, its head) against
-  the trunk alone (its features of one query)
+- batch-1 latency, tenant given (the gate's features and the tenant's pathway in one pass over the top layers, as
+  `Server.predict` runs it, then its head) against the trunk alone (its features of one query)
 - bytes per pathway expert against a head-only expert and against the default adapter expert (conf/expert/adapter)
 
 The pathways' weights are random (B drawn too): speed does not depend on what they learned. The queries are CLINC150
@@ -100,8 +100,11 @@ def main() -> None:
         model = load_mixture(store, trunk=trunk, device=args.device)
 
         def served(queries: list[str], tenants: list[str]):
-            features, hidden = trunk.encode(queries), model.hidden_states(queries)
-            return predict(model, features, model.tenant_ids(tenants).to(args.device), hidden=hidden)
+            """As `Server.predict` serves queries whose tenant is given: the gate's features and the pathways' in
+            one pass over the top layers."""
+            ids = model.tenant_ids(tenants).to(args.device)
+            features, hidden = model.given_pass(model.hidden_states(queries), ids)
+            return predict(model, features, ids, hidden=hidden)
 
         spread = [f"t{i % args.tenants:02d}" for i in range(len(batch))]
         one = ["t00"] * len(batch)

@@ -130,6 +130,14 @@ def test_a_mixed_tenant_batch_answers_as_each_query_alone(tmp_path, trunk, tenan
             one = model(features[i : i + 1], None if given is None else given[i : i + 1], hidden=hidden.take([i]))
             assert torch.equal(one.experts[0], batch.experts[i])
             torch.testing.assert_close(one.log_probs[0], batch.log_probs[i], atol=MIXED_TOLERANCE, rtol=0)
+    # tenant given, as serving runs it: the gate's features and every pathway's in one pass over the top layers
+    given = model.tenant_ids([name for name, _ in examples])
+    fused_features, fused = model.given_pass(model.hidden_states(texts), given)
+    torch.testing.assert_close(fused_features, features, atol=MIXED_TOLERANCE, rtol=0)
+    two_passes = model(features, given, hidden=hidden)
+    one_pass = model(fused_features, given, hidden=fused)
+    assert torch.equal(one_pass.experts, two_passes.experts)
+    torch.testing.assert_close(one_pass.log_probs, two_passes.log_probs, atol=MIXED_TOLERANCE, rtol=0)
 
 
 def test_a_pathway_store_needs_its_trunk_and_the_texts(tmp_path, trunk, tenants):

@@ -160,6 +160,26 @@ class PagedMixture(Mixture):
         layers (None for experts that read the trunk's features)."""
         return self.pathways.lower(texts) if self.pathways is not None else None
 
+    @torch.no_grad()
+    def given_pass(self, hidden: Hidden, tenant: torch.Tensor) -> tuple[torch.Tensor, Hidden]:
+        """Every query's tenant given: the gate's features and each query's pathway features in one pass over the top
+        layers, the trunk's own rows (a zero pathway) beside the pathways' rows -> (features (b, d), `hidden` with
+        the pathway features, which the mixture then reads instead of running the top layers again). Batches whose
+        experts do not fit the pager's budget at once take the two passes instead."""
+        experts = self.tenant_expert[tenant]  # one expert per tenant: its query's only candidate
+        used = experts.unique().tolist()
+        keys = [self.keys[e] for e in used]
+        if len(self.pager.waves(keys)) > 1:
+            return self.pathways.upper(hidden, {}), hidden  # no pathway: the trunk's own features
+        b = len(tenant)
+        with self.pager.acquire(keys) as resident:
+            stacked = self.pathways.stack([self.pathways.zero(resident[keys[0]])] + [resident[k] for k in keys])
+            slot = torch.empty(max(used) + 1, dtype=torch.long, device=experts.device)
+            slot[torch.tensor(used, device=experts.device)] = torch.arange(1, len(used) + 1, device=experts.device)
+            which = torch.cat([torch.zeros(b, dtype=torch.long, device=experts.device), slot[experts]])
+            out = self.pathways.upper(hidden.take(torch.arange(b).repeat(2)), stacked, which)
+        return out[:b], hidden._replace(pathway=(experts, out[b:]))
+
     def group_log_probs(self, x: torch.Tensor, plan: DispatchPlan, hidden: Hidden | None = None) -> torch.Tensor:
         # g: groups (chosen experts), n: capacity, c: label width
         if self.pathways is not None and hidden is None:
@@ -173,15 +193,15 @@ class PagedMixture(Mixture):
         out.masked_fill_(~self.label_mask[plan.experts][:, None, :], float("-inf"))
         position = {self.keys[e]: i for i, e in enumerate(experts)}
         for wave in self.pager.waves([self.keys[e] for e in experts]):
-            self._compute_wave(wave, groups, counts, position, out, rows, hidden)
+            self._compute_wave(wave, groups, counts, position, out, rows, hidden, plan.experts)
         return out
 
-    def _compute_wave(self, wave: list[Hashable], groups, counts, position, out, rows, hidden) -> None:
+    def _compute_wave(self, wave: list[Hashable], groups, counts, position, out, rows, hidden, experts) -> None:
         # a function of its own: no reference to this wave's weights outlives it, so the next wave's
         # evictions free their memory before its page-ins take more
         with self.pager.acquire(wave) as resident:
             pathways = self.pathways is not None
-            pathway_inputs = self._pathway_inputs(resident, counts, position, rows, hidden) if pathways else {}
+            pathway_inputs = self._pathway_inputs(resident, counts, position, rows, hidden, experts) if pathways else {}
             for key, tensors in resident.items():
                 i, n = position[key], counts[position[key]]
                 c = tensors["head.bias"].shape[0]
@@ -190,12 +210,19 @@ class PagedMixture(Mixture):
                     inputs = self.input_maps[key](inputs, self.input_scale)
                 out[i, :n, :c] = expert_logits(inputs, tensors).log_softmax(dim=-1)  # its own labels only
 
-    def _pathway_inputs(self, resident, counts, position, rows, hidden: Hidden) -> dict[Hashable, torch.Tensor]:
+    def _pathway_inputs(
+        self, resident, counts, position, rows, hidden: Hidden, experts
+    ) -> dict[Hashable, torch.Tensor]:
         """Every resident pathway expert's features of its own queries, in one pass over the top layers: each row
         of the pass gathers its expert's LoRA tensors (no loop over experts or queries)."""
         keys = list(resident)
         sizes = [counts[position[key]] for key in keys]
         queries = torch.cat([rows[position[key], :n] for key, n in zip(keys, sizes, strict=True)])
+        if hidden.pathway is not None:  # computed with the gate's features (`given_pass`), for these very experts
+            chosen = torch.cat([experts[position[key]].repeat(n) for key, n in zip(keys, sizes, strict=True)])
+            if torch.equal(hidden.pathway[0][queries], chosen):
+                features = hidden.pathway[1][queries] * self.input_scale
+                return dict(zip(keys, features.split(sizes), strict=True))
         which = torch.repeat_interleave(torch.arange(len(keys), device=queries.device), torch.tensor(sizes))
         stacked = self.pathways.stack([resident[key] for key in keys])
         features = self.pathways.upper(hidden.take(queries), stacked, which) * self.input_scale

@@ -123,13 +123,16 @@ def lora_shapes(arch: Mapping) -> dict[str, tuple[int, ...]]:
 
 
 class Hidden(NamedTuple):
-    """Token states after the shared lower layers: states (b, t, d), attention mask (b, t)."""
+    """Token states after the shared lower layers: states (b, t, d), attention mask (b, t); and, where they were
+    computed with the gate's features in one pass, each row's expert and its pathway's features (b,), (b, d)."""
 
     states: torch.Tensor
     mask: torch.Tensor
+    pathway: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def take(self, rows: torch.Tensor) -> Hidden:
-        return Hidden(self.states[rows], self.mask[rows])
+    def take(self, rows) -> Hidden:
+        done = None if self.pathway is None else (self.pathway[0][rows], self.pathway[1][rows])
+        return Hidden(self.states[rows], self.mask[rows], done)
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -155,8 +158,8 @@ def _adds_lora(name: str):
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
         # b: rows, t: tokens, i: in features, o: out features, r: rank
         run = _RUN.get()
-        if run is None:
-            return None  # outside `Pathways.upper`: the trunk as it is
+        if run is None or name not in run.lora:
+            return None  # outside `Pathways.upper`, or no pathway given: the trunk as it is
         a, b = run.lora[name]  # (e, r, i), (e, o, r)
         x = run.dropout(inputs[0])
         if a.shape[0] == 1:  # one pathway for every row: no gather
@@ -240,6 +243,10 @@ class Pathways:
         finally:
             _RUN.reset(token)
         return sentence_features(states, hidden.mask)
+
+    def zero(self, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The pathway that changes nothing (B = 0: the frozen trunk's own rows), shaped and typed as `like`."""
+        return {name: torch.zeros_like(like[name]) for name in self.shapes()}
 
     def stack(self, pathways: list[Mapping[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Pathways' tensors (each `lora.<module>.A/B`) stacked as `upper` reads them: module -> (A, B)."""

@@ -120,11 +120,23 @@ class Server:
         texts = checked_texts(texts)
         names = self._tenant_list(tenant, len(texts))
         self.model.tenant_ids(names)  # refuse an unknown tenant before encoding anything
-        if not texts:
-            return []
+        answers: list[Answer] = []
+        for start in range(0, len(texts), self.max_batch):
+            chunk, given = texts[start : start + self.max_batch], names[start : start + self.max_batch]
+            features, hidden = self._encode(chunk, given)
+            answers += self.predict_features(features, given, hidden)
+        return answers
+
+    def _encode(self, texts: list[str], names: list[str | None]) -> tuple[torch.Tensor, Hidden | None]:
+        """Features for the gate and, for pathway experts, the texts' token states; when every text's tenant is
+        given, its pathway's features computed with the gate's in one pass (`PagedMixture.given_pass`)."""
         with self._trunk_lock:
-            features, hidden = self.trunk.encode(texts), self.model.hidden_states(texts)
-        return self.predict_features(features, names, hidden)
+            if self.model.pathways is None:
+                return self.trunk.encode(texts), None
+            hidden = self.model.hidden_states(texts)
+            if self.model.tenant_expert is not None and None not in names:
+                return self.model.given_pass(hidden, self.model.tenant_ids(names).to(hidden.states.device))
+            return self.trunk.encode(texts), hidden
 
     def stats(self) -> dict:
         """The pager's counters (hits, misses, page-ins, resident bytes)."""
