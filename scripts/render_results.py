@@ -153,6 +153,8 @@ def pathway_training(root: Path) -> str:
     mean = {k: statistics.mean(m[k] for m in runs.values()) for k in keys[:2]}
     settings = load(root, "clinc150_pathway/settings.json")
     text = f"Mean over the {len(runs)} seed(s): {f(mean[keys[0]])} tenant given, {f(mean[keys[1]])} routed."
+    if (root / "pathway_cpu.json").is_file():
+        text += "\n\n" + pathway_speed(load(root, "pathway_cpu.json"))
     return PATHWAY.format(
         machine=settings["machine"],
         rank=settings["lora_rank"],
@@ -161,6 +163,38 @@ def pathway_training(root: Path) -> str:
         epochs=settings["epochs"],
         table=table(header, rows),
         mean=text,
+    )
+
+
+PATHWAY_SPEED = """\
+Serving them: `python scripts/bench_pathway.py --out scripts/results/pathway_cpu.json` ({machine}; {tenants} pathway
+experts of depth {layers} and rank {rank}, random weights, CLINC150 test queries, the two sides of each ratio
+alternated in one process, medians). Tenant given, a batch of {batch} queries spread over {tenants} tenants serves
+{mixed} queries/s against {single} all on one tenant: {ratio}x (goal 0.7x). One query with its tenant given takes
+{pathway_ms} ms against {trunk_ms} ms for the trunk's features alone: {latency}x (goal 1.3x). Routed (top 2, the gate's
+features first, then each chosen pathway), the batch serves {routed} queries/s. A pathway expert's weights are {kb}
+kB, {bytes_ratio}x a head-only expert's ({head_kb} kB) and {adapter_ratio}x the default adapter expert's."""
+
+
+def pathway_speed(m: dict) -> str:
+    settings = m["settings"]
+    return PATHWAY_SPEED.format(
+        machine=f"{m['machine']['cpu_model']}, {m['machine']['cpus']} cores, {m['machine']['device']}",
+        tenants=settings["tenants"],
+        layers=settings["layers"],
+        rank=settings["lora_rank"],
+        batch=settings["batch"],
+        mixed=f(m["throughput/mixed_queries_per_s"], 0),
+        single=f(m["throughput/one_tenant_queries_per_s"], 0),
+        ratio=f(m["throughput/mixed_over_one_tenant"]),
+        pathway_ms=f(m["latency/pathway_tenant_given_ms"], 1),
+        trunk_ms=f(m["latency/trunk_ms"], 1),
+        latency=f(m["latency/pathway_over_trunk"]),
+        routed=f(m["throughput/routed_top2_queries_per_s"], 0),
+        kb=f(m["bytes/pathway_expert_weights"] / 1000, 0),
+        bytes_ratio=f(m["bytes/pathway_over_head_only"], 0),
+        head_kb=f(m["bytes/head_only_expert_weights"] / 1000, 1),
+        adapter_ratio=f(m["bytes/pathway_expert_weights"] / m["bytes/adapter_expert_weights"], 1),
     )
 
 

@@ -13,9 +13,9 @@ import torch
 from moe.data import read_tenant_file
 from moe.inference import load_mixture
 from moe.lifecycle import Lifecycle
-from moe.model import best_labels
+from moe.model import TENSOR_NAMES, best_labels
 from moe.model.pathway import TARGETS, Pathways, PathwaySpec
-from moe.store import ExpertStore
+from moe.store import ExpertStore, tensor_bytes
 from moe.trunk import HFEncoderTrunk
 from moe.trunk.base import sentence_features
 from tests.helpers import (
@@ -147,6 +147,10 @@ def test_a_pathway_store_needs_its_trunk_and_the_texts(tmp_path, trunk, tenants)
     model = load_mixture(tmp_path / "store", trunk=trunk)
     with pytest.raises(ValueError, match="hidden_states"):
         model(trunk.encode(TEXTS))
+    # its LoRA tensors count against the pager's budgets with its head's
+    key, meta = model.keys[0], ExpertStore(tmp_path / "store").meta("weather")
+    lora = sum(4 * torch.Size(shape).numel() for shape in Pathways(trunk, PathwaySpec(2, 4)).shapes().values())
+    assert model.pager.sizes[key] == tensor_bytes(meta, TENSOR_NAMES) + lora
 
 
 def test_an_update_keeps_the_pathway_and_rehearses_the_earlier_intents(tmp_path, trunk, tenants):
