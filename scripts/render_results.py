@@ -137,7 +137,32 @@ percent; `train s` includes the gate's training and every pathway's.
 
 {table}
 
-{mean}"""
+{mean}
+
+The pathway's settings were chosen on val (`clinc150_pathway/val_settings.csv`, seed 0, by val tenant-given accuracy,
+the grid's `optimized_metric`): its depth N, LoRA rank and epochs. `train s` is every pathway's training and the
+gate's; `kB` a pathway expert's weights in float32 (its LoRA tensors and head).
+
+{grid}"""
+
+
+def chosen_pathway(rows: list[dict]) -> dict:
+    """The val run with the best val tenant-given accuracy (`val_settings.csv` rows)."""
+    return max(rows, key=lambda r: float(r["val/acc_tenant_given"]))
+
+
+def pathway_grid(root: Path) -> str:
+    rows = load_rows(root, "clinc150_pathway/val_settings.csv")
+    chosen = chosen_pathway(rows)
+    keys = ("expert.pathway.layers", "expert.pathway.lora_rank", "expert.pathway.epochs")
+    body = [
+        [r[k] for k in keys]
+        + [f(float(r["val/acc_tenant_given"])), f(float(r["val/acc_routed"])), f(float(r["time/train_s"]), 0)]
+        + [f(float(r["expert/weight_bytes"]) / 1000, 0), "yes" if r is chosen else ""]
+        for r in sorted(rows, key=lambda r: tuple(int(r[k]) for k in keys))
+    ]
+    header = ["N layers", "LoRA rank", "epochs", "val tenant given", "val routed", "train s", "kB", "chosen"]
+    return table(header, body)
 
 
 def pathway_training(root: Path) -> str:
@@ -163,6 +188,7 @@ def pathway_training(root: Path) -> str:
         epochs=settings["epochs"],
         table=table(header, rows),
         mean=text,
+        grid=pathway_grid(root),
     )
 
 

@@ -26,6 +26,7 @@ from moe.model.stats import class_statistics
 from moe.paths import cache_dir
 from moe.store import ExpertStore, check_tenant_name, expert_shards, save_gate
 from moe.store.assemble import Shard
+from moe.store.shard import weight_names
 from moe.training.module import MixtureClassifier
 from moe.training.pathway import PathwayConfig, train_pathway
 from moe.trunk import FeatureCache, Trunk
@@ -209,6 +210,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     metrics = {**evaluation.metrics, "time/encode_s": data.encode_seconds, "time/train_s": train_s}
     metrics |= {"data/tenants": len(data.tenants), "data/train_examples": len(data.datasets["train"])}
+    tensors, meta = shards[0]
+    metrics["expert/weight_bytes"] = sum(tensors[name].nbytes for name in weight_names(meta.architecture))
     if trainer.is_global_zero:
         store, own = ExpertStore(cfg.paths.experts_dir), tenant_metrics(evaluation)
         for tensors, meta in shards:
