@@ -18,7 +18,7 @@ from moe.data.datamodule import TenantExamples
 from moe.model import TENSOR_NAMES, ExpertInfo, RowSource, build_mixture, check_choice
 from moe.model.pathway import PathwaySpec
 from moe.model.stats import SHRINKAGE, PooledScatter, discriminant_rows
-from moe.training.module import MixtureClassifier
+from moe.training.module import MixtureClassifier, quiet_trainer
 from moe.training.pathway import PathwayConfig
 
 
@@ -63,15 +63,7 @@ class GrowthConfig:
 
 
 def _trainer(cfg: GrowthConfig, epochs: int) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator=cfg.accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    return quiet_trainer(epochs, cfg.accelerator)
 
 
 def gaussian_samples(means: torch.Tensor, precision: torch.Tensor, per_class: int, generator: torch.Generator):

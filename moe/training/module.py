@@ -106,3 +106,17 @@ class MixtureClassifier(L.LightningModule):
             optimizer, max_lr=self.lr, total_steps=int(self.trainer.estimated_stepping_batches)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def quiet_trainer(epochs: int, accelerator: str = "cpu", logger=False) -> L.Trainer:
+    """A Trainer for a short fit inside a larger run (one expert, one pathway, one routing entry): one device, no
+    checkpoints, progress bar or model summary."""
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator=accelerator,
+        devices=1,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )

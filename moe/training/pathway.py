@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from moe.model import ExpertBank
 from moe.model.pathway import Hidden, Pathways, PathwaySpec, as_pathway_statistics
 from moe.model.stats import class_statistics
+from moe.training.module import quiet_trainer
 
 
 @dataclass
@@ -142,16 +143,7 @@ def train_pathway(
     examples = LowerStates(pathways, texts, labels)
     batches = SimilarLengths([len(s) for s in examples.states], cfg.batch_size, seed=cfg.seed)
     loader = DataLoader(examples, batch_sampler=batches, collate_fn=collate)
-    trainer = L.Trainer(
-        max_epochs=cfg.epochs,
-        accelerator=cfg.accelerator,
-        devices=1,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, train_dataloaders=loader)
+    quiet_trainer(cfg.epochs, cfg.accelerator, logger).fit(module, train_dataloaders=loader)
     module.eval()
     lora = module.tensors()
     own = as_pathway_statistics(class_statistics(pathways.encode(texts, lora), labels, num_labels))
