@@ -141,7 +141,8 @@ percent; `train s` includes the gate's training and every pathway's.
 
 The pathway's settings were chosen on val (`clinc150_pathway/val_settings.csv`, seed 0, by val tenant-given accuracy,
 the grid's `optimized_metric`): its depth N, LoRA rank and epochs. `train s` is every pathway's training and the
-gate's; `kB` a pathway expert's weights in float32 (its LoRA tensors and head).
+gate's, and depends on what else the machine ran (the 3-epoch run shared it, and batched texts at random; the others
+batched texts of similar length); `kB` a pathway expert's weights in float32 (its LoRA tensors and head).
 
 {grid}"""
 

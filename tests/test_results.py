@@ -7,6 +7,8 @@ import importlib.util
 import json
 import shutil
 
+import yaml
+
 from tests.helpers import ROOT
 
 SPEC = importlib.util.spec_from_file_location("render_results", ROOT / "scripts" / "render_results.py")
@@ -68,3 +70,16 @@ def test_the_trunk_adaptation_settings_are_the_ones_chosen_on_val():
         assert (adapt["epochs"], float(adapt["compatibility"])) == wanted, name
     used = json.loads((folder / "settings.json").read_text())["adapt"]
     assert (used["epochs"], float(used["compatibility"])) == wanted
+
+
+def test_the_pathway_settings_are_the_ones_chosen_on_val():
+    """conf/expert/pathway.yaml trains pathways as the val grid chose (`chosen_pathway`), and the reported run used
+    them."""
+    rows = render_results.load_rows(render_results.RESULTS, "clinc150_pathway/val_settings.csv")
+    chosen = render_results.chosen_pathway(rows)
+    keys = ("layers", "lora_rank", "epochs")
+    wanted = tuple(int(chosen[f"expert.pathway.{k}"]) for k in keys)
+    configured = yaml.safe_load((ROOT / "conf/expert/pathway.yaml").read_text())["pathway"]
+    assert tuple(configured[k] for k in keys) == wanted
+    used = json.loads((render_results.RESULTS / "clinc150_pathway/settings.json").read_text())
+    assert (used["layers"], used["lora_rank"], used["epochs"]) == wanted
