@@ -223,7 +223,9 @@ class PagedMixture(Mixture):
             if torch.equal(hidden.pathway[0][queries], chosen):
                 features = hidden.pathway[1][queries] * self.input_scale
                 return dict(zip(keys, features.split(sizes), strict=True))
-        which = torch.repeat_interleave(torch.arange(len(keys), device=queries.device), torch.tensor(sizes))
+        which = torch.repeat_interleave(
+            torch.arange(len(keys), device=queries.device), torch.tensor(sizes, device=queries.device)
+        )
         stacked = self.pathways.stack([resident[key] for key in keys])
         features = self.pathways.upper(hidden.take(queries), stacked, which) * self.input_scale
         return dict(zip(keys, features.split(sizes), strict=True))
