@@ -92,7 +92,7 @@ class Lifecycle:
         """A pathway expert trained on `tenant`'s train split, as a grow into this store trains it, not saved:
         (expert, pathway tensors)."""
         arch = self.architecture()
-        _, labels = self._features(tenant, tenant.labels)
+        labels = torch.tensor([tenant.label_index(e.label) for e in tenant.split("train")])
         return self._train_pathway(self._texts(tenant, None), labels, len(tenant.labels), arch, self._configured(arch))
 
     def _train_pathway(self, texts: list[str], labels: torch.Tensor, num_labels: int, arch: dict, cfg: GrowthConfig):

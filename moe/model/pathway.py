@@ -183,7 +183,6 @@ class Pathways:
         if spec.layers > len(self.layers):
             raise ValueError(f"a pathway of {spec.layers} layers does not fit a trunk of {len(self.layers)}")
         self.first = len(self.layers) - spec.layers
-        self.dropout: nn.Module = nn.Identity()  # on a LoRA term's input, while training
         for name in self.module_names():  # one hook per module, however many `Pathways` share the trunk
             layer, target = name.split(".", 1)
             module = self.layers[int(layer)].get_submodule(target)
@@ -196,14 +195,8 @@ class Pathways:
         return [f"{i}.{target}" for i in range(self.first, len(self.layers)) for target in self.spec.targets]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Each pathway tensor's shape: `lora.<module>.A` (rank, in), `lora.<module>.B` (out, rank)."""
-        shapes = {}
-        for name in self.module_names():
-            layer, target = name.split(".", 1)
-            linear = self.layers[int(layer)].get_submodule(target)
-            shapes[f"lora.{name}.A"] = (self.spec.rank, linear.in_features)
-            shapes[f"lora.{name}.B"] = (linear.out_features, self.spec.rank)
-        return shapes
+        """Each pathway tensor's shape, as a shard of this trunk and spec holds it (`lora_shapes`)."""
+        return lora_shapes(self.spec.architecture(self.trunk) | {"dim": self.trunk.dim})
 
     def init_tensors(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """A new pathway: A random (as PEFT's default), B zero, so that it starts as the frozen trunk."""
@@ -229,14 +222,19 @@ class Pathways:
         return Hidden(states, tokens["attention_mask"])
 
     def upper(
-        self, hidden: Hidden, lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor | None = None
+        self,
+        hidden: Hidden,
+        lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        rows: torch.Tensor | None = None,
+        dropout: nn.Module | None = None,
     ) -> torch.Tensor:
         """The top layers with row i adapted by pathway `rows[i]` of `lora` (module -> A (e, r, i), B (e, o, r);
-        `rows` None: e is 1), pooled as the trunk pools -> features (b, d)."""
+        `rows` None: e is 1), pooled as the trunk pools -> features (b, d). `dropout`: on each LoRA term's input
+        (training)."""
         from moe.trunk.base import sentence_features  # here: the store reads pathway shapes without the trunk package
 
         states, mask = hidden.states, additive_mask(hidden.mask, hidden.states.dtype)
-        token = _RUN.set(_Run(lora, rows, self.spec.scale, self.dropout))
+        token = _RUN.set(_Run(lora, rows, self.spec.scale, dropout or nn.Identity()))
         try:
             for layer in self.layers[self.first :]:
                 states = layer(states, attention_mask=mask)

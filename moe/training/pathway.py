@@ -115,8 +115,7 @@ class PathwayClassifier(L.LightningModule):
         stacked = {
             name: (lora[f"lora.{name}.A"][None], lora[f"lora.{name}.B"][None]) for name in self.pathways.module_names()
         }
-        self.pathways.dropout = self.lora_dropout if self.training else nn.Identity()
-        features = self.pathways.upper(hidden, stacked)
+        features = self.pathways.upper(hidden, stacked, dropout=self.lora_dropout)  # an identity in eval mode
         return self.bank(features[None] * self.cfg.input_scale)[0]
 
     def training_step(self, batch, batch_idx):
