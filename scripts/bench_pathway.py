@@ -6,8 +6,9 @@
 - throughput, tenant given: a batch of 256 queries spread over 16 tenants against the same batch all on one tenant
   (each pathway's rows gather its own LoRA tensors in one pass; vLLM's multi-LoRA serves at about 0.66x of its
   no-adapter rate)
-- batch-1 latency, tenant given (the gate's features and the tenant's pathway in one pass over the top layers, as
-  `Server.predict` runs it, then its head) against the trunk alone (its features of one query)
+- batch-1 latency, tenant given, as `Server.predict` runs it, against the trunk alone (its features of one query):
+  the tenant's pathway alone, then its head (a store whose out-of-scope score does not read the gate, or none), and
+  the gate's features and the pathway in one pass over the top layers (a gate score: energy, max row, max prob)
 - bytes per pathway expert against a head-only expert and against the default adapter expert (conf/expert/adapter)
 
 The pathways' weights are random (B drawn too): speed does not depend on what they learned. The queries are CLINC150
@@ -99,12 +100,12 @@ def main() -> None:
         store = write_pathway_store(Path(root), trunk, spec, args.tenants)
         model = load_mixture(store, trunk=trunk, device=args.device)
 
-        def served(queries: list[str], tenants: list[str]):
-            """As `Server.predict` serves queries whose tenant is given: the gate's features and the pathways' in
-            one pass over the top layers."""
+        def served(queries: list[str], tenants: list[str], gate: bool = True):
+            """As `Server.predict` serves queries whose tenant is given: the pathways' features, with the gate's in
+            the same pass over the top layers where the out-of-scope score reads the gate."""
             ids = model.tenant_ids(tenants).to(args.device)
-            features, hidden = model.given_pass(model.hidden_states(queries), ids)
-            return predict(model, features, ids, hidden=hidden)
+            features, hidden = model.given_pass(model.hidden_states(queries), ids, gate)
+            return predict(model, features, ids, "gate_energy" if gate else "max_score", hidden=hidden)
 
         spread = [f"t{i % args.tenants:02d}" for i in range(len(batch))]
         one = ["t00"] * len(batch)
@@ -112,11 +113,14 @@ def main() -> None:
         routed_s, _ = alternate(
             lambda: predict(model, trunk.encode(batch), hidden=model.hidden_states(batch)), lambda: None, args.repeats
         )
-        latency = {"trunk": [], "pathway": []}
+        latency: dict[str, list[float]] = {"trunk": [], "pathway": [], "trunk_again": [], "pathway_with_gate": []}
         for text in texts[1000 : 1000 + args.latency_queries]:
-            trunk_s, pathway_s = alternate(lambda t=text: trunk.encode([t]), lambda t=text: served([t], ["t03"]), 3)
-            latency["trunk"].append(trunk_s)
-            latency["pathway"].append(pathway_s)
+            for kind, gate in (("pathway", False), ("pathway_with_gate", True)):
+                trunk_s, pathway_s = alternate(
+                    lambda t=text: trunk.encode([t]), lambda t=text, g=gate: served([t], ["t03"], g), 3
+                )
+                latency["trunk" if not gate else "trunk_again"].append(trunk_s)
+                latency[kind].append(pathway_s)
         meta = store.meta("t00")
         head_only = {"dim": trunk.dim, "rank": 0, "gate_rows": "labels", "input_scale": 8.0, "dtype": "float32"}
         adapter = head_only | {"rank": 64}  # conf/expert/adapter.yaml
@@ -126,7 +130,7 @@ def main() -> None:
 
         shard_bytes = store.path("t00", 1).stat().st_size
 
-    trunk_ms, pathway_ms = (1e3 * statistics.median(latency[k]) for k in ("trunk", "pathway"))
+    ms = {kind: 1e3 * statistics.median(times) for kind, times in latency.items()}
     pathway_bytes = expert_bytes(meta.architecture)
     head_bytes = expert_bytes(head_only)
     results = {
@@ -136,9 +140,12 @@ def main() -> None:
         "throughput/one_tenant_queries_per_s": len(batch) / single_s,
         "throughput/mixed_over_one_tenant": single_s / mixed_s,
         "throughput/routed_top2_queries_per_s": len(batch) / routed_s,
-        "latency/trunk_ms": trunk_ms,
-        "latency/pathway_tenant_given_ms": pathway_ms,
-        "latency/pathway_over_trunk": pathway_ms / trunk_ms,
+        "latency/trunk_ms": ms["trunk"],
+        "latency/pathway_tenant_given_ms": ms["pathway"],
+        "latency/pathway_over_trunk": ms["pathway"] / ms["trunk"],
+        "latency/trunk_again_ms": ms["trunk_again"],
+        "latency/pathway_with_gate_tenant_given_ms": ms["pathway_with_gate"],
+        "latency/pathway_with_gate_over_trunk": ms["pathway_with_gate"] / ms["trunk_again"],
         "bytes/pathway_expert_weights": pathway_bytes,
         "bytes/head_only_expert_weights": head_bytes,
         "bytes/adapter_expert_weights": expert_bytes(adapter),

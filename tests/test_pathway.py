@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moe.data import read_tenant_file
-from moe.inference import load_mixture
+from moe.inference import load_mixture, predict
 from moe.lifecycle import Lifecycle
 from moe.model import TENSOR_NAMES, best_labels
 from moe.model.pathway import TARGETS, Pathways, PathwaySpec
@@ -138,6 +138,20 @@ def test_a_mixed_tenant_batch_answers_as_each_query_alone(tmp_path, trunk, tenan
     one_pass = model(fused_features, given, hidden=fused)
     assert torch.equal(one_pass.experts, two_passes.experts)
     torch.testing.assert_close(one_pass.log_probs, two_passes.log_probs, atol=MIXED_TOLERANCE, rtol=0)
+    # and without the gate's features (serving, where no out-of-scope score reads the gate): the same answers
+    _, alone = model.given_pass(model.hidden_states(texts), given, gate=False)
+    torch.testing.assert_close(alone.pathway[1], fused.pathway[1], atol=MIXED_TOLERANCE, rtol=0)
+    gate_free = predict(model, alone.pathway[1], given, "max_score", threshold=0.5, hidden=alone)
+    with_gate = predict(model, features, given, "max_score", threshold=0.5, hidden=hidden)
+    for a, b in zip(gate_free, with_gate, strict=True):
+        assert (a.tenant, a.intent, a.experts, a.runners_up, a.out_of_scope) == (
+            b.tenant,
+            b.intent,
+            b.experts,
+            (),
+            b.out_of_scope,
+        )
+        assert a.score == pytest.approx(b.score, abs=MIXED_TOLERANCE)
 
 
 def test_a_pathway_store_needs_its_trunk_and_the_texts(tmp_path, trunk, tenants):

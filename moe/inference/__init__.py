@@ -4,6 +4,7 @@ between device, host memory and disk (`ExpertPager`), and decode answers (`predi
 from moe.inference.answers import (
     AUTO,
     DEFAULT_OOS_SCORE,
+    GATE_FREE_SCORES,
     OOS_SCORES,
     UNSURE_MARGIN,
     Answer,
@@ -24,6 +25,7 @@ __all__ = [
     "FORMAT",
     "AUTO",
     "DEFAULT_OOS_SCORE",
+    "GATE_FREE_SCORES",
     "OOS_SCORES",
     "UNSURE_MARGIN",
     "Answer",

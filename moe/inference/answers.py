@@ -38,6 +38,7 @@ OOS_SCORES = {  # in order of preference: where two do equally well on validatio
     "gate_max_prob": _gate_max_prob,  # the gate's probability of its top expert
     "max_score": _max_score,  # the prediction's combined probability (gate weight x expert probability)
 }
+GATE_FREE_SCORES = ("max_score",)  # with the tenant given (one candidate expert), these do not read the gate
 AUTO = "auto"  # evaluation and export: choose the kind of score, as the threshold, on validation queries
 DEFAULT_OOS_SCORE = next(iter(OOS_SCORES))  # where nothing was chosen (no threshold: it only describes answers)
 

@@ -161,11 +161,13 @@ class PagedMixture(Mixture):
         return self.pathways.lower(texts) if self.pathways is not None else None
 
     @torch.no_grad()
-    def given_pass(self, hidden: Hidden, tenant: torch.Tensor) -> tuple[torch.Tensor, Hidden]:
-        """Every query's tenant given: the gate's features and each query's pathway features in one pass over the top
-        layers, the trunk's own rows (a zero pathway) beside the pathways' rows -> (features (b, d), `hidden` with
-        the pathway features, which the mixture then reads instead of running the top layers again). Batches whose
-        experts do not fit the pager's budget at once take the two passes instead."""
+    def given_pass(self, hidden: Hidden, tenant: torch.Tensor, gate: bool = True) -> tuple[torch.Tensor, Hidden]:
+        """Every query's tenant given: each query's pathway features and, with `gate`, the gate's features in the
+        same pass over the top layers (the trunk's own rows, a zero pathway, beside the pathways' rows) -> (features
+        for the gate (b, d), `hidden` with the pathway features, which the mixture then reads instead of running the
+        top layers again). Without `gate` the pathway features stand in for the gate's: a tenant's one expert is its
+        queries' only candidate, so only an out-of-scope score that reads the gate would see the difference. Batches
+        whose experts do not fit the pager's budget at once take two passes instead."""
         experts = self.tenant_expert[tenant]  # one expert per tenant: its query's only candidate
         used = experts.unique().tolist()
         keys = [self.keys[e] for e in used]
@@ -173,10 +175,14 @@ class PagedMixture(Mixture):
             return self.pathways.upper(hidden, {}), hidden  # no pathway: the trunk's own features
         b = len(tenant)
         with self.pager.acquire(keys) as resident:
-            stacked = self.pathways.stack([self.pathways.zero(resident[keys[0]])] + [resident[k] for k in keys])
+            pathways = [resident[k] for k in keys]
             slot = torch.empty(max(used) + 1, dtype=torch.long, device=experts.device)
-            slot[torch.tensor(used, device=experts.device)] = torch.arange(1, len(used) + 1, device=experts.device)
-            which = torch.cat([torch.zeros(b, dtype=torch.long, device=experts.device), slot[experts]])
+            slot[torch.tensor(used, device=experts.device)] = torch.arange(len(used), device=experts.device)
+            if not gate:
+                out = self.pathways.upper(hidden, self.pathways.stack(pathways), slot[experts])
+                return out, hidden._replace(pathway=(experts, out))
+            stacked = self.pathways.stack([self.pathways.zero(pathways[0])] + pathways)
+            which = torch.cat([torch.zeros(b, dtype=torch.long, device=experts.device), slot[experts] + 1])
             out = self.pathways.upper(hidden.take(torch.arange(b).repeat(2)), stacked, which)
         return out[:b], hidden._replace(pathway=(experts, out[b:]))
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from einops import einsum
 from torch import nn
+from torch.nn import functional as F
 
 if TYPE_CHECKING:
     from moe.trunk.hf import HFEncoderTrunk
@@ -156,17 +156,18 @@ def _adds_lora(name: str):
     """A forward hook adding the running pathways' LoRA term to linear module `name`'s output."""
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
-        # b: rows, t: tokens, i: in features, o: out features, r: rank
+        # b: rows, t: tokens, i: in features, o: out features, r: rank, e: pathways
+        #   output (b t o) + scale * (x (b t i) @ A[rows]^T (b i r)) @ B[rows]^T (b r o)
         run = _RUN.get()
         if run is None or name not in run.lora:
             return None  # outside `Pathways.upper`, or no pathway given: the trunk as it is
         a, b = run.lora[name]  # (e, r, i), (e, o, r)
         x = run.dropout(inputs[0])
-        if a.shape[0] == 1:  # one pathway for every row: no gather
-            low = einsum(x, a[0].to(x.dtype), "b t i, r i -> b t r")
-            return output + run.scale * einsum(low, b[0].to(x.dtype), "b t r, o r -> b t o")
-        low = einsum(x, a[run.rows].to(x.dtype), "b t i, b r i -> b t r")
-        return output + run.scale * einsum(low, b[run.rows].to(x.dtype), "b t r, b o r -> b t o")
+        if run.rows is None or a.shape[0] == 1:  # one pathway for every row: plain matrix products, no gather
+            low = F.linear(x, a[0].to(x.dtype))
+            return output + F.linear(low, b[0].to(x.dtype)) * run.scale
+        low = torch.bmm(x, a[run.rows].to(x.dtype).transpose(1, 2))  # each row its own pathway's A and B (BGMV)
+        return torch.baddbmm(output, low, b[run.rows].to(x.dtype).transpose(1, 2), alpha=run.scale)
 
     return hook
 
@@ -248,6 +249,9 @@ class Pathways:
 
     def stack(self, pathways: list[Mapping[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Pathways' tensors (each `lora.<module>.A/B`) stacked as `upper` reads them: module -> (A, B)."""
+        if len(pathways) == 1:  # views, no copy: what a tenant-given query runs
+            (p,) = pathways
+            return {name: (p[f"lora.{name}.A"][None], p[f"lora.{name}.B"][None]) for name in self.module_names()}
         return {
             name: (
                 torch.stack([p[f"lora.{name}.A"] for p in pathways]),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from moe.inference import Answer, Bundle, IndexSettings, Verify, open_bundle, predict
+from moe.inference import GATE_FREE_SCORES, Answer, Bundle, IndexSettings, Verify, open_bundle, predict
 from moe.model import UNKNOWN_TENANT
 from moe.model.pathway import Hidden
 
@@ -129,13 +129,15 @@ class Server:
 
     def _encode(self, texts: list[str], names: list[str | None]) -> tuple[torch.Tensor, Hidden | None]:
         """Features for the gate and, for pathway experts, the texts' token states; when every text's tenant is
-        given, its pathway's features computed with the gate's in one pass (`PagedMixture.given_pass`)."""
+        given, its pathway's features computed with the gate's in one pass (`PagedMixture.given_pass`), or alone
+        where no answer reads the gate (no out-of-scope threshold, or a score in `GATE_FREE_SCORES`)."""
         with self._trunk_lock:
             if self.model.pathways is None:
                 return self.trunk.encode(texts), None
             hidden = self.model.hidden_states(texts)
             if self.model.tenant_expert is not None and None not in names:
-                return self.model.given_pass(hidden, self.model.tenant_ids(names).to(hidden.states.device))
+                gate = self.threshold is not None and self.oos_kind not in GATE_FREE_SCORES
+                return self.model.given_pass(hidden, self.model.tenant_ids(names).to(hidden.states.device), gate)
             return self.trunk.encode(texts), hidden
 
     def stats(self) -> dict:

@@ -111,10 +111,7 @@ class PathwayClassifier(L.LightningModule):
         return {name: p.detach().clone().contiguous() for name, p in zip(self.names, self.lora, strict=True)}
 
     def logits(self, hidden: Hidden) -> torch.Tensor:
-        lora = dict(zip(self.names, self.lora, strict=True))
-        stacked = {
-            name: (lora[f"lora.{name}.A"][None], lora[f"lora.{name}.B"][None]) for name in self.pathways.module_names()
-        }
+        stacked = self.pathways.stack([dict(zip(self.names, self.lora, strict=True))])  # views: gradients flow
         features = self.pathways.upper(hidden, stacked, dropout=self.lora_dropout)  # an identity in eval mode
         return self.bank(features[None] * self.cfg.input_scale)[0]
 
