@@ -68,8 +68,13 @@ def collect(root: Path) -> tuple[list[Row], list[str], list[str]]:
 
 
 def swept(rows: list[Row], params: list[str]) -> list[str]:
-    """Parameters whose value is not the same in every job."""
-    return [p for p in params if len({str(row.get(p)) for row in rows}) > 1]
+    """Parameters whose value is not the same in every job, but where each job writes (its own folders)."""
+    return [p for p in params if len({str(row.get(p)) for row in rows}) > 1 and not is_folder(p)]
+
+
+def is_folder(param: str) -> bool:
+    """Whether a parameter names where a job writes: `paths.*` and `*_dir` keys (e.g. `logger.wandb.save_dir`)."""
+    return param.startswith("paths.") or param.endswith("_dir")
 
 
 def as_number(value: Any) -> float | None:

@@ -169,21 +169,19 @@ class PagedMixture(Mixture):
         queries' only candidate, so only an out-of-scope score that reads the gate would see the difference. Batches
         whose experts do not fit the pager's budget at once take two passes instead."""
         experts = self.tenant_expert[tenant]  # one expert per tenant: its query's only candidate
-        used = experts.unique().tolist()
-        keys = [self.keys[e] for e in used]
+        used, which = experts.unique(return_inverse=True)  # which: each query's expert among those used
+        keys = [self.keys[e] for e in used.tolist()]
         if len(self.pager.waves(keys)) > 1:
             return self.pathways.upper(hidden, {}), hidden  # no pathway: the trunk's own features
         b = len(tenant)
         with self.pager.acquire(keys) as resident:
             pathways = [resident[k] for k in keys]
-            slot = torch.empty(max(used) + 1, dtype=torch.long, device=experts.device)
-            slot[torch.tensor(used, device=experts.device)] = torch.arange(len(used), device=experts.device)
             if not gate:
-                out = self.pathways.upper(hidden, self.pathways.stack(pathways), slot[experts])
+                out = self.pathways.upper(hidden, self.pathways.stack(pathways), which)
                 return out, hidden._replace(pathway=(experts, out))
             stacked = self.pathways.stack([self.pathways.zero(pathways[0])] + pathways)
-            which = torch.cat([torch.zeros(b, dtype=torch.long, device=experts.device), slot[experts] + 1])
-            out = self.pathways.upper(hidden.take(torch.arange(b).repeat(2)), stacked, which)
+            rows = torch.cat([torch.zeros_like(which), which + 1])  # the gate's rows first, on the zero pathway
+            out = self.pathways.upper(hidden.take(torch.arange(b).repeat(2)), stacked, rows)
         return out[:b], hidden._replace(pathway=(experts, out[b:]))
 
     def group_log_probs(self, x: torch.Tensor, plan: DispatchPlan, hidden: Hidden | None = None) -> torch.Tensor:
