@@ -144,14 +144,17 @@ def test_a_mixed_tenant_batch_answers_as_each_query_alone(tmp_path, trunk, tenan
     gate_free = predict(model, alone.pathway[1], given, "max_score", threshold=0.5, hidden=alone)
     with_gate = predict(model, features, given, "max_score", threshold=0.5, hidden=hidden)
     for a, b in zip(gate_free, with_gate, strict=True):
-        assert (a.tenant, a.intent, a.experts, a.runners_up, a.out_of_scope) == (
-            b.tenant,
-            b.intent,
-            b.experts,
-            (),
-            b.out_of_scope,
-        )
+        assert (a.tenant, a.intent, a.experts, a.out_of_scope) == (b.tenant, b.intent, b.experts, b.out_of_scope)
+        assert a.runners_up == ()  # one candidate expert
         assert a.score == pytest.approx(b.score, abs=MIXED_TOLERANCE)
+    # a budget that holds one expert at a time: the batch's three pathways can not share one pass, so two passes
+    small = load_mixture(tmp_path / "store", trunk=trunk, budget_bytes=max(model.pager.sizes.values()))
+    paged_features, paged = small.given_pass(small.hidden_states(texts), given)
+    assert paged.pathway is None
+    torch.testing.assert_close(paged_features, features, atol=MIXED_TOLERANCE, rtol=0)
+    waves = small(paged_features, given, hidden=paged)
+    assert torch.equal(waves.experts, two_passes.experts)
+    torch.testing.assert_close(waves.log_probs, two_passes.log_probs, atol=MIXED_TOLERANCE, rtol=0)
 
 
 def test_a_pathway_store_needs_its_trunk_and_the_texts(tmp_path, trunk, tenants):
