@@ -143,11 +143,11 @@ every pathway's.
 The pathway's settings were chosen on val (`clinc150_pathway/val_settings.csv`, seed 0, by val tenant-given accuracy,
 the grid's `optimized_metric`): its depth N, LoRA rank, epochs and the LoRA tensors' learning rate. `train s` is every
 pathway's training and the gate's, and depends on the code and on what else the machine ran: the 3-epoch run shared
-the machine and batched texts at random; the runs at learning rates 2e-3 and 1e-3 (but the 8-epoch one) added the LoRA
-terms with einsum, the later ones with fused matrix products, faster; `kB` is a pathway expert's weights in float32
-(its LoRA tensors and head). Val tenant-given accuracy still rose at the smallest learning rate tried (2.5e-4);
-smaller ones were not tried. Across the three seeds the chosen setting scores about 0.5 points lower on test than on
-val, where the head experts score alike on both.
+the machine and batched texts at random, the 2e-3 and 2.5e-4 runs shared it with profiling and a test run; the runs at
+learning rates 2e-3 and 1e-3 (but the 8-epoch one) added the LoRA terms with einsum, the later ones with fused matrix
+products, faster; `kB` is a pathway expert's weights in float32 (its LoRA tensors and head). Val tenant-given accuracy
+still rose at the smallest learning rate tried (2.5e-4); smaller ones were not tried. Across the three seeds the
+chosen setting scores about 0.5 points lower on test than on val, where the head experts score alike on both.
 
 {grid}"""
 

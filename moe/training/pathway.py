@@ -33,7 +33,7 @@ class PathwayConfig:
     rank: int = 0  # the expert's own adapter over the pathway's features (0: a linear head)
     dropout: float = 0.0
     input_scale: float = 8.0
-    lr: float = 1e-3
+    lr: float = 2.5e-4  # the LoRA tensors' (conf/expert/pathway.yaml: chosen on val)
     head_lr: float = 1e-2
     weight_decay: float = 0.01
     epochs: int = 5
