@@ -96,7 +96,7 @@ def test_one_pass_over_many_pathways_is_each_pathway_alone(trunk):
     pathways = Pathways(trunk, PathwaySpec(layers=3, rank=4))
     stack = [random_pathway(pathways, seed) for seed in range(3)]
     rows = torch.tensor([2, 0, 1, 0])
-    mixed = pathways.upper(pathways.lower(TEXTS), pathways.stack(stack), rows)
+    mixed = pathways.upper(pathways.lower(TEXTS), stack, rows)
     alone = torch.cat([pathways.features([text], stack[e]) for text, e in zip(TEXTS, rows.tolist(), strict=True)])
     torch.testing.assert_close(mixed, alone, atol=MIXED_TOLERANCE, rtol=0)
 

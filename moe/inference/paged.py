@@ -172,16 +172,17 @@ class PagedMixture(Mixture):
         used, which = experts.unique(return_inverse=True)  # which: each query's expert among those used
         keys = [self.keys[e] for e in used.tolist()]
         if len(self.pager.waves(keys)) > 1:
-            return self.pathways.upper(hidden, {}), hidden  # no pathway: the trunk's own features
+            return self.pathways.upper(hidden, []), hidden  # no pathway: the trunk's own features
         b = len(tenant)
         with self.pager.acquire(keys) as resident:
             pathways = [resident[k] for k in keys]
             if not gate:
-                out = self.pathways.upper(hidden, self.pathways.stack(pathways), which)
+                out = self.pathways.upper(hidden, pathways, which)
                 return out, hidden._replace(pathway=(experts, out))
-            stacked = self.pathways.stack([self.pathways.zero(pathways[0])] + pathways)
             rows = torch.cat([torch.zeros_like(which), which + 1])  # the gate's rows first, on the zero pathway
-            out = self.pathways.upper(hidden.take(torch.arange(b).repeat(2)), stacked, rows)
+            out = self.pathways.upper(
+                hidden.take(torch.arange(b).repeat(2)), [self.pathways.zero(pathways[0])] + pathways, rows
+            )
         return out[:b], hidden._replace(pathway=(experts, out[b:]))
 
     def group_log_probs(self, x: torch.Tensor, plan: DispatchPlan, hidden: Hidden | None = None) -> torch.Tensor:
@@ -230,6 +231,5 @@ class PagedMixture(Mixture):
         which = torch.repeat_interleave(
             torch.arange(len(keys), device=queries.device), torch.tensor(sizes, device=queries.device)
         )
-        stacked = self.pathways.stack([resident[key] for key in keys])
-        features = self.pathways.upper(hidden.take(queries), stacked, which) * self.input_scale
+        features = self.pathways.upper(hidden.take(queries), [resident[key] for key in keys], which) * self.input_scale
         return dict(zip(keys, features.split(sizes), strict=True))

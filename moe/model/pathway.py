@@ -141,12 +141,13 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _Run(NamedTuple):
-    """The pathways a call of `Pathways.upper` runs: module -> (A, B) stacks, each row's pathway, scale, dropout."""
+    """The pathways a call of `Pathways.upper` runs: module -> (A, B), one pathway's (`rows` None) or stacks of
+    several and each row's pathway; the scale; dropout on the LoRA terms' inputs (None: none)."""
 
     lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     rows: torch.Tensor | None
     scale: float
-    dropout: nn.Module
+    dropout: nn.Module | None
 
 
 _RUN: ContextVar[_Run | None] = ContextVar("pathway_run", default=None)
@@ -161,13 +162,15 @@ def _adds_lora(name: str):
         run = _RUN.get()
         if run is None or name not in run.lora:
             return None  # outside `Pathways.upper`, or no pathway given: the trunk as it is
-        a, b = run.lora[name]  # (e, r, i), (e, o, r)
-        x = run.dropout(inputs[0])
-        if run.rows is None or a.shape[0] == 1:  # one pathway for every row: plain matrix products, no gather
-            low = F.linear(x, a[0].to(x.dtype))
-            return output + F.linear(low, b[0].to(x.dtype)) * run.scale
-        low = torch.bmm(x, a[run.rows].to(x.dtype).transpose(1, 2))  # each row its own pathway's A and B (BGMV)
-        return torch.baddbmm(output, low, b[run.rows].to(x.dtype).transpose(1, 2), alpha=run.scale)
+        a, b = run.lora[name]  # one pathway: A (r, i), B (o, r); with rows: stacks (e, r, i), (e, o, r)
+        x = inputs[0] if run.dropout is None else run.dropout(inputs[0])
+        if a.dtype != x.dtype:  # a trunk run in another precision than its pathways are kept in
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        if run.rows is None:  # one pathway for every row: two matrix products, no gather
+            low = F.linear(x, a)  # (b t r)
+            return torch.addmm(output.flatten(0, -2), low.flatten(0, -2), b.t(), alpha=run.scale).view_as(output)
+        low = torch.bmm(x, a[run.rows].transpose(1, 2))  # each row its own pathway's A and B (BGMV)
+        return torch.baddbmm(output, low, b[run.rows].transpose(1, 2), alpha=run.scale)
 
     return hook
 
@@ -190,6 +193,7 @@ class Pathways:
             if not getattr(module, "_pathway_hook", False):
                 module.register_forward_hook(_adds_lora(name))
                 module._pathway_hook = True
+        self._names = [(name, f"lora.{name}.A", f"lora.{name}.B") for name in self.module_names()]
 
     def module_names(self) -> list[str]:
         """`<layer>.<target>` of every linear module a pathway adapts, in order."""
@@ -225,17 +229,23 @@ class Pathways:
     def upper(
         self,
         hidden: Hidden,
-        lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        pathways: list[Mapping[str, torch.Tensor]],
         rows: torch.Tensor | None = None,
         dropout: nn.Module | None = None,
     ) -> torch.Tensor:
-        """The top layers with row i adapted by pathway `rows[i]` of `lora` (module -> A (e, r, i), B (e, o, r);
-        `rows` None: e is 1), pooled as the trunk pools -> features (b, d). `dropout`: on each LoRA term's input
-        (training)."""
+        """The top layers with row i adapted by pathway `rows[i]` of `pathways` (each `lora.<module>.A/B`; one
+        pathway: every row's, `rows` unused; none: the trunk's own layers), pooled as the trunk pools -> features
+        (b, d). `dropout`: on each LoRA term's input (training)."""
         from moe.trunk.base import sentence_features  # here: the store reads pathway shapes without the trunk package
 
+        if len(pathways) > 1 and rows is None:
+            raise ValueError(f"{len(pathways)} pathways need each row's pathway (`rows`)")
+        lora = self._stack(pathways) if len(pathways) > 1 else {}
+        if len(pathways) == 1:  # its tensors as they are (views: gradients flow in training), no gather
+            (p,) = pathways
+            lora, rows = {module: (p[a], p[b]) for module, a, b in self._names}, None
         states, mask = hidden.states, additive_mask(hidden.mask, hidden.states.dtype)
-        token = _RUN.set(_Run(lora, rows, self.spec.scale, dropout or nn.Identity()))
+        token = _RUN.set(_Run(lora, rows, self.spec.scale, dropout))
         try:
             for layer in self.layers[self.first :]:
                 states = layer(states, attention_mask=mask)
@@ -247,22 +257,16 @@ class Pathways:
         """The pathway that changes nothing (B = 0: the frozen trunk's own rows), shaped and typed as `like`."""
         return {name: torch.zeros_like(like[name]) for name in self.shapes()}
 
-    def stack(self, pathways: list[Mapping[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Pathways' tensors (each `lora.<module>.A/B`) stacked as `upper` reads them: module -> (A, B)."""
-        if len(pathways) == 1:  # views, no copy: what a tenant-given query runs
-            (p,) = pathways
-            return {name: (p[f"lora.{name}.A"][None], p[f"lora.{name}.B"][None]) for name in self.module_names()}
+    def _stack(self, pathways: list[Mapping[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Several pathways' tensors stacked as the hooks gather them: module -> A (e, r, i), B (e, o, r)."""
         return {
-            name: (
-                torch.stack([p[f"lora.{name}.A"] for p in pathways]),
-                torch.stack([p[f"lora.{name}.B"] for p in pathways]),
-            )
-            for name in self.module_names()
+            module: (torch.stack([p[a] for p in pathways]), torch.stack([p[b] for p in pathways]))
+            for module, a, b in self._names
         }
 
     def features(self, texts: list[str], pathway: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One pathway's features of `texts` (tenant given): lower layers, then the adapted top ones."""
-        return self.upper(self.lower(texts), self.stack([pathway]))
+        return self.upper(self.lower(texts), [pathway])
 
     @torch.no_grad()
     def encode(self, texts: list[str], pathway: Mapping[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:

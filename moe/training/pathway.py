@@ -111,8 +111,8 @@ class PathwayClassifier(L.LightningModule):
         return {name: p.detach().clone().contiguous() for name, p in zip(self.names, self.lora, strict=True)}
 
     def logits(self, hidden: Hidden) -> torch.Tensor:
-        stacked = self.pathways.stack([dict(zip(self.names, self.lora, strict=True))])  # views: gradients flow
-        features = self.pathways.upper(hidden, stacked, dropout=self.lora_dropout)  # an identity in eval mode
+        pathway = dict(zip(self.names, self.lora, strict=True))
+        features = self.pathways.upper(hidden, [pathway], dropout=self.lora_dropout)  # an identity in eval mode
         return self.bank(features[None] * self.cfg.input_scale)[0]
 
     def training_step(self, batch, batch_idx):
