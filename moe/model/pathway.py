@@ -167,8 +167,8 @@ def _adds_lora(name: str):
         if a.dtype != x.dtype:  # a trunk run in another precision than its pathways are kept in
             a, b = a.to(x.dtype), b.to(x.dtype)
         if run.rows is None:  # one pathway for every row: two matrix products, no gather
-            low = F.linear(x, a)  # (b t r)
-            return torch.addmm(output.flatten(0, -2), low.flatten(0, -2), b.t(), alpha=run.scale).view_as(output)
+            low = torch.mm(x.flatten(0, -2), a.t())  # ((b t) r)
+            return torch.addmm(output.flatten(0, -2), low, b.t(), alpha=run.scale).view_as(output)
         low = torch.bmm(x, a[run.rows].transpose(1, 2))  # each row its own pathway's A and B (BGMV)
         return torch.baddbmm(output, low, b[run.rows].transpose(1, 2), alpha=run.scale)
 
