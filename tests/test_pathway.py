@@ -99,6 +99,8 @@ def test_one_pass_over_many_pathways_is_each_pathway_alone(trunk):
     mixed = pathways.upper(pathways.lower(TEXTS), stack, rows)
     alone = torch.cat([pathways.features([text], stack[e]) for text, e in zip(TEXTS, rows.tolist(), strict=True)])
     torch.testing.assert_close(mixed, alone, atol=MIXED_TOLERANCE, rtol=0)
+    with pytest.raises(ValueError, match="3 pathways need each row's pathway"):
+        pathways.upper(pathways.lower(TEXTS), stack)
 
 
 def test_growing_a_pathway_leaves_every_other_shard_and_the_trunk_byte_identical(tmp_path, trunk, tenants):
