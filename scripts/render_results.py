@@ -161,13 +161,15 @@ def pathway_grid(root: Path) -> str:
     rows = load_rows(root, "clinc150_pathway/val_settings.csv")
     chosen = chosen_pathway(rows)
     keys = ("expert.pathway.layers", "expert.pathway.lora_rank", "expert.pathway.epochs", "expert.pathway.lr")
+    keys += ("expert.pathway.lora_dropout", "expert.rank")
     body = [
         [r[k] for k in keys]
         + [f(float(r["val/acc_tenant_given"])), f(float(r["val/acc_routed"])), f(float(r["time/train_s"]), 0)]
         + [f(float(r["expert/weight_bytes"]) / 1000, 0), "yes" if r is chosen else ""]
         for r in sorted(rows, key=lambda r: tuple(float(r[k]) for k in keys))
     ]
-    header = ["N layers", "LoRA rank", "epochs", "LoRA lr", "val tenant given", "val routed", "train s", "kB", "chosen"]
+    header = ["N layers", "LoRA rank", "epochs", "LoRA lr", "LoRA dropout", "adapter rank", "val tenant given"]
+    header += ["val routed", "train s", "kB", "chosen"]
     return table(header, body)
 
 

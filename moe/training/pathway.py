@@ -27,7 +27,7 @@ class PathwayConfig:
     """A pathway expert and how it is trained (conf/expert/pathway.yaml; chosen on val)."""
 
     layers: int = 6  # the top N transformer layers adapted
-    lora_rank: int = 8
+    lora_rank: int = 16
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
     rank: int = 0  # the expert's own adapter over the pathway's features (0: a linear head)
