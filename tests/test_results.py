@@ -77,9 +77,9 @@ def test_the_pathway_settings_are_the_ones_chosen_on_val():
     them."""
     rows = render_results.load_rows(render_results.RESULTS, "clinc150_pathway/val_settings.csv")
     chosen = render_results.chosen_pathway(rows)
-    keys = ("layers", "lora_rank", "epochs", "lr")
-    wanted = tuple(float(chosen[f"expert.pathway.{k}"]) for k in keys)
-    configured = yaml.safe_load((ROOT / "conf/expert/pathway.yaml").read_text())["pathway"]
-    assert tuple(float(configured[k]) for k in keys) == wanted
+    keys = ("layers", "lora_rank", "lora_alpha", "epochs", "lr", "lora_dropout")
+    wanted = tuple(float(chosen[f"expert.pathway.{k}"]) for k in keys) + (float(chosen["expert.rank"]),)
+    configured = yaml.safe_load((ROOT / "conf/expert/pathway.yaml").read_text())
+    assert tuple(float(configured["pathway"][k]) for k in keys) + (float(configured["rank"]),) == wanted
     used = json.loads((render_results.RESULTS / "clinc150_pathway/settings.json").read_text())
-    assert tuple(float(used[k]) for k in keys) == wanted
+    assert tuple(float(used[k]) for k in keys) + (float(used["head_rank"]),) == wanted

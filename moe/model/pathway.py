@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 if TYPE_CHECKING:
     from moe.trunk.hf import HFEncoderTrunk
