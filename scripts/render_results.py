@@ -213,8 +213,9 @@ with the pathway experts above), test split, beside the same scenario with today
 
 {table}
 
-One grow took {grow} s on average; retraining the ten CLINC150 domains' pathways, as a joint retraining of the store
-would, took {joint} s: a grow is {speedup}x cheaper. Forgetting is measured tenant given (Avalanche's definition);
+One grow took {grow} s on average (the first events shared the machine with a test run for a few minutes);
+retraining the ten CLINC150 domains' pathways, as a joint retraining of the store would, took {joint} s: a grow is
+{speedup}x cheaper. Forgetting is measured tenant given (Avalanche's definition);
 `wake identical` says whether every woken tenant answered bit for bit as before its sleep. The last column reads the
 routed accuracy against the joint linear layer of Continual learning (below; one linear softmax over every tenant's
 intents on the frozen features, fitted on all the data at once, the same in both runs): the gate is the same
