@@ -239,10 +239,11 @@ class Pathways:
 
         if len(pathways) > 1 and rows is None:
             raise ValueError(f"{len(pathways)} pathways need each row's pathway (`rows`)")
-        lora = self._stack(pathways) if len(pathways) > 1 else {}
         if len(pathways) == 1:  # its tensors as they are (views: gradients flow in training), no gather
             (p,) = pathways
             lora, rows = {module: (p[a], p[b]) for module, a, b in self._names}, None
+        else:
+            lora = self._stack(pathways) if pathways else {}
         states, mask = hidden.states, additive_mask(hidden.mask, hidden.states.dtype)
         token = _RUN.set(_Run(lora, rows, self.spec.scale, dropout))
         try:
