@@ -171,8 +171,7 @@ def pathway_grid(root: Path) -> str:
         for r in sorted(rows, key=lambda r: tuple(float(r[k]) for k in keys))
     ]
     header = ["N layers", "LoRA rank", "LoRA alpha", "epochs", "LoRA lr", "LoRA dropout", "adapter rank"]
-    header += ["val tenant given"]
-    header += ["val routed", "train s", "kB", "chosen"]
+    header += ["val tenant given", "val routed", "train s", "kB", "chosen"]
     return table(header, body)
 
 
@@ -215,8 +214,8 @@ with the pathway experts above), test split, beside the same scenario with today
 
 One grow took {grow} s on average (the first events shared the machine with a test run for a few minutes);
 retraining the ten CLINC150 domains' pathways, as a joint retraining of the store would, took {joint} s: a grow is
-{speedup}x cheaper. Forgetting is measured tenant given (Avalanche's definition);
-`wake identical` says whether every woken tenant answered bit for bit as before its sleep. The last column reads the
+{speedup}x cheaper. Forgetting is measured tenant given (Avalanche's definition); `wake identical` says whether every
+woken tenant answered bit for bit as before its sleep. The last column reads the
 routed accuracy against the joint linear layer of Continual learning (below; one linear softmax over every tenant's
 intents on the frozen features, fitted on all the data at once, the same in both runs): the gate is the same
 statistics gate in both, so what the pathway experts add over the reference comes from the experts, not the routing."""
