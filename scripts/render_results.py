@@ -159,6 +159,11 @@ def chosen_pathway(rows: list[dict]) -> dict:
     return max(rows, key=lambda r: float(r["val/acc_tenant_given"]))
 
 
+def lr_schedule(row: dict) -> str:
+    """A val run's learning-rate schedule (runs from before the option: constant)."""
+    return row.get("expert.pathway.schedule") or "constant"
+
+
 def pathway_grid(root: Path) -> str:
     rows = load_rows(root, "clinc150_pathway/val_settings.csv")
     chosen = chosen_pathway(rows)
@@ -166,11 +171,11 @@ def pathway_grid(root: Path) -> str:
     keys += ("expert.pathway.lr", "expert.pathway.lora_dropout", "expert.rank")
     body = [
         [f"{float(r[k]):g}" for k in keys]
-        + [f(float(r["val/acc_tenant_given"])), f(float(r["val/acc_routed"])), f(float(r["time/train_s"]), 0)]
-        + [f(float(r["expert/weight_bytes"]) / 1000, 0), "yes" if r is chosen else ""]
-        for r in sorted(rows, key=lambda r: tuple(float(r[k]) for k in keys))
+        + [lr_schedule(r), f(float(r["val/acc_tenant_given"])), f(float(r["val/acc_routed"]))]
+        + [f(float(r["time/train_s"]), 0), f(float(r["expert/weight_bytes"]) / 1000, 0), "yes" if r is chosen else ""]
+        for r in sorted(rows, key=lambda r: (*(float(r[k]) for k in keys), lr_schedule(r)))
     ]
-    header = ["N layers", "LoRA rank", "LoRA alpha", "epochs", "LoRA lr", "LoRA dropout", "adapter rank"]
+    header = ["N layers", "LoRA rank", "LoRA alpha", "epochs", "LoRA lr", "LoRA dropout", "adapter rank", "schedule"]
     header += ["val tenant given", "val routed", "train s", "kB", "chosen"]
     return table(header, body)
 

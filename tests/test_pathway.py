@@ -7,8 +7,10 @@ from __future__ import annotations
 import copy
 import json
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from moe.data import read_tenant_file
 from moe.inference import load_mixture, predict
@@ -16,6 +18,7 @@ from moe.lifecycle import Lifecycle
 from moe.model import TENSOR_NAMES, best_labels
 from moe.model.pathway import TARGETS, Pathways, PathwaySpec
 from moe.store import ExpertStore, tensor_bytes
+from moe.training.pathway import LowerStates, PathwayClassifier, PathwayConfig, collate
 from moe.trunk import HFEncoderTrunk
 from moe.trunk.base import sentence_features
 from tests.helpers import (
@@ -101,6 +104,28 @@ def test_one_pass_over_many_pathways_is_each_pathway_alone(trunk):
     torch.testing.assert_close(mixed, alone, atol=MIXED_TOLERANCE, rtol=0)
     with pytest.raises(ValueError, match="3 pathways need each row's pathway"):
         pathways.upper(pathways.lower(TEXTS), stack)
+
+
+def test_a_linear_schedule_warms_up_then_decays_to_zero(trunk):
+    """`schedule: linear` steps the learning rates of the LoRA tensors and the head once per batch: up from 0 over the
+    `warmup` share of the steps, then down to 0 at the last one."""
+    cfg = PathwayConfig(layers=2, lora_rank=4, epochs=2, batch_size=2, schedule="linear", warmup=0.25)
+    module = PathwayClassifier(Pathways(trunk, cfg.spec()), 2, cfg)
+    examples = LowerStates(module.pathways, TEXTS, torch.tensor([0, 1, 0, 1]))
+    rates = []  # the LoRA tensors' and the head's, at each step
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            rates.extend(group["lr"] for group in trainer.optimizers[0].param_groups)
+
+    trainer = L.Trainer(
+        max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[Record()]
+    )
+    trainer.fit(module, DataLoader(examples, batch_size=2, collate_fn=collate))
+    peak = [cfg.lr, cfg.head_lr]
+    shares = (0.0, 1.0, 2 / 3, 1 / 3)  # 4 steps: 1 warming up, 3 decaying
+    assert rates == pytest.approx([share * rate for share in shares for rate in peak])
+    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == [0.0, 0.0]
 
 
 def test_growing_a_pathway_leaves_every_other_shard_and_the_trunk_byte_identical(tmp_path, trunk, tenants):

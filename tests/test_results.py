@@ -83,3 +83,4 @@ def test_the_pathway_settings_are_the_ones_chosen_on_val():
     assert tuple(float(configured["pathway"][k]) for k in keys) + (float(configured["rank"]),) == wanted
     used = json.loads((render_results.RESULTS / "clinc150_pathway/settings.json").read_text())
     assert tuple(float(used[k]) for k in keys) + (float(used["head_rank"]),) == wanted
+    assert configured["pathway"]["schedule"] == used["schedule"] == render_results.lr_schedule(chosen)

@@ -8,6 +8,7 @@ run again each step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import lightning as L
 import torch
@@ -15,11 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
+from transformers import get_linear_schedule_with_warmup
 
-from moe.model import ExpertBank
+from moe.model import ExpertBank, check_choice
 from moe.model.pathway import Hidden, Pathways, PathwaySpec, as_pathway_statistics
 from moe.model.stats import class_statistics
 from moe.training.module import quiet_trainer
+
+Schedule = Literal["constant", "linear"]
 
 
 @dataclass
@@ -38,8 +42,13 @@ class PathwayConfig:
     weight_decay: float = 0.01
     epochs: int = 5
     batch_size: int = 32
+    schedule: Schedule = "constant"  # the learning rates: "constant", or "linear" (warm up, then decay to zero)
+    warmup: float = 0.1  # the share of the steps a "linear" schedule warms up for
     accelerator: str = "cpu"
     seed: int = 0
+
+    def __post_init__(self):
+        check_choice(self.schedule, Schedule, "schedule")
 
     def spec(self) -> PathwaySpec:
         return PathwaySpec(self.layers, self.lora_rank, self.lora_alpha)
@@ -126,7 +135,12 @@ class PathwayClassifier(L.LightningModule):
             {"params": list(self.lora), "lr": self.cfg.lr},
             {"params": list(self.bank.parameters()), "lr": self.cfg.head_lr},
         ]
-        return torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay)
+        if self.cfg.schedule == "constant":
+            return optimizer
+        steps = int(self.trainer.estimated_stepping_batches)
+        schedule = get_linear_schedule_with_warmup(optimizer, round(self.cfg.warmup * steps), steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def train_pathway(
