@@ -126,6 +126,10 @@ def test_a_linear_schedule_warms_up_then_decays_to_zero(trunk):
     shares = (0.0, 1.0, 2 / 3, 1 / 3)  # 4 steps: 1 warming up, 3 decaying
     assert rates == pytest.approx([share * rate for share in shares for rate in peak])
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        PathwayConfig(schedule="cosine")
+    with pytest.raises(ValueError, match="warmup is the share of the steps"):
+        PathwayConfig(schedule="linear", warmup=1.5)
 
 
 def test_growing_a_pathway_leaves_every_other_shard_and_the_trunk_byte_identical(tmp_path, trunk, tenants):

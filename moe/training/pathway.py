@@ -49,6 +49,8 @@ class PathwayConfig:
 
     def __post_init__(self):
         check_choice(self.schedule, Schedule, "schedule")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup is the share of the steps spent warming up, in [0, 1): got {self.warmup}")
 
     def spec(self) -> PathwaySpec:
         return PathwaySpec(self.layers, self.lora_rank, self.lora_alpha)
