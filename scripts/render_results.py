@@ -145,8 +145,9 @@ the grid's `optimized_metric`): its depth N, LoRA rank and alpha (the LoRA term 
 LoRA tensors' learning rate and dropout, and the rank of the adapter over the pathway's features (0: a linear head).
 Around the chosen point, a smaller learning rate (1.25e-4), more epochs (8), an adapter of rank 64 and a linear
 schedule (`expert.pathway.schedule=linear`: warm-up over a tenth of the steps, then decay to zero) each scored lower
-on val; LoRA rank 32, and rank 16 without LoRA dropout, scored one val query below it (98.20 against 98.23, the same
-val routed accuracy): val can not tell these three apart, and the rule keeps the best by that one query.
+on val; LoRA rank 32, rank 64, and rank 16 without LoRA dropout, scored one val query below it (98.20 against 98.23):
+val can not tell these four apart, and the rule keeps the best by that one query, also the smallest (rank 64 holds
+4x the bytes of rank 16). Rank 128 (8x the bytes) scored 0.53 points lower on val.
 `train s` is every pathway's training and the gate's, and depends on the code and on what else the machine ran: the
 3-epoch run shared the machine and batched texts at random; the 2e-3 and 2.5e-4 (rank 8) runs shared it with profiling
 and a test run, the 1.25e-4, 8-epoch and adapter runs with profiling and tests, the linear schedule's at 1e-3 with a
