@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader
 from moe.data import read_tenant_file
 from moe.inference import load_mixture, predict
 from moe.lifecycle import Lifecycle
+from moe.lifecycle.upgrade import upgrade_store
 from moe.model import TENSOR_NAMES, best_labels
 from moe.model.pathway import TARGETS, Pathways, PathwaySpec
-from moe.store import ExpertStore, tensor_bytes
+from moe.store import ExpertStore, TrunkVersions, tensor_bytes
 from moe.training.pathway import LowerStates, PathwayClassifier, PathwayConfig, collate
 from moe.trunk import HFEncoderTrunk
 from moe.trunk.base import sentence_features
@@ -235,6 +236,24 @@ def test_a_hibernated_pathway_wakes_with_identical_answers(tmp_path, trunk, tena
     assert "music" not in load_mixture(lifecycle.store, trunk=trunk).tenants
     lifecycle.wake("music")
     assert torch.equal(answers(), before)
+
+
+def test_an_upgrade_refuses_a_sleeping_pathway_before_writing_anything(tmp_path, trunk, tenants):
+    """A pathway adapts its own trunk's layers: no bridge or transport carries it to another trunk version."""
+    lifecycle = grown_store(tmp_path / "store", trunk, tenants, ["weather", "music"])
+    lifecycle.hibernate("music")
+    new = copy.deepcopy(trunk)
+    with torch.no_grad():
+        next(new.encoder.encoder.layer[-1].parameters()).add_(1e-3)
+    new.freeze()
+    assert new.fingerprint != trunk.fingerprint
+    TrunkVersions(lifecycle.store.root).record(new, parent=trunk.fingerprint, weights=True)
+    before = digests(lifecycle.store.root)
+    upgrading = Lifecycle(lifecycle.store, new, new.encode, fast_growth(pathway=PATHWAY))
+    for strategy in ("bridge", "transport"):
+        with pytest.raises(ValueError, match=r"\['music'\] are pathway experts.*retrain them from their data"):
+            upgrade_store(upgrading, trunk, [tenants["weather"]], strategy)
+    assert digests(lifecycle.store.root) == before
 
 
 FRESH_PROCESS = """

@@ -28,6 +28,7 @@ from moe.data import Tenant
 from moe.lifecycle.operations import Lifecycle
 from moe.model import check_choice
 from moe.model.bridge import Bridge
+from moe.model.pathway import is_pathway
 from moe.store import TrunkVersions
 from moe.trunk import Trunk
 
@@ -85,14 +86,23 @@ def upgrade_store(
             f"trunk {new_trunk.fingerprint[:12]}… is not recorded in {store.root}: adapt it into the store first "
             "(scripts/adapt_trunk.py) or record it"
         )
-    versions.record(old_trunk)
     dormant = set(store.dormant())
     if asleep := sorted(t.name for t in awake if t.name in dormant):
         raise ValueError(f"tenants {asleep} are hibernating: the upgrade keeps them through their shards, not data")
     names = store.tenants(dormant=True)
     if unknown := sorted(t.name for t in awake if t.name not in names):
         raise KeyError(f"tenants {unknown} have no expert in {store.root}; known: {names}")
-    on = {name: store.meta(name).trunk_fingerprint for name in names}
+    metas = {name: store.meta(name) for name in names}
+    on = {name: meta.trunk_fingerprint for name, meta in metas.items()}
+    retrained = {tenant.name for tenant in awake}
+    kept = [name for name in names if on[name] != new_trunk.fingerprint and name not in retrained]
+    if pathways := [name for name in kept if is_pathway(metas[name].architecture)]:
+        raise ValueError(
+            f"tenants {pathways} are pathway experts, which adapt their own trunk's layers: an upgrade can not "
+            f"{strategy} them onto trunk {new_trunk.fingerprint[:12]}…; retrain them from their data (wake them and "
+            "pass their files), or retire them, before upgrading"
+        )
+    versions.record(old_trunk)
     older = {fp: name for name, fp in on.items() if fp not in (old_trunk.fingerprint, new_trunk.fingerprint)}
     earlier = {  # experts asleep since an earlier upgrade: their bridge into the old trunk, to chain
         fp: versions.require_bridge(fp, old_trunk.fingerprint, store.path(name, store.latest(name)))
