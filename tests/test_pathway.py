@@ -23,6 +23,7 @@ from moe.training.pathway import LowerStates, PathwayClassifier, PathwayConfig, 
 from moe.trunk import HFEncoderTrunk
 from moe.trunk.base import sentence_features
 from tests.helpers import (
+    SYNTHETIC,
     compose_config,
     digests,
     fast_growth,
@@ -30,6 +31,7 @@ from tests.helpers import (
     synthetic_data,
     tenant_files_override,
     write_synthetic_tenants,
+    write_tenant_csv,
 )
 
 TEXTS = ["what is my balance", "wake me up at seven tomorrow please", "will it rain", "play some jazz music now"]
@@ -236,6 +238,24 @@ def test_a_hibernated_pathway_wakes_with_identical_answers(tmp_path, trunk, tena
     assert "music" not in load_mixture(lifecycle.store, trunk=trunk).tenants
     lifecycle.wake("music")
     assert torch.equal(answers(), before)
+
+
+def test_the_grow_and_update_scripts_train_a_pathway_from_the_tenants_file(tmp_path, tenants):
+    """scripts/grow.py and scripts/update.py on a pathway store: the tenant's texts, read whole, train its pathway."""
+    from tests.test_entry_points import script  # the scripts' `main`, called with a composed config
+
+    first = write_tenant_csv(tmp_path / "bank.csv", SYNTHETIC["bank"])
+    more = write_tenant_csv(tmp_path / "bank_more.csv", SYNTHETIC["bank"] | {"loan": ["loan", "borrow", "mortgage"]})
+    store = tmp_path / "store"
+    pathway = [f"expert.pathway.{key}={value}" for key, value in PATHWAY.items()]
+    common = [f"store_dir={store}", "expert=pathway", *pathway, "tenant.name=bank", "tenant.split_column=split"]
+    script("grow")(compose_config("lifecycle", [*common, f"tenant.files={first}", "create_store=true"], tmp_path))
+    script("update")(compose_config("lifecycle", [*common, f"tenant.files={more}"], tmp_path))
+    lifecycle_store = ExpertStore(store)
+    (old, _), (new, meta) = lifecycle_store.load("bank", 1), lifecycle_store.load("bank", 2)
+    assert meta.labels == ("balance", "transfer", "loan") and meta.architecture["pathway_layers"] == 2
+    assert all(torch.equal(old[name], new[name]) for name in old if name.startswith("lora."))
+    assert any(old[name].abs().sum() > 0 for name in old if name.endswith(".B"))  # trained: B moved from zero
 
 
 def test_an_upgrade_refuses_a_sleeping_pathway_before_writing_anything(tmp_path, trunk, tenants):

@@ -4,7 +4,8 @@ Each operation checks what it is given before any work starts: the tenant's name
 `ExpertStore.check_new_tenant`: no clash, in any case, with a tenant in the store), that `store_dir` is an existing
 store (grow may start a new one with `create_store=true`), and for grow and update every row of the tenant's file.
 Only then does the trunk load. Grow and update stream the file (`moe.lifecycle.stream`): its train rows are held as
-features, never as rows or texts.
+features, never as rows or texts; but for pathway experts, which train on the texts themselves (through the trunk's
+layers), the file is read whole.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from moe.data.files import TenantFile
+from moe.data import Tenant, TenantFile, read_tenant_file
 from moe.lifecycle.growth import GrowthConfig
 from moe.lifecycle.operations import Lifecycle
-from moe.lifecycle.stream import encode_train_rows, scan_tenant_file
+from moe.lifecycle.stream import EncodedRows, ScannedFile, encode_train_rows, scan_tenant_file
+from moe.model.pathway import is_pathway
 from moe.store import ExpertStore, TrunkVersions, check_tenant_name
 from moe.trunk import Trunk
 
@@ -75,6 +77,15 @@ def tenant_file(cfg: DictConfig, name: str | None = None) -> TenantFile:
     return TenantFile.from_entry({**cfg.tenant, "name": tenant_name(cfg) if name is None else name})
 
 
+def training_data(entry: TenantFile, scanned: ScannedFile, lifecycle: Lifecycle) -> tuple[Tenant, EncodedRows | None]:
+    """What grow and update train on: the tenant (no examples) and its train rows encoded as its file streams by;
+    for a store of pathway experts, which train on the texts, the tenant read whole and nothing encoded."""
+    if is_pathway(lifecycle.architecture()):
+        columns = (entry.text_column, entry.label_column, entry.split_column)
+        return read_tenant_file(entry.name, entry.files, *columns), None
+    return scanned.tenant, encode_train_rows(entry, scanned, lifecycle.encode)
+
+
 def run_grow(cfg: DictConfig) -> Path:
     """scripts/grow.py: a new tenant's expert from its file, into `store_dir` (`create_store=true`: a new store)."""
     name = tenant_name(cfg)
@@ -83,7 +94,7 @@ def run_grow(cfg: DictConfig) -> Path:
     entry = tenant_file(cfg, name)
     scanned = scan_tenant_file(entry)  # every row checked, before the trunk loads
     lifecycle = build_lifecycle(cfg, store)
-    return lifecycle.grow(scanned.tenant, encode_train_rows(entry, scanned, lifecycle.encode))
+    return lifecycle.grow(*training_data(entry, scanned, lifecycle))
 
 
 def run_update(cfg: DictConfig) -> Path:
@@ -98,8 +109,8 @@ def run_update(cfg: DictConfig) -> Path:
     entry = tenant_file(cfg, name)
     scanned = scan_tenant_file(entry)
     lifecycle = build_lifecycle(cfg, store)
-    encoded = encode_train_rows(entry, scanned, lifecycle.encode)
-    return lifecycle.update(scanned.tenant, allow_dormant=allow_dormant, encoded=encoded)
+    tenant, encoded = training_data(entry, scanned, lifecycle)
+    return lifecycle.update(tenant, allow_dormant=allow_dormant, encoded=encoded)
 
 
 def run_hibernate(cfg: DictConfig) -> None:
