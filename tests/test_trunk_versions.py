@@ -115,6 +115,17 @@ def test_an_upgrade_keeps_a_sleeping_expert_answering_on_the_new_trunk(store, te
     assert store.is_dormant("bank")  # still asleep
 
 
+def test_an_upgrade_checks_every_awake_tenants_data_before_it_moves_anyone(store, tenants):
+    """weather's data lacks one of its intents: refused before music (first in order) is retrained, so the store
+    stays on the old trunk as it was, with no tenant moved and no bridge written."""
+    old, new = adapted_trunk(store, tenants)
+    before = digests(store.root)
+    lifecycle = Lifecycle(store, new, new.encode, fast_growth(epochs=30))
+    with pytest.raises(ValueError, match=r"tenant 'weather': its data lacks intents its expert knows, \['sun'\]"):
+        upgrade_store(lifecycle, old, [tenants["music"], tenants["weather"].restricted(("rain",))], "bridge")
+    assert digests(store.root) == before and TrunkVersions(store.root).current() is None
+
+
 @pytest.mark.parametrize("gone", ["deleted", "unreadable"])
 def test_adapting_and_upgrading_never_open_a_sleeping_tenants_files(tmp_path, store, files, gone):
     bank = files["bank"]  # still named in the configs below, as a user's list of every tenant would name it

@@ -196,6 +196,12 @@ class Lifecycle:
         """A new version of an existing, awake tenant trained anew on this trunk from all of its data (`tenant`'s
         labels and train split; `encoded` as for `grow`): what a trunk upgrade does for the tenants whose data is
         at hand. The previous version stays for rollback."""
+        meta = self.check_retrain(tenant)
+        return self._train(tenant, encoded, "retrain", parent=meta.version)
+
+    def check_retrain(self, tenant: Tenant) -> ExpertMeta:
+        """That `tenant` can be retrained: awake, its data holding every intent its expert knows (a ValueError naming
+        what is missing, else its current metadata). Reads nothing but the store's headers."""
         self.store.check_awake(tenant.name)
         meta = self.store.meta(tenant.name)
         if lost := [label for label in meta.labels if label not in tenant.labels]:
@@ -203,7 +209,7 @@ class Lifecycle:
                 f"tenant {tenant.name!r}: its data lacks intents its expert knows, {lost}; a retrained expert would "
                 "drop them (give every intent's examples)"
             )
-        return self._train(tenant, encoded, "retrain", parent=meta.version)
+        return meta
 
     def _train(self, tenant: Tenant, encoded: EncodedRows | None, how: str, parent: int | None = None) -> Path:
         """Train an expert and its routing entry on the tenant's data and save it: its first version (`parent`

@@ -102,6 +102,9 @@ def upgrade_store(
             f"{strategy} them onto trunk {new_trunk.fingerprint[:12]}…; retrain them from their data (wake them and "
             "pass their files), or retire them, before upgrading"
         )
+    for tenant in awake:  # every retrain checked before the first: a refused one must not leave the others moved
+        if on[tenant.name] != new_trunk.fingerprint:
+            lifecycle.check_retrain(tenant)
     versions.record(old_trunk)
     older = {fp: name for name, fp in on.items() if fp not in (old_trunk.fingerprint, new_trunk.fingerprint)}
     earlier = {  # experts asleep since an earlier upgrade: their bridge into the old trunk, to chain
