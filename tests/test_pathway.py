@@ -258,22 +258,47 @@ def test_the_grow_and_update_scripts_train_a_pathway_from_the_tenants_file(tmp_p
     assert any(old[name].abs().sum() > 0 for name in old if name.endswith(".B"))  # trained: B moved from zero
 
 
-def test_an_upgrade_refuses_a_sleeping_pathway_before_writing_anything(tmp_path, trunk, tenants):
-    """A pathway adapts its own trunk's layers: no bridge or transport carries it to another trunk version."""
-    lifecycle = grown_store(tmp_path / "store", trunk, tenants, ["weather", "music"])
-    lifecycle.hibernate("music")
+def recorded_new_version(store: ExpertStore, trunk: HFEncoderTrunk) -> HFEncoderTrunk:
+    """Another version of `trunk` (one weight moved), recorded in `store` as a version trained from it."""
     new = copy.deepcopy(trunk)
     with torch.no_grad():
         next(new.encoder.encoder.layer[-1].parameters()).add_(1e-3)
     new.freeze()
     assert new.fingerprint != trunk.fingerprint
-    TrunkVersions(lifecycle.store.root).record(new, parent=trunk.fingerprint, weights=True)
+    TrunkVersions(store.root).record(new, parent=trunk.fingerprint, weights=True)
+    return new
+
+
+def test_an_upgrade_refuses_a_sleeping_pathway_before_writing_anything(tmp_path, trunk, tenants):
+    """A pathway adapts its own trunk's layers: no bridge or transport carries it to another trunk version."""
+    lifecycle = grown_store(tmp_path / "store", trunk, tenants, ["weather", "music"])
+    lifecycle.hibernate("music")
+    new = recorded_new_version(lifecycle.store, trunk)
     before = digests(lifecycle.store.root)
     upgrading = Lifecycle(lifecycle.store, new, new.encode, fast_growth(pathway=PATHWAY))
     for strategy in ("bridge", "transport"):
         with pytest.raises(ValueError, match=r"\['music'\] are pathway experts.*retrain them from their data"):
             upgrade_store(upgrading, trunk, [tenants["weather"]], strategy)
     assert digests(lifecycle.store.root) == before
+
+
+@pytest.mark.slow
+def test_a_pathway_rolled_back_to_before_an_upgrade_is_refused_by_name_and_the_others_still_load(
+    tmp_path, trunk, tenants
+):
+    lifecycle = grown_store(tmp_path / "store", trunk, tenants, ["weather", "music"])
+    new = recorded_new_version(lifecycle.store, trunk)
+    upgrading = Lifecycle(lifecycle.store, new, new.encode, fast_growth(pathway=PATHWAY))
+    calibration = [f"note {i}: {TEXTS[i % len(TEXTS)]}" for i in range(800)]  # a bridge needs 2 x 384 texts
+    report = upgrade_store(upgrading, trunk, [tenants["weather"], tenants["music"]], "bridge", calibration)
+    assert report.tenants == {"music": "retrained", "weather": "retrained"}
+    lifecycle.store.rollback("weather", 1)  # its version from the old trunk
+    with pytest.raises(ValueError, match=r"weather.*pathway expert on trunk .*no bridge carries it"):
+        load_mixture(lifecycle.store, trunk=new)
+    model = load_mixture(lifecycle.store, trunk=new, skip_failed=True)
+    assert model.tenants == ["music"] and list(model.left_out) == ["weather"]
+    lifecycle.store.restore("weather", 2)
+    assert load_mixture(lifecycle.store, trunk=new).tenants == ["music", "weather"]
 
 
 FRESH_PROCESS = """

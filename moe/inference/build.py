@@ -229,7 +229,16 @@ def bridges_for(
     versions, bridges, missing = TrunkVersions(store.root), {}, {}
     for meta in metas:
         old = meta.trunk_fingerprint
-        if trunk_fingerprint is None or old == trunk_fingerprint or old in bridges:
+        if trunk_fingerprint is None or old == trunk_fingerprint:
+            continue
+        if is_pathway(meta.architecture):  # e.g. rolled back to a version from before an upgrade
+            failed[meta.tenant] = ShardError(
+                store.path(meta.tenant, meta.version),
+                f"a pathway expert on trunk {old[:12]}…, not on {trunk_fingerprint[:12]}…: its LoRA adapts its own "
+                "trunk's layers, so no bridge carries it; restore its version on the current trunk, or retrain it",
+            )
+            continue
+        if old in bridges:
             continue
         if old not in missing:  # each bridge read once, however many experts it serves
             try:
