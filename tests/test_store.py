@@ -8,6 +8,7 @@ import json
 import pickle
 import queue
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -176,6 +177,22 @@ def test_save_rollback_retire_restore(saved):
     store.restore("beta", 1)
     assert store.tenants() == ["alpha", "beta", "delta", "gamma"]
     assert store.load("beta", trunk_fingerprint=FP)[1] == shards["beta"][1].with_version(1)
+
+
+def test_an_archive_that_fails_midway_leaves_the_tenant_in_the_store_as_it_was(saved, tmp_path, monkeypatch):
+    store = saved[0]
+    before = digests(store.root)
+
+    def disk_full(source, destination):
+        Path(destination).mkdir()
+        (Path(destination) / "v0001.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "move", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        store.archive("gamma", tmp_path / "archive")
+    assert digests(store.root) == before and store.retired("gamma") is None
+    assert not (tmp_path / "archive" / "gamma").exists() and "gamma" in store.tenants()
 
 
 def test_archive_and_delete(saved, tmp_path):

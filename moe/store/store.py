@@ -319,9 +319,17 @@ class ExpertStore:
             if target.exists():
                 raise FileExistsError(f"{target} exists; refusing to overwrite an archive")
             target.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(target.parent, os.W_OK | os.X_OK):
+                raise PermissionError(f"can not archive tenant {tenant!r} into {target.parent}: not writable")
             leaving = self._take_out(tenant)
             self._bury(tenant, f"archived to {target.absolute()}")
-            shutil.move(str(leaving), str(target))
+            try:
+                shutil.move(str(leaving), str(target))
+            except OSError:  # e.g. a full disk: the tenant back in the store as it was, no partial archive left
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(leaving, self.root / tenant)
+                (self.root / ".retired" / tenant).unlink()  # a live tenant has none but this one
+                raise
         return target
 
     def delete(self, tenant: str) -> None:
