@@ -224,3 +224,13 @@ def test_export_refuses_to_write_a_bundle_into_the_store(where, store, tmp_path)
     with pytest.raises(ValueError, match="store"):
         script("export")(cfg)
     assert digests(store.parent) == before
+
+
+def test_export_checks_its_out_of_scope_rule_before_it_clears_an_earlier_bundle(store, tmp_path):
+    common = [f"store_dir={store}", "trunk=tiny", "trunk.dim=16", "export.measure=false"]
+    script("export")(compose_config("export", common, tmp_path / "bundle"))
+    before = digests(tmp_path / "bundle")
+    cfg = compose_config("export", [*common, "export.overwrite=true", "oos.threshold=0.5"], tmp_path / "bundle")
+    with pytest.raises(ValueError, match="threshold"):  # a threshold needs a named score, not `auto`
+        script("export")(cfg)
+    assert digests(tmp_path / "bundle") == before

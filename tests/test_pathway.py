@@ -344,6 +344,10 @@ def test_a_bundle_of_a_pathway_store_serves_in_a_fresh_process_what_evaluation_p
     expected = [json.loads(line) for line in predictions.read_text().splitlines()]
     done = run_python("-c", FRESH_PROCESS, str(tmp_path / "bundle"), str(predictions))
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [{k: e[k] for k in ANSWER} for e in expected]
+    # in half precision: the bundle's own shards evaluated beside float32 (they load with the trunk they adapt)
+    export(compose_config("export", [*common, "export.dtype=float16"], tmp_path / "bundle16"))
+    manifest = json.loads((tmp_path / "bundle16" / "manifest.json").read_text())
+    assert manifest["dtype"] == "float16" and "test/changed_predictions" in manifest["precision"]
 
 
 @pytest.mark.slow

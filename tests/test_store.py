@@ -236,6 +236,8 @@ def test_unknown_tenant_is_a_key_error_naming_it(saved):
     for bad in ("../alpha", "", ".hidden", "a/b"):
         with pytest.raises(ValueError):
             store.path(bad, 1)
+    with pytest.raises(ValueError, match=r"\['alpha'\] are listed more than once"):  # two copies would split its
+        load_mixture(store, ["alpha", "delta", "alpha"], trunk_fingerprint=FP)  # groups and answer wrongly
 
 
 # -- faults: each refused with a ShardError naming the file and the problem, harming nothing else ---------

@@ -57,12 +57,12 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     trunk = trained.trunk
     names = list(cfg.tenants) if cfg.get("tenants") else None
     model = load_mixture(trained.store_dir, names, trained.gate, trunk.fingerprint, trunk=trunk)
+    check_oos_rule(cfg.oos.score, cfg.oos.threshold)  # what is given checked before a file is written (or cleared)
+    sources = sources_from_config(cfg.data, list(cfg.export.splits)) if cfg.export.measure else {}
     files, trunk_entry = write_files(
         out, trained.store_dir, model, trunk, dtype, cfg.export.trunk, trained.trained_trunk, cfg.export.overwrite
     )
     encode = feature_encoder(trunk, cfg.paths.get("cache_dir"), cfg.cache_features and not trained.trained_trunk)
-    sources = sources_from_config(cfg.data, list(cfg.export.splits)) if cfg.export.measure else {}
-    check_oos_rule(cfg.oos.score, cfg.oos.threshold)
     settings = dict(
         oos_score=cfg.oos.score,
         criterion=cfg.oos.criterion,
@@ -73,7 +73,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     full = evaluate_mixture(model, sources, encode, trained.batch_size, **settings) if sources else None
     bundled, precision = full, None
     if dtype != "float32" and full is not None:  # the bundle's own shards, as serving will load them
-        lowered = load_mixture(out / "experts", [t for t, _ in model.keys], trained.gate, trunk.fingerprint)
+        keys = [t for t, _ in model.keys]
+        lowered = load_mixture(out / "experts", keys, trained.gate, trunk.fingerprint, trunk=trunk)
         settings["oos_score"] = full.score  # the score float32 chose: the cost compares like with like
         bundled = evaluate_mixture(lowered, sources, encode, trained.batch_size, **settings)
         precision = accuracy_cost(full, bundled, dtype)

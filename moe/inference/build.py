@@ -121,6 +121,8 @@ def load_mixture(
     store = store if isinstance(store, ExpertStore) else open_store(store)
     gate = gate or GateSettings()
     names = sorted(tenants if tenants is not None else store.tenants())
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        raise ValueError(f"tenants {repeated} are listed more than once: list each tenant once")
     if not names:
         raise ValueError(f"expert store {store.root} holds no live expert")
     candidates: list[tuple[tuple[str, int], ExpertMeta]] = []
