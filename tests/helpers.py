@@ -116,6 +116,13 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def flip_last_byte(path) -> None:
+    """One bit of a safetensors file's last tensor data (a weight or statistic, never the header)."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def digests(folder: Path) -> dict[Path, str]:
     """sha256 of every file under `folder` (hidden and temporary ones too), by path relative to it."""
     return {p.relative_to(folder): sha256_of(p) for p in sorted(folder.rglob("*")) if p.is_file()}

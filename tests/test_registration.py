@@ -10,6 +10,7 @@ from moe.inference import GateSettings, load_mixture
 from moe.model import TENSOR_NAMES, ExpertInfo, build_mixture
 from moe.model.stats import class_statistics
 from moe.store import ExpertStore, ShardError, expert_shards, read_meta, read_shard
+from tests.helpers import flip_last_byte
 
 FP = "f" * 64
 DIM = 12
@@ -33,13 +34,6 @@ def store(tmp_path):
     for tensors, meta in expert_shards(model.eval(), FP, stats):
         store.save(tensors, meta)
     return store
-
-
-def flip_last_byte(path) -> None:
-    """One bit of the shard's last tensor data (a weight or statistic, never the header)."""
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("source", ["trained", "statistics"])

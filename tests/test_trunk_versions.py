@@ -2,12 +2,15 @@
 tenants' data, and an upgrade keeps every sleeping expert working (bridged or transported) without its data."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from moe.data import read_tenant_file
 from moe.inference import GateSettings, load_mixture
+from moe.inference.bundle import BundleError
 from moe.lifecycle import Lifecycle
 from moe.lifecycle.adapt import AdaptConfig, adapt_trunk
 from moe.lifecycle.trunk_upgrade import run_trunk_upgrade
@@ -22,6 +25,7 @@ from tests.helpers import (
     compose_config,
     digests,
     fast_growth,
+    flip_last_byte,
     run_python,
     tenant_files_override,
     write_synthetic_tenants,
@@ -233,7 +237,11 @@ def test_a_bundle_of_an_upgraded_store_serves_in_a_fresh_process_what_evaluation
     manifest = read_bundle(tmp_path / "bundle").manifest
     assert {e["tenant"]: e["trunk"] for e in manifest["experts"]}["bank"] == old.fingerprint
     assert manifest["trunk"]["fingerprint"] == new.fingerprint
-    assert any(name.startswith("experts/.bridges/") for name in manifest["files"])
+    bridge = next(name for name in manifest["files"] if name.startswith("experts/.bridges/"))
+    tampered = Path(shutil.copytree(tmp_path / "bundle", tmp_path / "tampered"))
+    flip_last_byte(tampered / bridge)  # a bridge has no checksum of its own: checked even when shards wait
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        read_bundle(tampered, verify="lazy")
     predictions = tmp_path / "eval" / "predictions_test.jsonl"
     expected = [json.loads(line) for line in predictions.read_text().splitlines()]
     done = run_python("-c", FRESH_PROCESS, str(tmp_path / "bundle"), str(predictions))
