@@ -16,7 +16,7 @@ from moe.evaluation.metrics import confusion_matrix, macro_f1
 from moe.evaluation.oos import operating_point, rejection
 from moe.evaluation.sources import Query, file_queries, tenant_sources
 from moe.model import ExpertInfo, build_mixture
-from tests.helpers import THRESHOLD
+from tests.helpers import THRESHOLD, THRESHOLD_SCORE, compose_config, synthetic_data
 
 FIGURES = ("acc_routed", "acc_tenant_given", "routing_acc", "macro_f1", "macro_f1_tenant_given", "ece")
 
@@ -36,6 +36,16 @@ def test_evaluate_script_reproduces_the_training_figures_exactly(tiny_run):
 
 @pytest.mark.slow  # builds the session's tiny run
 @pytest.mark.subprocess  # its evaluation is scripts/evaluate.py's
+def test_evaluating_a_bundle_keeps_its_rule_unless_oos_names_another(tiny_run, tmp_path):
+    from moe.evaluation.run import evaluate
+
+    common = [*synthetic_data(tmp_path / "data"), f"bundle_dir={tiny_run.bundle}", "logger=none", "splits=[test]"]
+    own = evaluate(compose_config("evaluate", common, tmp_path / "own"))
+    assert (own["oos/score"], own["oos/threshold"]) == (THRESHOLD_SCORE, THRESHOLD)
+    named = evaluate(compose_config("evaluate", [*common, "oos.score=max_score", "oos.threshold=0.3"], tmp_path / "x"))
+    assert (named["oos/score"], named["oos/threshold"]) == ("max_score", 0.3)
+
+
 def test_evaluate_script_writes_per_tenant_rows_plots_and_an_offline_wandb_run(tiny_run):
     with (tiny_run.evaluation / "per_tenant.csv").open() as handle:
         rows = list(csv.DictReader(handle))

@@ -14,7 +14,7 @@ from moe.config import instantiate_group
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture
 from moe.evaluation.inputs import feature_encoder, open_trained_store, sources_from_config
 from moe.evaluation.report import PredictionWriter, write_report
-from moe.inference import load_mixture, open_bundle
+from moe.inference import AUTO, load_mixture, open_bundle
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float | str]:
     budget = int(float(cfg.budget_mb) * 2**20)
     if cfg.get("bundle_dir"):
         bundle = open_bundle(cfg.bundle_dir, cfg.device, budget)
-        model, trunk, score = bundle.model, bundle.trunk, bundle.oos_score  # as served: the bundle's score and
-        threshold = bundle.threshold if cfg.oos.threshold is None else cfg.oos.threshold  # threshold by default
+        model, trunk = bundle.model, bundle.trunk
+        # as served by default: the bundle's score and threshold; a score named in `oos` replaces the bundle's rule
+        score = bundle.oos_score if cfg.oos.score == AUTO else cfg.oos.score
+        own = bundle.threshold if score == bundle.oos_score else None  # chosen on threshold_split when not its own
+        threshold = own if cfg.oos.threshold is None else cfg.oos.threshold
         unsure_margin: float | None = bundle.unsure_margin  # and its runners-up margin
         made_with = (bundle.bundle.manifest.get("evaluation") or {}).get("batch_size")
         batch_size = int(cfg.batch_size or made_with or cfg.data.eval_batch_size)

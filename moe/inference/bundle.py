@@ -107,8 +107,8 @@ def read_bundle(root: str | Path, verify: Verify = "full") -> Bundle:
     """Read and verify a bundle: the manifest's checksum, then every listed file's sha256, then that no
     unlisted file hides under the checked folders. A URL (`s3://bucket/bundle`) is mirrored into the local cache
     first (`moe.store.mirror_bundle`), then read from there like any folder. `verify="lazy"` leaves the experts'
-    shards unread (not the bridges beside them): their own checksums are verified when each is first paged in (`load_mixture`), which proves a
-    shard intact but not that it is the very file the manifest lists."""
+    shards unread (not the bridges beside them): their own checksums are verified when each is first paged in
+    (`load_mixture`), which proves a shard intact but not that it is the very file the manifest lists."""
     check_choice(verify, Verify, "verify")
     root = mirror_bundle(str(root)) if is_url(root) else Path(root)
     manifest = _read_manifest(root)
