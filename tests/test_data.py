@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,16 @@ def test_jsonl_blank_label(tmp_path, label):
     assert_data_error(info.value, path, 2, "blank label in column 'y'")
 
 
+@pytest.mark.parametrize("label", ['["billing"]', "true", '{"a": 1}'])
+def test_jsonl_label_that_names_no_class(tmp_path, label):
+    path = write(
+        tmp_path / "t.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": LABEL}\n'.replace("LABEL", label)
+    )
+    with pytest.raises(TenantDataError) as info:
+        read_tenant_file("t", path)
+    assert_data_error(info.value, path, 2, "not a class name")
+
+
 def test_jsonl_non_string_text_is_rejected(tmp_path):
     path = write(tmp_path / "t.jsonl", '{"text": 12, "label": "x"}\n')
     with pytest.raises(TenantDataError) as info:
@@ -327,6 +338,22 @@ def test_clinc150_row_not_a_pair(tmp_path, item, clinc_dir):
     assert_data_error(info.value, folder / "data_full.json", 2, "val", "not a [text, intent] pair")
 
 
+@pytest.mark.parametrize("item", ["hi", ["how are you"], [None, "oos"]])
+def test_clinc150_out_of_scope_entry_not_a_pair(tmp_path, item, clinc_dir):
+    folder = _corrupt_copy(tmp_path, _splits(oos_val=[["book me a spaceship", "oos"], item]), clinc_dir)
+    with pytest.raises(TenantDataError) as info:
+        load_clinc150(folder)
+    assert_data_error(info.value, folder / "data_full.json", 2, "oos_val", "not a [text, intent] pair")
+
+
+def test_clinc150_file_not_utf8(tmp_path, clinc_dir):
+    folder = _corrupt_copy(tmp_path, _splits(), clinc_dir)
+    (folder / "domains.json").write_bytes((clinc_dir / "domains.json").read_text().encode("utf-16"))
+    with pytest.raises(TenantDataError) as info:
+        load_clinc150(folder)
+    assert_data_error(info.value, folder / "domains.json", None, "not UTF-8")
+
+
 def test_clinc150_intent_in_no_domain(tmp_path, clinc_dir):
     folder = _corrupt_copy(tmp_path, _splits(test=[["teleport me", "teleport"]]), clinc_dir)
     with pytest.raises(TenantDataError) as info:
@@ -367,6 +394,16 @@ def test_download_rejects_wrong_sha256(download_env, monkeypatch):
     assert len(fake.urls) == 1 and info.value.source == fake.urls[0]
     assert fake.urls[0].endswith("/data_full.json") and clinc150._COMMIT in fake.urls[0]
     assert SHA256["data_full.json"] in str(info.value)
+    assert [p for p in download_env.rglob("*") if p.is_file()] == []
+
+
+def test_a_failed_download_names_the_address_and_the_offline_fix(download_env, monkeypatch):
+    def offline(url, timeout=None):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(clinc150.urllib.request, "urlopen", offline)
+    with pytest.raises(OSError, match=r"could not download CLINC150's data_full.json from https://.*MOE_DATA_DIR"):
+        clinc150_files()
     assert [p for p in download_env.rglob("*") if p.is_file()] == []
 
 

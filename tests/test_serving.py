@@ -139,6 +139,7 @@ def test_command_line_answers_jsonl_line_for_line(tiny_run, server):
         "",
         json.dumps(["a list"]),
         json.dumps({"text": "rain umbrella", "tenant": None}),
+        json.dumps({"text": "tell me balance money", "Tenant": "bank"}),
     ]
     done = run_python("-m", "moe.serving", str(tiny_run.bundle), "--budget-mb", "0.02", stdin="\n".join(lines) + "\n")
     out = [json.loads(line) for line in done.stdout.splitlines()]
@@ -150,6 +151,7 @@ def test_command_line_answers_jsonl_line_for_line(tiny_run, server):
     assert out[3] == {"error": '"text" must be a non-blank string', "line": 4}
     assert "unknown tenant 'acme'" in out[4]["error"] and out[5]["error"] == "empty line"
     assert "expected a JSON object" in out[6]["error"]
+    assert out[8] == {"error": 'unknown keys [\'Tenant\']: a query has "text" and, optionally, "tenant"', "line": 9}
 
 
 def test_a_bfloat16_bundle_records_its_accuracy_cost_and_serves(tiny_run, server):

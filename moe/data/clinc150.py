@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +42,16 @@ def _download(name: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / name
     tmp = target.with_suffix(f".part{os.getpid()}")
-    with urllib.request.urlopen(_URL.format(name=name), timeout=60) as response, tmp.open("wb") as out:
-        out.write(response.read())
+    url = _URL.format(name=name)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as out:
+            out.write(response.read())
+    except OSError as error:  # URLError, HTTPError, timeouts: offline, or the file moved
+        tmp.unlink(missing_ok=True)
+        raise OSError(
+            f"could not download CLINC150's {name} from {url} ({error}); with no network, set MOE_DATA_DIR to a "
+            "folder holding clinc150/ (see README)"
+        ) from error
     if (actual := file_sha256(tmp)) != SHA256[name]:
         tmp.unlink()
         raise TenantDataError(_URL.format(name=name), f"sha256 {actual} does not match the pinned {SHA256[name]}")
@@ -75,6 +83,16 @@ def _load_json(path: Path) -> object:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise TenantDataError(path, f"bad JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
+    except UnicodeDecodeError as error:
+        raise TenantDataError(path, f"not UTF-8: byte 0x{error.object[error.start]:02x} at {error.start}") from None
+
+
+def _pairs(path: Path, data: dict, key: str) -> Iterator[tuple[int, tuple[str, str]]]:
+    """(row, (text, intent)) of `data[key]` (none when absent), each checked to be a pair of strings."""
+    for row, item in enumerate(data.get(key, []), start=1):
+        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(v, str) for v in item)):
+            raise TenantDataError(path, f"entry {row} of {key!r} is not a [text, intent] pair", row=row)
+        yield row, (item[0], item[1])
 
 
 def load_clinc150(
@@ -93,16 +111,11 @@ def load_clinc150(
     for split in SPLITS:
         if split not in data:
             raise TenantDataError(files["data_full.json"], f"split {split!r} is missing")
-        for row, item in enumerate(data[split], start=1):
-            if not (isinstance(item, list) and len(item) == 2 and all(isinstance(v, str) for v in item)):
-                raise TenantDataError(
-                    files["data_full.json"], f"entry {row} of {split!r} is not a [text, intent] pair", row=row
-                )
-            text, intent = item
+        for row, (text, intent) in _pairs(files["data_full.json"], data, split):
             if intent not in intent_domain:
                 raise TenantDataError(files["data_full.json"], f"{split}: intent {intent!r} is in no domain", row=row)
             by_domain[intent_domain[intent]][split].append(Example(text, intent))
-        out_of_scope[split] = [text for text, _ in data.get(f"oos_{split}", [])]
+        out_of_scope[split] = [text for _, (text, _) in _pairs(files["data_full.json"], data, f"oos_{split}")]
     names = domains or list(domain_map)
     for name in names:
         if name not in domain_map:

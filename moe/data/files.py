@@ -112,6 +112,9 @@ def read_examples(
         text, label = record[text_column], record[label_column]
         if not isinstance(text, str) or not text.strip():
             raise TenantDataError(path, f"blank text in column {text_column!r}", row=number)
+        if isinstance(label, bool | list | dict):  # JSONL: a label names one class (a string, or a number)
+            kind = type(label).__name__
+            raise TenantDataError(path, f"label in column {label_column!r} is a {kind}, not a class name", row=number)
         label = "" if label is None else str(label)
         if not label.strip():
             raise TenantDataError(path, f"blank label in column {label_column!r}", row=number)

@@ -37,6 +37,8 @@ def parse_query(line: str) -> tuple[str, str | None]:
         raise ValueError(f"not JSON: {error.msg} (column {error.colno})") from None
     if not isinstance(query, dict):
         raise ValueError(f"expected a JSON object, got {type(query).__name__}")
+    if unknown := sorted(set(query) - {"text", "tenant"}):  # a misspelled "tenant" must not route silently
+        raise ValueError(f'unknown keys {unknown}: a query has "text" and, optionally, "tenant"')
     text, tenant = query.get("text"), query.get("tenant")
     if not isinstance(text, str) or not text.strip():
         raise ValueError('"text" must be a non-blank string')
