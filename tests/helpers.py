@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import os
 import random
 import subprocess
@@ -121,6 +122,14 @@ def flip_last_byte(path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+def script(name: str):
+    """scripts/<name>.py's `main`; called with a config, Hydra's decorator passes it straight through."""
+    spec = importlib.util.spec_from_file_location(f"entry_point_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def digests(folder: Path) -> dict[Path, str]:

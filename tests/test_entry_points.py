@@ -8,7 +8,6 @@ every entry point does."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -24,13 +23,13 @@ from moe.store import ExpertStore, read_tensors
 from moe.training.run import train
 from moe.trunk import FeatureCache, TinyTrunk
 from tests.helpers import (
-    ROOT,
     SYNTHETIC,
     TINY_TRAIN,
     compose_config,
     digests,
     fast_growth,
     run_python,
+    script,
     synthetic_data,
     write_synthetic_tenants,
     write_tenant_csv,
@@ -43,14 +42,6 @@ TRUNK_LOADED = "the trunk was loaded before the check"
 # The names of the issue: path traversal, absolute, spaced, unicode, 300 characters; numbers and booleans.
 BAD_NAMES = ["'../../x'", "'/tmp/abs'", "'a b'", "'ünï'", "x" * 300, "123", "true"]
 NAME_IDS = ["traversal", "absolute", "spaced", "unicode", "300", "int", "bool"]
-
-
-def script(name: str):
-    """scripts/<name>.py's `main`; called with a config, Hydra's decorator passes it straight through."""
-    spec = importlib.util.spec_from_file_location(f"entry_point_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def lifecycle_config(tmp_path: Path, store: Path, *overrides: str):

@@ -28,6 +28,7 @@ from tests.helpers import (
     digests,
     fast_growth,
     run_python,
+    script,
     synthetic_data,
     tenant_files_override,
     write_synthetic_tenants,
@@ -242,8 +243,6 @@ def test_a_hibernated_pathway_wakes_with_identical_answers(tmp_path, trunk, tena
 
 def test_the_grow_and_update_scripts_train_a_pathway_from_the_tenants_file(tmp_path, tenants):
     """scripts/grow.py and scripts/update.py on a pathway store: the tenant's texts, read whole, train its pathway."""
-    from tests.test_entry_points import script  # the scripts' `main`, called with a composed config
-
     first = write_tenant_csv(tmp_path / "bank.csv", SYNTHETIC["bank"])
     more = write_tenant_csv(tmp_path / "bank_more.csv", SYNTHETIC["bank"] | {"loan": ["loan", "borrow", "mortgage"]})
     store = tmp_path / "store"

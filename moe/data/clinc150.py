@@ -54,7 +54,7 @@ def _download(name: str, folder: Path) -> Path:
         ) from error
     if (actual := file_sha256(tmp)) != SHA256[name]:
         tmp.unlink()
-        raise TenantDataError(_URL.format(name=name), f"sha256 {actual} does not match the pinned {SHA256[name]}")
+        raise TenantDataError(url, f"sha256 {actual} does not match the pinned {SHA256[name]}")
     os.replace(tmp, target)
     return target
 
