@@ -1,6 +1,7 @@
 """The docs a newcomer reads hold: README.md stays short, every relative link in README.md and docs/*.md lands on a
-file (and a heading, where it names one), and every shell command in their ```bash blocks is either checked here or
-marked as one this suite can not run (docs/contributing.md, "Commands in the docs", defines the marks).
+file (and a heading, where it names one), every repository path and `moe.` name they mention exists, and every shell
+command in their ```bash blocks is either checked here or marked as one this suite can not run
+(docs/contributing.md, "Commands in the docs", defines the marks).
 
 Checked means: a `scripts/X.py` it names exists; a Hydra entry point's overrides compose with the real conf/ (each
 value of a `-m` sweep in turn), so a misspelled key, group or option, or a removed config, fails here; an argparse
@@ -169,6 +170,51 @@ def test_the_link_check_catches_a_broken_link(tmp_path):
     page.write_text("# Top\n\n[ok](#top) [gone](missing.md) [bad](page.md#nowhere)\n```bash\n[x](in-code.md)\n```\n")
     assert links(page) == ["#top", "missing.md", "page.md#nowhere"]
     assert anchors(page) == {"top"}
+
+
+# -- names of files and modules -----------------------------------------------------------------------------------
+
+# A repository path in prose or code (`conf/expert/pathway.yaml`, `moe/model/bridge.py`, `tests/test_exactness.py`),
+# not a pattern or a placeholder (`scripts/bench_*.py`, `conf/<name>.yaml`), and a dotted name in the package
+# (`moe.lifecycle.Lifecycle`), not a format tag (`moe.bundle/2`).
+PATH = re.compile(r"(?<![\w./-])((?:moe|scripts|tests|conf|notebooks|docs)/[\w./-]*\w)(?![\w*<{$])")
+DOTTED = re.compile(r"(?<![\w./-])(moe(?:\.\w+)+)(?![\w/])")
+
+
+def missing_name(dotted: str) -> str | None:
+    """Why `moe.a.b.Name` names nothing in this checkout (None when it does): each module part must be a package or
+    a module, and the first part after them a name that module defines or imports (what follows is not checked)."""
+    parts, here = dotted.split("."), ROOT
+    for i, part in enumerate(parts):
+        source = here / "__init__.py" if here.is_dir() else here
+        if here.is_dir() and (here / part).is_dir():
+            here = here / part
+        elif here.is_dir() and (here / f"{part}.py").is_file():
+            here = here / f"{part}.py"
+        elif i > 0 and source.is_file() and re.search(rf"\b{part}\b", source.read_text()):
+            return None
+        else:
+            return f"{'.'.join(parts[: i + 1])} is not in {here.relative_to(ROOT)}"
+    return None
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_file_and_module_named_exists(page):
+    """A file moved or a module renamed fails here, naming the page that still says the old name."""
+    text = page.read_text()
+    gone = [p for p in sorted(set(PATH.findall(text))) if not any((ROOT / q).exists() for q in (p, f"{p}.py"))]
+    problems = [f"{path}: no such file or folder" for path in gone]  # `moe/bench` names moe/bench.py
+    problems += [why for name in sorted(set(DOTTED.findall(text))) if (why := missing_name(name))]
+    assert not problems, f"{page.name}: " + "; ".join(problems)
+
+
+def test_the_name_check_catches_a_moved_module():
+    assert missing_name("moe.lifecycle.Lifecycle") is None and missing_name("moe.serving") is None
+    assert missing_name("moe.lifecycle.NoSuchThing") and missing_name("moe.nowhere.Thing")
+    assert PATH.findall("`scripts/bench_*.py`, `conf/<name>.yaml` and conf/expert/pathway.yaml.") == [
+        "conf/expert/pathway.yaml"
+    ]
+    assert DOTTED.findall("format `moe.bundle/2`, `moe.lifecycle.Lifecycle`") == ["moe.lifecycle.Lifecycle"]
 
 
 # -- commands ------------------------------------------------------------------------------------------------------
