@@ -3,7 +3,7 @@
     python scripts/render_results.py            # rewrite docs/RESULTS.md from the JSON and CSV files
     python scripts/render_results.py --check    # exit 1, naming each section, where RESULTS.md (or README's
                                                 # pasted summary) differs from what the files give
-    python scripts/render_results.py --summary  # print the summary table README quotes
+    python scripts/render_results.py --summary  # print the headline table (atop RESULTS.md; README may paste it)
 
 Each section is one function and one template: the template holds the method (command, machine, what was compared),
 the function formats every measured figure from the files in scripts/results/. A section whose file is missing
@@ -1495,7 +1495,7 @@ def check(root: Path = RESULTS, readme: Path | None = None, doc: Path = DOC) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 where RESULTS.md differs from the files")
-    parser.add_argument("--summary", action="store_true", help="print README's results summary")
+    parser.add_argument("--summary", action="store_true", help="print the headline table, links from the root")
     parser.add_argument("--root", type=Path, default=RESULTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     doc = DOC if args.root == RESULTS else args.root / DOC.name  # another root (a copy) keeps its document inside
