@@ -244,6 +244,7 @@ def test_concurrent_saves_to_one_tenant_hand_out_every_version_once(store, tmp_p
     assert not [p for p in (store.root / "alpha").iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow  # three child processes, each starting torch and Lightning
 def test_concurrent_grows_updates_and_hibernations_lose_nothing(tmp_path, lifecycle, tenants):
     """Three processes at once: two grow the same new tenant, one grows another; all three update one tenant,
     and one hibernates and wakes a fourth meanwhile. Exactly one of the two grows wins; an update made from a version

@@ -293,6 +293,7 @@ def test_a_bridged_tenant_that_wakes_with_data_is_updated_onto_the_current_trunk
     assert set(model.expert_trunks.values()) == {new.fingerprint} and accuracy(answers, tenants["bank"]) > 0.8
 
 
+@pytest.mark.slow  # saves and rebuilds MiniLM's weights
 def test_an_adapted_minilm_version_is_saved_with_its_own_weights_and_rebuilds_to_its_fingerprint(tmp_path):
     from moe.trunk import HFEncoderTrunk
 
