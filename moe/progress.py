@@ -6,11 +6,9 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
-from typing import IO, TypeVar
+from typing import IO
 
 from tqdm.auto import tqdm
-
-T = TypeVar("T")
 
 _OFF = {"", "0", "false", "no"}
 
@@ -28,7 +26,7 @@ def shows_progress(stream: IO | None = None) -> bool:
         return False
 
 
-def bar(iterable: Iterable[T] | None = None, desc: str = "", unit: str = "it", total=None, enabled: bool = True):
+def bar(iterable: Iterable | None = None, desc: str = "", unit: str = "it", total=None, enabled: bool = True):
     """A tqdm bar over `iterable` (or updated by hand: `total`), drawn only where `shows_progress` says;
     `enabled=False`: a caller that asked for none."""
     return tqdm(iterable, desc=desc, unit=unit, total=total, disable=not (enabled and shows_progress()))
