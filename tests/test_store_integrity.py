@@ -229,6 +229,7 @@ def run_at_once(commands: list[list[str]], go: Path, timeout: float = 120) -> li
     return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
 
 
+@pytest.mark.slow  # two child processes, each importing torch
 def test_concurrent_saves_to_one_tenant_hand_out_every_version_once(store, tmp_path):
     """2 processes x 2 threads x 20 saves on one tenant: 40 new versions, each returned once, none overwritten."""
     go = tmp_path / "go"
