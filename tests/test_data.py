@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import urllib.error
 from pathlib import Path
 
@@ -118,159 +117,149 @@ def test_utf8_byte_order_mark_is_ignored(tmp_path, name, content):
 # --- read_tenant_file: malformed inputs --------------------------------------------------------------
 
 
-def test_csv_missing_column(tmp_path):
-    path = write(tmp_path / "t.csv", "utterance,category\nhello,greet\n")
+def refused(name, files, row, *fragments, read=None, blamed=None, **options):
+    """A case of `test_a_bad_tenant_file_is_refused_naming_file_row_and_problem`: `files` (name -> text or bytes)
+    are written, `read` (a file name or split -> file name; default: the only file) is read with `options`, and the
+    error names `blamed` (default: the file read), `row` (None: the whole file) and every fragment."""
+    return pytest.param(files, read, options, blamed, row, fragments, id=name)
+
+
+BAD_TENANT_FILES = [
+    refused(
+        "csv-missing-column",
+        {"t.csv": "utterance,category\nhello,greet\n"},
+        2,
+        "missing column 'intent'",
+        text_column="utterance",
+        label_column="intent",
+    ),
+    refused(
+        "jsonl-missing-column-names-its-line",
+        {"t.jsonl": '{"text": "a", "label": "x"}\n\n{"text": "b"}\n'},
+        3,
+        "missing column 'label'",
+    ),
+    refused("missing-split-column", {"t.csv": "text,label\na,x\n"}, 2, "missing column 'part'", split_column="part"),
+    refused("csv-empty-file-has-no-header", {"t.csv": ""}, None, "empty file", "no header"),
+    refused("csv-header-only-has-no-rows", {"t.csv": "text,label\n"}, None, "empty file (no rows)"),
+    refused("jsonl-zero-bytes", {"t.jsonl": ""}, None, "empty file (no rows)"),
+    refused("jsonl-blank-lines-only", {"t.jsonl": "\n  \n\n"}, None, "empty file (no rows)"),
+    # the header is line 1; the blank line 3 is skipped but still counted: the bad row is line 4, as an editor says
+    refused(
+        "csv-blank-text-row-is-its-editor-line",
+        {"t.csv": "text,label\nfine,x\n\n   ,y\n"},
+        4,
+        "blank text in column 'text'",
+    ),
+    refused(
+        "csv-first-data-row-is-line-2-with-crlf",
+        {"t.csv": b"text,label\r\nhello,\r\n"},
+        2,
+        "blank label in column 'label'",
+    ),
+    *(
+        refused(
+            f"jsonl-blank-label-{label_id}",
+            {"t.jsonl": '{"q": "a", "y": "x"}\n{"q": "b", "y": LABEL}\n'.replace("LABEL", label)},
+            2,
+            "blank label in column 'y'",
+            text_column="q",
+            label_column="y",
+        )
+        for label_id, label in [("empty", '""'), ("spaces", '"   "'), ("null", "null")]
+    ),
+    *(
+        refused(
+            f"jsonl-label-that-names-no-class-{label_id}",
+            {"t.jsonl": '{"text": "a", "label": "x"}\n{"text": "b", "label": LABEL}\n'.replace("LABEL", label)},
+            2,
+            "not a class name",
+        )
+        for label_id, label in [("list", '["billing"]'), ("bool", "true"), ("object", '{"a": 1}')]
+    ),
+    refused("jsonl-text-that-is-not-a-string", {"t.jsonl": '{"text": 12, "label": "x"}\n'}, 1, "blank text"),
+    refused(
+        "jsonl-bad-json-names-its-line",
+        {"t.jsonl": '{"text": "a", "label": "x"}\n\n{"text": "b", "label": }\n'},
+        3,
+        "bad JSON",
+    ),
+    refused(
+        "jsonl-line-not-an-object",
+        {"t.jsonl": '{"text": "a", "label": "x"}\n["b", "y"]\n'},
+        2,
+        "expected a JSON object",
+        "list",
+    ),
+    refused(
+        "csv-row-with-more-fields-than-the-header",
+        {"t.csv": "text,label\na,x\nb,y,surplus\n"},
+        3,
+        "more fields than the header",
+    ),
+    refused(
+        "unknown-split-value",
+        {"t.csv": "text,label,split\na,x,train\nb,x,dev\n"},
+        3,
+        "unknown split 'dev'",
+        split_column="split",
+    ),
+    refused(
+        "unknown-split-key-in-a-mapping",
+        {"t.csv": "text,label\na,x\n"},
+        None,
+        "unknown split 'dev'",
+        read={"train": "t.csv", "dev": "t.csv"},
+        blamed="t.csv",
+    ),
+    refused(
+        "val-label-absent-from-train-by-split-column",
+        {"t.csv": "text,label,split\na,x,train\nb,x,val\nc,zzz,val\nd,zzz,test\ne,zzz,val\n"},
+        4,
+        "label 'zzz'",
+        "split 'val'",
+        "train split",
+        split_column="split",
+    ),
+    refused(
+        "test-label-absent-from-train-names-the-test-file",
+        {
+            "train.jsonl": '{"text": "a", "label": "x"}\n',
+            "test.jsonl": '{"text": "b", "label": "x"}\n\n{"text": "c", "label": "new"}\n',
+        },
+        3,
+        "label 'new'",
+        "split 'test'",
+        read={"train": "train.jsonl", "test": "test.jsonl"},
+        blamed="test.jsonl",
+    ),
+    refused(
+        "no-train-rows",
+        {"val.csv": "text,label\na,x\n"},
+        None,
+        "tenant 't' has no train rows",
+        read={"val": "val.csv"},
+        blamed="val.csv",
+    ),
+    refused("unsupported-suffix", {"t.txt": "text,label\na,x\n"}, None, "unsupported file type '.txt'"),
+    refused("file-not-found", {}, None, "file not found", read="missing.csv"),
+]
+
+
+@pytest.mark.parametrize("files, read, options, blamed, row, fragments", BAD_TENANT_FILES)
+def test_a_bad_tenant_file_is_refused_naming_file_row_and_problem(
+    tmp_path, files, read, options, blamed, row, fragments
+):
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            (tmp_path / name).write_bytes(content)
+        else:
+            write(tmp_path / name, content)
+    read = read if read is not None else next(iter(files))
+    source = {split: tmp_path / name for split, name in read.items()} if isinstance(read, dict) else tmp_path / read
     with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path, text_column="utterance", label_column="intent")
-    assert_data_error(info.value, path, 2, "missing column 'intent'")
-
-
-def test_jsonl_missing_column_names_its_line(tmp_path):
-    path = write(tmp_path / "t.jsonl", '{"text": "a", "label": "x"}\n\n{"text": "b"}\n')
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path)
-    assert_data_error(info.value, path, 3, "missing column 'label'")
-
-
-def test_missing_split_column(tmp_path):
-    path = write(tmp_path / "t.csv", "text,label\na,x\n")
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path, split_column="part")
-    assert_data_error(info.value, path, 2, "missing column 'part'")
-
-
-def test_csv_empty_file_has_no_header(tmp_path):
-    path = write(tmp_path / "t.csv", "")
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path)
-    assert_data_error(info.value, path, None, "empty file", "no header")
-
-
-def test_csv_header_only_has_no_rows(tmp_path):
-    path = write(tmp_path / "t.csv", "text,label\n")
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path)
-    assert_data_error(info.value, path, None, "empty file (no rows)")
-
-
-@pytest.mark.parametrize("content", ["", "\n  \n\n"], ids=["zero-bytes", "blank-lines"])
-def test_jsonl_without_rows(tmp_path, content):
-    path = write(tmp_path / "t.jsonl", content)
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path)
-    assert_data_error(info.value, path, None, "empty file (no rows)")
-
-
-def test_csv_blank_text_row_is_editor_line(tmp_path):
-    # Header is line 1, the blank line 3 is skipped but still counted: the bad row is on line 4.
-    path = write(tmp_path / "t.csv", "text,label\nfine,x\n\n   ,y\n")
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path)
-    assert_data_error(info.value, path, 4, "blank text in column 'text'")
-
-
-def test_csv_first_data_row_is_line_2_with_crlf(tmp_path):
-    path = tmp_path / "t.csv"
-    path.write_bytes(b"text,label\r\nhello,\r\n")
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path)
-    assert_data_error(info.value, path, 2, "blank label in column 'label'")
-
-
-@pytest.mark.parametrize("label", ['""', '"   "', "null"])
-def test_jsonl_blank_label(tmp_path, label):
-    path = write(tmp_path / "t.jsonl", '{"q": "a", "y": "x"}\n{"q": "b", "y": LABEL}\n'.replace("LABEL", label))
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path, text_column="q", label_column="y")
-    assert_data_error(info.value, path, 2, "blank label in column 'y'")
-
-
-@pytest.mark.parametrize("label", ['["billing"]', "true", '{"a": 1}'])
-def test_jsonl_label_that_names_no_class(tmp_path, label):
-    path = write(
-        tmp_path / "t.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": LABEL}\n'.replace("LABEL", label)
-    )
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path)
-    assert_data_error(info.value, path, 2, "not a class name")
-
-
-def test_jsonl_non_string_text_is_rejected(tmp_path):
-    path = write(tmp_path / "t.jsonl", '{"text": 12, "label": "x"}\n')
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path)
-    assert_data_error(info.value, path, 1, "blank text")
-
-
-def test_jsonl_bad_json_row_is_line_number(tmp_path):
-    path = write(tmp_path / "t.jsonl", '{"text": "a", "label": "x"}\n\n{"text": "b", "label": }\n')
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path)
-    assert_data_error(info.value, path, 3, "bad JSON")
-
-
-def test_jsonl_line_not_an_object(tmp_path):
-    path = write(tmp_path / "t.jsonl", '{"text": "a", "label": "x"}\n["b", "y"]\n')
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path)
-    assert_data_error(info.value, path, 2, "expected a JSON object", "list")
-
-
-def test_csv_row_with_extra_fields(tmp_path):
-    path = write(tmp_path / "t.csv", "text,label\na,x\nb,y,surplus\n")
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path)
-    assert_data_error(info.value, path, 3, "more fields than the header")
-
-
-def test_unknown_split_value(tmp_path):
-    path = write(tmp_path / "t.csv", "text,label,split\na,x,train\nb,x,dev\n")
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path, split_column="split")
-    assert_data_error(info.value, path, 3, "unknown split 'dev'")
-
-
-def test_unknown_split_key_in_mapping(tmp_path):
-    path = write(tmp_path / "t.csv", "text,label\na,x\n")
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", {"train": path, "dev": path})
-    assert_data_error(info.value, path, None, "unknown split 'dev'")
-
-
-def test_val_label_absent_from_train_split_column(tmp_path):
-    path = write(tmp_path / "t.csv", "text,label,split\na,x,train\nb,x,val\nc,zzz,val\nd,zzz,test\ne,zzz,val\n")
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path, split_column="split")
-    assert_data_error(info.value, path, 4, "label 'zzz'", "split 'val'", "train split")
-
-
-def test_test_label_absent_from_train_names_test_file(tmp_path):
-    train = write(tmp_path / "train.jsonl", '{"text": "a", "label": "x"}\n')
-    test = write(tmp_path / "test.jsonl", '{"text": "b", "label": "x"}\n\n{"text": "c", "label": "new"}\n')
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", {"train": train, "test": test})
-    assert_data_error(info.value, test, 3, "label 'new'", "split 'test'")
-
-
-def test_no_train_rows(tmp_path):
-    val = write(tmp_path / "val.csv", "text,label\na,x\n")
-    with pytest.raises(TenantDataError, match="no train rows") as info:
-        read_tenant_file("t", {"val": val})
-    assert str(val) in str(info.value)
-
-
-def test_unsupported_suffix(tmp_path):
-    path = write(tmp_path / "t.txt", "text,label\na,x\n")
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path)
-    assert_data_error(info.value, path, None, "unsupported file type '.txt'")
-
-
-def test_file_not_found(tmp_path):
-    path = tmp_path / "missing.csv"
-    with pytest.raises(TenantDataError) as info:
-        read_tenant_file("t", path)
-    assert_data_error(info.value, path, None, "file not found")
+        read_tenant_file("t", source, **options)
+    assert_data_error(info.value, tmp_path / (blamed or read), row, *fragments)
 
 
 # --- CLINC150 ----------------------------------------------------------------------------------------
@@ -308,64 +297,86 @@ def test_clinc150_folder_without_files(tmp_path):
         load_clinc150(tmp_path)
 
 
-def _corrupt_copy(tmp_path: Path, data: str, clinc_dir: Path) -> Path:
-    folder = tmp_path / "clinc150"
-    folder.mkdir()
-    shutil.copy(clinc_dir / "domains.json", folder / "domains.json")
-    write(folder / "data_full.json", data)
-    return folder
-
-
 def _splits(**rows) -> str:
     data = {"train": [["what is my balance", "balance"]], "val": [], "test": []}
     data.update(rows)
     return json.dumps(data)
 
 
-def test_clinc150_corrupt_json(tmp_path, clinc_dir):
-    text = (clinc_dir / "data_full.json").read_text(encoding="utf-8")
-    folder = _corrupt_copy(tmp_path, text[: len(text) // 2], clinc_dir)
+def clinc_refused(name, files, blamed, row, *fragments):
+    """A case of `test_a_bad_clinc150_copy_is_refused_naming_file_row_and_problem`: the real folder with `files`
+    replaced (name -> text, or a function of the real file's text), and what the error names."""
+    return pytest.param(files, blamed, row, fragments, id=name)
+
+
+BAD_CLINC150 = [
+    clinc_refused(
+        "corrupt-json", {"data_full.json": lambda real: real[: len(real) // 2]}, "data_full.json", None, "bad JSON"
+    ),
+    *(
+        clinc_refused(
+            f"row-not-a-pair-{item_id}",
+            {"data_full.json": _splits(val=[["how much money do i have", "balance"], item])},
+            "data_full.json",
+            2,
+            "val",
+            "not a [text, intent] pair",
+        )
+        for item_id, item in [
+            ("one-item", ["only text"]),
+            ("three-items", ["text", "balance", "extra"]),
+            ("intent-not-a-string", ["text", 3]),
+            ("a-string", "text"),
+        ]
+    ),
+    *(
+        clinc_refused(
+            f"out-of-scope-entry-not-a-pair-{item_id}",
+            {"data_full.json": _splits(oos_val=[["book me a spaceship", "oos"], item])},
+            "data_full.json",
+            2,
+            "oos_val",
+            "not a [text, intent] pair",
+        )
+        for item_id, item in [("a-string", "hi"), ("one-item", ["how are you"]), ("text-null", [None, "oos"])]
+    ),
+    clinc_refused(
+        "file-not-utf8",
+        {"data_full.json": _splits(), "domains.json": lambda real: real.encode("utf-16")},
+        "domains.json",
+        None,
+        "not UTF-8",
+    ),
+    clinc_refused(
+        "intent-in-no-domain",
+        {"data_full.json": _splits(test=[["teleport me", "teleport"]])},
+        "data_full.json",
+        1,
+        "test",
+        "'teleport'",
+        "no domain",
+    ),
+    clinc_refused(
+        "missing-split",
+        {"data_full.json": json.dumps({"train": [], "val": []})},
+        "data_full.json",
+        None,
+        "split 'test' is missing",
+    ),
+]
+
+
+@pytest.mark.parametrize("files, blamed, row, fragments", BAD_CLINC150)
+def test_a_bad_clinc150_copy_is_refused_naming_file_row_and_problem(tmp_path, clinc_dir, files, blamed, row, fragments):
+    folder = tmp_path / "clinc150"
+    folder.mkdir()
+    for name in ("domains.json", "data_full.json"):
+        content = files.get(name, lambda real: real)  # default: the real file as it is
+        content = content((clinc_dir / name).read_text(encoding="utf-8")) if callable(content) else content
+        (folder / name).write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
     with pytest.raises(TenantDataError) as info:
         load_clinc150(folder)
-    assert_data_error(info.value, folder / "data_full.json", None, "bad JSON")
-
-
-@pytest.mark.parametrize("item", [["only text"], ["text", "balance", "extra"], ["text", 3], "text"])
-def test_clinc150_row_not_a_pair(tmp_path, item, clinc_dir):
-    folder = _corrupt_copy(tmp_path, _splits(val=[["how much money do i have", "balance"], item]), clinc_dir)
-    with pytest.raises(TenantDataError) as info:
-        load_clinc150(folder)
-    assert_data_error(info.value, folder / "data_full.json", 2, "val", "not a [text, intent] pair")
-
-
-@pytest.mark.parametrize("item", ["hi", ["how are you"], [None, "oos"]])
-def test_clinc150_out_of_scope_entry_not_a_pair(tmp_path, item, clinc_dir):
-    folder = _corrupt_copy(tmp_path, _splits(oos_val=[["book me a spaceship", "oos"], item]), clinc_dir)
-    with pytest.raises(TenantDataError) as info:
-        load_clinc150(folder)
-    assert_data_error(info.value, folder / "data_full.json", 2, "oos_val", "not a [text, intent] pair")
-
-
-def test_clinc150_file_not_utf8(tmp_path, clinc_dir):
-    folder = _corrupt_copy(tmp_path, _splits(), clinc_dir)
-    (folder / "domains.json").write_bytes((clinc_dir / "domains.json").read_text().encode("utf-16"))
-    with pytest.raises(TenantDataError) as info:
-        load_clinc150(folder)
-    assert_data_error(info.value, folder / "domains.json", None, "not UTF-8")
-
-
-def test_clinc150_intent_in_no_domain(tmp_path, clinc_dir):
-    folder = _corrupt_copy(tmp_path, _splits(test=[["teleport me", "teleport"]]), clinc_dir)
-    with pytest.raises(TenantDataError) as info:
-        load_clinc150(folder)
-    assert_data_error(info.value, folder / "data_full.json", 1, "test", "'teleport'", "no domain")
-
-
-def test_clinc150_missing_split(tmp_path, clinc_dir):
-    folder = _corrupt_copy(tmp_path, json.dumps({"train": [], "val": []}), clinc_dir)
-    with pytest.raises(TenantDataError) as info:
-        load_clinc150(folder)
-    assert_data_error(info.value, folder / "data_full.json", None, "split 'test' is missing")
+    assert_data_error(info.value, folder / blamed, row, *fragments)
 
 
 class FakeUrlopen:

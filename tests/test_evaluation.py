@@ -46,6 +46,7 @@ def test_evaluating_a_bundle_keeps_its_rule_unless_oos_names_another(tiny_run, t
     assert (named["oos/score"], named["oos/threshold"]) == ("max_score", 0.3)
 
 
+@pytest.mark.slow  # builds the session's tiny run
 def test_evaluate_script_writes_per_tenant_rows_plots_and_an_offline_wandb_run(tiny_run):
     with (tiny_run.evaluation / "per_tenant.csv").open() as handle:
         rows = list(csv.DictReader(handle))

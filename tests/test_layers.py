@@ -13,7 +13,7 @@ from tests.helpers import ROOT, run_python
 # Lowest first. A module may import its own package and anything in a lower layer; packages that share a layer
 # never import each other.
 LAYERS = [
-    ["moe.paths", "moe.config"],
+    ["moe.paths", "moe.config", "moe.progress"],
     ["moe.data"],
     ["moe.trunk"],
     ["moe.model"],

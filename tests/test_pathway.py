@@ -136,6 +136,7 @@ def test_a_linear_schedule_warms_up_then_decays_to_zero(trunk):
         PathwayConfig(schedule="linear", warmup=1.5)
 
 
+@pytest.mark.slow  # grows on MiniLM
 def test_growing_a_pathway_leaves_every_other_shard_and_the_trunk_byte_identical(tmp_path, trunk, tenants):
     lifecycle = grown_store(tmp_path / "store", trunk, tenants, ["weather", "music"])
     before, fingerprint = digests(tmp_path / "store"), trunk.fingerprint
@@ -151,6 +152,7 @@ def test_growing_a_pathway_leaves_every_other_shard_and_the_trunk_byte_identical
     assert meta.architecture["pathway_layers"] == 2 and meta.trunk_fingerprint == fingerprint
 
 
+@pytest.mark.slow  # grows on MiniLM
 def test_a_mixed_tenant_batch_answers_as_each_query_alone(tmp_path, trunk, tenants):
     """Tenant given and routed, through the paged mixture: a batch spread over three pathway tenants gives each
     query the answer it gets alone, to float tolerance (`MIXED_TOLERANCE` on log-probabilities)."""
@@ -192,6 +194,7 @@ def test_a_mixed_tenant_batch_answers_as_each_query_alone(tmp_path, trunk, tenan
     torch.testing.assert_close(waves.log_probs, two_passes.log_probs, atol=MIXED_TOLERANCE, rtol=0)
 
 
+@pytest.mark.slow  # grows on MiniLM
 def test_a_pathway_store_needs_its_trunk_and_the_texts(tmp_path, trunk, tenants):
     grown_store(tmp_path / "store", trunk, tenants, ["weather"])
     with pytest.raises(ValueError, match="load it with its trunk"):
@@ -205,6 +208,7 @@ def test_a_pathway_store_needs_its_trunk_and_the_texts(tmp_path, trunk, tenants)
     assert model.pager.sizes[key] == tensor_bytes(meta, TENSOR_NAMES) + lora
 
 
+@pytest.mark.slow  # grows on MiniLM
 def test_an_update_keeps_the_pathway_and_rehearses_the_earlier_intents(tmp_path, trunk, tenants):
     """New intents by update: the pathway's LoRA tensors stay bit for bit, the expert's head grows."""
     bank = tenants["bank"]
@@ -225,6 +229,7 @@ def test_an_update_keeps_the_pathway_and_rehearses_the_earlier_intents(tmp_path,
     assert right >= 0.9 * len(texts)
 
 
+@pytest.mark.slow  # grows on MiniLM
 def test_a_hibernated_pathway_wakes_with_identical_answers(tmp_path, trunk, tenants):
     lifecycle = grown_store(tmp_path / "store", trunk, tenants, ["weather", "music"])
     texts = [e.text for e in tenants["music"].split("test")]
@@ -241,6 +246,7 @@ def test_a_hibernated_pathway_wakes_with_identical_answers(tmp_path, trunk, tena
     assert torch.equal(answers(), before)
 
 
+@pytest.mark.slow  # grows on MiniLM
 def test_the_grow_and_update_scripts_train_a_pathway_from_the_tenants_file(tmp_path, tenants):
     """scripts/grow.py and scripts/update.py on a pathway store: the tenant's texts, read whole, train its pathway."""
     first = write_tenant_csv(tmp_path / "bank.csv", SYNTHETIC["bank"])
@@ -268,6 +274,7 @@ def recorded_new_version(store: ExpertStore, trunk: HFEncoderTrunk) -> HFEncoder
     return new
 
 
+@pytest.mark.slow  # grows on MiniLM
 def test_an_upgrade_refuses_a_sleeping_pathway_before_writing_anything(tmp_path, trunk, tenants):
     """A pathway adapts its own trunk's layers: no bridge or transport carries it to another trunk version."""
     lifecycle = grown_store(tmp_path / "store", trunk, tenants, ["weather", "music"])
@@ -311,6 +318,7 @@ print(json.dumps([a.to_dict() for a in server.predict([q["text"] for q in querie
 ANSWER = ("tenant", "intent", "score", "out_of_scope", "experts", "runners_up")
 
 
+@pytest.mark.slow  # trains on MiniLM
 @pytest.mark.subprocess
 def test_a_bundle_of_a_pathway_store_serves_in_a_fresh_process_what_evaluation_predicted(tmp_path):
     """scripts/train.py with expert=pathway writes a pathway store; its evaluation's predictions are what the

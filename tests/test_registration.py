@@ -77,6 +77,7 @@ def test_lazy_registration_still_refuses_another_trunk_and_a_misplaced_shard(sto
     assert list(model.left_out) == ["t3"] and "holds a shard of tenant 't0'" in str(model.left_out["t3"])
 
 
+@pytest.mark.slow  # builds the session's tiny run
 def test_a_lazily_verified_bundle_serves_the_same_answers_and_names_a_damaged_expert_when_chosen(tiny_run, tmp_path):
     import shutil
 

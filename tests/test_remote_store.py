@@ -291,6 +291,7 @@ def test_a_remote_bundle_is_mirrored_verified_and_a_tampered_file_refused(s3, wo
     assert list((tmp_path / "fresh").iterdir()) == []  # no mirror, not even a half one
 
 
+@pytest.mark.slow  # builds the session's tiny run
 def test_a_bundle_on_s3_serves_what_the_same_bundle_on_disk_serves(s3, world, tiny_run, monkeypatch):
     from moe.serving import Server
 

@@ -51,7 +51,14 @@ def test_a_blank_or_unencodable_text_is_refused_naming_its_index(server, bad):
 
 
 def test_every_bad_index_is_named_before_anything_is_encoded(server, monkeypatch):
-    monkeypatch.setattr(server, "encode", lambda texts: pytest.fail("encoded despite bad input"))
+    encoded = []  # every batch of texts that reached the trunk
+    encode = server.trunk.encode
+    monkeypatch.setattr(
+        server.trunk, "encode", lambda texts, *a, **k: encoded.append(list(texts)) or encode(texts, *a, **k)
+    )
+    server.predict(["play", "stop"])
+    assert encoded == [["play", "stop"]]  # the patched encoder is the one predict reaches
+    encoded.clear()
     with pytest.raises(ValueError) as info:
         server.predict(["", "play", "\ud800", " ", "stop"])
     message = str(info.value)
@@ -64,6 +71,9 @@ def test_every_bad_index_is_named_before_anything_is_encoded(server, monkeypatch
         server.predict("play some jazz")
     with pytest.raises(TypeError, match="iterable"):
         server.predict(42)
+    with pytest.raises(KeyError, match="nobody"):
+        server.predict(["play", "stop"], tenant="nobody")
+    assert encoded == []
 
 
 @pytest.mark.parametrize("max_batch", [0, -1, 2.0, "8", True, None])

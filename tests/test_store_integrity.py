@@ -229,6 +229,7 @@ def run_at_once(commands: list[list[str]], go: Path, timeout: float = 120) -> li
     return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
 
 
+@pytest.mark.slow  # two child processes, each importing torch
 def test_concurrent_saves_to_one_tenant_hand_out_every_version_once(store, tmp_path):
     """2 processes x 2 threads x 20 saves on one tenant: 40 new versions, each returned once, none overwritten."""
     go = tmp_path / "go"
@@ -244,6 +245,7 @@ def test_concurrent_saves_to_one_tenant_hand_out_every_version_once(store, tmp_p
     assert not [p for p in (store.root / "alpha").iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow  # three child processes, each starting torch and Lightning
 def test_concurrent_grows_updates_and_hibernations_lose_nothing(tmp_path, lifecycle, tenants):
     """Three processes at once: two grow the same new tenant, one grows another; all three update one tenant,
     and one hibernates and wakes a fourth meanwhile. Exactly one of the two grows wins; an update made from a version

@@ -123,6 +123,7 @@ def test_settings_without_meaning_are_refused(settings, problem):
         GateSettings(**settings)
 
 
+@pytest.mark.slow  # builds the session's tiny run
 def test_a_bundle_keeps_its_own_covariance_and_serves_what_the_store_routes(tiny_run, tmp_path):
     from moe.export.run import export
 

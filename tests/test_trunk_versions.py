@@ -214,6 +214,7 @@ print(json.dumps([a.to_dict() for a in server.predict([q["text"] for q in querie
 ANSWER = ("tenant", "intent", "score", "out_of_scope", "experts", "runners_up")
 
 
+@pytest.mark.slow  # upgrade, evaluation, export and a fresh process
 @pytest.mark.subprocess
 def test_a_bundle_of_an_upgraded_store_serves_in_a_fresh_process_what_evaluation_predicted(tmp_path, store, files):
     from moe.evaluation.run import evaluate
@@ -249,6 +250,7 @@ def test_a_bundle_of_an_upgraded_store_serves_in_a_fresh_process_what_evaluation
     assert {e["tenant"] for e in expected} >= {"bank"}
 
 
+@pytest.mark.slow  # two adaptations and two upgrades, end to end
 def test_a_sleeping_expert_survives_two_upgrades_through_chained_bridges(store, tenants):
     bank = tenants["bank"]
     before, _ = given_answers(store, TinyTrunk(dim=16, freeze=True), bank, ["bank", "music", "weather"])
@@ -293,6 +295,7 @@ def test_a_bridged_tenant_that_wakes_with_data_is_updated_onto_the_current_trunk
     assert set(model.expert_trunks.values()) == {new.fingerprint} and accuracy(answers, tenants["bank"]) > 0.8
 
 
+@pytest.mark.slow  # saves and rebuilds MiniLM's weights
 def test_an_adapted_minilm_version_is_saved_with_its_own_weights_and_rebuilds_to_its_fingerprint(tmp_path):
     from moe.trunk import HFEncoderTrunk
 

@@ -7,12 +7,12 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
-from tqdm.auto import tqdm
 
 from moe.data import TenantDataError
 from moe.evaluation.sources import Query
 from moe.inference import OOS_SCORES, Decoded, decode, oos_score
 from moe.model import UNKNOWN_TENANT, Mixture
+from moe.progress import bar as progress_bar
 
 Encoder = Callable[[list[str]], torch.Tensor]
 Sink = Callable[[list[Query], Decoded, dict[str, torch.Tensor]], None]
@@ -84,7 +84,7 @@ def collect(
     scores: dict[str, list[torch.Tensor]] = {kind: [] for kind in OOS_SCORES}
     model_s = encode_s = 0.0
     targets = Targets(model)
-    with tqdm(total=total, desc=desc, unit="query", disable=not progress) as bar:
+    with progress_bar(desc=desc, unit="query", total=total, enabled=progress) as bar:
         for batch in batches:
             tenant, label = targets(batch)
             start = time.perf_counter()

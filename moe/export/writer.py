@@ -13,6 +13,7 @@ from moe.export.precision import DTYPES, convert_shard
 from moe.inference import GateSettings, PagedMixture
 from moe.inference.bundle import MANIFEST, copy_trunk, describe_trunk, write_manifest
 from moe.paths import file_sha256
+from moe.progress import bar
 from moe.store import ExpertStore, TrunkVersions, save_gate
 from moe.store.trunks import BRIDGES
 from moe.trunk import Trunk
@@ -73,7 +74,7 @@ def write_files(
     out.mkdir(parents=True, exist_ok=True)
     clear_target(out, overwrite)
     store, files = ExpertStore(store_dir), []
-    for tenant, version in model.keys:
+    for tenant, version in bar(model.keys, "writing experts", "expert"):
         convert_shard(store.path(tenant, version), out / expert_file(tenant, version), dtype)
         files.append(expert_file(tenant, version))
     versions = TrunkVersions(store_dir)  # experts on an older trunk version travel with their bridge

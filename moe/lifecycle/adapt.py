@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 
 from moe.data import Tenant
+from moe.progress import lightning_bar
 from moe.trunk import Trunk
 
 
@@ -121,6 +122,7 @@ def adapt_trunk(
         logger=loggers or False,
         enable_checkpointing=False,
         enable_model_summary=False,
+        enable_progress_bar=lightning_bar(),
         log_every_n_steps=20,
     )
     start = time.perf_counter()

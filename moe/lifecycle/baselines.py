@@ -12,7 +12,6 @@ import time
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from moe.data import Tenant
 from moe.data.datamodule import TenantExamples, tenant_examples
@@ -20,6 +19,7 @@ from moe.evaluation import accuracy
 from moe.lifecycle.growth import GrowthConfig, _trainer
 from moe.lifecycle.scenario import Event, accuracies, new_data, restrict, split_outcome
 from moe.model import ExpertInfo, build_mixture
+from moe.progress import bar
 from moe.training.module import MixtureClassifier
 
 
@@ -100,7 +100,7 @@ def sequential_run(
     """The sequential baseline through the scenario's events: after each, (routed, tenant-given) test accuracy of
     every tenant among `names` it has seen, on the intents it knows."""
     sequential, rows = SequentialBaseline(cfg, dim), []
-    for event in tqdm(events, desc="sequential fine-tuning", unit="event"):
+    for event in bar(events, "sequential fine-tuning", "event"):
         if event.op == "grow":
             sequential.learn(restrict(tenants[event.tenant], event.intents), encode)
         elif event.op == "update":

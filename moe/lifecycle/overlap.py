@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from moe.evaluation.plots import tenant_matrix_plot
 from moe.lifecycle.config import open_store
 from moe.model.overlap import ExpertStatistics, Overlap, OverlapPair, intent_overlap
 from moe.model.stats import SHRINKAGE, PooledScatter
+from moe.progress import bar
 from moe.store import ExpertStore, ShardError
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def read_statistics(
             raise ValueError(f"no awake expert with a readable shard in {store.root}")
         trunk_fingerprint = named.most_common(1)[0][0]
     experts, pooled = [], None
-    for tenant in tqdm(tenants, desc="reading statistics", unit="shard", disable=not progress):
+    for tenant in bar(tenants, "reading statistics", "shard", enabled=progress):
         try:
             tensors, meta = store.load(tenant, trunk_fingerprint=trunk_fingerprint)
             if not tensors["stats.count"].sum() > 0:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from moe.config import start_run
 from moe.evaluation.reference import accuracy_metrics, fit_metrics, joint_linear_reference
@@ -22,6 +21,7 @@ from moe.lifecycle.plots import accuracy_heatmaps, accuracy_over_events
 from moe.lifecycle.scenario import Event, Record, Scenario, continual_metrics
 from moe.model.pathway import is_pathway
 from moe.paths import cache_dir
+from moe.progress import bar as progress_bar
 from moe.store import ExpertStore
 from moe.trunk import FeatureCache, Trunk
 
@@ -85,7 +85,7 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(f"eval_split={split}: the baselines are measured on test; turn them off to choose settings")
     gate = GateSettings(cfg.top_k).with_routing(cfg.routing)
     scenario = Scenario(Lifecycle(store, trunk, encode, growth), tenants, gate, split=split)
-    bar = tqdm(total=len(events), desc="events", unit="event")
+    bar = progress_bar(desc="events", unit="event", total=len(events))
     scenario.run(events, progress=lambda i, r: (bar.update(), bar.set_postfix_str(f"{r.event.op} {r.event.tenant}")))
     bar.close()
     records, names = scenario.records, list(scenario.known)

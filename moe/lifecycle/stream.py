@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from tqdm.auto import tqdm
 
 from moe.data import Tenant, TenantDataError
 from moe.data.files import TenantFile, read_examples
 from moe.data.tenant import SPLITS
+from moe.progress import bar as progress_bar
 
 Encoder = Callable[[list[str]], torch.Tensor]
 ENCODE_BATCH = 1024  # texts read, then encoded, at a time
@@ -109,7 +109,7 @@ def encode_train_rows(
         texts.clear()
         ids.clear()
 
-    with tqdm(total=scanned.train_rows, desc=f"encoding {entry.name}", unit="row", disable=not progress) as bar:
+    with progress_bar(desc=f"encoding {entry.name}", unit="row", total=scanned.train_rows, enabled=progress) as bar:
         for fixed_split, path in _sources(entry).items():
             if fixed_split not in (None, "train"):
                 continue  # a val or test file: checked by the scan, never encoded

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from moe.data import Tenant
 from moe.lifecycle.operations import Lifecycle
 from moe.model import check_choice
 from moe.model.bridge import Bridge
 from moe.model.pathway import is_pathway
+from moe.progress import bar
 from moe.store import TrunkVersions
 from moe.trunk import Trunk
 
@@ -120,7 +120,7 @@ def upgrade_store(
     report.bridge, report.seconds["bridge"] = bridge.info, time.perf_counter() - start
     log.info("bridge %s… -> %s…: %s", bridge.old[:12], bridge.new[:12], bridge.info)
     data = {tenant.name: tenant for tenant in awake}
-    for name in tqdm(names, desc=f"upgrading ({strategy})", unit="tenant"):
+    for name in bar(names, f"upgrading ({strategy})", "tenant"):
         start = time.perf_counter()
         if on[name] == new_trunk.fingerprint:
             report.tenants[name] = "current"

@@ -12,6 +12,7 @@ from einops import rearrange
 from moe.data.tenant import Tenant
 from moe.evaluation.metrics import accuracy
 from moe.model import MixtureOfExperts, best_labels, mixture_nll
+from moe.progress import lightning_bar
 from moe.trunk import Trunk
 
 
@@ -110,13 +111,13 @@ class MixtureClassifier(L.LightningModule):
 
 def quiet_trainer(epochs: int, accelerator: str = "cpu", logger=False) -> L.Trainer:
     """A Trainer for a short fit inside a larger run (one expert, one pathway, one routing entry): one device, no
-    checkpoints, progress bar or model summary."""
+    checkpoints or model summary, a progress bar only on a terminal."""
     return L.Trainer(
         max_epochs=epochs,
         accelerator=accelerator,
         devices=1,
         logger=logger,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=lightning_bar(),  # epochs and steps on a terminal only (moe.progress)
         enable_model_summary=False,
     )

@@ -21,6 +21,7 @@ from transformers import get_linear_schedule_with_warmup
 from moe.model import ExpertBank, check_choice
 from moe.model.pathway import Hidden, Pathways, PathwaySpec, as_pathway_statistics
 from moe.model.stats import class_statistics
+from moe.progress import bar
 from moe.training.module import quiet_trainer
 
 Schedule = Literal["constant", "linear"]
@@ -62,7 +63,7 @@ class LowerStates(Dataset):
     def __init__(self, pathways: Pathways, texts: list[str], labels: torch.Tensor, batch_size: int = 64):
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         self.states: list[torch.Tensor] = [torch.empty(0)] * len(texts)
-        for start in range(0, len(order), batch_size):
+        for start in bar(range(0, len(order), batch_size), "encoding (lower layers)", "batch"):
             rows = order[start : start + batch_size]
             hidden = pathways.lower([texts[i] for i in rows])
             for j, i in enumerate(rows):

@@ -14,6 +14,8 @@ from einops import reduce
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moe.progress import bar
+
 
 def fingerprint_module(module: nn.Module, config: dict[str, Any]) -> str:
     """sha256 over the config (canonical JSON) and every tensor of the state dict (name, dtype, shape, bytes)."""
@@ -74,11 +76,7 @@ class Trunk(nn.Module, ABC):
         if not texts:
             return torch.empty(0, self.dim)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        starts = range(0, len(order), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="encoding", unit="batch")
+        starts = bar(range(0, len(order), batch_size), "encoding", "batch", enabled=progress)
         rows = [self([texts[i] for i in order[start : start + batch_size]]).float() for start in starts]
         return torch.cat(rows)[torch.argsort(torch.tensor(order))]
 
