@@ -6,6 +6,7 @@ tenants only, a revoked key refused within the poll delay, `/health` open, the s
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -101,6 +102,12 @@ def call(url: str, body=None, key: str | None = None, headers: dict | None = Non
         return error.code, json.loads(error.read())
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def keyed(tiny_run, tmp_path_factory):
     """(base URL, keys file, keys by name): one replica asking for keys, re-reading its file every 0.2 s."""
@@ -108,7 +115,6 @@ def keyed(tiny_run, tmp_path_factory):
     from ray import serve
 
     from moe.serving.http import build_app
-    from tests.test_http_service import free_port
 
     path = tmp_path_factory.mktemp("keys") / "keys.json"
     keys = {}

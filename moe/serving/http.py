@@ -49,7 +49,7 @@ from ray.serve import Application
 from moe import __version__
 from moe.inference import IndexSettings, read_bundle
 from moe.serving import keys as api_keys
-from moe.serving.metrics import ServiceMetrics
+from moe.serving import metrics as service_metrics
 from moe.serving.runtime import Server, text_problem
 from moe.serving.schema import AnswerOut, Batch, BatchAnswers, PredictBody, Problem, Query
 from moe.store import ShardError, is_url
@@ -145,7 +145,6 @@ async def _refuse(request: Request, error: Refused) -> JSONResponse:
 
 
 ROUTES = ("/predict", "/health", "/stats", "/tenants")
-REPLICA_METRICS: list[ServiceMetrics] = []  # this process's replica's, once it started
 
 
 @app.middleware("http")
@@ -153,9 +152,9 @@ async def _measure(request: Request, call_next):
     """Every request counted by route and status, and timed (`moe.serving.metrics`)."""
     started = time.perf_counter()
     response = await call_next(request)
-    if REPLICA_METRICS:
+    if recorder := service_metrics.replica_metrics():  # through the module: Serve hands the replica a copy of `app`
         route = request.url.path if request.url.path in ROUTES else "other"
-        REPLICA_METRICS[0].observe_request(route, response.status_code, time.perf_counter() - started)
+        recorder.observe_request(route, response.status_code, time.perf_counter() - started)
     return response
 
 
@@ -243,8 +242,7 @@ class MoeService:
         self.counts = {"requests": 0, "queries": 0, "batches": 0, "largest_batch": 0, "mixed_batches": 0}
         self.tenant_loads = 0
         self.keys = api_keys.KeyFile(s.keys_file, s.keys_poll_s) if s.keys_file else None
-        self.metrics = ServiceMetrics(lambda: self.server) if s.metrics else None
-        REPLICA_METRICS[:] = [self.metrics] if self.metrics else []
+        self.metrics = service_metrics.ServiceMetrics(lambda: self.server) if s.metrics else None
         log.info(
             f"moe replica {self.replica}: {s.bundle}, {len(self.keys_of)} tenants, device budget {s.budget_mb} MiB, "
             f"{self.tenants_per_replica} tenants multiplexed, batches of up to {s.max_batch_size} "

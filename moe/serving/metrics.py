@@ -32,6 +32,12 @@ LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 TIERS = ("device", "host")
 PAGER_COUNTERS = {"hits": "hits", "misses": "misses", "bytes_in": "bytes_in"}  # pager summary field -> metric
+_REPLICA: list[ServiceMetrics] = []  # this process's replica's metrics, once it started
+
+
+def replica_metrics() -> ServiceMetrics | None:
+    """The metrics of the replica in this process (None before it started, or with metrics off)."""
+    return _REPLICA[0] if _REPLICA else None
 
 
 class ServiceMetrics:
@@ -72,6 +78,7 @@ class ServiceMetrics:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="moe-metrics", daemon=True)
         self._thread.start()
+        _REPLICA[:] = [self]
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         tags = {"route": route, "status": str(status)}
