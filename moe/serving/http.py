@@ -34,7 +34,7 @@ import signal
 import sys
 import time
 from collections.abc import Hashable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -82,6 +82,7 @@ class ServiceSettings(BaseModel):
     keys_file: str | None = None  # API keys (`moe.serving.keys`); None: no keys asked for
     keys_poll_s: PositiveFloat = 1.0  # how often a replica looks whether the keys file changed
     metrics: bool = True  # record Prometheus metrics (`moe.serving.metrics`)
+    mixed_batches: bool = True  # False: Serve splits batches by the multiplexing header, as before (to compare)
 
 
 class Refused(Exception):
@@ -346,7 +347,7 @@ class MoeService:
         self.counts["requests"] += 1
         self.counts["queries"] += len(pairs)
         try:
-            with mixed_batches():
+            with mixed_batches() if self.settings.mixed_batches else nullcontext():
                 answers = await asyncio.gather(*(self._answer(pair) for pair in pairs))
         except ShardError as error:  # the server's fault, not the request's: no path of the server's disk shown
             raise self.damaged(error) from None
@@ -453,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys-poll-s", type=float, default=defaults.keys_poll_s, help="keys file re-read delay")
     parser.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus export port (this machine)")
     parser.add_argument("--no-metrics", dest="metrics", action="store_false", help="record no metrics")
+    parser.add_argument(
+        "--split-batches", dest="mixed_batches", action="store_false", help="batches split by the header (compare)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     fields = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields and v is not None}
