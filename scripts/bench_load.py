@@ -23,6 +23,7 @@ batches holding several tenants; beside them `Server.predict` at batch 64 on the
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
 import os
@@ -111,24 +112,34 @@ def aggregated(csv_prefix: Path) -> dict:
 
 
 def run(
-    bundle: Path, replicas: int, budget_mb: float, args: argparse.Namespace, work: Path, extra: tuple[str, ...] = ()
+    bundle: Path,
+    replicas: int,
+    budget_mb: float,
+    args: argparse.Namespace,
+    work: Path,
+    extra: tuple[str, ...] = (),
+    header: bool = True,
 ) -> dict:
+    """One service under locust; `extra`: the service's further options; `header`: users send the multiplexing
+    header."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "moe.serving.http", str(bundle), "--port", str(port), "--verify", "lazy"]
     command += ["--replicas", str(replicas), "--budget-mb", str(budget_mb), "--num-cpus", str(os.cpu_count())]
     command += ["--replica-cpus", str(args.replica_cpus), "--metrics-port", str(free_port()), *extra]
-    with open(work / f"service_{replicas}{''.join(extra)}.log", "w") as log:
+    name = f"{replicas}{''.join(extra)}{'' if header else '-noheader'}"
+    with open(work / f"service_{name}.log", "w") as log:
         service = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         started = time.perf_counter()
         wait_for(f"{url}/health", service)
         startup = time.perf_counter() - started
         time.sleep(5)  # every replica up (the health route answers from the first)
-        prefix = work / f"locust_{replicas}{''.join(extra)}"
+        prefix = work / f"locust_{name}"
         locust = ["locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(args.users), "-r", str(args.users)]
         locust += ["-t", f"{args.seconds}s", "--host", url, "--csv", str(prefix), "--only-summary"]
         env = os.environ | {"MOE_LOAD_ZIPF": str(args.zipf), "MOE_LOAD_ROUTED": str(args.routed)}
+        env |= {"MOE_LOAD_HEADER": "1" if header else "0"}
         subprocess.run(locust, check=False, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         stats = replica_stats(url, replicas)
     finally:
@@ -161,38 +172,44 @@ def offline(bundle: Path, budget_mb: float, args: argparse.Namespace, batch: int
 
     from moe.serving import Server
 
-    sys.path.insert(0, str(LOCUSTFILE.parent))
-    from locustfile import TEXTS  # the users' own texts
-
+    module = ast.parse(LOCUSTFILE.read_text())  # the users' own texts, without importing locust (gevent's patches)
+    texts = next(
+        ast.literal_eval(n.value) for n in module.body if isinstance(n, ast.Assign) and n.targets[0].id == "TEXTS"
+    )
     server = Server(bundle, int(budget_mb * 2**20), verify="lazy")
     tenants = server.tenants
     random.Random(0).shuffle(tenants)
     weights = list(accumulate(1 / (i + 1) ** args.zipf for i in range(len(tenants))))
     rng = random.Random(1)
     chunks = [
-        ([rng.choice(TEXTS) for _ in range(batch)], rng.choices(tenants, cum_weights=weights, k=batch))
+        ([rng.choice(texts) for _ in range(batch)], rng.choices(tenants, cum_weights=weights, k=batch))
         for _ in range(batches + 1)
     ]
     server.predict(*chunks[0])  # warm-up
     started = time.perf_counter()
-    for texts, names in chunks[1:]:
-        server.predict(texts, names)
+    for queries, names in chunks[1:]:
+        server.predict(queries, names)
     return {"batch": batch, "queries_per_s": batch * batches / (time.perf_counter() - started)}
 
 
 def compare_batching(bundle: Path, budget_mb: float, args: argparse.Namespace, work: Path) -> dict:
-    """One replica, the same load, batches split by tenant (before) and mixed (after)."""
+    """One replica, the same load: batches split by tenant (before), mixed, and mixed without the multiplexing
+    header (no tenant loaded per request: what affinity costs where there is nothing to route)."""
     split = run(bundle, 1, budget_mb, args, work, ("--split-batches",))
     print(json.dumps({"split": split}), flush=True)
     mixed = run(bundle, 1, budget_mb, args, work)
     print(json.dumps({"mixed": mixed}), flush=True)
+    plain = run(bundle, 1, budget_mb, args, work, header=False)
+    print(json.dumps({"mixed_no_header": plain}), flush=True)
     server = offline(bundle, budget_mb, args)
     return {
         "split_by_tenant": split,
         "mixed": mixed,
+        "mixed_no_header": plain,
         "server_predict_batch64": server,
         "mixed_over_split_throughput": mixed["requests_per_s"] / split["requests_per_s"],
-        "mixed_over_server_predict": mixed["requests_per_s"] / server["queries_per_s"],
+        "no_header_over_split_throughput": plain["requests_per_s"] / split["requests_per_s"],
+        "best_over_server_predict": max(mixed["requests_per_s"], plain["requests_per_s"]) / server["queries_per_s"],
     }
 
 

@@ -3,7 +3,8 @@ service holds (the seasonal many-tenant mix), each request sending the multiplex
 
     locust -f scripts/loadtest/locustfile.py --headless -u 16 -r 16 -t 30s --host http://127.0.0.1:8000
 Environment: MOE_LOAD_ZIPF (exponent, default 1.1), MOE_LOAD_ROUTED (share of queries without a tenant, default 0),
-MOE_LOAD_KEY (an admin API key, for a service started with --keys-file).
+MOE_LOAD_KEY (an admin API key, for a service started with --keys-file), MOE_LOAD_HEADER (0: no multiplexing
+header, default 1).
 `scripts/bench_load.py` runs it against one replica and two, and writes the figures.
 """
 
@@ -28,6 +29,7 @@ TEXTS = [
 CHOICES: dict[str, list] = {}
 KEY = os.environ.get("MOE_LOAD_KEY")
 AUTH = {"authorization": f"Bearer {KEY}"} if KEY else {}
+HEADER = os.environ.get("MOE_LOAD_HEADER", "1") != "0"
 
 
 @events.test_start.add_listener
@@ -54,5 +56,5 @@ class TenantUser(FastHttpUser):
             self.client.post("/predict", json={"text": random.choice(TEXTS)}, headers=AUTH, name="/predict routed")
             return
         body = {"text": random.choice(TEXTS), "tenant": tenant}
-        headers = AUTH | {"serve_multiplexed_model_id": tenant}
+        headers = AUTH | ({"serve_multiplexed_model_id": tenant} if HEADER else {})
         self.client.post("/predict", json=body, headers=headers, name="/predict")
