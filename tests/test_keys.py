@@ -35,12 +35,12 @@ def test_a_key_is_shown_once_stored_hashed_and_revoked(tmp_path, capsys):
     assert record.tenants == ("bank", "music") and not record.admin and record.among() == {"bank", "music"}
     assert ring.authenticate(admin).admin and ring.authenticate(admin).among() is None
     for bad in (None, "", key + "x", key.split(".")[0], "nope." + key.split(".")[1], admin[:-1]):
-        with pytest.raises(api_keys.KeyError_) as refused:
+        with pytest.raises(api_keys.KeyRefused) as refused:
             ring.authenticate(bad)
         assert refused.value.status == 401
     assert api_keys.main(["revoke", "--file", str(path), record.id]) == 0
     time.sleep(0.1)
-    with pytest.raises(api_keys.KeyError_, match="unknown or revoked"):
+    with pytest.raises(api_keys.KeyRefused, match="unknown or revoked"):
         ring.authenticate(key)
     assert ring.authenticate(admin).admin  # the other key still holds
     with pytest.raises(SystemExit):
@@ -55,7 +55,7 @@ def test_a_keys_file_that_cannot_be_read_refuses_every_key(tmp_path, capsys):
     ring = api_keys.KeyFile(path, poll_s=0.01)
     path.write_text('{"keys": ')  # a hand edit gone wrong: never the keys of before
     time.sleep(0.05)
-    with pytest.raises(api_keys.KeyError_) as refused:
+    with pytest.raises(api_keys.KeyRefused) as refused:
         ring.authenticate(key)
     assert refused.value.status == 503
     with pytest.raises(ValueError, match="not JSON"):
@@ -118,7 +118,12 @@ def keyed(tiny_run, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("keys") / "keys.json"
     keys = {}
-    for name, tenants, admin in [("bank", ["bank"], False), ("two", ["bank", "music"], False), ("admin", ["*"], True)]:
+    for name, tenants, admin in [
+        ("bank", ["bank"], False),
+        ("two", ["bank", "music"], False),
+        ("ghost", ["acme"], False),  # a tenant not served (yet, or no longer)
+        ("admin", ["*"], True),
+    ]:
         keys[name], record = api_keys.new_key(tenants, admin)
         api_keys.write_keys(path, (api_keys.read_keys(path) if path.exists() else {}) | {record.id: record})
     port = free_port()
@@ -179,6 +184,8 @@ def test_a_routed_query_is_routed_among_the_keys_tenants_only(keyed, tiny_run, t
             assert status == 200 and answer["tenant"] in allowed
             assert set(answer["experts"]) <= allowed and {r["tenant"] for r in answer["runners_up"]} <= allowed
             assert answer["intent"] == want["intent"] and answer["score"] == pytest.approx(want["score"], rel=1e-5)
+    status, refusal = call(f"{url}/predict", {"text": texts[0]}, keys["ghost"])
+    assert status == 404 and "no tenant of this key is served" in refusal["detail"]
     # an admin key routes among every tenant, as without keys
     status, answer = call(f"{url}/predict", {"text": texts[0]}, keys["admin"])
     assert status == 200 and answer["tenant"] == free[0].tenant

@@ -275,7 +275,7 @@ class MoeService:
             return None
         try:
             key = self.keys.authenticate(api_keys.presented(request.headers))
-        except api_keys.KeyError_ as error:
+        except api_keys.KeyRefused as error:
             raise Refused(error.status, [str(error)]) from None
         if admin and not key.admin:
             raise Refused(403, [f"{request.url.path} needs an admin key"])

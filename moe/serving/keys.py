@@ -33,7 +33,7 @@ HEADER = "authorization"  # `Authorization: Bearer KEY`; `x-api-key: KEY` is rea
 ALT_HEADER = "x-api-key"
 
 
-class KeyError_(Exception):
+class KeyRefused(Exception):
     """A key that is missing, malformed, unknown or revoked (401), or a keys file that cannot be read (503)."""
 
     def __init__(self, status: int, message: str):
@@ -171,18 +171,18 @@ class KeyFile:
         return self._keys
 
     def authenticate(self, key: str | None) -> Key:
-        """The record of a good key; `KeyError_` (401, or 503 when the keys file cannot be read) otherwise."""
+        """The record of a good key; `KeyRefused` (401, or 503 when the keys file cannot be read) otherwise."""
         keys = self.keys()
         if self._problem:
-            raise KeyError_(503, "the service's keys cannot be read; try again later")
+            raise KeyRefused(503, "the service's keys cannot be read; try again later")
         if not key:
-            raise KeyError_(401, "an API key is needed: send 'Authorization: Bearer KEY'")
+            raise KeyRefused(401, "an API key is needed: send 'Authorization: Bearer KEY'")
         key_id, dot, _ = key.partition(".")
         record = keys.get(key_id) if dot else None
         # the digest is compared whether or not the id is known: the same work for a guessed id as for a real one
         expected = record.sha256 if record else "0" * 64
         if not hmac.compare_digest(digest(key), expected) or record is None:
-            raise KeyError_(401, "the API key is not valid (unknown or revoked)")
+            raise KeyRefused(401, "the API key is not valid (unknown or revoked)")
         return record
 
 

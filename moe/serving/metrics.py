@@ -15,7 +15,7 @@ replicas (`sum by (status) (rate(ray_moe_requests_total[1m]))`).
     ray_moe_seconds_since_change  seconds since this replica last applied a store change (or loaded its model)
 
 (Counters show with a `_total` suffix, histograms as `_bucket`/`_sum`/`_count`.) The pager's and the generation's
-figures are read from the server every `interval_s` by a thread of the replica, and after each batch.
+figures are read from the server every `interval_s` (1 s) by a thread of the replica.
 """
 
 from __future__ import annotations
@@ -89,7 +89,6 @@ class ServiceMetrics:
 
     def observe_batch(self, queries: int) -> None:
         self.batch.observe(queries)
-        self.refresh()
 
     def refresh(self) -> None:
         """Count the pager's hits, misses and bytes since the last look (a fresh pager, after a swap, from 0), and
