@@ -11,11 +11,19 @@ starts the service (`--verify lazy`: thousands of tenants), waits for it, runs l
 `--users` users (bounded in time; its own first `--warmup` seconds left out of nothing: the figures are the whole
 run's), then reads every replica's `/stats` (device-tier hits and misses) and stops the service. Throughput, p50 and
 p99 latency and the error count are locust's; the device-tier hit rate pools the replicas' pagers.
+
+`--compare-batching`: instead, one replica twice under the same load, its batches split by the multiplexing header
+(as Serve splits them: one batch per tenant, the service before issue 27) and mixed (every tenant's queries in one
+forward, `moe.serving.http.mixed_batches`), with throughput, p50, p99, mean queries per batch and the share of
+batches holding several tenants; beside them `Server.predict` at batch 64 on the same bundle and mix, in-process.
+
+    python scripts/bench_load.py --compare-batching --tenants 1000 --seconds 30 --out scripts/results/load/batching.json
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
 import os
@@ -103,23 +111,35 @@ def aggregated(csv_prefix: Path) -> dict:
     }
 
 
-def run(bundle: Path, replicas: int, budget_mb: float, args: argparse.Namespace, work: Path) -> dict:
+def run(
+    bundle: Path,
+    replicas: int,
+    budget_mb: float,
+    args: argparse.Namespace,
+    work: Path,
+    extra: tuple[str, ...] = (),
+    header: bool = True,
+) -> dict:
+    """One service under locust; `extra`: the service's further options; `header`: users send the multiplexing
+    header."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "moe.serving.http", str(bundle), "--port", str(port), "--verify", "lazy"]
     command += ["--replicas", str(replicas), "--budget-mb", str(budget_mb), "--num-cpus", str(os.cpu_count())]
-    command += ["--replica-cpus", str(args.replica_cpus)]
-    with open(work / f"service_{replicas}.log", "w") as log:
+    command += ["--replica-cpus", str(args.replica_cpus), "--metrics-port", str(free_port()), *extra]
+    name = f"{replicas}{''.join(extra)}{'' if header else '-noheader'}"
+    with open(work / f"service_{name}.log", "w") as log:
         service = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         started = time.perf_counter()
         wait_for(f"{url}/health", service)
         startup = time.perf_counter() - started
         time.sleep(5)  # every replica up (the health route answers from the first)
-        prefix = work / f"locust_{replicas}"
+        prefix = work / f"locust_{name}"
         locust = ["locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(args.users), "-r", str(args.users)]
         locust += ["-t", f"{args.seconds}s", "--host", url, "--csv", str(prefix), "--only-summary"]
         env = os.environ | {"MOE_LOAD_ZIPF": str(args.zipf), "MOE_LOAD_ROUTED": str(args.routed)}
+        env |= {"MOE_LOAD_HEADER": "1" if header else "0"}
         subprocess.run(locust, check=False, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         stats = replica_stats(url, replicas)
     finally:
@@ -128,7 +148,8 @@ def run(bundle: Path, replicas: int, budget_mb: float, args: argparse.Namespace,
             service.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(service.pid, signal.SIGKILL)
-    device = [s["pager"]["device"] for s in stats.values()]
+    answered = list(stats.values())
+    device = [s["pager"]["device"] for s in answered]
     hits, misses = sum(d["hits"] for d in device), sum(d["misses"] for d in device)
     return {
         "replicas": replicas,
@@ -140,6 +161,58 @@ def run(bundle: Path, replicas: int, budget_mb: float, args: argparse.Namespace,
         "replicas_seen": len(stats),
         "tenant_loads": sum(s["multiplexing"]["tenant_loads"] for s in stats.values()),
         "mean_batch": [s["batching"]["mean_batch"] for s in stats.values()],
+        "mixed_batch_share": [s["batching"]["mixed_batches"] / max(1, s["batching"]["batches"]) for s in answered],
+    }
+
+
+def offline(bundle: Path, budget_mb: float, args: argparse.Namespace, batch: int = 64, batches: int = 20) -> dict:
+    """`Server.predict` in this process at batch `batch`, on the locust users' texts and Zipf mix of tenants, under the
+    replica's device budget."""
+    import random
+    from itertools import accumulate
+
+    from moe.serving import Server
+
+    module = ast.parse(LOCUSTFILE.read_text())  # the users' own texts, without importing locust (gevent's patches)
+    texts = next(
+        ast.literal_eval(n.value) for n in module.body if isinstance(n, ast.Assign) and n.targets[0].id == "TEXTS"
+    )
+    server = Server(bundle, int(budget_mb * 2**20), verify="lazy")
+    tenants = server.tenants
+    random.Random(0).shuffle(tenants)
+    weights = list(accumulate(1 / (i + 1) ** args.zipf for i in range(len(tenants))))
+    rng = random.Random(1)
+    chunks = [
+        ([rng.choice(texts) for _ in range(batch)], rng.choices(tenants, cum_weights=weights, k=batch))
+        for _ in range(batches + 1)
+    ]
+    for i in range(0, len(tenants), batch):  # warm-up: every shard verified at its first page-in, as in the service
+        server.predict([texts[0]] * len(tenants[i : i + batch]), tenants[i : i + batch])
+    server.predict(*chunks[0])
+    started = time.perf_counter()
+    for queries, names in chunks[1:]:
+        server.predict(queries, names)
+    return {"batch": batch, "queries_per_s": batch * batches / (time.perf_counter() - started)}
+
+
+def compare_batching(bundle: Path, budget_mb: float, args: argparse.Namespace, work: Path) -> dict:
+    """One replica, the same load: batches split by tenant (before), mixed, and mixed without the multiplexing
+    header (no tenant loaded per request: what affinity costs where there is nothing to route)."""
+    split = run(bundle, 1, budget_mb, args, work, ("--split-batches",))
+    print(json.dumps({"split": split}), flush=True)
+    mixed = run(bundle, 1, budget_mb, args, work)
+    print(json.dumps({"mixed": mixed}), flush=True)
+    plain = run(bundle, 1, budget_mb, args, work, header=False)
+    print(json.dumps({"mixed_no_header": plain}), flush=True)
+    server = offline(bundle, budget_mb, args)
+    return {
+        "split_by_tenant": split,
+        "mixed": mixed,
+        "mixed_no_header": plain,
+        "server_predict_batch64": server,
+        "mixed_over_split_throughput": mixed["requests_per_s"] / split["requests_per_s"],
+        "no_header_over_split_throughput": plain["requests_per_s"] / split["requests_per_s"],
+        "best_over_server_predict": max(mixed["requests_per_s"], plain["requests_per_s"]) / server["queries_per_s"],
     }
 
 
@@ -153,26 +226,26 @@ def main() -> None:
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--routed", type=float, default=0.0, help="share of queries sent without a tenant")
     parser.add_argument("--replica-cpus", type=float, default=0.5)
+    parser.add_argument("--compare-batching", action="store_true", help="one replica: split batches against mixed")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/load.json"))
     args = parser.parse_args()
     bundle = prepare_bundle(args.tenants, args.rank)
     meta = ExpertStore(bundle / "experts").meta(ExpertStore(bundle / "experts").tenants()[0])
     expert_bytes = tensor_bytes(meta, ("down.weight", "down.bias", "up.weight", "head.weight", "head.bias"))
     budget_mb = args.budget * args.tenants * expert_bytes / 2**20
-    results = []
+    settings = vars(args) | {"out": str(args.out), "labels": LABELS, "expert_bytes": expert_bytes}
+    settings |= {"budget_mb": budget_mb, "bundle": str(bundle)}
     with tempfile.TemporaryDirectory() as work:
-        for replicas in (1, 2):
-            results.append(run(bundle, replicas, budget_mb, args, Path(work)))
-            print(json.dumps(results[-1]), flush=True)
-    report = {
-        "benchmark": "load",
-        "machine": machine_info(),
-        "settings": vars(args)
-        | {"out": str(args.out), "labels": LABELS, "expert_bytes": expert_bytes}
-        | {"budget_mb": budget_mb, "bundle": str(bundle)},
-        "results": results,
-        "two_over_one_throughput": results[1]["requests_per_s"] / results[0]["requests_per_s"],
-    }
+        if args.compare_batching:
+            compared = compare_batching(bundle, budget_mb, args, Path(work))
+            report = {"benchmark": "batching", "machine": machine_info(), "settings": settings} | compared
+        else:
+            results = []
+            for replicas in (1, 2):
+                results.append(run(bundle, replicas, budget_mb, args, Path(work)))
+                print(json.dumps(results[-1]), flush=True)
+            report = {"benchmark": "load", "machine": machine_info(), "settings": settings, "results": results}
+            report["two_over_one_throughput"] = results[1]["requests_per_s"] / results[0]["requests_per_s"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -163,9 +163,11 @@ def predict(
     threshold: float | None = None,
     unsure_margin: float = UNSURE_MARGIN,
     hidden=None,
+    among: torch.Tensor | None = None,
 ) -> list[Answer]:
     """Answers for trunk features `(b, d)`; `tenant` (b,) restricts each query to its tenant's experts
-    (`model.tenant_ids`; -1 lets the gate choose); `hidden`: the queries' `model.hidden_states` (pathway experts)."""
-    output = model(features, tenant, hidden=hidden)
+    (`model.tenant_ids`; -1 lets the gate choose); `hidden`: the queries' `model.hidden_states` (pathway experts);
+    `among` (b, e): the experts a query without a tenant may be routed to (`Mixture.route`)."""
+    output = model(features, tenant, hidden=hidden, among=among)
     decoded = decode(model, output)
     return answers(model, decoded, oos_score(output, decoded.score, oos_kind).cpu(), threshold, unsure_margin)

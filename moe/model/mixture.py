@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -98,6 +99,12 @@ class Mixture(nn.Module):
         """Tenant indices for a batch of requests; None (tenant unknown) lets the gate choose."""
         return torch.tensor([UNKNOWN_TENANT if n is None else self.tenant_index(n) for n in names], dtype=torch.long)
 
+    def experts_among(self, tenants: Iterable[str]) -> torch.Tensor:
+        """(e,) True for the experts of these tenants (names not served are ignored)."""
+        index = {name: i for i, name in enumerate(self.tenants)}
+        ids = torch.tensor([index[t] for t in tenants if t in index], dtype=torch.long)
+        return torch.isin(self.expert_tenant, ids.to(self.expert_tenant.device))
+
     def label_id(self, tenant: str, label: str) -> int:
         return self.labels.index((tenant, label))
 
@@ -114,11 +121,26 @@ class Mixture(nn.Module):
         """What the experts read of a batch besides its features (None: features only)."""
         return None
 
-    def route(self, x: torch.Tensor, tenant: torch.Tensor | None, keep_rows: bool = False) -> RouterOutput:
+    def route(
+        self, x: torch.Tensor, tenant: torch.Tensor | None, keep_rows: bool = False, among: torch.Tensor | None = None
+    ) -> RouterOutput:
         """The gate's choice for scaled inputs. An input whose tenant is known scores that tenant's rows only
         (`TopKRouter.given`), whatever else is in its batch; the others are routed by `route_unknown`. With row
         logits kept (the supervised gate loss), or tenants owning several experts, the whole gate is scored, each
-        known tenant's input restricted to its own experts."""
+        known tenant's input restricted to its own experts. `among` (b, e): the experts each input without a known
+        tenant may be routed to (`TopKRouter.among`; a row of all True: any, as without `among`)."""
+        if among is not None:
+            restricted = ~among.all(dim=-1)
+            if tenant is not None:
+                restricted &= tenant == UNKNOWN_TENANT
+            if restricted.any():
+                if keep_rows:
+                    raise ValueError("routing among a subset of experts is for inference: no row logits kept")
+                own = self.router.among(x[restricted], among[restricted])
+                if restricted.all():
+                    return own
+                rest = self.route(x[~restricted], tenant[~restricted] if tenant is not None else None)
+                return RouterOutput.merged(restricted, own, rest)
         if keep_rows or self.tenant_expert is None:
             allowed = None
             if tenant is not None:
@@ -138,13 +160,18 @@ class Mixture(nn.Module):
         return self.router(x)
 
     def forward(
-        self, features: torch.Tensor, tenant: torch.Tensor | None = None, keep_rows: bool = False, hidden=None
+        self,
+        features: torch.Tensor,
+        tenant: torch.Tensor | None = None,
+        keep_rows: bool = False,
+        hidden=None,
+        among: torch.Tensor | None = None,
     ) -> MixtureOutput:
         """`keep_rows`: keep the gate's (b, e, m) row logits in the output (for the supervised gate loss);
-        `hidden`: the batch's `hidden_states`, for experts that read them."""
+        `hidden`: the batch's `hidden_states`, for experts that read them; `among`: as for `route`."""
         # b: batch, k: chosen experts, c: labels per expert (padded), d: features
         x = features * self.input_scale
-        routed = self.route(x, tenant, keep_rows)
+        routed = self.route(x, tenant, keep_rows, among)
         plan = plan_dispatch(routed.experts, routed.weights)
         log_probs = combine(self.group_log_probs(x, plan, hidden), plan, fill=float("-inf"))
         return MixtureOutput(log_probs, routed.weights, routed.experts, self.label_ids[routed.experts], routed)

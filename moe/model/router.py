@@ -124,6 +124,28 @@ class TopKRouter(nn.Module):
         return RouterOutput(logits, row_logits, energy, max_row, probs, experts, weights, load_balance, z_loss)
 
     @torch.no_grad()
+    def among(self, x: torch.Tensor, allowed: torch.Tensor) -> RouterOutput:
+        """Each input routed among its allowed experts (b, e) only, scored as if the gate held those alone: logits,
+        probabilities, chosen experts and weights are `forward`'s with `allowed`; `energy` and `max_row` cover the
+        allowed experts' rows (as `given` covers its one expert's), so no other expert shows in an answer."""
+        # b: batch, e: experts, m: prototype rows per expert, k: chosen experts
+        expert_logits, energies, max_rows = [], [], []
+        for start in range(0, self.num_experts, self.CHUNK):
+            chunk = self._row_logits(x, start).masked_fill(~allowed[:, start : start + self.CHUNK, None], float("-inf"))
+            expert_logits.append(torch.logsumexp(chunk, dim=-1))
+            energies.append(torch.logsumexp(rearrange(chunk, "b e m -> b (e m)"), dim=-1))
+            max_rows.append(reduce(chunk, "b e m -> b", "max"))
+        logits = torch.cat(expert_logits, dim=1)
+        probs = logits.softmax(dim=-1)
+        weights, experts = probs.topk(min(self.top_k, self.num_experts), dim=-1)
+        if self.normalize_weights:
+            weights = weights / reduce(weights, "b k -> b 1", "sum").clamp(min=1e-9)
+        energy = torch.logsumexp(torch.stack(energies, dim=-1), dim=-1)
+        max_row = reduce(torch.stack(max_rows, dim=-1), "b chunks -> b", "max")
+        zero = logits.new_zeros(())
+        return RouterOutput(logits, None, energy, max_row, probs, experts, weights, zero, zero)
+
+    @torch.no_grad()
     def given(self, x: torch.Tensor, experts: torch.Tensor) -> RouterOutput:
         """Each input routed to its one given expert (b,), scoring that expert's rows only: what a query whose
         tenant is known costs, whatever number of experts the gate holds. Chosen experts, weights and probabilities

@@ -15,17 +15,26 @@ names every problem found; nothing is answered unless the whole request is good.
 Queries from concurrent requests are answered together (`@serve.batch`). The optional request header
 `serve_multiplexed_model_id: TENANT` routes a request to a replica that already holds that tenant's expert
 (`@serve.multiplexed`: loading a tenant prefetches its expert into the pager); the body still says what each query
-asks. On a Ray cluster the same code runs N replicas (`--replicas N`, or `conf/serve/moe_http.yaml`).
+asks, and the batch stays mixed: queries of many tenants are answered in one forward, whatever header each request
+carried. On a Ray cluster the same code runs N replicas (`--replicas N`, or `conf/serve/moe_http.yaml`).
+
+Keys (`--keys-file keys.json`, made with `python -m moe.serving.keys add --tenants a,b`): every request but
+`/health`, `/docs` and `/openapi.json` presents `Authorization: Bearer KEY`; a query naming a tenant outside its
+key's tenants gets 403, the same whether or not that tenant exists; a query naming none is routed among its key's
+tenants only (in the same mixed batch); `/stats` and `/tenants` need an admin key. Metrics: `moe.serving.metrics`,
+on Ray's metrics export port (`--metrics-port`).
 """
 
 # No `from __future__ import annotations`: Serve's ingress hands FastAPI the routes' annotations as they are.
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
 import time
 from collections.abc import Hashable
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,6 +48,8 @@ from ray.serve import Application
 
 from moe import __version__
 from moe.inference import IndexSettings, read_bundle
+from moe.serving import keys as api_keys
+from moe.serving import metrics as service_metrics
 from moe.serving.runtime import Server, text_problem
 from moe.serving.schema import AnswerOut, Batch, BatchAnswers, PredictBody, Problem, Query
 from moe.store import ShardError, is_url
@@ -68,6 +79,10 @@ class ServiceSettings(BaseModel):
     replica_cpus: PositiveFloat = 1.0
     verify: Literal["full", "lazy"] = "full"  # experts' files: when a replica starts, or each at its first page-in
     index: bool = False  # route queries without a tenant through an index over the gate's rows (thousands of tenants)
+    keys_file: str | None = None  # API keys (`moe.serving.keys`); None: no keys asked for
+    keys_poll_s: PositiveFloat = 1.0  # how often a replica looks whether the keys file changed
+    metrics: bool = True  # record Prometheus metrics (`moe.serving.metrics`)
+    mixed_batches: bool = True  # False: Serve splits batches by the multiplexing header, as before (to compare)
 
 
 class Refused(Exception):
@@ -130,6 +145,35 @@ async def _refuse(request: Request, error: Refused) -> JSONResponse:
     return problem_response(error.status, str(error))
 
 
+ROUTES = ("/predict", "/health", "/stats", "/tenants")
+
+
+@app.middleware("http")
+async def _measure(request: Request, call_next):
+    """Every request counted by route and status, and timed (`moe.serving.metrics`)."""
+    started = time.perf_counter()
+    response = await call_next(request)
+    if recorder := service_metrics.replica_metrics():  # through the module: Serve hands the replica a copy of `app`
+        route = request.url.path if request.url.path in ROUTES else "other"
+        recorder.observe_request(route, response.status_code, time.perf_counter() - started)
+    return response
+
+
+@contextmanager
+def mixed_batches():
+    """Serve splits a `@serve.batch` by its requests' multiplexed model ids (ray-project/ray#59334); here the header
+    only routes a request to a replica holding its tenant, so its queries enter the batch without it: one forward
+    for every tenant's queries. (Serve's request context, a private API, for this request's tasks only.)"""
+    from ray.serve import context
+
+    current = context._get_serve_request_context()
+    token = context._serve_request_context.set(dataclasses.replace(current, multiplexed_model_id=""))
+    try:
+        yield
+    finally:
+        context._serve_request_context.reset(token)
+
+
 class TenantExperts:
     """What multiplexing holds per tenant: the pager keys of its experts. The weights live in the pager, which
     evicts under its own budgets; Serve forgetting a tenant (its LRU over `tenants_per_replica`) only stops routing
@@ -143,6 +187,8 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
     status: {"model": Problem, "description": why}
     for status, why in [
         (400, "the body is not JSON"),
+        (401, "no API key, or one not valid (when the service asks for keys)"),
+        (403, "a tenant outside the API key's tenants (the same whether or not it exists)"),
         (404, "an unknown tenant"),
         (413, "a text or a batch over the service's limits"),
         (422, "a missing, extra or mistyped field; a blank or unencodable text"),
@@ -194,8 +240,10 @@ class MoeService:
         )
         self._answer.set_max_batch_size(s.max_batch_size)  # type: ignore[attr-defined]
         self._answer.set_batch_wait_timeout_s(s.batch_wait_ms / 1000)  # type: ignore[attr-defined]
-        self.counts = {"requests": 0, "queries": 0, "batches": 0, "largest_batch": 0}
+        self.counts = {"requests": 0, "queries": 0, "batches": 0, "largest_batch": 0, "mixed_batches": 0}
         self.tenant_loads = 0
+        self.keys = api_keys.KeyFile(s.keys_file, s.keys_poll_s) if s.keys_file else None
+        self.metrics = service_metrics.ServiceMetrics(lambda: self.server) if s.metrics else None
         log.info(
             f"moe replica {self.replica}: {s.bundle}, {len(self.keys_of)} tenants, device budget {s.budget_mb} MiB, "
             f"{self.tenants_per_replica} tenants multiplexed, batches of up to {s.max_batch_size} "
@@ -220,16 +268,42 @@ class MoeService:
 
         return load_tenant
 
-    def unknown(self, tenant: str) -> str:
-        known = sorted(self.keys_of)
+    def authorize(self, request: Request, admin: bool = False) -> api_keys.Key | None:
+        """The request's key (None when the service asks for none); 401 or 503 without a good one, 403 for a
+        route that needs an admin key."""
+        if self.keys is None:
+            return None
+        try:
+            key = self.keys.authenticate(api_keys.presented(request.headers))
+        except api_keys.KeyRefused as error:
+            raise Refused(error.status, [str(error)]) from None
+        if admin and not key.admin:
+            raise Refused(403, [f"{request.url.path} needs an admin key"])
+        return key
+
+    def forbidden(self, tenant: str, key: api_keys.Key | None) -> bool:
+        return key is not None and not key.may_query(tenant)
+
+    def unknown(self, tenant: str, key: api_keys.Key | None = None) -> str:
+        known = sorted(t for t in self.keys_of if not self.forbidden(t, key))  # never another key's tenants
         listed = f"known tenants: {known}" if len(known) <= 20 else f"{len(known)} known tenants (GET /tenants)"
         return f"unknown tenant {tenant!r}; {listed}"
 
-    def check(self, queries: list[Query], prefix: str) -> list[tuple[str, str | None]]:
-        """The queries as (text, tenant) pairs, or `Refused` naming every bad one (oversized first: 413)."""
+    def check(self, queries: list[Query], prefix: str, key: api_keys.Key | None = None) -> list[tuple]:
+        """The queries as (text, tenant, tenants routed among) triples, or `Refused` naming every bad one: first a
+        tenant outside the key's (403, before anything says whether it exists), then oversized (413)."""
         limit, too_long, bad, unknown = self.settings.max_text_chars, [], [], []
         if len(queries) > self.settings.max_queries:
             raise Refused(413, [f"{len(queries)} queries, more than the limit of {self.settings.max_queries}"])
+        if forbidden := [
+            f"{prefix.format(i)}tenant: not a tenant of this key"  # never whether the tenant exists
+            for i, q in enumerate(queries)
+            if q.tenant is not None and self.forbidden(q.tenant, key)
+        ]:
+            raise Refused(403, forbidden)
+        among = key.among() if key is not None else None
+        if among is not None and any(q.tenant is None for q in queries) and not among & self.keys_of.keys():
+            raise Refused(404, ["no tenant of this key is served: a query without a tenant can not be routed"])
         for i, q in enumerate(queries):
             where = prefix.format(i)
             if len(q.text) > limit:
@@ -237,11 +311,11 @@ class MoeService:
             elif problem := text_problem(q.text):
                 bad.append(f"{where}text: {problem}")
             if q.tenant is not None and q.tenant not in self.keys_of:
-                unknown.append(f"{where}tenant: {self.unknown(q.tenant)}")
+                unknown.append(f"{where}tenant: {self.unknown(q.tenant, key)}")
         for status, problems in ((413, too_long), (422, bad), (404, unknown)):
             if problems:
                 raise Refused(status, too_long + bad + unknown)
-        return [(q.text, q.tenant) for q in queries]
+        return [(q.text, q.tenant, among if q.tenant is None else None) for q in queries]
 
     @app.post(
         "/predict",
@@ -250,17 +324,22 @@ class MoeService:
         openapi_extra={"parameters": [HEADER_DOC]},
         summary="Answer a query, {'queries': [...]}, or a list of queries",
     )
-    async def predict(self, body: Annotated[PredictBody, Body(openapi_examples=EXAMPLES)]) -> JSONResponse:
+    async def predict(
+        self, body: Annotated[PredictBody, Body(openapi_examples=EXAMPLES)], request: Request
+    ) -> JSONResponse:
         """Answers as `Server.predict` gives them, in order; 4xx naming every problem, and then nothing answered."""
+        key = self.authorize(request)
         if isinstance(body, Query):
-            pairs = self.check([body], "")
+            pairs = self.check([body], "", key)
         elif isinstance(body, Batch):
-            pairs = self.check(body.queries, "queries[{}].")
+            pairs = self.check(body.queries, "queries[{}].", key)
         else:
-            pairs = self.check(body, "[{}].")
+            pairs = self.check(body, "[{}].", key)
         if tenant := serve.get_multiplexed_model_id():  # Serve routed on it; load it here if it is not yet
+            if self.forbidden(tenant, key):
+                raise Refused(403, [f"{MULTIPLEX_HEADER} header: not a tenant of this key"])
             if tenant not in self.keys_of:
-                raise Refused(404, [f"{MULTIPLEX_HEADER} header: {self.unknown(tenant)}"])
+                raise Refused(404, [f"{MULTIPLEX_HEADER} header: {self.unknown(tenant, key)}"])
             try:
                 await self._load_tenant(tenant)
             except ShardError as error:
@@ -268,7 +347,8 @@ class MoeService:
         self.counts["requests"] += 1
         self.counts["queries"] += len(pairs)
         try:
-            answers = await asyncio.gather(*(self._answer(pair) for pair in pairs))
+            with mixed_batches() if self.settings.mixed_batches else nullcontext():
+                answers = await asyncio.gather(*(self._answer(pair) for pair in pairs))
         except ShardError as error:  # the server's fault, not the request's: no path of the server's disk shown
             raise self.damaged(error) from None
         except (KeyError, TypeError, ValueError) as error:  # checked above; should Server refuse anyway, say why
@@ -286,24 +366,30 @@ class MoeService:
         return Refused(503, [f"the expert of tenant {tenant!r} is damaged on this server and can not answer"])
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)  # set from the settings in __init__
-    async def _answer(self, pairs: list[tuple[str, str | None]]) -> list[dict]:
-        """Queries of concurrent requests, answered together (split by multiplexed tenant, as Serve does)."""
-        texts, tenants = [t for t, _ in pairs], [n for _, n in pairs]
-        answers = await asyncio.to_thread(self.server.predict, texts, tenants)
+    async def _answer(self, queries: list[tuple]) -> list[dict]:
+        """Queries of concurrent requests, for any tenants, answered together in one mixed forward."""
+        texts, tenants, among = (list(column) for column in zip(*queries, strict=True))
+        among = among if any(a is not None for a in among) else None
+        answers = await asyncio.to_thread(self.server.predict, texts, tenants, among)
         self.counts["batches"] += 1
-        self.counts["largest_batch"] = max(self.counts["largest_batch"], len(pairs))
+        self.counts["largest_batch"] = max(self.counts["largest_batch"], len(queries))
+        self.counts["mixed_batches"] += len(set(tenants)) > 1  # queries of several tenants (or routed) in one forward
+        if self.metrics:
+            self.metrics.observe_batch(len(queries))
         return [a.to_dict() for a in answers]
 
     @app.get("/health", summary="Liveness: the replica, its bundle and how many tenants it serves")
     async def health(self) -> dict:
         return {"status": "ok", "replica": self.replica, "bundle": self.settings.bundle, "tenants": len(self.keys_of)}
 
-    @app.get("/tenants", summary="The tenants this service answers for, sorted")
-    async def tenants(self) -> dict:
+    @app.get("/tenants", summary="The tenants this service answers for, sorted (an admin key, when keys are on)")
+    async def tenants(self, request: Request) -> dict:
+        self.authorize(request, admin=True)
         return {"tenants": sorted(self.keys_of)}
 
-    @app.get("/stats", summary="This replica's pager (resident experts, hit rate per tier, bytes) and batching")
-    async def stats(self) -> dict:
+    @app.get("/stats", summary="This replica's pager and batching (an admin key, when keys are on)")
+    async def stats(self, request: Request) -> dict:
+        self.authorize(request, admin=True)
         pager = self.server.model.pager
         summary = self.server.stats()
         tiers = [t for t in summary if t != "resident"]
@@ -364,22 +450,35 @@ def main(argv: list[str] | None = None) -> int:
         "--verify", choices=["full", "lazy"], default=defaults.verify, help="lazy: thousands of tenants"
     )
     parser.add_argument("--index", action="store_true", help="route tenant-less queries through a gate-row index")
+    parser.add_argument("--keys-file", default=None, help="API keys (python -m moe.serving.keys); default: none asked")
+    parser.add_argument("--keys-poll-s", type=float, default=defaults.keys_poll_s, help="keys file re-read delay")
+    parser.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus export port (this machine)")
+    parser.add_argument("--no-metrics", dest="metrics", action="store_false", help="record no metrics")
+    parser.add_argument(
+        "--split-batches", dest="mixed_batches", action="store_false", help="batches split by the header (compare)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     fields = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields and v is not None}
     try:
         bundle = args.bundle if is_url(args.bundle) else str(Path(args.bundle).resolve())  # as every replica sees it
-        settings = ServiceSettings(**fields | {"bundle": bundle})
+        keys_file = str(Path(args.keys_file).resolve()) if args.keys_file else None
+        settings = ServiceSettings(**fields | {"bundle": bundle, "keys_file": keys_file})
+        if keys_file:
+            api_keys.read_keys(keys_file)  # a bad keys file fails here, named
     except ValueError as error:
         parser.error(str(error))
     read_bundle(settings.bundle, settings.verify)  # a bad bundle fails here, named, before Ray starts
     from moe.serving import http  # the deployment by its module's name, not `__main__`'s copy
 
-    ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
+    metrics_port = {"_metrics_export_port": args.metrics_port} if args.address is None else {}  # a cluster: its own
+    ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False, **metrics_port)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(http.build_app(settings), name=APP_NAME, route_prefix="/")
     url = f"http://{args.host}:{args.port}"
     logging.getLogger(__name__).info(f"serving {settings.bundle} at {url}/predict ({url}/docs); Ctrl-C stops")
+    if settings.metrics and args.address is None:
+        logging.getLogger(__name__).info(f"Prometheus metrics at http://{args.host}:{args.metrics_port}/metrics")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:

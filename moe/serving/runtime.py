@@ -20,6 +20,7 @@ from moe.model import UNKNOWN_TENANT
 from moe.model.pathway import Hidden
 
 Tenants = str | Iterable[str | None] | None
+Among = Iterable[Iterable[str] | None] | None  # per query, the tenants it may be routed among (None: any)
 
 
 def text_problem(text: str) -> str | None:
@@ -96,35 +97,57 @@ class Server:
             raise ValueError(f"{len(names)} tenants given for {n} texts: give one tenant, None, or one per text")
         return names
 
+    def _among_mask(self, among: Among, n: int) -> torch.Tensor | None:
+        """(n, e) the experts each query may be routed to; ValueError for a query whose tenants are none served."""
+        if among is None:
+            return None
+        sets = [None if a is None else frozenset(a) for a in among]
+        if len(sets) != n:
+            raise ValueError(f"{len(sets)} tenant sets given for {n} texts: give one per text (None: any tenant)")
+        if all(a is None for a in sets):
+            return None
+        masks = {a: self.model.experts_among(a) for a in set(sets) if a is not None}
+        if empty := sorted(sorted(a) for a, m in masks.items() if not m.any()):
+            raise ValueError(f"no tenant served among {empty[0]}: a query can not be routed among none")
+        everyone = torch.ones_like(self.model.expert_tenant, dtype=torch.bool)
+        return torch.stack([everyone if a is None else masks[a] for a in sets])
+
     @torch.no_grad()
     def predict_features(
-        self, features: torch.Tensor, tenant: Tenants = None, hidden: Hidden | None = None
+        self, features: torch.Tensor, tenant: Tenants = None, hidden: Hidden | None = None, among: Among = None
     ) -> list[Answer]:
-        """Answers for trunk features `(n, d)`; `tenant` as in `predict`; `hidden`: the texts' token states after the
-        shared lower layers, which pathway experts read (`model.hidden_states`)."""
+        """Answers for trunk features `(n, d)`; `tenant` and `among` as in `predict`; `hidden`: the texts' token
+        states after the shared lower layers, which pathway experts read (`model.hidden_states`)."""
         ids = self.model.tenant_ids(self._tenant_list(tenant, features.shape[0]))  # KeyError names unknown ones
+        allowed = self._among_mask(among, features.shape[0])
         device = self.model.label_ids.device
         result: list[Answer] = []
         for start in range(0, features.shape[0], self.max_batch):
             x, t = features[start : start + self.max_batch].to(device), ids[start : start + self.max_batch]
             given = t.to(device) if (t != UNKNOWN_TENANT).any() else None
             h = hidden.take(slice(start, start + self.max_batch)) if hidden is not None else None
-            result += predict(self.model, x, given, self.oos_kind, self.threshold, self.unsure_margin, hidden=h)
+            a = allowed[start : start + self.max_batch].to(device) if allowed is not None else None
+            result += predict(
+                self.model, x, given, self.oos_kind, self.threshold, self.unsure_margin, hidden=h, among=a
+            )
         return result
 
-    def predict(self, texts: Iterable[str], tenant: Tenants = None) -> list[Answer]:
+    def predict(self, texts: Iterable[str], tenant: Tenants = None, among: Among = None) -> list[Answer]:
         """One answer per text (any iterable of non-blank strings encodable as UTF-8; a bad one raises TypeError or
         ValueError naming every bad index). `tenant`: None (the gate chooses among all experts), one tenant's name
         for every text, or a list with a name or None per text. An unknown tenant raises KeyError naming the known
-        ones. Nothing is encoded unless every text and tenant is good."""
+        ones. `among`: per text, the tenants a text without a tenant may be routed to (None: any; an API key's
+        tenants), in the same mixed batch as the rest. Nothing is encoded unless every text and tenant is good."""
         texts = checked_texts(texts)
         names = self._tenant_list(tenant, len(texts))
         self.model.tenant_ids(names)  # refuse an unknown tenant before encoding anything
+        sets = list(among) if among is not None else [None] * len(texts)
+        self._among_mask(sets, len(texts))  # and a set of tenants none of which is served
         answers: list[Answer] = []
         for start in range(0, len(texts), self.max_batch):
             chunk, given = texts[start : start + self.max_batch], names[start : start + self.max_batch]
             features, hidden = self._encode(chunk, given)
-            answers += self.predict_features(features, given, hidden)
+            answers += self.predict_features(features, given, hidden, sets[start : start + self.max_batch])
         return answers
 
     def _encode(self, texts: list[str], names: list[str | None]) -> tuple[torch.Tensor, Hidden | None]:

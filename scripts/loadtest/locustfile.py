@@ -2,7 +2,9 @@
 service holds (the seasonal many-tenant mix), each request sending the multiplexing header of its tenant.
 
     locust -f scripts/loadtest/locustfile.py --headless -u 16 -r 16 -t 30s --host http://127.0.0.1:8000
-Environment: MOE_LOAD_ZIPF (exponent, default 1.1), MOE_LOAD_ROUTED (share of queries without a tenant, default 0).
+Environment: MOE_LOAD_ZIPF (exponent, default 1.1), MOE_LOAD_ROUTED (share of queries without a tenant, default 0),
+MOE_LOAD_KEY (an admin API key, for a service started with --keys-file), MOE_LOAD_HEADER (0: no multiplexing
+header, default 1).
 `scripts/bench_load.py` runs it against one replica and two, and writes the figures.
 """
 
@@ -25,6 +27,9 @@ TEXTS = [
     "what is the exchange rate for euros",
 ]
 CHOICES: dict[str, list] = {}
+KEY = os.environ.get("MOE_LOAD_KEY")
+AUTH = {"authorization": f"Bearer {KEY}"} if KEY else {}
+HEADER = os.environ.get("MOE_LOAD_HEADER", "1") != "0"
 
 
 @events.test_start.add_listener
@@ -33,7 +38,8 @@ def tenants_of_the_service(environment, **_) -> None:
     import json
     import urllib.request
 
-    with urllib.request.urlopen(f"{environment.host}/tenants", timeout=60) as answer:
+    request = urllib.request.Request(f"{environment.host}/tenants", headers=AUTH)
+    with urllib.request.urlopen(request, timeout=60) as answer:
         tenants = json.load(answer)["tenants"]
     random.Random(0).shuffle(tenants)
     s = float(os.environ.get("MOE_LOAD_ZIPF", "1.1"))
@@ -47,7 +53,8 @@ class TenantUser(FastHttpUser):
     def predict(self) -> None:
         tenant = random.choices(CHOICES["tenants"], cum_weights=CHOICES["cumulative"])[0]
         if random.random() < self.routed:
-            self.client.post("/predict", json={"text": random.choice(TEXTS)}, name="/predict routed")
+            self.client.post("/predict", json={"text": random.choice(TEXTS)}, headers=AUTH, name="/predict routed")
             return
         body = {"text": random.choice(TEXTS), "tenant": tenant}
-        self.client.post("/predict", json=body, headers={"serve_multiplexed_model_id": tenant}, name="/predict")
+        headers = AUTH | ({"serve_multiplexed_model_id": tenant} if HEADER else {})
+        self.client.post("/predict", json=body, headers=headers, name="/predict")
