@@ -10,13 +10,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe.lifecycle.adapt import AdaptConfig, adapt_trunk
 from moe.store import TrunkVersions
-from moe.tasks.base import instantiate_group
+from moe.tasks.base import open_loggers, task
 from moe.tasks.lifecycle import current_trunk, open_store
 from moe.tasks.upgrade import awake_tenants
 
 log = logging.getLogger(__name__)
 
 
+@task
 def run(cfg: DictConfig) -> dict:
     """A new trunk version, recorded in `store_dir` (not served until an upgrade moves the store onto it)."""
     store = open_store(cfg)
@@ -26,7 +27,7 @@ def run(cfg: DictConfig) -> dict:
     trunk = current_trunk(store, cfg.trunk)
     versions = TrunkVersions(store.root)
     versions.record(trunk)
-    loggers = instantiate_group(cfg.get("logger"))
+    loggers = open_loggers(cfg)  # closed by `task`
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     adapted, metrics = adapt_trunk(trunk, tenants, AdaptConfig(**cfg.adapt), loggers)
@@ -39,6 +40,5 @@ def run(cfg: DictConfig) -> dict:
     (out / "adapt.json").write_text(json.dumps(summary, indent=1) + "\n")
     for logger in loggers:
         logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        logger.finalize("success")
     log.info("new trunk version %s… (from %s…): %s", adapted.fingerprint[:12], trunk.fingerprint[:12], metrics)
     return summary

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture
 from moe.evaluation.report import PredictionWriter, write_report
 from moe.inference import AUTO, load_mixture, open_bundle
-from moe.tasks.base import instantiate_group
+from moe.tasks.base import open_loggers, task
 from moe.tasks.inputs import feature_encoder, open_trained_store, sources_from_config
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,9 @@ def log_evaluation(loggers: list[Any], cfg: DictConfig, evaluation: Evaluation, 
                 if rows:
                     columns = list(dict.fromkeys(k for row in rows for k in row))
                     logger.log_table(name, columns, [[row.get(c) for c in columns] for row in rows])
-            logger.experiment.finish()
-        else:
-            logger.save()
 
 
+@task
 def run(cfg: DictConfig) -> dict[str, float | str]:
     """A store (`store_dir`, trained with the run's trunk and gate settings) or a bundle (`bundle_dir`, checked and
     loaded as serving loads it), on the configured data's splits."""
@@ -95,6 +93,6 @@ def run(cfg: DictConfig) -> dict[str, float | str]:
 
         evaluation.metrics |= store_reference_metrics(cfg.data, model.labels, encode, list(cfg.splits))
     files = write_report(evaluation, out)
-    log_evaluation(instantiate_group(cfg.get("logger")), cfg, evaluation, files)
+    log_evaluation(open_loggers(cfg), cfg, evaluation, files)  # closed by `task`
     log.info("evaluated %s: %s", source, json.dumps(evaluation.metrics, sort_keys=True))
     return evaluation.metrics

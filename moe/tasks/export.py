@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture
 from moe.export.writer import check_target, write_bundle_manifest, write_files
 from moe.inference import AUTO, DEFAULT_OOS_SCORE, UNSURE_MARGIN, check_oos_rule, load_mixture
+from moe.tasks.base import task
 from moe.tasks.inputs import feature_encoder, open_trained_store, sources_from_config
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def accuracy_cost(full: Evaluation, lowered: Evaluation, dtype: str) -> dict[str
     return cost
 
 
+@task
 def run(cfg: DictConfig) -> dict[str, Any]:
     """The bundle of `store_dir` in `paths.output_dir`: a folder away from the store and its run (checked first)."""
     out = Path(cfg.paths.output_dir)

@@ -7,9 +7,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from moe.lifecycle.stream import scan_tenant_file
+from moe.tasks.base import task
 from moe.tasks.lifecycle import build_lifecycle, open_store, tenant_file, tenant_name, training_data
 
 
+@task
 def run(cfg: DictConfig) -> Path:
     """scripts/grow.py: a new tenant's expert from its file, into `store_dir` (`create_store=true`: a new store)."""
     name = tenant_name(cfg)

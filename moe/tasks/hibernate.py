@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from moe.tasks.base import task
 from moe.tasks.lifecycle import open_store, tenant_name
 
 
+@task
 def run(cfg: DictConfig) -> None:
     """scripts/hibernate.py."""
     name = tenant_name(cfg)

@@ -7,9 +7,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from moe.lifecycle.overlap import OverlapReport, overlap_report, write_overlap_report
+from moe.tasks.base import task
 from moe.tasks.lifecycle import open_store
 
 
+@task
 def run(cfg: DictConfig) -> tuple[OverlapReport, dict[str, Path]]:
     """scripts/overlap.py: the report of the store at `store_dir`, written under `paths.output_dir`."""
     report = overlap_report(

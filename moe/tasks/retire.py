@@ -6,9 +6,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from moe.tasks.base import task
 from moe.tasks.lifecycle import open_store, tenant_name
 
 
+@task
 def run(cfg: DictConfig) -> Path | None:
     """scripts/retire.py: the tenant's folder moved to `archive_dir` (its new place returned), or deleted (null)."""
     name = tenant_name(cfg)

@@ -21,7 +21,7 @@ from moe.lifecycle.operations import Lifecycle
 from moe.model.pathway import is_pathway
 from moe.paths import cache_dir
 from moe.store import ExpertStore
-from moe.tasks.base import start_run
+from moe.tasks.base import start_run, task
 from moe.tasks.lifecycle import growth_config
 from moe.trunk import FeatureCache, Trunk
 
@@ -64,6 +64,7 @@ def group_metrics(final: Record, groups: dict[str, list[str]], counts: dict[str,
     return metrics
 
 
+@task
 def run(cfg: DictConfig) -> dict[str, float]:
     out = start_run(cfg)
     trunk: Trunk = instantiate(cfg.trunk)

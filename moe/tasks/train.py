@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors.torch import save_file
 
@@ -26,7 +26,7 @@ from moe.paths import cache_dir
 from moe.store import ExpertStore, check_tenant_name, expert_shards, save_gate
 from moe.store.assemble import Shard
 from moe.store.shard import weight_names
-from moe.tasks.base import instantiate_group
+from moe.tasks.base import instantiate_group, open_loggers, task
 from moe.training.module import MixtureClassifier
 from moe.training.pathway import PathwayConfig, train_pathway
 from moe.trunk import FeatureCache, Trunk
@@ -158,6 +158,7 @@ def tenant_metrics(evaluation: Evaluation) -> dict[str, dict]:
     return own
 
 
+@task
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train gate and experts, evaluate them as `scripts/evaluate.py` would, and write config, shards (each with its
     tenant's own figures), gate and metrics under `paths.output_dir`. Before any work: the experts folder must hold
@@ -173,7 +174,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     data.setup()
     classifier = build_classifier(cfg, data.tenants, trunk)
 
-    loggers: list[Logger] = instantiate_group(cfg.get("logger"))
+    loggers: list[Logger] = open_loggers(cfg)  # closed by `task`, whether the run succeeds or fails
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=instantiate_group(cfg.get("callbacks"))
     )
@@ -225,7 +226,5 @@ def run(cfg: DictConfig) -> dict[str, float]:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     for logger in loggers:
         logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()
     log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
     return metrics

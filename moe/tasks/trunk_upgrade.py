@@ -30,13 +30,14 @@ from moe.lifecycle.operations import Lifecycle
 from moe.lifecycle.upgrade import upgrade_store
 from moe.paths import cache_dir
 from moe.store import ExpertStore, TrunkVersions
-from moe.tasks.base import start_run
+from moe.tasks.base import start_run, task
 from moe.tasks.lifecycle import growth_config
 from moe.trunk import FeatureCache, Trunk
 
 log = logging.getLogger(__name__)
 
 
+@task
 def run(cfg: DictConfig) -> dict[str, float]:
     out = start_run(cfg)
     split, gate = cfg.eval_split, GateSettings(cfg.top_k).with_routing(cfg.routing)

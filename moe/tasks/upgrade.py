@@ -18,6 +18,7 @@ from moe.data.files import TenantFile, read_examples, read_tenant_file
 from moe.lifecycle.operations import Lifecycle
 from moe.lifecycle.upgrade import upgrade_store
 from moe.store import ExpertStore, TrunkVersions
+from moe.tasks.base import task
 from moe.tasks.lifecycle import current_trunk, growth_config, open_store
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def resolve_version(versions: TrunkVersions, wanted: str, current: str) -> str:
     return matches[0]
 
 
+@task
 def run(cfg: DictConfig) -> dict:
     """`store_dir` moved onto trunk version `to`, by `strategy`; the report is written to the output folder."""
     store = open_store(cfg)
