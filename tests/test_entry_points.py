@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import moe.store.trunks
 import moe.trunk
 from moe.data import TenantDataError, read_tenant_file
 from moe.data.files import TenantFile
@@ -51,12 +52,13 @@ def lifecycle_config(tmp_path: Path, store: Path, *overrides: str):
 
 @pytest.fixture
 def no_trunk(monkeypatch):
-    """Any trunk the configs name (`moe.trunk.TinyTrunk`) refuses to load."""
+    """Any trunk the configs name (`moe.trunk.TinyTrunk`) or a store records refuses to load."""
 
     def refuse(*args, **kwargs):
         raise AssertionError(TRUNK_LOADED)
 
     monkeypatch.setattr(moe.trunk, "TinyTrunk", refuse)
+    monkeypatch.setattr(moe.store.trunks, "_rebuilt", refuse)  # and the store's own, rebuilt from its registry
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ from moe.lifecycle.growth import GrowthConfig
 from moe.lifecycle.operations import Lifecycle
 from moe.lifecycle.stream import EncodedRows, ScannedFile, encode_train_rows
 from moe.model.pathway import is_pathway
-from moe.store import ExpertStore, TrunkVersions, check_tenant_name
+from moe.store import ExpertStore, check_tenant_name
+from moe.store.trunks import serving_trunk
 from moe.trunk import Trunk
 
 log = logging.getLogger(__name__)
@@ -62,13 +63,9 @@ def build_lifecycle(cfg: DictConfig, store: ExpertStore | None = None) -> Lifecy
 
 
 def current_trunk(store: ExpertStore, trunk_cfg: DictConfig) -> Trunk:
-    """The trunk the store serves on: its current version (`TrunkVersions.current`, set by an upgrade), rebuilt and
-    checked; else `trunk_cfg`'s (a store that was never upgraded is on the trunk of the run that made it)."""
-    versions = TrunkVersions(store.root)
-    if (fingerprint := versions.current()) is not None:
-        log.info("%s serves on its trunk version %s… (the trunk config is not used)", store.root, fingerprint[:12])
-        return versions.rebuild(fingerprint)
-    return instantiate(trunk_cfg)
+    """The trunk the store serves on, from the store alone (`serving_trunk`); `trunk_cfg`'s only for a store that
+    records none (a new store, or one trained before training recorded its trunk)."""
+    return serving_trunk(store.root, lambda: (instantiate(trunk_cfg), False))[0]
 
 
 def tenant_file(cfg: DictConfig, name: str | None = None) -> TenantFile:

@@ -26,6 +26,7 @@ from moe.paths import cache_dir
 from moe.store import ExpertStore, check_tenant_name, expert_shards, save_gate
 from moe.store.assemble import Shard
 from moe.store.shard import weight_names
+from moe.store.trunks import TrunkVersions
 from moe.tasks.base import instantiate_group, open_loggers, task
 from moe.training.module import MixtureClassifier
 from moe.training.pathway import PathwayConfig, train_pathway
@@ -220,6 +221,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
             meta = replace(meta, metrics=own.get(meta.tenant, {}) | {"train_examples": examples})
             path = store.save(tensors, meta)
             log.info("saved expert %s to %s", meta.tenant, path)
+        versions = TrunkVersions(store.root)  # the store describes its trunk: what rebuilds it, that it serves on it
+        versions.record(trunk, note="the training run's trunk", weights=not trunk.frozen)
+        versions.set_current(fingerprint)
         save_gate(out / "gate.safetensors", classifier.model, fingerprint, shards[0][1].architecture)
         if not trunk.frozen:  # the trunk trained with the experts: keep the weights their shards were made on
             save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, out / "trunk.safetensors")
