@@ -21,7 +21,7 @@ LAYERS = [
     ["moe.inference"],  # build a mixture from a store or bundle, page, decode answers
     ["moe.evaluation"],
     ["moe.training"],
-    ["moe.lifecycle", "moe.export"],
+    ["moe.lifecycle"],
     ["moe.experiments", "moe.serving"],  # the research experiments and benchmarks; the serving runtime
     ["moe.tasks"],  # the entry points' Hydra glue: `moe.tasks.<script>.run(cfg)`
 ]

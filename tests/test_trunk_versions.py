@@ -10,7 +10,6 @@ import torch
 
 from moe.data import read_tenant_file
 from moe.inference import GateSettings, load_mixture
-from moe.inference.bundle import BundleError
 from moe.lifecycle import Lifecycle
 from moe.lifecycle.adapt import AdaptConfig, adapt_trunk
 from moe.lifecycle.upgrade import upgrade_store
@@ -18,6 +17,7 @@ from moe.model import best_labels
 from moe.model.bridge import Bridge
 from moe.model.stats import class_statistics
 from moe.store import ExpertStore, TrunkVersions
+from moe.store.bundle import BundleError
 from moe.tasks import adapt_trunk as adapt_trunk_task
 from moe.tasks import trunk_upgrade, upgrade
 from moe.trunk import TinyTrunk

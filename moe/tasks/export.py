@@ -15,8 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture
-from moe.export.writer import check_target, write_bundle_manifest, write_files
 from moe.inference import AUTO, DEFAULT_OOS_SCORE, UNSURE_MARGIN, check_oos_rule, load_mixture
+from moe.store.bundle import check_target, write_bundle_manifest, write_files
 from moe.tasks.base import task
 from moe.tasks.inputs import feature_encoder, open_trained_store, sources_from_config
 
