@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from moe.data import Tenant
+from moe.evaluation.accuracies import Accuracies
 from moe.evaluation.calibration import Reliability, expected_calibration_error, reliability
 from moe.evaluation.collect import Encoder, Outcome, Sink, collect
 from moe.evaluation.metrics import accuracy, confusion_matrix, macro_f1, per_class_f1
@@ -78,15 +79,8 @@ def per_tenant_rows(model: Mixture, outcome: Outcome, split: str, threshold: flo
             continue
         label = outcome.label[mask]
         own = (label_tenant == t).nonzero().squeeze(1)
-        row = {
-            "split": split,
-            "tenant": name,
-            "queries": int(mask.sum()),
-            "acc_routed": accuracy(outcome.routed[mask], label),
-            "acc_tenant_given": accuracy(outcome.given[mask], label),
-            "routing_acc": accuracy(outcome.routed_tenant[mask], outcome.tenant[mask]),
-            "macro_f1": 100.0 * f1[own].mean().item(),
-        }
+        row = {"split": split, "tenant": name, **Accuracies.of(outcome, mask).row()}
+        row["macro_f1"] = 100.0 * f1[own].mean().item()
         if threshold is not None:
             kept = outcome.oos_scores[score][mask].double() >= threshold
             row["acc_in_scope_with_rejection"] = (

@@ -29,6 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from moe.data import Tenant
+from moe.evaluation.accuracies import Accuracies, accuracy_metrics
 from moe.evaluation.collect import Encoder
 from moe.evaluation.metrics import accuracy
 
@@ -36,26 +37,6 @@ log = logging.getLogger(__name__)
 
 WEIGHT_DECAYS = (1e-2, 1e-3, 1e-4)  # strongest first: ties go to the first
 STEPS = (20, 40)  # L-BFGS iterations at which each fit is scored on val (CLINC150: no gain past 40)
-
-
-@dataclass(frozen=True)
-class Accuracies:
-    """Accuracies in percent (NaN without queries) over `queries` in-scope queries."""
-
-    acc_routed: float
-    acc_tenant_given: float
-    routing_acc: float
-    queries: int
-
-    @staticmethod
-    def micro(parts: Iterable[Accuracies]) -> Accuracies:
-        """Pooled over every query of `parts` (each weighted by its queries)."""
-        parts = [p for p in parts if p.queries]
-        n = sum(p.queries for p in parts)
-        if not n:
-            return Accuracies(float("nan"), float("nan"), float("nan"), 0)
-        pool = lambda key: sum(getattr(p, key) * p.queries for p in parts) / n  # noqa: E731
-        return Accuracies(pool("acc_routed"), pool("acc_tenant_given"), pool("routing_acc"), n)
 
 
 @dataclass(frozen=True)
@@ -287,14 +268,6 @@ def fit_metrics(model: JointLinear, prefix: str) -> dict[str, float]:
         f"{prefix}/standardize": float(model.chosen.standardize),
         f"{prefix}/val_acc_routed": model.chosen.val_acc_routed,
         f"{prefix}/candidates": float(len(model.grid)),
-    }
-
-
-def accuracy_metrics(accuracies: Accuracies, prefix: str, suffix: str = "") -> dict[str, float]:
-    return {
-        f"{prefix}/acc_routed{suffix}": accuracies.acc_routed,
-        f"{prefix}/acc_tenant_given{suffix}": accuracies.acc_tenant_given,
-        f"{prefix}/routing_acc{suffix}": accuracies.routing_acc,
     }
 
 

@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 from moe.data import Tenant
-from moe.evaluation import accuracy
+from moe.evaluation.accuracies import Accuracies, accuracy_metrics
 from moe.experiments.scenario import split_outcome
 from moe.inference import PagedMixture
 from moe.model.bridge import AffineMap
 from moe.store import ExpertStore, TrunkVersions
 
 Encoder = Callable[[list[str]], torch.Tensor]
+FIELDS = ("acc_routed", "acc_tenant_given", "routing_acc", "queries")
 
 
 def write_tenant_files(tenants: list[Tenant], folder: Path) -> dict[str, Path]:
@@ -50,34 +51,19 @@ def write_tenant_files(tenants: list[Tenant], folder: Path) -> dict[str, Path]:
 
 
 def tenant_figures(model: PagedMixture, tenants: list[Tenant], encode: Encoder, split: str) -> dict[str, dict]:
-    """Per tenant: routed, tenant-given and routing accuracy (%) and its query count, every tenant's queries routed
+    """Per tenant: its query count and routed, tenant-given and routing accuracy (%), every tenant's queries routed
     among every expert of `model`."""
     outcome = split_outcome(model, tenants, encode, split, batch_size=1024)
-    figures = {}
-    for tenant in tenants:
-        mine = outcome.tenant == model.tenant_index(tenant.name)
-        figures[tenant.name] = {
-            "acc_routed": accuracy(outcome.routed[mine], outcome.label[mine]),
-            "acc_tenant_given": accuracy(outcome.given[mine], outcome.label[mine]),
-            "routing_acc": accuracy(outcome.routed_tenant[mine], outcome.tenant[mine]),
-            "queries": int(mine.sum()),
-        }
-    return figures
+    return {t.name: Accuracies.of(outcome, outcome.tenant == model.tenant_index(t.name)).row() for t in tenants}
 
 
-def pooled(figures: dict[str, dict], names: list[str], prefix: str) -> dict[str, float]:
-    """Accuracies pooled over the queries of `names` (micro averages)."""
-    total = sum(figures[n]["queries"] for n in names)
-    keys = ("acc_routed", "acc_tenant_given", "routing_acc")
-    return {f"{prefix}/{k}": sum(figures[n][k] * figures[n]["queries"] for n in names) / total for k in keys}
-
-
-def group_metrics(figures: dict[str, dict], awake: list[str], dormant: list[str], prefix: str) -> dict[str, float]:
-    return (
-        pooled(figures, awake + dormant, f"{prefix}/all")
-        | pooled(figures, awake, f"{prefix}/awake")
-        | pooled(figures, dormant, f"{prefix}/dormant")
-    )
+def awake_dormant_metrics(figures: dict[str, dict], awake: list[str], dormant: list[str], prefix: str) -> dict:
+    """Accuracies pooled over the queries of all tenants, of the awake ones and of the dormant ones."""
+    metrics = {}
+    for group, names in (("all", awake + dormant), ("awake", awake), ("dormant", dormant)):
+        pooled = Accuracies.micro(Accuracies(**{k: figures[n][k] for k in FIELDS}) for n in names)
+        metrics |= accuracy_metrics(pooled, f"{prefix}/{group}")
+    return metrics
 
 
 def parameter_bytes(module: nn.Module) -> int:

@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from moe.data import read_tenant_file
 from moe.experiments.trunk_upgrade import (
     Encoder,
+    awake_dormant_metrics,
     batch1_latency_ms,
-    group_metrics,
     keep_old_trunk,
     parameter_bytes,
     store_bytes,
@@ -66,7 +66,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics["time/grow_all_s"] = time.perf_counter() - start
     old_model = load_mixture(store, names, gate, old_trunk.fingerprint)  # every expert on the shipped trunk
     figures = {"old": tenant_figures(old_model, everyone, old_encode, split)}
-    metrics |= group_metrics(figures["old"], awake, dormant, "old")
+    metrics |= awake_dormant_metrics(figures["old"], awake, dormant, "old")
 
     # 2. the dormant tenants hibernate, and their data files are deleted
     for name in dormant:
@@ -93,7 +93,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics |= {f"{strategy}/bridge/{k}": v for k, v in report.bridge.items() if isinstance(v, (int, float))}
         models[strategy] = load_mixture(copy, names, gate, new_trunk.fingerprint)
         figures[strategy] = tenant_figures(models[strategy], everyone, new_encode, split)
-        metrics |= group_metrics(figures[strategy], awake, dormant, strategy)
+        metrics |= awake_dormant_metrics(figures[strategy], awake, dormant, strategy)
         metrics[f"{strategy}/trunks"] = 1
         metrics[f"{strategy}/memory_bytes"] = parameter_bytes(new_trunk) + store_bytes(copy, models[strategy])
 
@@ -108,7 +108,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         )
         models["keep"] = kept
         figures["keep"] = tenant_figures(kept, everyone, both, split)
-        metrics |= group_metrics(figures["keep"], awake, dormant, "keep")
+        metrics |= awake_dormant_metrics(figures["keep"], awake, dormant, "keep")
         metrics["keep/trunks"] = 2
         shards = store_bytes(ExpertStore(out / "bridge" / "experts"))  # its experts; no bridge used
         metrics["keep/memory_bytes"] = parameter_bytes(new_trunk) + parameter_bytes(old_trunk) + shards
