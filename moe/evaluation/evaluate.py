@@ -29,6 +29,7 @@ from moe.inference import (
     load_mixture,
     read_gate_settings,
 )
+from moe.inference.answers import resolve_oos_rule
 from moe.model import Mixture
 from moe.trunk import Trunk
 
@@ -201,7 +202,7 @@ def _choose_oos(
             score, threshold = choose_score(result.outcomes[origin], criterion, max_cost)
         else:
             threshold = choose_threshold(result.outcomes[origin], score, criterion, max_cost)[0]
-    result.score = DEFAULT_OOS_SCORE if score == AUTO else score  # AUTO left: nothing to choose on, no threshold
+    result.score = resolve_oos_rule(score, None)[0]  # AUTO left: nothing to choose on, no threshold: the default
     if threshold is None:
         return
     result.threshold = threshold

@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture
 from moe.evaluation.report import PredictionWriter, write_report
-from moe.inference import AUTO, load_mixture, open_bundle
+from moe.inference import load_mixture, open_bundle
+from moe.inference.answers import resolve_oos_rule
 from moe.tasks.base import open_loggers, task
 from moe.tasks.inputs import feature_encoder, open_trained_store, sources_from_config
 
@@ -48,9 +49,8 @@ def run(cfg: DictConfig) -> dict[str, float | str]:
         bundle = open_bundle(cfg.bundle_dir, cfg.device, budget)
         model, trunk = bundle.model, bundle.trunk
         # as served by default: the bundle's score and threshold; a score named in `oos` replaces the bundle's rule
-        score = bundle.oos_score if cfg.oos.score == AUTO else cfg.oos.score
-        own = bundle.threshold if score == bundle.oos_score else None  # chosen on threshold_split when not its own
-        threshold = own if cfg.oos.threshold is None else cfg.oos.threshold
+        # (its threshold then chosen on threshold_split unless given)
+        score, threshold = resolve_oos_rule(cfg.oos.score, cfg.oos.threshold, bundle.oos_score, bundle.threshold)
         unsure_margin: float | None = bundle.unsure_margin  # and its runners-up margin
         made_with = (bundle.bundle.manifest.get("evaluation") or {}).get("batch_size")
         batch_size = int(cfg.batch_size or made_with or cfg.data.eval_batch_size)

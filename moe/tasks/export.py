@@ -15,7 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture
-from moe.inference import AUTO, DEFAULT_OOS_SCORE, UNSURE_MARGIN, check_oos_rule, load_mixture
+from moe.inference import UNSURE_MARGIN, check_oos_rule, load_mixture
+from moe.inference.answers import resolve_oos_rule
 from moe.store.bundle import check_target, write_bundle_manifest, write_files
 from moe.tasks.base import task
 from moe.tasks.inputs import feature_encoder, open_trained_store, sources_from_config
@@ -82,7 +83,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         precision = accuracy_cost(full, bundled, dtype)
     threshold = bundled.threshold if bundled else cfg.oos.threshold
     chosen = threshold is not None and cfg.oos.threshold is None
-    score = cfg.oos.score if cfg.oos.score != AUTO else DEFAULT_OOS_SCORE  # unmeasured: nothing to choose on
+    score = resolve_oos_rule(cfg.oos.score, cfg.oos.threshold)[0]  # unmeasured: nothing to choose on
     oos = {
         "score": bundled.score if bundled else score,
         "score_chosen_on": (full.metrics.get("oos/score_chosen_on") if full else None) or "given",
