@@ -213,10 +213,9 @@ def seeded_gaussian_tenants() -> list[Tenant]:
 
 
 def test_store_reference_is_trained_on_the_intents_the_store_knows_in_its_order():
-    data = OmegaConf.create({"tenants": {"_target_": "tests.test_reference.seeded_gaussian_tenants"}})
     known = [("tenant2", "intent2"), ("tenant2", "intent0"), ("tenant0", "intent1"), ("tenant0", "not_in_the_data")]
-    tenant0, _, tenant2 = seeded_gaussian_tenants()  # fills TABLE here (hydra imports this file as another module)
-    metrics = store_reference_metrics(data, known, TABLE, ["val", "test"])
+    tenant0, _, tenant2 = seeded_gaussian_tenants()  # fills TABLE
+    metrics = store_reference_metrics(seeded_gaussian_tenants(), known, TABLE, ["val", "test"])
     tenants = [tenant0.restricted(["intent1"]), tenant2.restricted(["intent2", "intent0"])]  # in the data's order
     assert tenants[1].labels == ("intent2", "intent0") and tenants[1].name == "tenant2"
     assert {e.label for split in ("train", "val", "test") for e in tenants[1].split(split)} == {"intent2", "intent0"}
@@ -236,7 +235,6 @@ def tenants_without_train() -> list[Tenant]:
 
 
 def test_store_reference_logs_an_error_when_the_tenants_have_no_train_split(caplog):
-    data = OmegaConf.create({"tenants": {"_target_": "tests.test_reference.tenants_without_train"}})
     with caplog.at_level(logging.ERROR, logger="moe.evaluation.reference"):
-        assert store_reference_metrics(data, [("weather", "rain")], Table(), ["test"]) == {}
+        assert store_reference_metrics(tenants_without_train(), [("weather", "rain")], Table(), ["test"]) == {}
     assert "no train split" in caplog.text

@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 
 from moe.data import Tenant
 from moe.evaluation.accuracies import Accuracies, accuracy_metrics
@@ -272,16 +270,15 @@ def fit_metrics(model: JointLinear, prefix: str) -> dict[str, float]:
 
 
 def store_reference_metrics(
-    data: DictConfig, labels: Sequence[tuple[str, str]], encode: Encoder, splits: Sequence[str]
+    configured: Iterable[Tenant], labels: Sequence[tuple[str, str]], encode: Encoder, splits: Sequence[str]
 ) -> dict[str, float]:
-    """The reference for an evaluated store: trained on the train data of the configured data's tenants that the
+    """The reference for an evaluated store: trained on the train data of the `configured` tenants that the
     store serves (each with the labels its expert knows, `labels` as the mixture's (tenant, intent) pairs), measured
     on each split's in-scope queries of those tenants: `reference/joint_linear/<split>/{acc_routed, routing_acc,
     acc_tenant_given}`. An error is logged, and nothing returned, when those tenants have no train split."""
     known: dict[str, list[str]] = {}
     for tenant, label in labels:
         known.setdefault(tenant, []).append(label)
-    configured = list(instantiate(data.tenants, _convert_="all"))
     tenants = [t.restricted(x for x in known[t.name] if x in t.labels) for t in configured if t.name in known]
     if not tenants or not any(t.split("train") for t in tenants):
         log.error(

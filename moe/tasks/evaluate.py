@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture
@@ -91,7 +92,8 @@ def run(cfg: DictConfig) -> dict[str, float | str]:
     if OmegaConf.select(cfg, "reference.joint_linear"):  # the joint linear reference, on the same features
         from moe.evaluation.reference import store_reference_metrics
 
-        evaluation.metrics |= store_reference_metrics(cfg.data, model.labels, encode, list(cfg.splits))
+        configured = instantiate(cfg.data.tenants, _convert_="all")
+        evaluation.metrics |= store_reference_metrics(configured, model.labels, encode, list(cfg.splits))
     files = write_report(evaluation, out)
     log_evaluation(open_loggers(cfg), cfg, evaluation, files)  # closed by `task`
     log.info("evaluated %s: %s", source, json.dumps(evaluation.metrics, sort_keys=True))
