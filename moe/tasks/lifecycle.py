@@ -11,7 +11,6 @@ layers), the file is read whole.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -25,8 +24,6 @@ from moe.model.pathway import is_pathway
 from moe.store import ExpertStore, check_tenant_name
 from moe.store.trunks import serving_trunk
 from moe.trunk import Trunk
-
-log = logging.getLogger(__name__)
 
 
 def growth_config(cfg: DictConfig) -> GrowthConfig:
