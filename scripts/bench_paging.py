@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moe.bench import (
+from moe.experiments.bench import (
     DIM,
     machine_info,
     memory_now,
@@ -47,9 +47,9 @@ from moe.bench import (
     write_store,
     zipf_probabilities,
 )
-from moe.export.precision import DTYPES
 from moe.inference import load_mixture
 from moe.store import ExpertStore
+from moe.store.precision import DTYPES
 
 
 def drop_from_page_cache(path: Path) -> bool:

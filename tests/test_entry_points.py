@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import moe.store.trunks
 import moe.trunk
 from moe.data import TenantDataError, read_tenant_file
 from moe.data.files import TenantFile
 from moe.lifecycle import Lifecycle
 from moe.lifecycle.stream import stream_tenant_file
 from moe.store import ExpertStore, read_tensors
-from moe.training.run import train
+from moe.tasks import train
 from moe.trunk import FeatureCache, TinyTrunk
 from tests.helpers import (
     SYNTHETIC,
@@ -51,12 +52,13 @@ def lifecycle_config(tmp_path: Path, store: Path, *overrides: str):
 
 @pytest.fixture
 def no_trunk(monkeypatch):
-    """Any trunk the configs name (`moe.trunk.TinyTrunk`) refuses to load."""
+    """Any trunk the configs name (`moe.trunk.TinyTrunk`) or a store records refuses to load."""
 
     def refuse(*args, **kwargs):
         raise AssertionError(TRUNK_LOADED)
 
     monkeypatch.setattr(moe.trunk, "TinyTrunk", refuse)
+    monkeypatch.setattr(moe.store.trunks, "_rebuilt", refuse)  # and the store's own, rebuilt from its registry
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,7 @@ def test_train_refuses_bad_tenant_names_before_the_trunk_loads(name, data, tmp_p
     )
     cfg = compose_config("train", ["data=tenant_files", f"data.tenants=[{entries}]", *TINY_TRAIN], tmp_path / "run")
     with pytest.raises(ValueError, match="tenant name"):
-        train(cfg)
+        train.run(cfg)
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
@@ -201,7 +203,7 @@ def test_train_refuses_a_run_folder_whose_experts_folder_holds_shards(tmp_path, 
     (run / "config.yaml").write_text("earlier: run\n")
     cfg = compose_config("train", [*synthetic_data(tmp_path / "data"), *TINY_TRAIN], run)
     with pytest.raises(FileExistsError, match=str(run / "experts")):
-        train(cfg)
+        train.run(cfg)
     assert (run / "config.yaml").read_text() == "earlier: run\n"
 
 

@@ -13,7 +13,7 @@ from tests.helpers import ROOT, run_python
 # Lowest first. A module may import its own package and anything in a lower layer; packages that share a layer
 # never import each other.
 LAYERS = [
-    ["moe.paths", "moe.config", "moe.progress"],
+    ["moe.paths", "moe.progress"],
     ["moe.data"],
     ["moe.trunk"],
     ["moe.model"],
@@ -21,9 +21,11 @@ LAYERS = [
     ["moe.inference"],  # build a mixture from a store or bundle, page, decode answers
     ["moe.evaluation"],
     ["moe.training"],
-    ["moe.lifecycle", "moe.export"],
-    ["moe.bench", "moe.serving"],
+    ["moe.lifecycle"],
+    ["moe.experiments", "moe.serving"],  # the research experiments and benchmarks; the serving runtime
+    ["moe.tasks"],  # the entry points' Hydra glue: `moe.tasks.<script>.run(cfg)`
 ]
+HYDRA = ("hydra", "omegaconf")  # the entry glue's config libraries
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 
 
@@ -89,3 +91,15 @@ def test_the_check_catches_an_upward_import(tmp_path):
 def test_serving_and_inference_load_without_lightning_hydra_or_wandb(module):
     code = f"import sys, {module}; print(sorted(m for m in ('lightning', 'hydra', 'wandb') if m in sys.modules))"
     assert run_python("-c", code).stdout.strip() == "[]"
+
+
+def test_only_the_tasks_read_a_hydra_config():
+    """The library takes plain values: Hydra and OmegaConf are imported by `moe.tasks` (the entry glue) alone."""
+    found = []
+    for path in sorted((ROOT / "moe").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        if module.startswith("moe.tasks"):
+            continue
+        package = module.removesuffix(".__init__").rpartition(".")[0]
+        found += [f"{module}:{line} {name}" for line, name in imports(path, package) if name.split(".")[0] in HYDRA]
+    assert found == []

@@ -80,3 +80,20 @@ def test_an_answer_lists_runners_up_exactly_when_the_metric_counts_it_unsure():
     flagged = (decoded.gate_margin < cut).tolist()
     assert flagged == [bool(r) for r in listed]  # what `unsure_metrics` counts is what answers show
     assert listed[2][0][1] == pytest.approx(torch.softmax(logits[2], 0)[1].item())  # with the gate's probability
+
+
+@pytest.mark.parametrize(
+    "given, default, expected",
+    [
+        (("auto", None), ("gate_energy", 0.4), ("gate_energy", 0.4)),  # nothing named: the default rule whole
+        (("auto", 0.3), ("gate_energy", 0.4), ("gate_energy", 0.3)),  # a threshold for the default's score
+        (("max_score", None), ("gate_energy", 0.4), ("max_score", None)),  # another score: its threshold to be chosen
+        (("max_score", 0.2), ("gate_energy", 0.4), ("max_score", 0.2)),
+        (("gate_energy", None), ("gate_energy", 0.4), ("gate_energy", 0.4)),  # its score named: threshold kept
+        (("auto", None), ("max_score", None), ("max_score", None)),  # no default threshold: none
+    ],
+)
+def test_an_out_of_scope_rule_given_over_a_default_is_settled_in_one_place(given, default, expected):
+    from moe.inference.answers import resolve_oos_rule
+
+    assert resolve_oos_rule(*given, *default) == expected

@@ -146,7 +146,7 @@ def test_paged_predictions_agree_with_the_in_memory_mixture(world):
 
 @pytest.mark.parametrize("routing", ["trained", "statistics"])
 def test_a_float16_store_keeps_its_gate_in_float16_and_scores_it_exactly(world, tmp_path, routing):
-    from moe.export.precision import convert_shard
+    from moe.store.precision import convert_shard
 
     store, _, batches = world
     half = ExpertStore(tmp_path / "half")

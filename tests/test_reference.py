@@ -13,7 +13,6 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from moe.data import Example, Tenant, read_tenant_file
-from moe.evaluation.inputs import feature_encoder
 from moe.evaluation.reference import (
     Accuracies,
     accuracy_metrics,
@@ -22,10 +21,10 @@ from moe.evaluation.reference import (
     joint_linear_reference,
     store_reference_metrics,
 )
-from moe.evaluation.run import evaluate
 from moe.lifecycle import Lifecycle
-from moe.lifecycle.run import run_scenario
 from moe.store import ExpertStore
+from moe.tasks import evaluate, scenario
+from moe.tasks.inputs import feature_encoder
 from moe.trunk import FeatureCache, TinyTrunk
 from tests.helpers import (
     compose_config,
@@ -144,7 +143,7 @@ def test_scenario_reports_the_joint_linear_reference_and_the_groups(tmp_path):
         "growth.epochs=3",
         "growth.rank=8",
     ]
-    metrics = run_scenario(compose_config("scenario", overrides, tmp_path / "run"))
+    metrics = scenario.run(compose_config("scenario", overrides, tmp_path / "run"))
     for who in ("final", "baseline/joint_linear"):
         for key in ("acc_routed", "routing_acc"):
             assert metrics[f"{who}/{key}_all"] == pytest.approx(metrics[f"{who}/{key}"])
@@ -161,7 +160,7 @@ def test_scenario_rejects_a_group_of_unknown_tenants(tmp_path):
     overrides = [*synthetic_data(tmp_path / "data"), "trunk=tiny", "events=[{op: grow, tenant: weather}]"]
     cfg = compose_config("scenario", [*overrides, "compare_groups={old: [nobody]}"], tmp_path / "run")
     with pytest.raises(KeyError, match="nobody"):
-        run_scenario(cfg)
+        scenario.run(cfg)
 
 
 def test_evaluate_writes_the_reference_of_a_grown_store(tmp_path):
@@ -187,7 +186,7 @@ def test_evaluate_writes_the_reference_of_a_grown_store(tmp_path):
         "reference.joint_linear=true",
     ]
     cfg = compose_config("evaluate", overrides, tmp_path / "evaluation")
-    evaluate(cfg)
+    evaluate.run(cfg)
     written = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
     # the same reference fitted directly on the grown tenants, with the evaluation's encoder (its feature cache)
     encode = feature_encoder(instantiate(cfg.trunk), cfg.paths.get("cache_dir"))
@@ -214,10 +213,9 @@ def seeded_gaussian_tenants() -> list[Tenant]:
 
 
 def test_store_reference_is_trained_on_the_intents_the_store_knows_in_its_order():
-    data = OmegaConf.create({"tenants": {"_target_": "tests.test_reference.seeded_gaussian_tenants"}})
     known = [("tenant2", "intent2"), ("tenant2", "intent0"), ("tenant0", "intent1"), ("tenant0", "not_in_the_data")]
-    tenant0, _, tenant2 = seeded_gaussian_tenants()  # fills TABLE here (hydra imports this file as another module)
-    metrics = store_reference_metrics(data, known, TABLE, ["val", "test"])
+    tenant0, _, tenant2 = seeded_gaussian_tenants()  # fills TABLE
+    metrics = store_reference_metrics(seeded_gaussian_tenants(), known, TABLE, ["val", "test"])
     tenants = [tenant0.restricted(["intent1"]), tenant2.restricted(["intent2", "intent0"])]  # in the data's order
     assert tenants[1].labels == ("intent2", "intent0") and tenants[1].name == "tenant2"
     assert {e.label for split in ("train", "val", "test") for e in tenants[1].split(split)} == {"intent2", "intent0"}
@@ -237,7 +235,6 @@ def tenants_without_train() -> list[Tenant]:
 
 
 def test_store_reference_logs_an_error_when_the_tenants_have_no_train_split(caplog):
-    data = OmegaConf.create({"tenants": {"_target_": "tests.test_reference.tenants_without_train"}})
     with caplog.at_level(logging.ERROR, logger="moe.evaluation.reference"):
-        assert store_reference_metrics(data, [("weather", "rain")], Table(), ["test"]) == {}
+        assert store_reference_metrics(tenants_without_train(), [("weather", "rain")], Table(), ["test"]) == {}
     assert "no train split" in caplog.text

@@ -14,10 +14,10 @@ import torch
 from moto.server import ThreadedMotoServer
 
 from moe.inference import load_mixture
-from moe.inference.bundle import read_bundle, write_manifest
 from moe.model import ExpertInfo, build_mixture
 from moe.model.stats import class_statistics
 from moe.store import ExpertStore, ShardError, expert_shards
+from moe.store.bundle import read_bundle, write_manifest
 from moe.store.remote import RemoteStore, mirror_bundle, open_store
 
 FP = "d" * 64

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +88,10 @@ class TenantFile:
             )
         return cls(files=files, **fields)
 
+    def rows(self, splits: Collection[str] = SPLITS) -> Iterator[tuple[Path, int, str, Example]]:
+        """`tenant_rows` of these files."""
+        return tenant_rows(self.files, self.text_column, self.label_column, self.split_column, splits)
+
 
 def read_examples(
     path: str | Path, text_column: str = "text", label_column: str = "label", split_column: str | None = None
@@ -129,6 +133,63 @@ def read_examples(
         raise TenantDataError(path, "empty file (no rows)")
 
 
+def file_sources(files: str | Path | Mapping[str, str | Path]) -> dict[str | None, str | Path]:
+    """A tenant's file(s) as split -> file (None: one file, its rows split by a column or all train)."""
+    return dict(files) if isinstance(files, Mapping) else {None: files}
+
+
+def source_of(files: str | Path | Mapping[str, str | Path]) -> str:
+    """The files named in one string (a tenant's `source`)."""
+    return ", ".join(str(p) for p in file_sources(files).values())
+
+
+def tenant_rows(
+    files: str | Path | Mapping[str, str | Path],
+    text_column: str = "text",
+    label_column: str = "label",
+    split_column: str | None = None,
+    splits: Collection[str] = SPLITS,
+) -> Iterator[tuple[Path, int, str, Example]]:
+    """`(file, row, split, example)` of every row of a tenant's file(s) in `splits`, each checked as it is read
+    (`read_examples`): one file (split by `split_column`, else all train) or a mapping split -> file, whose split
+    wins; a file of a split not in `splits` is not opened. The one reading of the tenant-file rules that
+    `read_tenant_file` and the lifecycle's streaming (`moe.lifecycle.stream`) share."""
+    for fixed_split, path in file_sources(files).items():
+        if fixed_split is not None and fixed_split not in SPLITS:
+            raise TenantDataError(path, f"unknown split {fixed_split!r} (expected one of {SPLITS})")
+        if fixed_split is not None and fixed_split not in splits:
+            continue
+        for number, split, example in read_examples(path, text_column, label_column, split_column):
+            split = fixed_split or split
+            if split in splits:
+                yield Path(path), number, split, example
+
+
+class LabelSet:
+    """A tenant's label set from its rows (`add` each): the train split's labels in sorted order (`labels`), a
+    tenant without train rows or a val/test label absent from train being an error naming the file and row."""
+
+    def __init__(self) -> None:
+        self.train: set[str] = set()
+        self.first: dict[tuple[str, str], tuple[Path, int]] = {}  # the first row of each (val/test split, label)
+
+    def add(self, path: Path, number: int, split: str, label: str) -> None:
+        if split == "train":
+            self.train.add(label)
+        else:
+            self.first.setdefault((split, label), (path, number))
+
+    def labels(self, name: str, source: str) -> tuple[str, ...]:
+        if not self.train:
+            raise TenantDataError(source, f"tenant {name!r} has no train rows")
+        for (split, label), (path, number) in self.first.items():
+            if label not in self.train:
+                raise TenantDataError(
+                    path, f"label {label!r} in split {split!r} does not occur in the train split", row=number
+                )
+        return tuple(sorted(self.train))
+
+
 def read_tenant_file(
     name: str,
     files: str | Path | Mapping[str, str | Path],
@@ -140,23 +201,11 @@ def read_tenant_file(
 
     The label set is the train split's labels in sorted order; a val/test label absent from train is an error.
     """
-    sources = dict(files) if isinstance(files, Mapping) else {None: files}
     splits: dict[str, list[Example]] = {split: [] for split in SPLITS}
-    where: dict[tuple[str, str], tuple[Path, int]] = {}
-    for fixed_split, path in sources.items():
-        if fixed_split is not None and fixed_split not in SPLITS:
-            raise TenantDataError(path, f"unknown split {fixed_split!r} (expected one of {SPLITS})")
-        for number, split, example in read_examples(path, text_column, label_column, split_column):
-            split = fixed_split or split
-            splits[split].append(example)
-            where.setdefault((split, example.label), (Path(path), number))
-    labels = tuple(sorted({example.label for example in splits["train"]}))
-    if not labels:
-        raise TenantDataError(", ".join(str(p) for p in sources.values()), f"tenant {name!r} has no train rows")
-    for (split, label), (path, number) in where.items():
-        if label not in labels:
-            raise TenantDataError(
-                path, f"label {label!r} in split {split!r} does not occur in the train split", row=number
-            )
-    source = ", ".join(str(p) for p in sources.values())
+    label_set = LabelSet()
+    for path, number, split, example in tenant_rows(files, text_column, label_column, split_column):
+        splits[split].append(example)
+        label_set.add(path, number, split, example.label)
+    source = source_of(files)
+    labels = label_set.labels(name, source)
     return Tenant(name=name, labels=labels, splits={k: v for k, v in splits.items() if v}, source=source)

@@ -1,6 +1,6 @@
 """The evaluation: a mixture over split sources -> flat metrics, per-tenant rows and what the plots need.
 
-Training (`moe.training.run`), `scripts/evaluate.py` and `scripts/export.py` all report what this computes on a
+Training (`moe.tasks.train`), `scripts/evaluate.py` and `scripts/export.py` all report what this computes on a
 `PagedMixture` loaded from the shards, so their figures agree to the last digit.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from moe.data import Tenant
+from moe.evaluation.accuracies import Accuracies
 from moe.evaluation.calibration import Reliability, expected_calibration_error, reliability
 from moe.evaluation.collect import Encoder, Outcome, Sink, collect
 from moe.evaluation.metrics import accuracy, confusion_matrix, macro_f1, per_class_f1
@@ -28,6 +29,7 @@ from moe.inference import (
     load_mixture,
     read_gate_settings,
 )
+from moe.inference.answers import resolve_oos_rule
 from moe.model import Mixture
 from moe.trunk import Trunk
 
@@ -78,15 +80,8 @@ def per_tenant_rows(model: Mixture, outcome: Outcome, split: str, threshold: flo
             continue
         label = outcome.label[mask]
         own = (label_tenant == t).nonzero().squeeze(1)
-        row = {
-            "split": split,
-            "tenant": name,
-            "queries": int(mask.sum()),
-            "acc_routed": accuracy(outcome.routed[mask], label),
-            "acc_tenant_given": accuracy(outcome.given[mask], label),
-            "routing_acc": accuracy(outcome.routed_tenant[mask], outcome.tenant[mask]),
-            "macro_f1": 100.0 * f1[own].mean().item(),
-        }
+        row = {"split": split, "tenant": name, **Accuracies.of(outcome, mask).row()}
+        row["macro_f1"] = 100.0 * f1[own].mean().item()
         if threshold is not None:
             kept = outcome.oos_scores[score][mask].double() >= threshold
             row["acc_in_scope_with_rejection"] = (
@@ -207,7 +202,7 @@ def _choose_oos(
             score, threshold = choose_score(result.outcomes[origin], criterion, max_cost)
         else:
             threshold = choose_threshold(result.outcomes[origin], score, criterion, max_cost)[0]
-    result.score = DEFAULT_OOS_SCORE if score == AUTO else score  # AUTO left: nothing to choose on, no threshold
+    result.score = resolve_oos_rule(score, None)[0]  # AUTO left: nothing to choose on, no threshold: the default
     if threshold is None:
         return
     result.threshold = threshold

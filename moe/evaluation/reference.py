@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 
 from moe.data import Tenant
+from moe.evaluation.accuracies import Accuracies, accuracy_metrics
 from moe.evaluation.collect import Encoder
 from moe.evaluation.metrics import accuracy
 
@@ -36,26 +35,6 @@ log = logging.getLogger(__name__)
 
 WEIGHT_DECAYS = (1e-2, 1e-3, 1e-4)  # strongest first: ties go to the first
 STEPS = (20, 40)  # L-BFGS iterations at which each fit is scored on val (CLINC150: no gain past 40)
-
-
-@dataclass(frozen=True)
-class Accuracies:
-    """Accuracies in percent (NaN without queries) over `queries` in-scope queries."""
-
-    acc_routed: float
-    acc_tenant_given: float
-    routing_acc: float
-    queries: int
-
-    @staticmethod
-    def micro(parts: Iterable[Accuracies]) -> Accuracies:
-        """Pooled over every query of `parts` (each weighted by its queries)."""
-        parts = [p for p in parts if p.queries]
-        n = sum(p.queries for p in parts)
-        if not n:
-            return Accuracies(float("nan"), float("nan"), float("nan"), 0)
-        pool = lambda key: sum(getattr(p, key) * p.queries for p in parts) / n  # noqa: E731
-        return Accuracies(pool("acc_routed"), pool("acc_tenant_given"), pool("routing_acc"), n)
 
 
 @dataclass(frozen=True)
@@ -290,25 +269,16 @@ def fit_metrics(model: JointLinear, prefix: str) -> dict[str, float]:
     }
 
 
-def accuracy_metrics(accuracies: Accuracies, prefix: str, suffix: str = "") -> dict[str, float]:
-    return {
-        f"{prefix}/acc_routed{suffix}": accuracies.acc_routed,
-        f"{prefix}/acc_tenant_given{suffix}": accuracies.acc_tenant_given,
-        f"{prefix}/routing_acc{suffix}": accuracies.routing_acc,
-    }
-
-
 def store_reference_metrics(
-    data: DictConfig, labels: Sequence[tuple[str, str]], encode: Encoder, splits: Sequence[str]
+    configured: Iterable[Tenant], labels: Sequence[tuple[str, str]], encode: Encoder, splits: Sequence[str]
 ) -> dict[str, float]:
-    """The reference for an evaluated store: trained on the train data of the configured data's tenants that the
+    """The reference for an evaluated store: trained on the train data of the `configured` tenants that the
     store serves (each with the labels its expert knows, `labels` as the mixture's (tenant, intent) pairs), measured
     on each split's in-scope queries of those tenants: `reference/joint_linear/<split>/{acc_routed, routing_acc,
     acc_tenant_given}`. An error is logged, and nothing returned, when those tenants have no train split."""
     known: dict[str, list[str]] = {}
     for tenant, label in labels:
         known.setdefault(tenant, []).append(label)
-    configured = list(instantiate(data.tenants, _convert_="all"))
     tenants = [t.restricted(x for x in known[t.name] if x in t.labels) for t in configured if t.name in known]
     if not tenants or not any(t.split("train") for t in tenants):
         log.error(

@@ -16,10 +16,11 @@ from moe.inference.answers import (
     predict,
 )
 from moe.inference.build import GateSettings, Verify, load_mixture, read_gate_settings
-from moe.inference.bundle import FORMAT, Bundle, BundleError, OpenBundle, open_bundle, read_bundle
+from moe.inference.bundle import OpenBundle, open_bundle
 from moe.inference.index import IndexSettings, RowIndex
 from moe.inference.paged import PagedMixture, ShardLoader
 from moe.inference.pager import ExpertPager, TierStats
+from moe.store.bundle import FORMAT, Bundle, BundleError, read_bundle
 
 __all__ = [
     "FORMAT",

@@ -51,6 +51,19 @@ def check_oos_rule(score: str, threshold: float | None) -> None:
         raise ValueError(f"a fixed out-of-scope threshold needs a named score, not {AUTO!r}: one of {list(OOS_SCORES)}")
 
 
+def resolve_oos_rule(
+    score: str, threshold: float | None, default_score: str = DEFAULT_OOS_SCORE, default_threshold: float | None = None
+) -> tuple[str, float | None]:
+    """The out-of-scope rule in force, where one is given (`score`, `threshold`) over a default (a bundle's own rule,
+    or the default score with no threshold): the score named, else (`auto`) the default's; the threshold given, else
+    the default's when the score is the default's (a threshold belongs to its score). The one place evaluation,
+    export and the evaluation of a bundle settle it."""
+    chosen = default_score if score == AUTO else score
+    if threshold is None and chosen == default_score:
+        threshold = default_threshold
+    return chosen, threshold
+
+
 def oos_score(output: MixtureOutput, best_score: torch.Tensor, kind: str) -> torch.Tensor:
     """(b,) score of kind `kind` (see `OOS_SCORES`); higher means more in-scope."""
     if kind not in OOS_SCORES:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,6 +26,7 @@ from moe.model.bridge import AffineMap, Bridge
 from moe.model.pathway import Pathways, PathwaySpec, is_pathway
 from moe.model.stats import OWN_COVARIANCE, SHRINKAGE, PooledScatter, fill_statistics_rows, fill_tenant_rows
 from moe.store import ExpertMeta, ExpertStore, RemoteStore, ShardError, TrunkVersions, open_store, tensor_bytes
+from moe.store.bundle import Verify  # each shard's checksum: when the mixture is built, or at first page-in
 from moe.store.shard import weight_names
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-Verify = Literal["full", "lazy"]  # each shard's checksum: when the mixture is built, or at its first page-in
 STATISTICS_TENSORS = ("stats.mean", "stats.count", "stats.scatter")
 
 

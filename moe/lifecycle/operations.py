@@ -375,7 +375,4 @@ class Lifecycle:
     def retire(self, name: str, archive_dir: str | Path | None = None) -> Path | None:
         """Out of routing for good: its folder is moved to `archive_dir`, or deleted when that is None. A tombstone
         stays in the store, so that later operations on the name say it was retired, until it is grown again."""
-        if archive_dir is not None:
-            return self.store.archive(name, archive_dir)
-        self.store.delete(name)
-        return None
+        return self.store.remove(name, archive_dir)

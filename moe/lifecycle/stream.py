@@ -9,16 +9,14 @@ second encodes the train rows into features allocated once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from moe.data import Tenant, TenantDataError
-from moe.data.files import TenantFile, read_examples
-from moe.data.tenant import SPLITS
+from moe.data.files import LabelSet, TenantFile, source_of
 from moe.progress import bar as progress_bar
 
 Encoder = Callable[[list[str]], torch.Tensor]
@@ -41,41 +39,16 @@ class ScannedFile:
     train_rows: int
 
 
-def _sources(entry: TenantFile) -> dict[str | None, str]:
-    return dict(entry.files) if isinstance(entry.files, Mapping) else {None: entry.files}
-
-
-def _rows(entry: TenantFile, fixed_split: str | None, path: str) -> Iterator[tuple[int, str, str, str]]:
-    """(row, split, text, label) of one file, the file's own split (a `{split: file}` mapping) winning."""
-    for number, split, example in read_examples(path, entry.text_column, entry.label_column, entry.split_column):
-        yield number, fixed_split or split, example.text, example.label
-
-
 def scan_tenant_file(entry: TenantFile) -> ScannedFile:
-    """Every row of every file read and checked, keeping only the label set; the errors are `read_tenant_file`'s:
-    a malformed row, an unknown split, no train rows, a val/test label that train does not have."""
-    sources = _sources(entry)
-    train_labels: set[str] = set()
-    train_rows = 0
-    where: dict[tuple[str, str], tuple[Path, int]] = {}  # the first row of each (val/test split, label)
-    for fixed_split, path in sources.items():
-        if fixed_split is not None and fixed_split not in SPLITS:
-            raise TenantDataError(path, f"unknown split {fixed_split!r} (expected one of {SPLITS})")
-        for number, split, _, label in _rows(entry, fixed_split, path):
-            if split == "train":
-                train_labels.add(label)
-                train_rows += 1
-            else:
-                where.setdefault((split, label), (Path(path), number))
-    source = ", ".join(str(p) for p in sources.values())
-    if not train_labels:
-        raise TenantDataError(source, f"tenant {entry.name!r} has no train rows")
-    for (split, label), (path, number) in where.items():
-        if label not in train_labels:
-            raise TenantDataError(
-                path, f"label {label!r} in split {split!r} does not occur in the train split", row=number
-            )
-    return ScannedFile(Tenant(name=entry.name, labels=tuple(sorted(train_labels)), source=source), train_rows)
+    """Every row of every file read and checked, keeping only the label set; the errors are `read_tenant_file`'s
+    (the same rules, `tenant_rows` and `LabelSet`): a malformed row, an unknown split, no train rows, a val/test
+    label that train does not have."""
+    label_set, train_rows = LabelSet(), 0
+    for path, number, split, example in entry.rows():
+        label_set.add(path, number, split, example.label)
+        train_rows += split == "train"
+    source = source_of(entry.files)
+    return ScannedFile(Tenant(name=entry.name, labels=label_set.labels(entry.name, source), source=source), train_rows)
 
 
 @torch.no_grad()
@@ -110,18 +83,13 @@ def encode_train_rows(
         ids.clear()
 
     with progress_bar(desc=f"encoding {entry.name}", unit="row", total=scanned.train_rows, enabled=progress) as bar:
-        for fixed_split, path in _sources(entry).items():
-            if fixed_split not in (None, "train"):
-                continue  # a val or test file: checked by the scan, never encoded
-            for number, split, text, label in _rows(entry, fixed_split, path):
-                if split != "train":
-                    continue
-                if label not in index or filled + len(texts) >= scanned.train_rows:
-                    raise TenantDataError(path, "the file changed while it was being read", row=number)
-                texts.append(text)
-                ids.append(index[label])
-                if len(texts) == batch_size:
-                    flush()
+        for path, number, _, example in entry.rows(splits=("train",)):  # val/test files: scanned, never encoded
+            if example.label not in index or filled + len(texts) >= scanned.train_rows:
+                raise TenantDataError(path, "the file changed while it was being read", row=number)
+            texts.append(example.text)
+            ids.append(index[example.label])
+            if len(texts) == batch_size:
+                flush()
         if texts:
             flush()
     if filled != scanned.train_rows or features is None:

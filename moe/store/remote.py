@@ -43,6 +43,7 @@ from filelock import FileLock
 
 from moe.paths import cache_dir as user_cache_dir
 from moe.paths import file_sha256
+from moe.store.bundle import MANIFEST
 from moe.store.shard import ExpertMeta, ShardError, read_shard, write_shard
 from moe.store.store import _FILE, _OWN, ExpertStore, ShardRecord, check_tenant_name
 
@@ -299,11 +300,9 @@ def _size(path: Path) -> int:
 
 # -- bundles ----------------------------------------------------------------------------------------------------
 
-MANIFEST = "manifest.json"  # as `moe.inference.bundle` names it
-
 
 def mirror_bundle(url: str, cache_dir: str | Path | None = None, **options: Any) -> Path:
-    """A local copy of the bundle folder at `url`, for `moe.inference.bundle.read_bundle` (which verifies it again,
+    """A local copy of the bundle folder at `url`, for `moe.store.bundle.read_bundle` (which verifies it again,
     manifest checksum included). Every file its manifest lists is downloaded and checked against the manifest's
     sha256 (a ValueError naming the object's URL), in a hidden folder renamed into place whole, named by the
     manifest's hash: a mirror is never half-visible, and one bundle version's never mixes with another's."""

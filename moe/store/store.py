@@ -330,6 +330,14 @@ class ExpertStore:
                 raise
         return target
 
+    def remove(self, tenant: str, archive_dir: str | Path | None = None) -> Path | None:
+        """A tenant out of the store for good: moved to `archive_dir` (its new folder returned, `archive`), or deleted
+        when that is None (`delete`); a tombstone stays either way."""
+        if archive_dir is not None:
+            return self.archive(tenant, archive_dir)
+        self.delete(tenant)
+        return None
+
     def delete(self, tenant: str) -> None:
         """Remove a tenant and all its versions from disk, leaving a tombstone (see `retired`)."""
         with self._writing(tenant):

@@ -6,9 +6,10 @@
     <root>/.trunks/CURRENT                           the fingerprint queries are encoded with and new experts trained on
     <root>/.bridges/<old[:32]>-<new[:32]>.safetensors   a bridge from an old version's features to a new one's
 
-A store without `CURRENT` is on the trunk its experts share (every store made before versions existed). Every file
-is written whole or not at all (a temporary name, then a rename), and a rebuilt trunk is refused unless its
-fingerprint is the recorded one.
+A store describes its own trunk: training records it and makes it `CURRENT`, growth records the trunk it trains on,
+an upgrade records both versions and moves `CURRENT`; `serving_trunk` rebuilds it from the store alone. Every file is
+written whole or not at all (a temporary name, then a rename), and a rebuilt trunk is refused unless its fingerprint
+is the recorded one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +54,17 @@ def _rebuilt(entry: dict, folder: Path | None) -> Trunk:
             f"trunk {entry['fingerprint'][:12]}…: unknown kind {entry['kind']!r}; known: {sorted(TRUNK_KINDS)}"
         )
     return TRUNK_KINDS[entry["kind"]].rebuild(entry["init"], folder, entry.get("reference"))
+
+
+def serving_trunk(root: str | Path, unrecorded: Callable[[], tuple[Trunk, bool]]) -> tuple[Trunk, bool]:
+    """The trunk the store at `root` serves on, rebuilt from the store alone (`TrunkVersions.serving`, checked against
+    its fingerprint, frozen), and whether it was trained (its weights are kept in the store: no package rebuilds it).
+    A store that records no trunk gets `unrecorded()`'s: a new store (the configured trunk), or one trained before
+    training recorded its trunk (the old format, whose trunk only the run's config.yaml names)."""
+    versions = TrunkVersions(root)
+    if (fingerprint := versions.serving()) is None:
+        return unrecorded()
+    return versions.rebuild(fingerprint), bool(versions.describe(fingerprint).get("weights"))
 
 
 class TrunkVersions:
@@ -145,6 +158,17 @@ class TrunkVersions:
     def set_current(self, fingerprint: str) -> None:
         self.describe(fingerprint)  # only a recorded version
         _write_text(self.folder / "CURRENT", fingerprint + "\n")
+
+    def serving(self) -> str | None:
+        """The version the store serves on: `current()` when set (by training or an upgrade), else its one recorded
+        version not adapted from another (a store the lifecycle grew records the trunk it trained on, and an adapted
+        version is not served before an upgrade moves the store onto it); None when it records none."""
+        if (current := self.current()) is not None:
+            return current
+        roots = [f for f in self.fingerprints() if not self.describe(f).get("parent")]
+        if len(roots) > 1:
+            raise ValueError(f"{self.root} records trunks {[f[:12] for f in roots]} and serves on none (no CURRENT)")
+        return roots[0] if roots else None
 
     # -- bridges ---------------------------------------------------------------------------------------------
 

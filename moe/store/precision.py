@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from moe.store import ExpertMeta, ShardError, read_shard, write_shard
+from moe.store.shard import ExpertMeta, ShardError, read_shard, write_shard
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -1,4 +1,4 @@
-"""`run_scenario(cfg)`: the continual experiment from a composed `conf/scenario.yaml`."""
+"""`run(cfg)`: the continual experiment from a composed `conf/scenario.yaml`."""
 
 from __future__ import annotations
 
@@ -11,18 +11,19 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from moe.config import start_run
-from moe.evaluation.reference import accuracy_metrics, fit_metrics, joint_linear_reference
+from moe.evaluation.accuracies import Accuracies, accuracy_metrics
+from moe.evaluation.reference import fit_metrics, joint_linear_reference
+from moe.experiments.baselines import joint_pathway_retrain, joint_retrain, sequential_run
+from moe.experiments.plots import accuracy_heatmaps, accuracy_over_events
+from moe.experiments.scenario import Event, Record, Scenario, continual_metrics
 from moe.inference import GateSettings
-from moe.lifecycle.baselines import joint_pathway_retrain, joint_retrain, sequential_run
-from moe.lifecycle.config import growth_config
 from moe.lifecycle.operations import Lifecycle
-from moe.lifecycle.plots import accuracy_heatmaps, accuracy_over_events
-from moe.lifecycle.scenario import Event, Record, Scenario, continual_metrics
 from moe.model.pathway import is_pathway
 from moe.paths import cache_dir
 from moe.progress import bar as progress_bar
 from moe.store import ExpertStore
+from moe.tasks.base import start_run, task
+from moe.tasks.lifecycle import growth_config
 from moe.trunk import FeatureCache, Trunk
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,9 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _micro(accuracy: dict[str, float], counts: dict[str, int]) -> float:
-    return sum(accuracy[t] * counts[t] for t in accuracy) / sum(counts[t] for t in accuracy)
+def pooled(final: Record, names: list[str], counts: dict[str, int]) -> Accuracies:
+    """The final accuracies of tenants `names`, pooled over their test queries."""
+    return Accuracies.micro(Accuracies(final.routed[t], final.given[t], final.routing[t], counts[t]) for t in names)
 
 
 def compare_groups(cfg: DictConfig, tenants: dict[str, object]) -> dict[str, list[str]]:
@@ -48,23 +50,19 @@ def compare_groups(cfg: DictConfig, tenants: dict[str, object]) -> dict[str, lis
     return groups
 
 
-def group_metrics(final: Record, groups: dict[str, list[str]], counts: dict[str, int]) -> dict[str, float]:
-    """The mixture's final accuracies per group of tenants, pooled over the group's test queries."""
+def compare_group_metrics(final: Record, groups: dict[str, list[str]], counts: dict[str, int]) -> dict[str, float]:
+    """The mixture's final accuracies per group of tenants (`compare_groups`), pooled over the group's test queries."""
     metrics: dict[str, float] = {}
     for group, members in groups.items():
         if missing := [t for t in members if t not in counts]:
             log.warning("compare_groups.%s: %s have no expert at the end; left out", group, missing)
         present = [t for t in members if t in counts]
-        for key, values in (
-            ("acc_routed", final.routed),
-            ("acc_tenant_given", final.given),
-            ("routing_acc", final.routing),
-        ):
-            metrics[f"final/{key}_{group}"] = _micro({t: values[t] for t in present}, counts) if present else math.nan
+        metrics |= accuracy_metrics(pooled(final, present, counts), "final", f"_{group}")
     return metrics
 
 
-def run_scenario(cfg: DictConfig) -> dict[str, float]:
+@task
+def run(cfg: DictConfig) -> dict[str, float]:
     out = start_run(cfg)
     trunk: Trunk = instantiate(cfg.trunk)
     tenants = {t.name: t for t in instantiate(cfg.data.tenants, _convert_="all")}
@@ -92,17 +90,14 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
     final = records[-1]
     counts = {name: len(scenario.known_tenant(name).split(split)) for name in names}
 
-    metrics: dict[str, float] = {
-        "final/acc_routed": _micro(final.routed, counts),
-        "final/acc_tenant_given": _micro(final.given, counts),
-        "final/routing_acc": _micro(final.routing, counts),
+    metrics: dict[str, float] = accuracy_metrics(pooled(final, names, counts), "final") | {
         "final/tenants": len(names),
         "time/grow_mean_s": statistics.mean(r.seconds for r in records if r.event.op == "grow"),
         "time/events_s": sum(r.seconds for r in records),
         "memory/peak_rss_bytes": max(r.rss_bytes for r in records),
         "wake/identical": float(all(scenario.wake_identical.values())) if scenario.wake_identical else math.nan,
     }
-    metrics |= group_metrics(final, groups, counts)
+    metrics |= compare_group_metrics(final, groups, counts)
     warned = scenario.lifecycle.warned  # the tenants whose last grow or update warned of overlapping intents
     metrics["overlap/warned_tenants"] = len(warned)
     if updates := [r.seconds for r in records if r.event.op == "update"]:
@@ -133,8 +128,9 @@ def run_scenario(cfg: DictConfig) -> dict[str, float]:
         matrix["sequential_routed"] = [[row.get(t, (math.nan, math.nan))[0] for t in names] for row in rows]
         matrix["sequential_tenant_given"] = [[row.get(t, (math.nan, math.nan))[1] for t in names] for row in rows]
         curves["sequential fine-tuning routed"] = [_mean(row) for row in matrix["sequential_routed"]]
-        metrics["baseline/sequential/acc_routed"] = _micro({t: rows[-1][t][0] for t in names}, counts)
-        metrics["baseline/sequential/acc_tenant_given"] = _micro({t: rows[-1][t][1] for t in names}, counts)
+        last = Accuracies.micro(Accuracies(*rows[-1][t], float("nan"), counts[t]) for t in names)
+        metrics["baseline/sequential/acc_routed"] = last.acc_routed
+        metrics["baseline/sequential/acc_tenant_given"] = last.acc_tenant_given
 
     final_tenants = [tenants[name].restricted(scenario.known[name]) for name in names]
     references: dict[str, float] = {}

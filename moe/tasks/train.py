@@ -1,4 +1,4 @@
-"""`train(cfg)`: the whole training run from a composed Hydra config. Scripts and tests call this."""
+"""`run(cfg)`: the whole training run from a composed Hydra config. Scripts and tests call this."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors.torch import save_file
 
-from moe.config import instantiate_group
 from moe.data import Tenant, TenantDataModule
 from moe.evaluation import Evaluation, evaluate_store
 from moe.model import ExpertInfo, build_mixture
@@ -27,6 +26,8 @@ from moe.paths import cache_dir
 from moe.store import ExpertStore, check_tenant_name, expert_shards, save_gate
 from moe.store.assemble import Shard
 from moe.store.shard import weight_names
+from moe.store.trunks import TrunkVersions
+from moe.tasks.base import instantiate_group, open_loggers, task
 from moe.training.module import MixtureClassifier
 from moe.training.pathway import PathwayConfig, train_pathway
 from moe.trunk import FeatureCache, Trunk
@@ -158,7 +159,8 @@ def tenant_metrics(evaluation: Evaluation) -> dict[str, dict]:
     return own
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+@task
+def run(cfg: DictConfig) -> dict[str, float]:
     """Train gate and experts, evaluate them as `scripts/evaluate.py` would, and write config, shards (each with its
     tenant's own figures), gate and metrics under `paths.output_dir`. Before any work: the experts folder must hold
     no shards, and the tenants' names must be names a store takes."""
@@ -173,7 +175,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     data.setup()
     classifier = build_classifier(cfg, data.tenants, trunk)
 
-    loggers: list[Logger] = instantiate_group(cfg.get("logger"))
+    loggers: list[Logger] = open_loggers(cfg)  # closed by `task`, whether the run succeeds or fails
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=instantiate_group(cfg.get("callbacks"))
     )
@@ -219,13 +221,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
             meta = replace(meta, metrics=own.get(meta.tenant, {}) | {"train_examples": examples})
             path = store.save(tensors, meta)
             log.info("saved expert %s to %s", meta.tenant, path)
+        versions = TrunkVersions(store.root)  # the store describes its trunk: what rebuilds it, that it serves on it
+        versions.record(trunk, note="the training run's trunk", weights=not trunk.frozen)
+        versions.set_current(fingerprint)
         save_gate(out / "gate.safetensors", classifier.model, fingerprint, shards[0][1].architecture)
         if not trunk.frozen:  # the trunk trained with the experts: keep the weights their shards were made on
             save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, out / "trunk.safetensors")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     for logger in loggers:
         logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()
     log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
     return metrics

@@ -1,4 +1,4 @@
-"""`evaluate(cfg)`: evaluate a trained store or an exported bundle from a composed Hydra config, write metrics.json,
+"""`run(cfg)`: evaluate a trained store or an exported bundle from a composed Hydra config, write metrics.json,
 per_tenant.csv and plots under `paths.output_dir`, and log them. scripts/evaluate.py and tests call this."""
 
 from __future__ import annotations
@@ -8,13 +8,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from moe.config import instantiate_group
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture
-from moe.evaluation.inputs import feature_encoder, open_trained_store, sources_from_config
 from moe.evaluation.report import PredictionWriter, write_report
-from moe.inference import AUTO, load_mixture, open_bundle
+from moe.inference import load_mixture, open_bundle
+from moe.inference.answers import resolve_oos_rule
+from moe.tasks.base import open_loggers, task
+from moe.tasks.inputs import feature_encoder, open_trained_store, sources_from_config
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,10 @@ def log_evaluation(loggers: list[Any], cfg: DictConfig, evaluation: Evaluation, 
                 if rows:
                     columns = list(dict.fromkeys(k for row in rows for k in row))
                     logger.log_table(name, columns, [[row.get(c) for c in columns] for row in rows])
-            logger.experiment.finish()
-        else:
-            logger.save()
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float | str]:
+@task
+def run(cfg: DictConfig) -> dict[str, float | str]:
     """A store (`store_dir`, trained with the run's trunk and gate settings) or a bundle (`bundle_dir`, checked and
     loaded as serving loads it), on the configured data's splits."""
     out = Path(cfg.paths.output_dir)
@@ -50,9 +50,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float | str]:
         bundle = open_bundle(cfg.bundle_dir, cfg.device, budget)
         model, trunk = bundle.model, bundle.trunk
         # as served by default: the bundle's score and threshold; a score named in `oos` replaces the bundle's rule
-        score = bundle.oos_score if cfg.oos.score == AUTO else cfg.oos.score
-        own = bundle.threshold if score == bundle.oos_score else None  # chosen on threshold_split when not its own
-        threshold = own if cfg.oos.threshold is None else cfg.oos.threshold
+        # (its threshold then chosen on threshold_split unless given)
+        score, threshold = resolve_oos_rule(cfg.oos.score, cfg.oos.threshold, bundle.oos_score, bundle.threshold)
         unsure_margin: float | None = bundle.unsure_margin  # and its runners-up margin
         made_with = (bundle.bundle.manifest.get("evaluation") or {}).get("batch_size")
         batch_size = int(cfg.batch_size or made_with or cfg.data.eval_batch_size)
@@ -93,8 +92,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float | str]:
     if OmegaConf.select(cfg, "reference.joint_linear"):  # the joint linear reference, on the same features
         from moe.evaluation.reference import store_reference_metrics
 
-        evaluation.metrics |= store_reference_metrics(cfg.data, model.labels, encode, list(cfg.splits))
+        configured = instantiate(cfg.data.tenants, _convert_="all")
+        evaluation.metrics |= store_reference_metrics(configured, model.labels, encode, list(cfg.splits))
     files = write_report(evaluation, out)
-    log_evaluation(instantiate_group(cfg.get("logger")), cfg, evaluation, files)
+    log_evaluation(open_loggers(cfg), cfg, evaluation, files)  # closed by `task`
     log.info("evaluated %s: %s", source, json.dumps(evaluation.metrics, sort_keys=True))
     return evaluation.metrics

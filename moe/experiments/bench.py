@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moe.export.precision import DTYPES, cast_shard
 from moe.model import ExpertInfo, build_mixture
 from moe.store import ExpertStore, expert_shards, write_shard
+from moe.store.precision import DTYPES, cast_shard
 
 DIM, LABELS = 384, 15  # the shape of a CLINC150 domain expert on all-MiniLM-L6-v2
 SYNTHETIC_FINGERPRINT = "bench" * 12 + "0000"  # the trunk fingerprint of shards written without a trunk

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from moe.data import Tenant
-from moe.evaluation import Outcome, accuracy, collect, tenant_sources
+from moe.evaluation import Outcome, collect, tenant_sources
+from moe.evaluation.accuracies import Accuracies
 from moe.inference import GateSettings, PagedMixture, load_mixture
 from moe.lifecycle.operations import Lifecycle
 from moe.model import Mixture, best_labels
@@ -61,8 +62,8 @@ def split_outcome(
 
 def accuracies(outcome: Outcome) -> tuple[float, float, float]:
     """(routed, tenant given, routing) accuracy in percent."""
-    routed = accuracy(outcome.routed, outcome.label)
-    return routed, accuracy(outcome.given, outcome.label), accuracy(outcome.routed_tenant, outcome.tenant)
+    a = Accuracies.of(outcome)
+    return a.acc_routed, a.acc_tenant_given, a.routing_acc
 
 
 def continual_metrics(records: list[Record], key: str, last_trained: dict[str, int]) -> dict[str, float]:

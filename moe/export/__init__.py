@@ -1,1 +1,0 @@
-"""Export of a trained store as a serving bundle (see `moe.inference.bundle` for the format)."""

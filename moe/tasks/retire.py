@@ -1,0 +1,17 @@
+"""`run(cfg)`: scripts/retire.py, from a composed conf/lifecycle.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from moe.tasks.base import task
+from moe.tasks.lifecycle import open_store, tenant_name
+
+
+@task
+def run(cfg: DictConfig) -> Path | None:
+    """scripts/retire.py: the tenant's folder moved to `archive_dir` (its new place returned), or deleted (null)."""
+    name = tenant_name(cfg)
+    return open_store(cfg).remove(name, cfg.archive_dir or None)
