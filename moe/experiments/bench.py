@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from moe.model import ExpertInfo, build_mixture
+from moe.progress import bar
 from moe.store import ExpertStore, expert_shards, write_shard
 from moe.store.precision import DTYPES, cast_shard
 
@@ -44,7 +44,7 @@ def write_store(
         raise FileExistsError(f"write_store writes a fresh store, but {store.root} has experts")
     infos = [ExpertInfo(f"t{i:05d}", tuple(f"intent{j}" for j in range(LABELS))) for i in range(tenants)]
     init_std = {"bank.up": 0.02} if init_std is None else init_std
-    chunks = tqdm(range(0, tenants, 64), desc=f"writing {tenants} {dtype} shards", unit="chunk", disable=not progress)
+    chunks = bar(range(0, tenants, 64), f"writing {tenants} {dtype} shards", "chunk", enabled=progress)
     for start in chunks:
         model = build_mixture(infos[start : start + 64], DIM, rank=rank)
         with torch.no_grad():
