@@ -10,12 +10,16 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+import fsspec
 import pytest
+import torch
 
 from moe.data import read_tenant_file
 from moe.lifecycle import Lifecycle
+from moe.model import ExpertInfo, build_mixture
+from moe.model.stats import class_statistics
 from moe.serving import Server
-from moe.store import ExpertStore
+from moe.store import ExpertStore, RemoteStore, ShardError, expert_shards
 from moe.store.generation import KEEP, TenantState
 from moe.trunk import TinyTrunk
 from tests.helpers import SYNTHETIC, fast_growth, write_tenant_csv
@@ -220,7 +224,79 @@ def test_a_store_without_generations_gets_one_and_a_view_is_read_only(lifecycle)
         path = store.root / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     assert store.generation() == 0
-    server = Server(store.root)  # publishes the first generation by a scan
-    assert server.generation == 1 and server.tenants == FIRST
+    server = Server(store.root)  # generation 0, from a scan: a reader writes nothing
+    assert server.generation == 0 and server.tenants == FIRST and store.generation() == 0
+    store.hibernate("music")  # the first write publishes generation 1, from a scan of the whole store
+    assert server.refresh() and server.generation == 1 and server.tenants == ["weather"]
     with pytest.raises(ValueError, match="read-only view"):
         store.at(store.state()).hibernate("music")
+
+
+# -- on S3 (the moto server on localhost) ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on a free localhost port with one bucket; fsspec options that reach it."""
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }.items():
+            env.setenv(name, value)
+        env.delenv("AWS_PROFILE", raising=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        options = {"endpoint_url": f"http://{host}:{port}", "skip_instance_cache": True}
+        fsspec.filesystem("s3", **options).mkdir("experts")
+        try:
+            yield options
+        finally:
+            server.stop()
+
+
+def test_a_server_follows_a_store_on_s3(s3, trunk, tenants, tmp_path):
+    url = "s3://experts/follow"
+    writer = RemoteStore(url, tmp_path / "writer", **s3)
+    lifecycle = Lifecycle(writer, trunk, trunk.encode, fast_growth())
+    for name in FIRST:
+        lifecycle.grow(tenants[name])
+    # the trunk's record travels with the shards: a reader on another machine rebuilds it from the bucket
+    writer.fs.put(str(writer.root / ".trunks"), f"{writer.prefix}/.trunks", recursive=True)
+    texts = queries(tenants)
+
+    def fresh() -> Server:  # another machine: a cache of its own
+        return Server(RemoteStore(url, tmp_path / f"fresh{writer.generation()}", **s3))
+
+    server = Server(RemoteStore(url, tmp_path / "reader", **s3))
+    assert server.tenants == FIRST and server.generation == writer.generation() == 2
+    before = answers(server, texts)
+
+    lifecycle.grow(tenants["bank"])
+    assert server.refresh() and server.generation == 3 and server.tenants == ["bank", *FIRST]
+    grown = answers(server, texts)
+    assert grown == answers(fresh(), texts) and all(grown[t] == before[t] for t in FIRST)
+
+    writer.hibernate("music")
+    assert server.refresh() and server.tenants == ["bank", "weather"]
+    asleep = answers(server, texts)
+    assert asleep == answers(fresh(), texts) and asleep["weather"] == before["weather"]
+    assert "hibernating" in server.state.not_served("music")
+
+
+def test_remote_meta_reads_the_header_alone(s3, tmp_path):
+    url = "s3://experts/meta"
+    writer = RemoteStore(url, tmp_path / "writer", **s3)
+    model = build_mixture([ExpertInfo("alpha", ("a", "b"))], dim=8, rank=4)
+    stats = {"alpha": class_statistics(torch.randn(10, 8), torch.arange(10) % 2, 2)}
+    for tensors, meta in expert_shards(model.eval(), "f" * 64, stats):
+        writer.save(tensors, meta)
+    reader = RemoteStore(url, tmp_path / "reader", **s3)
+    assert reader.meta("alpha") == writer.meta("alpha") and not list(reader.cached())  # nothing downloaded
+    with pytest.raises(ShardError, match=f"{url}/alpha/v0009.safetensors: no such object"):
+        reader.meta("alpha", 9)

@@ -15,7 +15,9 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +49,20 @@ class ServingState:
     store_state: State | None = None  # what that generation names (sleeping tenants included)
     bundle: Bundle | None = None
     applied: float = field(default_factory=time.time)  # when this state began to be served (epoch seconds)
+
+    @cached_property
+    def tenant_of(self) -> dict[Hashable, str]:
+        """Each expert's pager key and its tenant."""
+        ids: list[int] = self.model.expert_tenant.tolist()  # type: ignore[operator]
+        return {key: self.model.tenants[t] for key, t in zip(self.model.keys, ids, strict=True)}
+
+    @cached_property
+    def keys_of(self) -> dict[str, list[Hashable]]:
+        """Each tenant served and the pager keys of its experts."""
+        keys: dict[str, list[Hashable]] = {name: [] for name in self.model.tenants}
+        for key, tenant in self.tenant_of.items():
+            keys[tenant].append(key)
+        return keys
 
     def not_served(self, tenant: str) -> str:
         """Why `tenant` is not answered here: it sleeps at this generation, or the store knows no live version of

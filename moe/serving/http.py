@@ -2,6 +2,7 @@
 multiplexing keyed by tenant.
 
     python -m moe.serving.http outputs/bundle_clinc150 --port 8000        # one replica on this machine
+    python -m moe.serving.http experts/ --follow-s 1                       # a store, followed as it learns
     curl -s localhost:8000/predict -H 'content-type: application/json' -H 'serve_multiplexed_model_id: banking' \
         -d '{"text": "what is my balance", "tenant": "banking"}'
 
@@ -11,6 +12,12 @@ answer, `{"answers": [...]}` or a list, in order); `GET /health`; `GET /stats`, 
 (resident experts, hit rate per tier, bytes) and batching counters; `/docs` and `/openapi.json`. A bad body, wrong
 types, a blank, unencodable or oversized text, too many queries or an unknown tenant get a 4xx whose `detail`
 names every problem found; nothing is answered unless the whole request is good.
+
+Over an expert store (a folder or an `s3://` URL) each replica follows the store's generations
+(`moe.serving.follow`): it polls every `follow_s` seconds and swaps to a new generation whole, so a grown tenant is
+answered, a hibernated or retired one gets 404 naming it, a rollback serves the old version, within about
+`follow_s` plus a rebuild, without a restart; each request is answered by the generation it started with.
+`/health`, `/tenants` and `/stats` name the generation served.
 
 Queries from concurrent requests are answered together (`@serve.batch`). The optional request header
 `serve_multiplexed_model_id: TENANT` routes a request to a replica that already holds that tenant's expert
@@ -38,10 +45,11 @@ from ray import serve
 from ray.serve import Application
 
 from moe import __version__
-from moe.inference import IndexSettings, read_bundle
+from moe.inference import GateSettings, IndexSettings, read_bundle
+from moe.serving.follow import ServingState, is_bundle
 from moe.serving.runtime import Server, text_problem
 from moe.serving.schema import AnswerOut, Batch, BatchAnswers, PredictBody, Problem, Query
-from moe.store import ShardError, is_url
+from moe.store import ShardError, is_url, open_store
 
 log = logging.getLogger("ray.serve")  # in a replica, Serve writes this logger to the replica's log
 APP_NAME = "moe"
@@ -55,7 +63,7 @@ class ServiceSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bundle: str  # the bundle folder; on a cluster, a path every node can read
+    bundle: str  # a bundle or an expert store (folder or URL); on a cluster, a path every node can read
     budget_mb: PositiveFloat = 256.0  # expert weights resident on the device at most, per replica (MiB)
     host_budget_mb: NonNegativeFloat = 0.0  # host-memory tier under the device, per replica (MiB)
     device: str = "cpu"
@@ -68,6 +76,21 @@ class ServiceSettings(BaseModel):
     replica_cpus: PositiveFloat = 1.0
     verify: Literal["full", "lazy"] = "full"  # experts' files: when a replica starts, or each at its first page-in
     index: bool = False  # route queries without a tenant through an index over the gate's rows (thousands of tenants)
+    # serving a store: how often each replica polls it for a new generation, fsspec options, gate and out-of-scope rule
+    follow_s: PositiveFloat = 1.0
+    store_options: dict[str, Any] = {}
+    top_k: PositiveInt = 2
+    gate_source: Literal["trained", "statistics"] = "trained"
+    oos_score: str | None = None
+    threshold: float | None = None
+
+    def server_options(self) -> dict[str, Any]:
+        """What `Server` takes beyond the budgets for this source: a store's gate, rule and poll; none for a bundle."""
+        if is_bundle(self.bundle, **self.store_options):
+            return {}
+        gate = GateSettings(self.top_k, source=self.gate_source)
+        options = dict(gate=gate, oos_score=self.oos_score, threshold=self.threshold, follow_s=self.follow_s)
+        return options | {"store_options": self.store_options}
 
 
 class Refused(Exception):
@@ -176,18 +199,12 @@ class MoeService:
         s = self.settings
         started = time.perf_counter()
         budgets = int(s.budget_mb * 2**20), s.device, int(s.host_budget_mb * 2**20)
-        self.server = Server(s.bundle, *budgets, verify=s.verify, index=IndexSettings() if s.index else None)
-        model, pager = self.server.model, self.server.model.pager
-        expert_tenant: list[int] = model.expert_tenant.tolist()  # type: ignore[operator]
-        self.tenant_of: dict[Hashable, str] = {
-            key: model.tenants[t] for key, t in zip(model.keys, expert_tenant, strict=True)
-        }
-        self.keys_of: dict[str, list[Hashable]] = {name: [] for name in model.tenants}
-        for key, tenant in self.tenant_of.items():
-            self.keys_of[tenant].append(key)
+        index = IndexSettings() if s.index else None
+        self.server = Server(s.bundle, *budgets, verify=s.verify, index=index, **s.server_options())
+        pager = self.server.model.pager
         largest = max(pager.sizes.values(), default=1)
         self.tenants_per_replica = s.tenants_per_replica or max(
-            1, min(len(self.keys_of), pager.device_budget // largest)
+            1, min(len(self.server.state.keys_of), pager.device_budget // largest)
         )
         self._load_tenant = serve.multiplexed(max_num_models_per_replica=self.tenants_per_replica)(
             self._tenant_loader()
@@ -197,7 +214,8 @@ class MoeService:
         self.counts = {"requests": 0, "queries": 0, "batches": 0, "largest_batch": 0}
         self.tenant_loads = 0
         log.info(
-            f"moe replica {self.replica}: {s.bundle}, {len(self.keys_of)} tenants, device budget {s.budget_mb} MiB, "
+            f"moe replica {self.replica}: {s.bundle}, {len(self.server.tenants)} tenants (generation "
+            f"{self.server.generation}), device budget {s.budget_mb} MiB, "
             f"{self.tenants_per_replica} tenants multiplexed, batches of up to {s.max_batch_size} "
             f"({time.perf_counter() - started:.2f} s)"
         )
@@ -212,21 +230,23 @@ class MoeService:
     def _tenant_loader(self):
         async def load_tenant(tenant: str) -> TenantExperts:
             """Make a tenant's experts resident (as far as the budgets allow) on this replica."""
-            keys = self.keys_of[tenant]
-            await asyncio.to_thread(self.server.model.pager.prefetch, keys)
+            state = self.server.state
+            keys = state.keys_of.get(tenant, [])
+            await asyncio.to_thread(state.model.pager.prefetch, keys)
             self.tenant_loads += 1
             log.debug(f"tenant {tenant!r} multiplexed onto replica {self.replica}")
             return TenantExperts(tenant, keys)
 
         return load_tenant
 
-    def unknown(self, tenant: str) -> str:
-        known = sorted(self.keys_of)
+    def unknown(self, tenant: str, state: ServingState) -> str:
+        known = sorted(state.keys_of)
         listed = f"known tenants: {known}" if len(known) <= 20 else f"{len(known)} known tenants (GET /tenants)"
-        return f"unknown tenant {tenant!r}; {listed}"
+        return f"{state.not_served(tenant)}; {listed}"
 
-    def check(self, queries: list[Query], prefix: str) -> list[tuple[str, str | None]]:
-        """The queries as (text, tenant) pairs, or `Refused` naming every bad one (oversized first: 413)."""
+    def check(self, queries: list[Query], prefix: str, state: ServingState) -> list[tuple[str, str | None]]:
+        """The queries as (text, tenant) pairs, or `Refused` naming every bad one (oversized first: 413); tenants
+        as `state` (the request's generation) serves them."""
         limit, too_long, bad, unknown = self.settings.max_text_chars, [], [], []
         if len(queries) > self.settings.max_queries:
             raise Refused(413, [f"{len(queries)} queries, more than the limit of {self.settings.max_queries}"])
@@ -236,8 +256,8 @@ class MoeService:
                 too_long.append(f"{where}text: {len(q.text)} characters, more than the limit of {limit}")
             elif problem := text_problem(q.text):
                 bad.append(f"{where}text: {problem}")
-            if q.tenant is not None and q.tenant not in self.keys_of:
-                unknown.append(f"{where}tenant: {self.unknown(q.tenant)}")
+            if q.tenant is not None and q.tenant not in state.keys_of:
+                unknown.append(f"{where}tenant: {self.unknown(q.tenant, state)}")
         for status, problems in ((413, too_long), (422, bad), (404, unknown)):
             if problems:
                 raise Refused(status, too_long + bad + unknown)
@@ -251,16 +271,18 @@ class MoeService:
         summary="Answer a query, {'queries': [...]}, or a list of queries",
     )
     async def predict(self, body: Annotated[PredictBody, Body(openapi_examples=EXAMPLES)]) -> JSONResponse:
-        """Answers as `Server.predict` gives them, in order; 4xx naming every problem, and then nothing answered."""
+        """Answers as `Server.predict` gives them, in order; 4xx naming every problem, and then nothing answered. The
+        whole request is answered by the state (the store's generation) served when it arrived."""
+        state = self.server.state
         if isinstance(body, Query):
-            pairs = self.check([body], "")
+            pairs = self.check([body], "", state)
         elif isinstance(body, Batch):
-            pairs = self.check(body.queries, "queries[{}].")
+            pairs = self.check(body.queries, "queries[{}].", state)
         else:
-            pairs = self.check(body, "[{}].")
+            pairs = self.check(body, "[{}].", state)
         if tenant := serve.get_multiplexed_model_id():  # Serve routed on it; load it here if it is not yet
-            if tenant not in self.keys_of:
-                raise Refused(404, [f"{MULTIPLEX_HEADER} header: {self.unknown(tenant)}"])
+            if tenant not in state.keys_of:
+                raise Refused(404, [f"{MULTIPLEX_HEADER} header: {self.unknown(tenant, state)}"])
             try:
                 await self._load_tenant(tenant)
             except ShardError as error:
@@ -268,7 +290,7 @@ class MoeService:
         self.counts["requests"] += 1
         self.counts["queries"] += len(pairs)
         try:
-            answers = await asyncio.gather(*(self._answer(pair) for pair in pairs))
+            answers = await asyncio.gather(*(self._answer((text, tenant, state)) for text, tenant in pairs))
         except ShardError as error:  # the server's fault, not the request's: no path of the server's disk shown
             raise self.damaged(error) from None
         except (KeyError, TypeError, ValueError) as error:  # checked above; should Server refuse anyway, say why
@@ -286,34 +308,45 @@ class MoeService:
         return Refused(503, [f"the expert of tenant {tenant!r} is damaged on this server and can not answer"])
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)  # set from the settings in __init__
-    async def _answer(self, pairs: list[tuple[str, str | None]]) -> list[dict]:
-        """Queries of concurrent requests, answered together (split by multiplexed tenant, as Serve does)."""
-        texts, tenants = [t for t, _ in pairs], [n for _, n in pairs]
-        answers = await asyncio.to_thread(self.server.predict, texts, tenants)
+    async def _answer(self, pairs: list[tuple[str, str | None, ServingState]]) -> list[dict]:
+        """Queries of concurrent requests, answered together (split by multiplexed tenant, as Serve does), each by
+        its request's state."""
+        answers = await asyncio.to_thread(self.server.predict_each, pairs)
         self.counts["batches"] += 1
         self.counts["largest_batch"] = max(self.counts["largest_batch"], len(pairs))
         return [a.to_dict() for a in answers]
 
     @app.get("/health", summary="Liveness: the replica, its bundle and how many tenants it serves")
     async def health(self) -> dict:
-        return {"status": "ok", "replica": self.replica, "bundle": self.settings.bundle, "tenants": len(self.keys_of)}
+        state = self.server.state
+        return {
+            "status": "ok",
+            "replica": self.replica,
+            "bundle": self.settings.bundle,
+            "tenants": len(state.keys_of),
+            "generation": state.generation,
+        }
 
-    @app.get("/tenants", summary="The tenants this service answers for, sorted")
+    @app.get("/tenants", summary="The tenants this replica answers for, sorted, and the store's generation served")
     async def tenants(self) -> dict:
-        return {"tenants": sorted(self.keys_of)}
+        state = self.server.state
+        return {"tenants": sorted(state.keys_of), "generation": state.generation}
 
     @app.get("/stats", summary="This replica's pager (resident experts, hit rate per tier, bytes) and batching")
     async def stats(self) -> dict:
-        pager = self.server.model.pager
-        summary = self.server.stats()
+        state = self.server.state
+        pager = state.model.pager
+        summary = pager.summary()
         tiers = [t for t in summary if t != "resident"]
         looked_up = {t: summary[t]["hits"] + summary[t]["misses"] for t in tiers}
         counts = self.counts
         return {
             "replica": self.replica,
-            "tenants": len(self.keys_of),
+            "tenants": len(state.keys_of),
+            "generation": state.generation,
+            "store": self.server.following(),
             "resident_experts": {
-                tier: [self.tenant_of[k] for k in pager.resident(tier)] for tier in ("device", "host")
+                tier: [state.tenant_of[k] for k in pager.resident(tier)] for tier in ("device", "host")
             },
             "hit_rate": {t: summary[t]["hits"] / looked_up[t] if looked_up[t] else None for t in tiers},
             "bytes": {
@@ -345,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m moe.serving.http", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     defaults = ServiceSettings(bundle="")
-    parser.add_argument("bundle", help="bundle folder written by scripts/export.py")
+    parser.add_argument("bundle", help="a bundle (scripts/export.py), or an expert store (folder or s3:// URL)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--replicas", type=int, default=defaults.replicas)
@@ -364,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
         "--verify", choices=["full", "lazy"], default=defaults.verify, help="lazy: thousands of tenants"
     )
     parser.add_argument("--index", action="store_true", help="route tenant-less queries through a gate-row index")
+    parser.add_argument("--follow-s", type=float, default=defaults.follow_s, help="a store: seconds between polls")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="a store: experts the gate chooses")
+    parser.add_argument("--gate-source", choices=["trained", "statistics"], default=defaults.gate_source)
+    parser.add_argument("--oos-score", default=None, help="a store: the out-of-scope score (with --threshold)")
+    parser.add_argument("--threshold", type=float, default=None, help="a store: the out-of-scope threshold")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     fields = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields and v is not None}
@@ -372,7 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = ServiceSettings(**fields | {"bundle": bundle})
     except ValueError as error:
         parser.error(str(error))
-    read_bundle(settings.bundle, settings.verify)  # a bad bundle fails here, named, before Ray starts
+    if is_bundle(settings.bundle, **settings.store_options):
+        read_bundle(settings.bundle, settings.verify)  # a bad bundle fails here, named, before Ray starts
+    elif not (state := open_store(settings.bundle, **settings.store_options).state()).awake:
+        parser.error(f"{settings.bundle}: an expert store with no awake tenant (generation {state.generation})")
     from moe.serving import http  # the deployment by its module's name, not `__main__`'s copy
 
     ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)

@@ -208,6 +208,20 @@ class Server:
             answers += self.predict_features(features, given, hidden, state)
         return answers
 
+    def predict_each(self, queries: list[tuple[str, str | None, ServingState]]) -> list[Answer]:
+        """Answers to (text, tenant, state) queries in order, each by its own state: queries of concurrent requests
+        answered together, every request by the state it started with (one forward per state, normally one)."""
+        groups: dict[int, list[int]] = {}
+        for i, (_, _, state) in enumerate(queries):
+            groups.setdefault(id(state), []).append(i)
+        answers: list[Answer | None] = [None] * len(queries)
+        for positions in groups.values():
+            state = queries[positions[0]][2]
+            texts, tenants = [queries[i][0] for i in positions], [queries[i][1] for i in positions]
+            for i, answer in zip(positions, self.predict(texts, tenants, state=state), strict=True):
+                answers[i] = answer
+        return answers  # type: ignore[return-value]
+
     def _encode(
         self, texts: list[str], names: list[str | None], state: ServingState
     ) -> tuple[torch.Tensor, Hidden | None]:

@@ -94,12 +94,10 @@ class ExpertStore:
         return self.generations.latest()
 
     def state(self) -> State:
-        """The latest generation's state; a store without one (made before generations) gets one now, by a scan."""
-        state = self.generations.state()
-        if state is None:
-            self.rescan()
-            state = self.generations.state()
-        assert state is not None
+        """The latest generation's state; for a store without one (made before generations), generation 0 from a
+        scan, published by nobody (a reader writes nothing): its first write publishes generation 1."""
+        if (state := self.generations.state()) is None:
+            state = State(0, self._scan(), self._trunk())
         return state
 
     def at(self, state: State) -> ExpertStore:
