@@ -10,7 +10,6 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-import fsspec
 import pytest
 import torch
 
@@ -23,6 +22,7 @@ from moe.store import ExpertStore, RemoteStore, ShardError, expert_shards
 from moe.store.generation import KEEP, TenantState
 from moe.trunk import TinyTrunk
 from tests.helpers import SYNTHETIC, fast_growth, write_tenant_csv
+from tests.moto_s3 import moto_s3
 
 INTENTS = SYNTHETIC | {"travel": {"book": ["flight", "hotel", "ticket"], "cancel": ["cancel", "refund", "drop"]}}
 FIRST = ["music", "weather"]  # grown before any server starts
@@ -237,31 +237,12 @@ def test_a_store_without_generations_gets_one_and_a_view_is_read_only(lifecycle)
 
 @pytest.fixture(scope="module")
 def s3():
-    """A moto S3 server on a free localhost port with one bucket; fsspec options that reach it."""
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }.items():
-            env.setenv(name, value)
-        env.delenv("AWS_PROFILE", raising=False)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        options = {"endpoint_url": f"http://{host}:{port}", "skip_instance_cache": True}
-        fsspec.filesystem("s3", **options).mkdir("experts")
-        try:
-            yield options
-        finally:
-            server.stop()
+    with moto_s3("follow-unit") as options:
+        yield options
 
 
 def test_a_server_follows_a_store_on_s3(s3, trunk, tenants, tmp_path):
-    url = "s3://experts/follow"
+    url = "s3://follow-unit/follow"
     writer = RemoteStore(url, tmp_path / "writer", **s3)
     lifecycle = Lifecycle(writer, trunk, trunk.encode, fast_growth())
     for name in FIRST:
@@ -290,7 +271,7 @@ def test_a_server_follows_a_store_on_s3(s3, trunk, tenants, tmp_path):
 
 
 def test_remote_meta_reads_the_header_alone(s3, tmp_path):
-    url = "s3://experts/meta"
+    url = "s3://follow-unit/meta"
     writer = RemoteStore(url, tmp_path / "writer", **s3)
     model = build_mixture([ExpertInfo("alpha", ("a", "b"))], dim=8, rank=4)
     stats = {"alpha": class_statistics(torch.randn(10, 8), torch.arange(10) % 2, 2)}
