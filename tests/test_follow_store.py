@@ -5,6 +5,7 @@ whole or not at all. On disk and on the moto S3 server."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from dataclasses import replace
@@ -19,7 +20,7 @@ from moe.model import ExpertInfo, build_mixture
 from moe.model.stats import class_statistics
 from moe.serving import Server
 from moe.store import ExpertStore, RemoteStore, ShardError, expert_shards
-from moe.store.generation import KEEP, TenantState
+from moe.store.generation import KEEP, POINTER, TenantState
 from moe.trunk import TinyTrunk
 from tests.helpers import SYNTHETIC, fast_growth, write_tenant_csv
 from tests.moto_s3 import moto_s3
@@ -200,6 +201,16 @@ def test_concurrent_writers_never_hand_out_one_generation_twice(lifecycle):
     log = store.generations.log()
     assert [e["generation"] for e in log] == list(range(start + 20 - KEEP, start + 21))[-len(log) :]
     assert store.state().dormant == []
+
+
+def test_a_pointer_left_behind_by_a_killed_writer_is_overtaken(lifecycle):
+    store = lifecycle.store
+    store.hibernate("music")
+    latest = store.generation()
+    (store.root / POINTER).write_text(json.dumps({"generation": latest - 1}))  # killed before the pointer moved
+    assert store.generation() == latest and store.state().dormant == ["music"]  # the state files decide
+    store.wake("music")
+    assert store.generation() == latest + 1 and store.state().dormant == []
 
 
 def test_a_store_write_costs_no_scan_of_every_tenant(lifecycle, monkeypatch):

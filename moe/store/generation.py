@@ -8,7 +8,7 @@ A writer makes its change first (`ExpertStore`, under the tenant's lock), then `
 generation lock it reads the latest state, recomputes the touched tenants' entries from the store (theirs alone: no
 scan of every folder), and creates the next state's file exclusively (locally a hard link of a synced temporary
 file; on S3 one PUT with `If-None-Match: *`), so two writers never hand out one number twice, even on two machines;
-then it replaces the pointer. A reader polls `latest()` (the pointer) and loads the state that number names
+then it replaces the pointer. A reader polls `latest()` and loads the state that number names
 (`ExpertStore.at`): since a state is written whole, after the change it records, a reader sees a change wholly or
 not at all; an operation of many writes (a trunk upgrade) publishes once, at its end (`ExpertStore.changes`), so a
 reader sees the store before it or after it, never between, and a killed one leaves the previous state served.
@@ -212,13 +212,13 @@ class Generations:
     # -- reading ------------------------------------------------------------------------------------------------
 
     def latest(self) -> int:
-        """The latest generation's number (0: the store has none yet), from the pointer alone. On object storage,
-        where two machines' pointers may land out of order, the highest state file present wins."""
+        """The latest generation's number (0: the store has none yet): the highest state file present, or the
+        pointer's if higher. The state files decide because a pointer may lag: a writer killed between its state
+        and its pointer, or two machines' pointers landing out of order on object storage. One listing of at most
+        `KEEP` + 1 names and a read of a few bytes: cheap enough to poll every second."""
         raw = self.files.read(POINTER)
         number = 0 if raw is None else int(json.loads(raw)["generation"])
-        if isinstance(self.files, RemoteFiles):
-            number = max([number, *numbers(self.files.names(STATES))])
-        return number
+        return max([number, *numbers(self.files.names(STATES))])
 
     def state(self, generation: int | None = None) -> State | None:
         """Generation `generation`'s state (default: the latest), or None if the store has none; a KeyError if that
