@@ -46,6 +46,7 @@ from ray.serve import Application
 
 from moe import __version__
 from moe.inference import GateSettings, IndexSettings, read_bundle
+from moe.inference.bundle import MANIFEST
 from moe.serving.follow import ServingState, is_bundle
 from moe.serving.runtime import Server, text_problem
 from moe.serving.schema import AnswerOut, Batch, BatchAnswers, PredictBody, Problem, Query
@@ -413,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     if is_bundle(settings.bundle, **settings.store_options):
         read_bundle(settings.bundle, settings.verify)  # a bad bundle fails here, named, before Ray starts
     elif not (state := open_store(settings.bundle, **settings.store_options).state()).awake:
-        parser.error(f"{settings.bundle}: an expert store with no awake tenant (generation {state.generation})")
+        parser.error(
+            f"{settings.bundle}: neither a bundle (no {MANIFEST}) nor an expert store with an awake tenant "
+            f"(generation {state.generation})"
+        )
     from moe.serving import http  # the deployment by its module's name, not `__main__`'s copy
 
     ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
