@@ -132,9 +132,16 @@ def script(name: str):
     return module.main
 
 
+GENERATION_FILES = (".generation.json", ".generations")  # a store's generation: every write changes it
+
+
 def digests(folder: Path) -> dict[Path, str]:
-    """sha256 of every file under `folder` (hidden and temporary ones too), by path relative to it."""
-    return {p.relative_to(folder): sha256_of(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    """sha256 of every file under `folder` (hidden and temporary ones too, but a store's generation files), by path
+    relative to it."""
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file())
+    return {
+        p.relative_to(folder): sha256_of(p) for p in files if p.relative_to(folder).parts[0] not in GENERATION_FILES
+    }
 
 
 # -- the tiny run shared by the evaluation and serving tests (the session fixture `tiny_run`) ---------------

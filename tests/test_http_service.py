@@ -241,6 +241,9 @@ def test_the_serve_config_is_a_serve_config_of_this_application():
 def test_the_command_refuses_a_bad_bundle_before_starting_ray(tmp_path: Path):
     from moe.serving import BundleError
 
+    with pytest.raises(SystemExit):  # neither a bundle (no manifest) nor a store with a tenant
+        main([str(tmp_path)])
+    (tmp_path / "manifest.json").write_text("{")
     with pytest.raises(BundleError):
         main([str(tmp_path)])
     with pytest.raises(SystemExit):

@@ -86,8 +86,10 @@ def copy_store(store: RemoteStore, prefix: str) -> str:
 
 
 def keys(store: RemoteStore) -> set[str]:
+    """The store's keys but its generation's (every write changes those)."""
     store.fs.invalidate_cache()
-    return {key.removeprefix(store.prefix + "/") for key in store.fs.find(store.prefix)}
+    found = {key.removeprefix(store.prefix + "/") for key in store.fs.find(store.prefix)}
+    return {key for key in found if not key.startswith((".generation.json", ".generations/"))}
 
 
 def assert_same_output(a, b) -> None:

@@ -16,6 +16,7 @@ from moe.lifecycle.upgrade import upgrade_store
 from moe.model import best_labels
 from moe.model.bridge import Bridge
 from moe.model.stats import class_statistics
+from moe.serving import Server
 from moe.store import ExpertStore, TrunkVersions
 from moe.store.bundle import BundleError
 from moe.tasks import adapt_trunk as adapt_trunk_task
@@ -105,10 +106,16 @@ def test_an_upgrade_keeps_a_sleeping_expert_answering_on_the_new_trunk(store, te
     old, new = adapted_trunk(store, tenants)
     bank_files = {k: v for k, v in digests(store.root).items() if k.parts[0] == "bank"}
     lifecycle = Lifecycle(store, new, new.encode, fast_growth(epochs=30, transport_per_class=50))
+    server, start = Server(store.root), store.generation()  # a reader following the store, on the old trunk
     report = upgrade_store(lifecycle, old, [tenants["weather"], tenants["music"]], strategy)
     how = "bridged" if strategy == "bridge" else "transported"
     assert report.tenants == {"bank": how, "music": "retrained", "weather": "retrained"}
     assert TrunkVersions(store.root).current() == new.fingerprint
+    state = store.state()  # the whole upgrade is one generation: readers see the store before it or after it
+    assert state.generation == start + 1 and state.trunk == new.fingerprint
+    assert {c["op"] for c in state.changes} == {"upgrade"}
+    assert server.trunk.fingerprint == old.fingerprint and server.refresh()
+    assert server.trunk.fingerprint == new.fingerprint and server.generation == start + 1
     answers, model = given_answers(store, new, bank, ["bank", "music", "weather"])
     assert accuracy(answers, bank) >= accuracy(old_answers, bank) - 0.1
     if strategy == "bridge":  # its shard untouched; it runs through the bridge

@@ -70,7 +70,15 @@ def upgrade_store(
     """Move `lifecycle.store` from `old_trunk` to `lifecycle.trunk` (the new version): fit and save the bridge between
     them (on `calibration` texts plus the awake tenants' train texts), retrain each tenant of `awake` (awake tenants
     with their data), keep every other expert working by `strategy`, then make the new version the store's current
-    one. Only the tenants in `awake` have data; nothing else is read but shards."""
+    one. Only the tenants in `awake` have data; nothing else is read but shards. Published as one store generation
+    (`ExpertStore.changes`): a reader following the store sees it before the upgrade or after, never between."""
+    with lifecycle.store.changes("upgrade", trunk=True):
+        return _upgrade_store(lifecycle, old_trunk, awake, strategy, calibration)
+
+
+def _upgrade_store(
+    lifecycle: Lifecycle, old_trunk: Trunk, awake: Sequence[Tenant], strategy: Strategy, calibration: Sequence[str]
+) -> UpgradeReport:
     check_choice(strategy, Strategy, "strategy")
     store, new_trunk = lifecycle.store, lifecycle.trunk
     versions = TrunkVersions(store.root)

@@ -1,6 +1,8 @@
-"""Serve a bundle over stdin/stdout: one JSON query per line in, one JSON answer per line out, in order.
+"""Serve a bundle or an expert store over stdin/stdout: one JSON query per line in, one JSON answer per line out, in
+order.
 
     echo '{"text": "what is my balance", "tenant": "banking"}' | python -m moe.serving outputs/bundle --budget-mb 64
+    python -m moe.serving experts/ --follow-s 1 < queries.jsonl     # a store, following its generations meanwhile
 
 A query is `{"text": "...", "tenant": "..." (optional)}` in UTF-8. Output line N answers input line N: a line that
 is not UTF-8 or not such a query (blank lines and blank or unencodable texts included), or names an unknown tenant,
@@ -62,19 +64,21 @@ def chunks(lines: Iterable[bytes | str], size: int) -> Iterator[list[tuple[int, 
 
 
 def answer_chunk(server: Server, chunk: list[tuple[int, bytes | str]]) -> list[dict]:
-    """Answers in input order; one bad query spoils only its own line."""
+    """Answers in input order; one bad query spoils only its own line. The chunk is answered by one state (one
+    generation of a store followed)."""
+    state = server.state
     results: list[dict | None] = [None] * len(chunk)
     good = []
     for i, (number, line) in enumerate(chunk):
         try:
             text, tenant = parse_query(decode_line(line, number == 1) if isinstance(line, bytes) else line)
-            server.model.tenant_ids([tenant])  # KeyError names the known tenants
+            state.model.tenant_ids([tenant])  # KeyError names the known tenants
             good.append((i, text, tenant))
         except (ValueError, KeyError, RecursionError) as error:  # RecursionError: JSON nested too deep
             results[i] = {"error": str(error.args[0] if isinstance(error, KeyError) else error), "line": number}
     if good:
         for (i, _, _), answer in zip(
-            good, server.predict([t for _, t, _ in good], [n for _, _, n in good]), strict=True
+            good, server.predict([t for _, t, _ in good], [n for _, _, n in good], state=state), strict=True
         ):
             results[i] = answer.to_dict()
     return results  # type: ignore[return-value]
@@ -94,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m moe.serving", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("bundle", help="bundle folder written by scripts/export.py")
+    parser.add_argument("bundle", help="a bundle (scripts/export.py), or an expert store (folder or s3:// URL)")
     parser.add_argument("--budget-mb", type=float, default=256.0, help="expert weights resident at most (MiB)")
     parser.add_argument("--batch", type=positive_int, default=1, help="lines answered together (1: each as it arrives)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--follow-s", type=float, default=None, help="a store: poll it every so many seconds")
     args = parser.parse_args(argv)
-    server = Server(args.bundle, budget_bytes=int(args.budget_mb * 2**20), device=args.device)
+    server = Server(args.bundle, budget_bytes=int(args.budget_mb * 2**20), device=args.device, follow_s=args.follow_s)
     for chunk in chunks(sys.stdin.buffer, args.batch):  # bytes: each line is decoded on its own
         for result in answer_chunk(server, chunk):
             sys.stdout.write(json.dumps(result) + "\n")

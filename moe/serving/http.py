@@ -2,6 +2,7 @@
 multiplexing keyed by tenant.
 
     python -m moe.serving.http outputs/bundle_clinc150 --port 8000        # one replica on this machine
+    python -m moe.serving.http experts/ --follow-s 1                       # a store, followed as it learns
     curl -s localhost:8000/predict -H 'content-type: application/json' -H 'serve_multiplexed_model_id: banking' \
         -d '{"text": "what is my balance", "tenant": "banking"}'
 
@@ -11,6 +12,12 @@ answer, `{"answers": [...]}` or a list, in order); `GET /health`; `GET /stats`, 
 (resident experts, hit rate per tier, bytes) and batching counters; `/docs` and `/openapi.json`. A bad body, wrong
 types, a blank, unencodable or oversized text, too many queries or an unknown tenant get a 4xx whose `detail`
 names every problem found; nothing is answered unless the whole request is good.
+
+Over an expert store (a folder or an `s3://` URL) each replica follows the store's generations
+(`moe.serving.follow`): it polls every `follow_s` seconds and swaps to a new generation whole, so a grown tenant is
+answered, a hibernated or retired one gets 404 naming it, a rollback serves the old version, within about
+`follow_s` plus a rebuild, without a restart; each request is answered by the generation it started with.
+`/health`, `/tenants` and `/stats` name the generation served.
 
 Queries from concurrent requests are answered together (`@serve.batch`). The optional request header
 `serve_multiplexed_model_id: TENANT` routes a request to a replica that already holds that tenant's expert
@@ -47,12 +54,14 @@ from ray import serve
 from ray.serve import Application
 
 from moe import __version__
-from moe.inference import IndexSettings, read_bundle
+from moe.inference import GateSettings, IndexSettings, read_bundle
 from moe.serving import keys as api_keys
 from moe.serving import metrics as service_metrics
+from moe.serving.follow import ServingState, is_bundle
 from moe.serving.runtime import Server, text_problem
 from moe.serving.schema import AnswerOut, Batch, BatchAnswers, PredictBody, Problem, Query
-from moe.store import ShardError, is_url
+from moe.store import ShardError, is_url, open_store
+from moe.store.bundle import MANIFEST
 
 log = logging.getLogger("ray.serve")  # in a replica, Serve writes this logger to the replica's log
 APP_NAME = "moe"
@@ -66,7 +75,7 @@ class ServiceSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bundle: str  # the bundle folder; on a cluster, a path every node can read
+    bundle: str  # a bundle or an expert store (folder or URL); on a cluster, a path every node can read
     budget_mb: PositiveFloat = 256.0  # expert weights resident on the device at most, per replica (MiB)
     host_budget_mb: NonNegativeFloat = 0.0  # host-memory tier under the device, per replica (MiB)
     device: str = "cpu"
@@ -83,6 +92,21 @@ class ServiceSettings(BaseModel):
     keys_poll_s: PositiveFloat = 1.0  # how often a replica looks whether the keys file changed
     metrics: bool = True  # record Prometheus metrics (`moe.serving.metrics`)
     mixed_batches: bool = True  # False: Serve splits batches by the multiplexing header, as before (to compare)
+    # serving a store: how often each replica polls it for a new generation, fsspec options, gate and out-of-scope rule
+    follow_s: PositiveFloat = 1.0
+    store_options: dict[str, Any] = {}
+    top_k: PositiveInt = 2
+    gate_source: Literal["trained", "statistics"] = "trained"
+    oos_score: str | None = None
+    threshold: float | None = None
+
+    def server_options(self) -> dict[str, Any]:
+        """What `Server` takes beyond the budgets for this source: a store's gate, rule and poll; none for a bundle."""
+        if is_bundle(self.bundle, **self.store_options):
+            return {}
+        gate = GateSettings(self.top_k, source=self.gate_source)
+        options = dict(gate=gate, oos_score=self.oos_score, threshold=self.threshold, follow_s=self.follow_s)
+        return options | {"store_options": self.store_options}
 
 
 class Refused(Exception):
@@ -222,18 +246,12 @@ class MoeService:
         s = self.settings
         started = time.perf_counter()
         budgets = int(s.budget_mb * 2**20), s.device, int(s.host_budget_mb * 2**20)
-        self.server = Server(s.bundle, *budgets, verify=s.verify, index=IndexSettings() if s.index else None)
-        model, pager = self.server.model, self.server.model.pager
-        expert_tenant: list[int] = model.expert_tenant.tolist()  # type: ignore[operator]
-        self.tenant_of: dict[Hashable, str] = {
-            key: model.tenants[t] for key, t in zip(model.keys, expert_tenant, strict=True)
-        }
-        self.keys_of: dict[str, list[Hashable]] = {name: [] for name in model.tenants}
-        for key, tenant in self.tenant_of.items():
-            self.keys_of[tenant].append(key)
+        index = IndexSettings() if s.index else None
+        self.server = Server(s.bundle, *budgets, verify=s.verify, index=index, **s.server_options())
+        pager = self.server.model.pager
         largest = max(pager.sizes.values(), default=1)
         self.tenants_per_replica = s.tenants_per_replica or max(
-            1, min(len(self.keys_of), pager.device_budget // largest)
+            1, min(len(self.server.state.keys_of), pager.device_budget // largest)
         )
         self._load_tenant = serve.multiplexed(max_num_models_per_replica=self.tenants_per_replica)(
             self._tenant_loader()
@@ -245,7 +263,8 @@ class MoeService:
         self.keys = api_keys.KeyFile(s.keys_file, s.keys_poll_s) if s.keys_file else None
         self.metrics = service_metrics.ServiceMetrics(lambda: self.server) if s.metrics else None
         log.info(
-            f"moe replica {self.replica}: {s.bundle}, {len(self.keys_of)} tenants, device budget {s.budget_mb} MiB, "
+            f"moe replica {self.replica}: {s.bundle}, {len(self.server.tenants)} tenants (generation "
+            f"{self.server.generation}), device budget {s.budget_mb} MiB, "
             f"{self.tenants_per_replica} tenants multiplexed, batches of up to {s.max_batch_size} "
             f"({time.perf_counter() - started:.2f} s)"
         )
@@ -260,8 +279,9 @@ class MoeService:
     def _tenant_loader(self):
         async def load_tenant(tenant: str) -> TenantExperts:
             """Make a tenant's experts resident (as far as the budgets allow) on this replica."""
-            keys = self.keys_of[tenant]
-            await asyncio.to_thread(self.server.model.pager.prefetch, keys)
+            state = self.server.state
+            keys = state.keys_of.get(tenant, [])
+            await asyncio.to_thread(state.model.pager.prefetch, keys)
             self.tenant_loads += 1
             log.debug(f"tenant {tenant!r} multiplexed onto replica {self.replica}")
             return TenantExperts(tenant, keys)
@@ -284,14 +304,17 @@ class MoeService:
     def forbidden(self, tenant: str, key: api_keys.Key | None) -> bool:
         return key is not None and not key.may_query(tenant)
 
-    def unknown(self, tenant: str, key: api_keys.Key | None = None) -> str:
-        known = sorted(t for t in self.keys_of if not self.forbidden(t, key))  # never another key's tenants
+    def unknown(self, tenant: str, state: ServingState, key: api_keys.Key | None = None) -> str:
+        known = sorted(t for t in state.keys_of if not self.forbidden(t, key))  # never another key's tenants
         listed = f"known tenants: {known}" if len(known) <= 20 else f"{len(known)} known tenants (GET /tenants)"
-        return f"unknown tenant {tenant!r}; {listed}"
+        return f"{state.not_served(tenant)}; {listed}"
 
-    def check(self, queries: list[Query], prefix: str, key: api_keys.Key | None = None) -> list[tuple]:
-        """The queries as (text, tenant, tenants routed among) triples, or `Refused` naming every bad one: first a
-        tenant outside the key's (403, before anything says whether it exists), then oversized (413)."""
+    def check(
+        self, queries: list[Query], prefix: str, state: ServingState, key: api_keys.Key | None = None
+    ) -> list[tuple]:
+        """The queries as (text, tenant, tenants routed among, state) for `_answer`, or `Refused` naming every bad
+        one: first a tenant outside the key's (403, before anything says whether it exists), then oversized (413);
+        tenants as `state` (the request's generation) serves them."""
         limit, too_long, bad, unknown = self.settings.max_text_chars, [], [], []
         if len(queries) > self.settings.max_queries:
             raise Refused(413, [f"{len(queries)} queries, more than the limit of {self.settings.max_queries}"])
@@ -302,7 +325,7 @@ class MoeService:
         ]:
             raise Refused(403, forbidden)
         among = key.among() if key is not None else None
-        if among is not None and any(q.tenant is None for q in queries) and not among & self.keys_of.keys():
+        if among is not None and any(q.tenant is None for q in queries) and not among & state.keys_of.keys():
             raise Refused(404, ["no tenant of this key is served: a query without a tenant can not be routed"])
         for i, q in enumerate(queries):
             where = prefix.format(i)
@@ -310,12 +333,12 @@ class MoeService:
                 too_long.append(f"{where}text: {len(q.text)} characters, more than the limit of {limit}")
             elif problem := text_problem(q.text):
                 bad.append(f"{where}text: {problem}")
-            if q.tenant is not None and q.tenant not in self.keys_of:
-                unknown.append(f"{where}tenant: {self.unknown(q.tenant, key)}")
+            if q.tenant is not None and q.tenant not in state.keys_of:
+                unknown.append(f"{where}tenant: {self.unknown(q.tenant, state, key)}")
         for status, problems in ((413, too_long), (422, bad), (404, unknown)):
             if problems:
                 raise Refused(status, too_long + bad + unknown)
-        return [(q.text, q.tenant, among if q.tenant is None else None) for q in queries]
+        return [(q.text, q.tenant, among if q.tenant is None else None, state) for q in queries]
 
     @app.post(
         "/predict",
@@ -327,28 +350,30 @@ class MoeService:
     async def predict(
         self, body: Annotated[PredictBody, Body(openapi_examples=EXAMPLES)], request: Request
     ) -> JSONResponse:
-        """Answers as `Server.predict` gives them, in order; 4xx naming every problem, and then nothing answered."""
+        """Answers as `Server.predict` gives them, in order; 4xx naming every problem, and then nothing answered. The
+        whole request is answered by the state (the store's generation) served when it arrived."""
         key = self.authorize(request)
+        state = self.server.state
         if isinstance(body, Query):
-            pairs = self.check([body], "", key)
+            queries = self.check([body], "", state, key)
         elif isinstance(body, Batch):
-            pairs = self.check(body.queries, "queries[{}].", key)
+            queries = self.check(body.queries, "queries[{}].", state, key)
         else:
-            pairs = self.check(body, "[{}].", key)
+            queries = self.check(body, "[{}].", state, key)
         if tenant := serve.get_multiplexed_model_id():  # Serve routed on it; load it here if it is not yet
             if self.forbidden(tenant, key):
                 raise Refused(403, [f"{MULTIPLEX_HEADER} header: not a tenant of this key"])
-            if tenant not in self.keys_of:
-                raise Refused(404, [f"{MULTIPLEX_HEADER} header: {self.unknown(tenant, key)}"])
+            if tenant not in state.keys_of:
+                raise Refused(404, [f"{MULTIPLEX_HEADER} header: {self.unknown(tenant, state, key)}"])
             try:
                 await self._load_tenant(tenant)
             except ShardError as error:
                 raise self.damaged(error) from None
         self.counts["requests"] += 1
-        self.counts["queries"] += len(pairs)
+        self.counts["queries"] += len(queries)
         try:
             with mixed_batches() if self.settings.mixed_batches else nullcontext():
-                answers = await asyncio.gather(*(self._answer(pair) for pair in pairs))
+                answers = await asyncio.gather(*(self._answer(query) for query in queries))
         except ShardError as error:  # the server's fault, not the request's: no path of the server's disk shown
             raise self.damaged(error) from None
         except (KeyError, TypeError, ValueError) as error:  # checked above; should Server refuse anyway, say why
@@ -367,10 +392,10 @@ class MoeService:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)  # set from the settings in __init__
     async def _answer(self, queries: list[tuple]) -> list[dict]:
-        """Queries of concurrent requests, for any tenants, answered together in one mixed forward."""
-        texts, tenants, among = (list(column) for column in zip(*queries, strict=True))
-        among = among if any(a is not None for a in among) else None
-        answers = await asyncio.to_thread(self.server.predict, texts, tenants, among)
+        """Queries of concurrent requests, for any tenants, answered together in one mixed forward, each by its
+        request's state: (text, tenant, tenants routed among, state)."""
+        answers = await asyncio.to_thread(self.server.predict_each, queries)
+        tenants = [q[1] for q in queries]
         self.counts["batches"] += 1
         self.counts["largest_batch"] = max(self.counts["largest_batch"], len(queries))
         self.counts["mixed_batches"] += len(set(tenants)) > 1  # queries of several tenants (or routed) in one forward
@@ -380,26 +405,37 @@ class MoeService:
 
     @app.get("/health", summary="Liveness: the replica, its bundle and how many tenants it serves")
     async def health(self) -> dict:
-        return {"status": "ok", "replica": self.replica, "bundle": self.settings.bundle, "tenants": len(self.keys_of)}
+        state = self.server.state
+        return {
+            "status": "ok",
+            "replica": self.replica,
+            "bundle": self.settings.bundle,
+            "tenants": len(state.keys_of),
+            "generation": state.generation,
+        }
 
-    @app.get("/tenants", summary="The tenants this service answers for, sorted (an admin key, when keys are on)")
+    @app.get("/tenants", summary="The tenants served, sorted, and the store's generation (admin key, if keys are on)")
     async def tenants(self, request: Request) -> dict:
         self.authorize(request, admin=True)
-        return {"tenants": sorted(self.keys_of)}
+        state = self.server.state
+        return {"tenants": sorted(state.keys_of), "generation": state.generation}
 
-    @app.get("/stats", summary="This replica's pager and batching (an admin key, when keys are on)")
+    @app.get("/stats", summary="This replica's pager, batching and generation (an admin key, when keys are on)")
     async def stats(self, request: Request) -> dict:
         self.authorize(request, admin=True)
-        pager = self.server.model.pager
-        summary = self.server.stats()
+        state = self.server.state
+        pager = state.model.pager
+        summary = pager.summary()
         tiers = [t for t in summary if t != "resident"]
         looked_up = {t: summary[t]["hits"] + summary[t]["misses"] for t in tiers}
         counts = self.counts
         return {
             "replica": self.replica,
-            "tenants": len(self.keys_of),
+            "tenants": len(state.keys_of),
+            "generation": state.generation,
+            "store": self.server.following(),
             "resident_experts": {
-                tier: [self.tenant_of[k] for k in pager.resident(tier)] for tier in ("device", "host")
+                tier: [state.tenant_of[k] for k in pager.resident(tier)] for tier in ("device", "host")
             },
             "hit_rate": {t: summary[t]["hits"] / looked_up[t] if looked_up[t] else None for t in tiers},
             "bytes": {
@@ -431,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m moe.serving.http", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     defaults = ServiceSettings(bundle="")
-    parser.add_argument("bundle", help="bundle folder written by scripts/export.py")
+    parser.add_argument("bundle", help="a bundle (scripts/export.py), or an expert store (folder or s3:// URL)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--replicas", type=int, default=defaults.replicas)
@@ -457,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--split-batches", dest="mixed_batches", action="store_false", help="batches split by the header (compare)"
     )
+    parser.add_argument("--follow-s", type=float, default=defaults.follow_s, help="a store: seconds between polls")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="a store: experts the gate chooses")
+    parser.add_argument("--gate-source", choices=["trained", "statistics"], default=defaults.gate_source)
+    parser.add_argument("--oos-score", default=None, help="a store: the out-of-scope score (with --threshold)")
+    parser.add_argument("--threshold", type=float, default=None, help="a store: the out-of-scope threshold")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     fields = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields and v is not None}
@@ -468,7 +509,13 @@ def main(argv: list[str] | None = None) -> int:
             api_keys.read_keys(keys_file)  # a bad keys file fails here, named
     except ValueError as error:
         parser.error(str(error))
-    read_bundle(settings.bundle, settings.verify)  # a bad bundle fails here, named, before Ray starts
+    if is_bundle(settings.bundle, **settings.store_options):
+        read_bundle(settings.bundle, settings.verify)  # a bad bundle fails here, named, before Ray starts
+    elif not (state := open_store(settings.bundle, **settings.store_options).state()).awake:
+        parser.error(
+            f"{settings.bundle}: neither a bundle (no {MANIFEST}) nor an expert store with an awake tenant "
+            f"(generation {state.generation})"
+        )
     from moe.serving import http  # the deployment by its module's name, not `__main__`'s copy
 
     metrics_port = {"_metrics_export_port": args.metrics_port} if args.address is None else {}  # a cluster: its own

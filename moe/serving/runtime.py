@@ -1,23 +1,38 @@
-"""The serving runtime: a checked bundle, its trunk, and its experts paged under a byte budget.
+"""The serving runtime: a checked bundle, or an expert store it follows, with its trunk and its experts paged under a
+byte budget.
 
     server = Server("outputs/bundle", budget_bytes=64 << 20)
     server.predict(["what's my balance", "play some jazz"], tenant=["banking", None])
 
+    server = Server("experts/", follow_s=1.0)        # a store (or s3://bucket/prefix): follows its generations
+
 Imports neither Lightning, Hydra nor wandb. Safe to call from several threads: the trunk (whose tokenizer is not
 reentrant) runs under a lock, the experts under the pager's own locking.
+
+Everything a request is answered by (trunk, mixture, out-of-scope rule, generation) is one `ServingState`, replaced
+whole and never changed in place: a request reads `server.state` once and is answered by it alone, so a swap to the
+store's next generation (`refresh`, or the background poll `follow` starts) never answers it half by one generation
+and half by the next.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from moe.inference import GATE_FREE_SCORES, Answer, Bundle, IndexSettings, Verify, open_bundle, predict
+from moe.inference import GATE_FREE_SCORES, Answer, Bundle, GateSettings, IndexSettings, Verify, predict
 from moe.model import UNKNOWN_TENANT
 from moe.model.pathway import Hidden
+from moe.serving.follow import Follower, ServingState, StoreSource, open_source
+from moe.store import ExpertStore
+from moe.trunk import Trunk
+
+log = logging.getLogger(__name__)
 
 Tenants = str | Iterable[str | None] | None
 Among = Iterable[Iterable[str] | None] | None  # per query, the tenants it may be routed among (None: any)
@@ -51,7 +66,12 @@ def checked_texts(texts: Iterable[str]) -> list[str]:
 
 
 class Server:
-    """`budget_bytes`: expert weights resident on the device at most (the gate and trunk come on top). `verify`:
+    """`source`: a bundle (folder, URL or `Bundle`) or an expert store (folder, `s3://` URL or `ExpertStore`). A store
+    is served at its latest generation (`moe.store.generation`) with `gate`, the out-of-scope rule (`oos_score`,
+    `threshold`, `unsure_margin`) and its own trunk (`trunk`, if given, must be it); `follow_s`: poll it every so
+    many seconds in the background and swap to each new generation (`refresh` does it once, now).
+
+    `budget_bytes`: expert weights resident on the device at most (the gate and trunk come on top). `verify`:
     "full" checks every expert's file when the bundle opens; "lazy", for thousands of tenants, reads only each
     expert's header and routing rows then, and verifies its checksums when it is first paged in. `index`: queries
     without a tenant are routed through an index over the gate's rows (`moe.inference.index`), for thousands of
@@ -59,21 +79,73 @@ class Server:
 
     def __init__(
         self,
-        bundle: str | Path | Bundle,
+        source: str | Path | Bundle | ExpertStore,
         budget_bytes: int = 256 << 20,
         device: str = "cpu",
         host_budget_bytes: int = 0,
         max_batch: int = 1024,
         verify: Verify = "full",
         index: IndexSettings | None = None,
+        *,
+        gate: GateSettings | None = None,
+        oos_score: str | None = None,
+        threshold: float | None = None,
+        unsure_margin: float | None = None,
+        trunk: Trunk | None = None,
+        store_options: dict | None = None,
+        follow_s: float | None = None,
     ):
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.max_batch = max_batch
-        opened = open_bundle(bundle, device, budget_bytes, host_budget_bytes, verify, index)
-        self.bundle, self.trunk, self.model = opened.bundle, opened.trunk, opened.model
-        self.oos_kind, self.threshold, self.unsure_margin = opened.oos_score, opened.threshold, opened.unsure_margin
-        self._trunk_lock = threading.Lock()
+        store_settings = dict(gate=gate, oos_score=oos_score, threshold=threshold, unsure_margin=unsure_margin)
+        self.source = open_source(
+            source, device, budget_bytes, host_budget_bytes, verify, index, store_options, **store_settings, trunk=trunk
+        )
+        self._state = self.source.build()
+        self._trunk_lock, self._refresh_lock = threading.Lock(), threading.Lock()
+        self.follower = Follower(self, follow_s) if follow_s is not None else None
+
+    # -- the state answered from: one reference, swapped whole -----------------------------------------------------
+
+    @property
+    def state(self) -> ServingState:
+        """What a request is answered by: read it once per request and pass it on (`predict(..., state=)`)."""
+        return self._state
+
+    @property
+    def follows_store(self) -> bool:
+        return isinstance(self.source, StoreSource)
+
+    def refresh(self) -> bool:
+        """Swap to the store's latest generation if it is not the one served (built whole first, then swapped in one
+        assignment: requests already running keep the state they started with). Whether it swapped."""
+        if not isinstance(self.source, StoreSource):
+            return False
+        with self._refresh_lock:
+            if self.source.generation() == self._state.generation:
+                return False
+            state = self.source.build(self._state)
+            if state.generation == self._state.generation:
+                return False
+            changes = state.store_state.changes if state.store_state else ()
+            log.info("serving generation %s (was %s): %s", state.generation, self._state.generation, list(changes))
+            self._state = state
+            return True
+
+    def close(self) -> None:
+        """Stop following the store (the state served stays)."""
+        if self.follower is not None:
+            self.follower.stop()
+
+    # the current state's parts, for callers that answer one request at a time
+    bundle = property(lambda self: self._state.bundle)
+    trunk = property(lambda self: self._state.trunk)
+    model = property(lambda self: self._state.model)
+    oos_kind = property(lambda self: self._state.oos_kind)
+    threshold = property(lambda self: self._state.threshold)
+    unsure_margin = property(lambda self: self._state.unsure_margin)
+    generation = property(lambda self: self._state.generation)
 
     @property
     def tenants(self) -> list[str]:
@@ -97,8 +169,9 @@ class Server:
             raise ValueError(f"{len(names)} tenants given for {n} texts: give one tenant, None, or one per text")
         return names
 
-    def _among_mask(self, among: Among, n: int) -> torch.Tensor | None:
-        """(n, e) the experts each query may be routed to; ValueError for a query whose tenants are none served."""
+    def _among_mask(self, among: Among, n: int, state: ServingState) -> torch.Tensor | None:
+        """(n, e) the experts each query may be routed to in `state`; ValueError for a query whose tenants are none
+        served."""
         if among is None:
             return None
         sets = [None if a is None else frozenset(a) for a in among]
@@ -106,21 +179,29 @@ class Server:
             raise ValueError(f"{len(sets)} tenant sets given for {n} texts: give one per text (None: any tenant)")
         if all(a is None for a in sets):
             return None
-        masks = {a: self.model.experts_among(a) for a in set(sets) if a is not None}
+        masks = {a: state.model.experts_among(a) for a in set(sets) if a is not None}
         if empty := sorted(sorted(a) for a, m in masks.items() if not m.any()):
             raise ValueError(f"no tenant served among {empty[0]}: a query can not be routed among none")
-        everyone = torch.ones_like(self.model.expert_tenant, dtype=torch.bool)
+        everyone = torch.ones_like(state.model.expert_tenant, dtype=torch.bool)
         return torch.stack([everyone if a is None else masks[a] for a in sets])
 
     @torch.no_grad()
     def predict_features(
-        self, features: torch.Tensor, tenant: Tenants = None, hidden: Hidden | None = None, among: Among = None
+        self,
+        features: torch.Tensor,
+        tenant: Tenants = None,
+        hidden: Hidden | None = None,
+        state: ServingState | None = None,
+        among: Among = None,
     ) -> list[Answer]:
         """Answers for trunk features `(n, d)`; `tenant` and `among` as in `predict`; `hidden`: the texts' token
-        states after the shared lower layers, which pathway experts read (`model.hidden_states`)."""
-        ids = self.model.tenant_ids(self._tenant_list(tenant, features.shape[0]))  # KeyError names unknown ones
-        allowed = self._among_mask(among, features.shape[0])
-        device = self.model.label_ids.device
+        states after the shared lower layers, which pathway experts read (`model.hidden_states`); `state`: the one
+        to answer by (default: the current one)."""
+        state = state or self._state
+        model = state.model
+        ids = model.tenant_ids(self._tenant_list(tenant, features.shape[0]))  # KeyError names unknown ones
+        allowed = self._among_mask(among, features.shape[0], state)
+        device = model.label_ids.device
         result: list[Answer] = []
         for start in range(0, features.shape[0], self.max_batch):
             x, t = features[start : start + self.max_batch].to(device), ids[start : start + self.max_batch]
@@ -128,41 +209,75 @@ class Server:
             h = hidden.take(slice(start, start + self.max_batch)) if hidden is not None else None
             a = allowed[start : start + self.max_batch].to(device) if allowed is not None else None
             result += predict(
-                self.model, x, given, self.oos_kind, self.threshold, self.unsure_margin, hidden=h, among=a
+                model, x, given, state.oos_kind, state.threshold, state.unsure_margin, hidden=h, among=a
             )
         return result
 
-    def predict(self, texts: Iterable[str], tenant: Tenants = None, among: Among = None) -> list[Answer]:
+    def predict(
+        self, texts: Iterable[str], tenant: Tenants = None, state: ServingState | None = None, among: Among = None
+    ) -> list[Answer]:
         """One answer per text (any iterable of non-blank strings encodable as UTF-8; a bad one raises TypeError or
         ValueError naming every bad index). `tenant`: None (the gate chooses among all experts), one tenant's name
         for every text, or a list with a name or None per text. An unknown tenant raises KeyError naming the known
         ones. `among`: per text, the tenants a text without a tenant may be routed to (None: any; an API key's
-        tenants), in the same mixed batch as the rest. Nothing is encoded unless every text and tenant is good."""
+        tenants), in the same mixed batch as the rest. Nothing is encoded unless every text and tenant is good.
+        Every answer comes from one state (`state`, default the current one), whatever is swapped in meanwhile."""
+        state = state or self._state
         texts = checked_texts(texts)
         names = self._tenant_list(tenant, len(texts))
-        self.model.tenant_ids(names)  # refuse an unknown tenant before encoding anything
+        state.model.tenant_ids(names)  # refuse an unknown tenant before encoding anything
         sets = list(among) if among is not None else [None] * len(texts)
-        self._among_mask(sets, len(texts))  # and a set of tenants none of which is served
+        self._among_mask(sets, len(texts), state)  # and a set of tenants none of which is served
         answers: list[Answer] = []
         for start in range(0, len(texts), self.max_batch):
             chunk, given = texts[start : start + self.max_batch], names[start : start + self.max_batch]
-            features, hidden = self._encode(chunk, given)
-            answers += self.predict_features(features, given, hidden, sets[start : start + self.max_batch])
+            features, hidden = self._encode(chunk, given, state)
+            answers += self.predict_features(features, given, hidden, state, sets[start : start + self.max_batch])
         return answers
 
-    def _encode(self, texts: list[str], names: list[str | None]) -> tuple[torch.Tensor, Hidden | None]:
+    def predict_each(self, queries: list[tuple[str, str | None, Iterable[str] | None, ServingState]]) -> list[Answer]:
+        """Answers to (text, tenant, tenants routed among, state) queries in order, each by its own state: queries of
+        concurrent requests answered together in one mixed forward, every request by the state it started with (one
+        forward per state, normally one)."""
+        groups: dict[int, list[int]] = {}
+        for i, query in enumerate(queries):
+            groups.setdefault(id(query[3]), []).append(i)
+        answers: list[Answer | None] = [None] * len(queries)
+        for positions in groups.values():
+            texts, tenants, among, states = (list(c) for c in zip(*(queries[i] for i in positions), strict=True))
+            restricted = among if any(a is not None for a in among) else None
+            for i, answer in zip(positions, self.predict(texts, tenants, states[0], restricted), strict=True):
+                answers[i] = answer
+        return answers  # type: ignore[return-value]
+
+    def _encode(
+        self, texts: list[str], names: list[str | None], state: ServingState
+    ) -> tuple[torch.Tensor, Hidden | None]:
         """Features for the gate and, for pathway experts, the texts' token states; when every text's tenant is
         given, its pathway's features computed with the gate's in one pass (`PagedMixture.given_pass`), or alone
         where no answer reads the gate (no out-of-scope threshold, or a score in `GATE_FREE_SCORES`)."""
+        model, trunk = state.model, state.trunk
         with self._trunk_lock:
-            if self.model.pathways is None:
-                return self.trunk.encode(texts), None
-            hidden = self.model.hidden_states(texts)
-            if self.model.tenant_expert is not None and None not in names:
-                gate = self.threshold is not None and self.oos_kind not in GATE_FREE_SCORES
-                return self.model.given_pass(hidden, self.model.tenant_ids(names).to(hidden.states.device), gate)
-            return self.trunk.encode(texts), hidden
+            if model.pathways is None:
+                return trunk.encode(texts), None
+            hidden = model.hidden_states(texts)
+            if model.tenant_expert is not None and None not in names:
+                gate = state.threshold is not None and state.oos_kind not in GATE_FREE_SCORES
+                return model.given_pass(hidden, model.tenant_ids(names).to(hidden.states.device), gate)
+            return trunk.encode(texts), hidden
 
     def stats(self) -> dict:
         """The pager's counters (hits, misses, page-ins, resident bytes)."""
         return self.model.pager.summary()
+
+    def following(self) -> dict:
+        """The generation served, since when, and the poll's health (for a store; a bundle has no generation)."""
+        state = self._state
+        info = {"generation": state.generation, "served_since_s": round(time.time() - state.applied, 3)}
+        if isinstance(self.source, StoreSource):
+            info["store"] = str(getattr(self.source.store, "url", self.source.store.root))
+            info["left_out"] = sorted(state.model.left_out)
+            if self.follower is not None:
+                info |= {"poll_s": self.follower.interval_s, "poll_failures": self.follower.failures}
+                info["last_poll_error"] = self.follower.last_error
+        return info

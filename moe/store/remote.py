@@ -44,7 +44,8 @@ from filelock import FileLock
 from moe.paths import cache_dir as user_cache_dir
 from moe.paths import file_sha256
 from moe.store.bundle import MANIFEST
-from moe.store.shard import ExpertMeta, ShardError, read_shard, write_shard
+from moe.store.generation import Generations, RemoteFiles, TenantState
+from moe.store.shard import ExpertMeta, ShardError, meta_from_strings, read_shard, write_shard
 from moe.store.store import _FILE, _OWN, ExpertStore, ShardRecord, check_tenant_name
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 CACHE_BUDGET = 4 << 30  # bytes of shards a remote store keeps on local disk by default
 DORMANT = "DORMANT"
 _PART = ".part"  # suffix of a download in flight (or killed) in the cache: never a shard's name
+HEADER_READ = 64 << 10  # bytes of an object read first for its header (a shard's is a few KiB; more is read if not)
+MAX_HEADER = 100 << 20  # a larger header length is not a safetensors file's (safetensors refuses them too)
 
 
 def is_url(location: str | Path) -> bool:
@@ -101,6 +104,20 @@ class RemoteStore(ExpertStore):
     def __repr__(self) -> str:
         return f"RemoteStore({self.url!r}, cache {self.root})"
 
+    @property
+    def generations(self) -> Generations:
+        """The generation files in the bucket; the lock in the cache folder (one machine's writers; across
+        machines, the exclusive PUT of each state refuses a number taken)."""
+        return Generations(RemoteFiles(self.fs, self.prefix, self.url), self.root / ".locks")
+
+    def _scan(self) -> dict[str, TenantState]:
+        listing = self._list()  # one listing, not one request per tenant
+        live: dict[str, int] = {}
+        for record in listing.records:
+            if not record.retired:
+                live[record.tenant] = max(live.get(record.tenant, 0), record.version)
+        return {t: TenantState(v, t in listing.dormant) for t, v in sorted(live.items())}
+
     # -- names: a local path in the cache <-> an object's key and URL --------------------------------------
 
     def key(self, local: Path) -> str:
@@ -149,11 +166,15 @@ class RemoteStore(ExpertStore):
         return bool(self.records(tenant)) or self.is_dormant(tenant)
 
     def tenants(self, dormant: bool = False) -> list[str]:
+        if self.pinned is not None:
+            return super().tenants(dormant)
         listing = self._list()  # one listing, not one request per tenant
         live = {r.tenant for r in listing.records if not r.retired}
         return sorted(t for t in live if dormant or t not in listing.dormant)
 
     def is_dormant(self, tenant: str) -> bool:
+        if self.pinned is not None:
+            return super().is_dormant(tenant)
         return self.fs.exists(f"{self.prefix}/{check_tenant_name(tenant)}/{DORMANT}")
 
     def retired(self, tenant: str) -> str | None:
@@ -162,6 +183,45 @@ class RemoteStore(ExpertStore):
             return self.fs.cat_file(tombstone).decode().strip()
         except FileNotFoundError:
             return None
+
+    def _folder_names(self) -> list[str]:
+        self.fs.invalidate_cache(self.prefix)
+        try:
+            return [key.rsplit("/", 1)[-1] for key in self.fs.ls(self.prefix, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def meta(self, tenant: str, version: int | None = None) -> ExpertMeta:
+        """A version's metadata from its header alone: the cached copy's, or a ranged read of the object's first
+        bytes (the safetensors header), never a download of its tensors."""
+        version = self.latest(tenant) if version is None else version
+        local = super().path(tenant, version)  # the name alone: no download
+        if local.is_file():
+            return super().meta(tenant, version)
+        url = self.object_url(local)
+        try:
+            head = self.fs.cat_file(self.key(local), start=0, end=HEADER_READ)
+            if len(head) < 8:
+                raise ShardError(url, f"truncated: {len(head)} bytes, not a safetensors file")
+            size = int.from_bytes(head[:8], "little")
+            if size > MAX_HEADER:
+                raise ShardError(url, f"header of {size} bytes: not a safetensors file")
+            if 8 + size > len(head):
+                head += self.fs.cat_file(self.key(local), start=len(head), end=8 + size)
+            header = json.loads(head[8 : 8 + size])
+            strings = header.get("__metadata__") or {}
+            if len(head) < 8 + size or not isinstance(strings, dict):
+                raise ValueError("header cut short or without metadata")
+        except FileNotFoundError:
+            raise ShardError(url, "no such object") from None
+        except ShardError:
+            raise
+        except (UnicodeDecodeError, ValueError, AttributeError) as error:
+            raise ShardError(url, f"truncated or not a safetensors file ({error})") from None
+        try:
+            return self.check_shard(local, meta_from_strings(url, strings)[0])
+        except ShardError as error:
+            raise ShardError(url, error.reason) from None
 
     def path(self, tenant: str, version: int, retired: bool = False) -> Path:
         """A local copy of the version's object, downloaded and verified if the cache lacks it (a ShardError naming
@@ -246,12 +306,12 @@ class RemoteStore(ExpertStore):
         return local
 
     def hibernate(self, tenant: str) -> None:
-        with self._writing(tenant):
+        with self._writing(tenant, "hibernate"):
             self.latest(tenant)  # an unknown tenant is an error, not a new folder
             self.fs.pipe_file(f"{self.prefix}/{tenant}/{DORMANT}", b"hibernating\n")
 
     def wake(self, tenant: str) -> None:
-        with self._writing(tenant):
+        with self._writing(tenant, "wake"):
             if not self.is_dormant(tenant):
                 raise KeyError(f"tenant {tenant!r} is not hibernating in {self.url}; dormant: {self.dormant()}")
             self.fs.rm_file(f"{self.prefix}/{tenant}/{DORMANT}")
@@ -272,7 +332,7 @@ class RemoteStore(ExpertStore):
         return target
 
     def restore(self, tenant: str, version: int) -> Path:
-        with self._writing(tenant):
+        with self._writing(tenant, "restore"):
             if not any(r.retired and r.version == version for r in self.records(tenant)):
                 raise KeyError(f"tenant {tenant!r} has no retired version {version}")
             self._move(super().path(tenant, version, retired=True), live := super().path(tenant, version))

@@ -189,6 +189,11 @@ def read_meta(path: str | Path) -> tuple[ExpertMeta, str]:
             strings = handle.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise ShardError(path, f"truncated or not a safetensors file ({error})") from None
+    return meta_from_strings(path, strings)
+
+
+def meta_from_strings(path: str | Path, strings: dict[str, str]) -> tuple[ExpertMeta, str]:
+    """`read_meta`'s checks of a header's metadata strings (read from `path`, which errors name)."""
     if strings.get("format") != FORMAT:
         raise ShardError(path, f"format {strings.get('format')!r} is not {FORMAT!r}")
     if strings.get("metadata_sha256") != metadata_sha256(strings):

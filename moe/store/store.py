@@ -17,10 +17,16 @@ is no tenant: skipped with a warning.
 Every change is one atomic rename, so a process killed at any point leaves a consistent store. Writers (`save`,
 `hibernate`, `wake`, `retire`, `restore`, `rollback`, `archive`, `delete`) hold the tenant's file lock, so that
 across threads and processes no version is handed out twice or lost; readers take no lock.
+
+Every writer, as it releases the tenant's lock, publishes the store's next generation (`moe.store.generation`: a
+number and the served state it names, in `.generation.json` and `.generations/`); `changes` makes many writes one
+generation (a trunk upgrade). A reader that must not see half a change (a service following the store) reads
+`generation()` and loads through `at(state())`: the tenants, versions and trunk of that generation.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -33,6 +39,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from moe.store.generation import Generations, LocalFiles, State, TenantState
 from moe.store.shard import ExpertMeta, ShardError, read_meta, read_shard, write_shard
 
 log = logging.getLogger(__name__)
@@ -40,7 +47,7 @@ log = logging.getLogger(__name__)
 NAME_LENGTH = 64
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _FILE = re.compile(r"v(\d{4}|[1-9]\d{4,})(\.retired)?\.safetensors")  # the names `ExpertStore.path` writes
-_OWN = (".locks", ".retired", ".leaving", ".trunks", ".bridges")  # the store's own folders (moe.store.trunks too)
+_OWN = (".locks", ".retired", ".leaving", ".trunks", ".bridges", ".generations")  # the store's own folders
 
 
 def check_tenant_name(name: object) -> str:
@@ -73,6 +80,72 @@ class ShardRecord:
 class ExpertStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.pinned: State | None = None  # a view of one generation (`at`): reads follow it, writes are refused
+        self._deferred: list[str] | None = None  # tenants written inside `changes`, published at its end
+
+    # -- generations ---------------------------------------------------------------------------------------------
+
+    @property
+    def generations(self) -> Generations:
+        return Generations(LocalFiles(self.root), self.root / ".locks")
+
+    def generation(self) -> int:
+        """The store's latest generation (0: none published yet): a few bytes read, for polling."""
+        return self.generations.latest()
+
+    def state(self) -> State:
+        """The latest generation's state; for a store without one (made before generations), generation 0 from a
+        scan, published by nobody (a reader writes nothing): its first write publishes generation 1."""
+        if (state := self.generations.state()) is None:
+            state = State(0, self._scan(), self._trunk())
+        return state
+
+    def at(self, state: State) -> ExpertStore:
+        """This store as of `state`: `tenants`, `latest`, `is_dormant` answer from it (what `load_mixture` reads), so a
+        mixture built from the view is that generation's, whatever was written since. A version retired since fails
+        to load, by name: the reader then moves on to the newer generation. Writes through a view are refused."""
+        view = copy.copy(self)
+        view.pinned, view._deferred = state, None
+        return view
+
+    def rescan(self, op: str = "rescan") -> int:
+        """Publish a generation from a scan of the whole store (after shards were copied in around the store)."""
+        return self.generations.publish([{"op": op}], self._entry, self._scan, self._trunk, trunk_changed=True) or 0
+
+    @contextmanager
+    def changes(self, op: str, trunk: bool = False) -> Iterator[None]:
+        """The writes made inside, through this store object, published as one generation at the end (with the
+        store's current trunk if `trunk`); nothing is published if it raises, or a process dies inside: readers see
+        the generation before. Nested: the outermost publishes."""
+        if self._deferred is not None:
+            yield
+            return
+        self._deferred = []
+        try:
+            yield
+            touched = list(dict.fromkeys(self._deferred))
+        finally:
+            self._deferred = None
+        self._publish([{"op": op, "tenant": t} for t in touched] or [{"op": op}], trunk_changed=trunk)
+
+    def _publish(self, changes: list[dict], trunk_changed: bool = False, if_changed: bool = False) -> int | None:
+        for change in changes:
+            if (tenant := change.get("tenant")) is not None and "version" not in change:
+                change["version"] = entry.version if (entry := self._entry(tenant)) else None
+        return self.generations.publish(changes, self._entry, self._scan, self._trunk, trunk_changed, if_changed)
+
+    def _entry(self, tenant: str) -> TenantState | None:
+        """A tenant's served state from the store itself (its folder alone): None without a live version."""
+        live = [r.version for r in self.records(tenant) if not r.retired]
+        return TenantState(live[-1], self.is_dormant(tenant)) if live else None
+
+    def _scan(self) -> dict[str, TenantState]:
+        return {t: entry for t in self.tenants(dormant=True) if (entry := self._entry(t)) is not None}
+
+    def _trunk(self) -> str | None:
+        from moe.store.trunks import TrunkVersions  # trunks imports shard, as this module does
+
+        return TrunkVersions(self.root).current()
 
     def path(self, tenant: str, version: int, retired: bool = False) -> Path:
         suffix = ".retired.safetensors" if retired else ".safetensors"
@@ -106,12 +179,23 @@ class ExpertStore:
                 log.warning("expert store %s: folder %r skipped, it is no tenant's: %s", self.root, folder.name, error)
         return folders
 
+    def _folder_names(self) -> list[str]:
+        """The names in the store's root, unchecked and unsorted: one listing, nothing read per folder."""
+        try:
+            return os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+
     def tenants(self, dormant: bool = False) -> list[str]:
         """Tenants with at least one live version: the awake ones, or also the hibernating ones."""
+        if self.pinned is not None:
+            return sorted(self.pinned.tenants) if dormant else self.pinned.awake
         live = {r.tenant for r in self.records() if not r.retired}
         return sorted(t for t in live if dormant or not self.is_dormant(t))
 
     def is_dormant(self, tenant: str) -> bool:
+        if self.pinned is not None:
+            return tenant in self.pinned.tenants and self.pinned.tenants[tenant].dormant
         return (self.root / check_tenant_name(tenant) / "DORMANT").is_file()
 
     def dormant(self) -> list[str]:
@@ -128,6 +212,10 @@ class ExpertStore:
         return [r.version for r in self.records(tenant) if not r.retired]
 
     def latest(self, tenant: str) -> int:
+        if self.pinned is not None:
+            if (entry := self.pinned.tenants.get(tenant)) is None:
+                raise self._unknown(tenant)
+            return entry.version
         if not (versions := self.versions(tenant)):
             raise self._unknown(tenant)
         return versions[-1]
@@ -185,17 +273,33 @@ class ExpertStore:
     # -- writing: one tenant at a time, under its lock ------------------------------------------------------
 
     @contextmanager
-    def _writing(self, tenant: str, new: bool = False) -> Iterator[None]:
+    def _writing(self, tenant: str, op: str, new: bool = False) -> Iterator[None]:
         """Hold `tenant`'s write lock, across threads and processes: `<root>/.locks/<tenant, lower case>.lock`, one
         for names that differ in case only, so that the case check of a new tenant's save has no race. Unless
         `new`, a tenant without a folder is a KeyError at once (and no lock file is made). Never nested: a second
-        lock on the same file in one thread would wait for ever."""
+        lock on the same file in one thread would wait for ever. Every write through here publishes the next
+        generation as the lock is released (`op` names it; one that raised, only if it changed what is served), or
+        leaves it to the enclosing `changes`."""
         check_tenant_name(tenant)
+        if self.pinned is not None:
+            raise ValueError(f"{self!r} is a read-only view of generation {self.pinned.generation}: write to the store")
         if not new and not self._has_folder(tenant):
             raise self._unknown(tenant)
         (self.root / ".locks").mkdir(parents=True, exist_ok=True)
         with FileLock(self.root / ".locks" / f"{tenant.lower()}.lock"):
-            yield
+            try:
+                yield
+            except BaseException:
+                if self._deferred is None:
+                    try:
+                        self._publish([{"op": op, "tenant": tenant, "failed": True}], if_changed=True)
+                    except Exception as error:  # the write's own error is the one to raise
+                        log.warning("expert store %s: no generation published after a failed %s: %s", self, op, error)
+                raise
+            if self._deferred is not None:
+                self._deferred.append(tenant)
+            else:
+                self._publish([{"op": op, "tenant": tenant}])
 
     def check_new_tenant(self, name: object) -> str:
         """`name` if a new tenant may take it, else a ValueError: it must pass `check_tenant_name`, have no version
@@ -205,8 +309,8 @@ class ExpertStore:
         if records := self.records(name):
             versions = [(r.version, "retired" if r.retired else "live") for r in records]
             raise ValueError(f"tenant {name!r} already has an expert in {self.root} {versions}; use update")
-        folders = (f.name for f in self._tenant_folders() if f.name.lower() == name.lower() and f.name != name)
-        if clash := sorted(t for t in folders if self.records(t)):  # folder names first: no stat of every shard
+        folders = (f for f in self._folder_names() if f.lower() == name.lower() and f != name and f not in _OWN)
+        if clash := sorted(t for t in folders if self.records(t)):  # names alone first: no stat of any other folder
             raise ValueError(f"tenant name {name!r} differs only in case from tenant {clash[0]!r} in {self.root}")
         return name
 
@@ -233,11 +337,12 @@ class ExpertStore:
         one is refused rather than silently dropping what the other added). A retired tenant's tombstone goes: its
         name now holds a new expert."""
         tenant = check_tenant_name(meta.tenant)
-        if new_tenant or not self._has_folder(tenant):
+        if fresh := new_tenant or not self._has_folder(tenant):
             if parent is not None:
                 raise self._unknown(tenant)  # retired (or deleted) while the update trained
             self.check_new_tenant(tenant)  # early too: a refused name leaves no lock file behind
-        with self._writing(tenant, new=parent is None):
+        op = "update" if parent is not None else "grow" if fresh else "save"
+        with self._writing(tenant, op, new=parent is None):
             taken = [r.version for r in self.records(tenant)]
             if new_tenant or not taken:
                 if parent is not None:
@@ -266,7 +371,7 @@ class ExpertStore:
 
     def hibernate(self, tenant: str) -> None:
         """Mark a tenant dormant: its shards stay as they are; mixtures built from the store leave it out."""
-        with self._writing(tenant):
+        with self._writing(tenant, "hibernate"):
             self.latest(tenant)  # an unknown tenant is an error, not a new folder
             marker = self.root / tenant / "DORMANT"
             tmp = marker.with_name(f".DORMANT.{os.getpid()}.tmp")
@@ -274,14 +379,14 @@ class ExpertStore:
             os.replace(tmp, marker)
 
     def wake(self, tenant: str) -> None:
-        with self._writing(tenant):
+        with self._writing(tenant, "wake"):
             if not self.is_dormant(tenant):
                 raise KeyError(f"tenant {tenant!r} is not hibernating in {self.root}; dormant: {self.dormant()}")
             (self.root / tenant / "DORMANT").unlink()
 
     def retire(self, tenant: str, version: int | None = None) -> Path:
         """Take a version (default: the latest) out of use; the file stays, renamed, and can be restored."""
-        with self._writing(tenant):
+        with self._writing(tenant, "retire"):
             return self._retire(tenant, self.latest(tenant) if version is None else version)
 
     def _retire(self, tenant: str, version: int) -> Path:
@@ -292,7 +397,7 @@ class ExpertStore:
         return target
 
     def restore(self, tenant: str, version: int) -> Path:
-        with self._writing(tenant):
+        with self._writing(tenant, "restore"):
             source = self.path(tenant, version, retired=True)
             if not source.is_file():
                 raise KeyError(f"tenant {tenant!r} has no retired version {version}")
@@ -301,7 +406,7 @@ class ExpertStore:
 
     def rollback(self, tenant: str, version: int) -> list[int]:
         """Make `version` the latest again by retiring every live version after it; returns those retired."""
-        with self._writing(tenant):
+        with self._writing(tenant, "rollback"):
             if version not in self.versions(tenant):
                 raise KeyError(f"tenant {tenant!r} has no live version {version} to roll back to")
             newer = [v for v in self.versions(tenant) if v > version]
@@ -313,7 +418,7 @@ class ExpertStore:
         """Move every file of a tenant (live and retired) out of the store into `destination/<tenant>`, leaving a
         tombstone that names it (see `retired`)."""
         target = Path(destination) / check_tenant_name(tenant)
-        with self._writing(tenant):
+        with self._writing(tenant, "archive"):
             if not self.records(tenant):
                 raise self._unknown(tenant)
             if target.exists():
@@ -340,7 +445,7 @@ class ExpertStore:
 
     def delete(self, tenant: str) -> None:
         """Remove a tenant and all its versions from disk, leaving a tombstone (see `retired`)."""
-        with self._writing(tenant):
+        with self._writing(tenant, "delete"):
             if not self.records(tenant):
                 raise self._unknown(tenant)
             leaving = self._take_out(tenant)

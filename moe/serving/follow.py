@@ -1,0 +1,254 @@
+"""What a server answers from: a bundle, or an expert store followed generation by generation.
+
+A `ServingState` is everything one request is answered by (trunk, mixture, out-of-scope rule, the store's generation);
+it is built whole and never changed afterwards. A `StoreSource` builds the state of a store's latest generation
+(`ExpertStore.at`: exactly the tenants, versions and trunk that generation names) with the one mixture builder,
+`load_mixture`, as a fresh server would, so a server that followed the store answers as a fresh one does, to the bit.
+Each generation is built afresh (gate rows, statistics pooled as a fresh load pools them, and the routing index);
+the previous state's trunk is reused while the fingerprint stays. A `Follower` polls the store and swaps the new state
+in (`Server.refresh`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import fsspec
+
+from moe.inference import GateSettings, IndexSettings, PagedMixture, Verify, load_mixture
+from moe.inference.answers import DEFAULT_OOS_SCORE, UNSURE_MARGIN, check_oos_rule
+from moe.inference.bundle import open_bundle
+from moe.store import ExpertStore, RemoteStore, ShardError, TrunkVersions, is_url, open_store
+from moe.store.bundle import MANIFEST, Bundle
+from moe.store.generation import State
+from moe.trunk import Trunk
+
+if TYPE_CHECKING:
+    from moe.serving.runtime import Server
+
+log = logging.getLogger(__name__)
+
+RETRIES = 3  # builds of a generation that lost a version to a newer one meanwhile, before serving what loaded
+
+
+@dataclass(frozen=True, eq=False)
+class ServingState:
+    trunk: Trunk
+    model: PagedMixture
+    oos_kind: str
+    threshold: float | None
+    unsure_margin: float
+    generation: int | None = None  # the store's generation served; None: a bundle
+    store_state: State | None = None  # what that generation names (sleeping tenants included)
+    bundle: Bundle | None = None
+    applied: float = field(default_factory=time.time)  # when this state began to be served (epoch seconds)
+
+    @cached_property
+    def tenant_of(self) -> dict[Hashable, str]:
+        """Each expert's pager key and its tenant."""
+        ids: list[int] = self.model.expert_tenant.tolist()  # type: ignore[operator]
+        return {key: self.model.tenants[t] for key, t in zip(self.model.keys, ids, strict=True)}
+
+    @cached_property
+    def keys_of(self) -> dict[str, list[Hashable]]:
+        """Each tenant served and the pager keys of its experts."""
+        keys: dict[str, list[Hashable]] = {name: [] for name in self.model.tenants}
+        for key, tenant in self.tenant_of.items():
+            keys[tenant].append(key)
+        return keys
+
+    def not_served(self, tenant: str) -> str:
+        """Why `tenant` is not answered here: it sleeps at this generation, or the store knows no live version of
+        it (never grown, retired, or left out as damaged)."""
+        at = f" at generation {self.generation}" if self.generation is not None else ""
+        if self.store_state is not None and tenant in self.store_state.dormant:
+            return f"tenant {tenant!r} is hibernating{at}: wake it to query it"
+        if tenant in self.model.left_out:
+            return f"the expert of tenant {tenant!r} is damaged on this server and can not answer"
+        return f"unknown tenant {tenant!r}{at}"
+
+
+def is_bundle(location: str | Path, **options) -> bool:
+    """Whether `location` (a folder or an fsspec URL) holds a bundle (its manifest) rather than an expert store."""
+    if is_url(location):
+        fs, prefix = fsspec.core.url_to_fs(str(location), **options)
+        return fs.exists(f"{prefix.rstrip('/')}/{MANIFEST}")
+    return (Path(location) / MANIFEST).is_file()
+
+
+@dataclass
+class BundleSource:
+    """A bundle: one state, never followed."""
+
+    bundle: str | Path | Bundle
+    device: str
+    budget_bytes: int
+    host_budget_bytes: int
+    verify: Verify
+    index: IndexSettings | None
+
+    def build(self, previous: ServingState | None = None) -> ServingState:
+        budgets = (self.budget_bytes, self.host_budget_bytes)
+        opened = open_bundle(self.bundle, self.device, *budgets, self.verify, self.index)
+        return ServingState(
+            opened.trunk, opened.model, opened.oos_score, opened.threshold, opened.unsure_margin, bundle=opened.bundle
+        )
+
+
+@dataclass
+class StoreSource:
+    """An expert store (local or at a URL), served at its latest generation: tenants awake then, each at the version
+    that generation names, on its trunk (`trunk`, if given, must be that one). A shard that fails its checks is left
+    out (`model.left_out`) and never stops the others."""
+
+    store: ExpertStore
+    device: str
+    budget_bytes: int
+    host_budget_bytes: int
+    verify: Verify
+    index: IndexSettings | None
+    gate: GateSettings = field(default_factory=GateSettings)
+    oos_score: str = DEFAULT_OOS_SCORE
+    threshold: float | None = None
+    unsure_margin: float = UNSURE_MARGIN
+    trunk: Trunk | None = None
+
+    def __post_init__(self):
+        check_oos_rule(self.oos_score, self.threshold)
+
+    def generation(self) -> int:
+        return self.store.generation()
+
+    def build(self, previous: ServingState | None = None) -> ServingState:
+        """The latest generation's state. Built again (at most `RETRIES` times) when a version it names vanished
+        while it was read (retired by a newer generation): what is served is always one generation whole."""
+        for _ in range(RETRIES):
+            state = self.store.state()
+            view = self.store.at(state)
+            if not state.awake:
+                raise ValueError(f"expert store {self.store.root} has no awake tenant at generation {state.generation}")
+            trunk = self._trunk(state, view, previous)
+            model = load_mixture(
+                view,
+                gate=self.gate,
+                trunk_fingerprint=trunk.fingerprint,
+                device=self.device,
+                budget_bytes=self.budget_bytes,
+                host_budget_bytes=self.host_budget_bytes,
+                skip_failed=True,
+                verify=self.verify,
+                index=self.index,
+                trunk=trunk,
+            )
+            if not model.left_out or self.store.generation() == state.generation:
+                break
+            log.info("generation %d of %s moved on while it loaded: loading the latest", state.generation, self.store)
+        for tenant, problem in sorted(model.left_out.items()):
+            log.error("generation %d: tenant %s left out: %s", state.generation, tenant, problem)
+        return ServingState(
+            trunk, model, self.oos_score, self.threshold, self.unsure_margin, state.generation, state, bundle=None
+        )
+
+    def _trunk(self, state: State, view: ExpertStore, previous: ServingState | None) -> Trunk:
+        """The trunk the generation serves on: its recorded current version, else the trunk its experts were trained
+        on; reused from `previous` or `self.trunk` when the fingerprint is theirs, else rebuilt from the store."""
+        fingerprint = state.trunk
+        if fingerprint is None and self.trunk is not None:
+            fingerprint = self.trunk.fingerprint
+        if fingerprint is None:
+            fingerprint = self._experts_trunk(view, state)
+        for known in (previous.trunk if previous else None, self.trunk):
+            if known is not None and known.fingerprint == fingerprint:
+                return known
+        if self.trunk is not None:
+            raise ValueError(
+                f"expert store {self.store.root} serves on trunk {fingerprint[:12]}… at generation "
+                f"{state.generation}, not on the trunk given ({self.trunk.fingerprint[:12]}…)"
+            )
+        versions = TrunkVersions(self.store.root)
+        if isinstance(self.store, RemoteStore) and not versions.has(fingerprint):
+            mirror_trunk(self.store, fingerprint)
+        try:
+            return versions.rebuild(fingerprint).to(self.device)
+        except KeyError as error:
+            raise ValueError(
+                f"expert store {self.store.root} does not record trunk {fingerprint[:12]}…, which its experts need "
+                f"(lifecycle writes record it; or give the trunk): {error.args[0]}"
+            ) from None
+
+    def _experts_trunk(self, view: ExpertStore, state: State) -> str:
+        problems = []
+        for tenant in state.awake:
+            try:
+                return view.meta(tenant).trunk_fingerprint
+            except (ShardError, KeyError, ValueError) as error:
+                problems.append(f"{tenant}: {error}")
+        raise ValueError(f"expert store {self.store.root}: no readable expert names its trunk: {problems}")
+
+
+def mirror_trunk(store: RemoteStore, fingerprint: str) -> None:
+    """Copy a trunk version's record (`.trunks/<fingerprint>/`) from the bucket into the store's cache folder."""
+    folder = f".trunks/{fingerprint[:32]}"
+    with contextlib.suppress(FileNotFoundError):  # not in the bucket either: the rebuild names the fingerprint
+        store.fs.get(f"{store.prefix}/{folder}", str(store.root / folder), recursive=True)
+
+
+def open_source(
+    location: str | Path | Bundle | ExpertStore,
+    device: str,
+    budget_bytes: int,
+    host_budget_bytes: int,
+    verify: Verify,
+    index: IndexSettings | None,
+    store_options: dict | None = None,
+    **store_settings,
+) -> BundleSource | StoreSource:
+    """A bundle (a `Bundle`, or a folder or URL with a manifest) or an expert store (an `ExpertStore`, or any other
+    folder or URL; `store_options` go to fsspec, e.g. `endpoint_url`); `store_settings` (gate, oos_score,
+    threshold, unsure_margin, trunk) apply to a store only, None where not given."""
+    common = (device, budget_bytes, host_budget_bytes, verify, index)
+    store_options = store_options or {}
+    given = {k: v for k, v in store_settings.items() if v is not None}
+    if isinstance(location, ExpertStore):
+        return StoreSource(location, *common, **given)
+    if isinstance(location, Bundle) or is_bundle(location, **store_options):
+        if given:
+            raise ValueError(f"{sorted(given)} apply to serving a store; a bundle carries its own (in its manifest)")
+        return BundleSource(location, *common)
+    if not is_url(location) and not Path(location).is_dir():
+        raise FileNotFoundError(f"{location}: neither a bundle nor an expert store (no such folder)")
+    return StoreSource(open_store(location, **store_options), *common, **given)
+
+
+class Follower:
+    """A daemon thread that calls `server.refresh()` every `interval_s` seconds until `stop`; a failed refresh is
+    logged and counted, and the state served stays the last good one."""
+
+    def __init__(self, server: Server, interval_s: float = 1.0):
+        if not interval_s > 0:
+            raise ValueError(f"the poll interval must be positive, got {interval_s!r} s")
+        self.server, self.interval_s = server, interval_s
+        self.failures, self.last_error = 0, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="moe-follow-store", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.server.refresh()
+            except Exception as error:  # the store is mid-change, unreachable, or damaged: keep serving, say why
+                self.failures, self.last_error = self.failures + 1, f"{type(error).__name__}: {error}"
+                log.warning("following %s: %s", self.server.source, self.last_error)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
