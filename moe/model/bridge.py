@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-STATISTICS = ("stats.mean", "stats.count", "stats.scatter")
+from moe.model.stats import STATISTICS
+
 RIDGE = 1e-3  # of the mean feature energy: keeps the normal equations well conditioned on few calibration texts
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)  # the choices `Bridge.fit` measures on held-out calibration texts
 

@@ -18,6 +18,8 @@ from moe.model.router import TopKRouter
 
 SHRINKAGE = 0.02  # of the pooled covariance towards its mean variance: the statistics gate's one default
 OWN_COVARIANCE = 0.0  # share of each expert's own covariance in its discriminants: 0 is the linear gate
+MEAN, COUNT, SCATTER = STATISTICS = ("stats.mean", "stats.count", "stats.scatter")  # as a shard names them
+ROUTING = ("gate.weight", "gate.bias")  # an expert's trained gate rows, as a shard names them
 
 
 @torch.no_grad()
@@ -35,16 +37,12 @@ def class_statistics(
     for start in range(0, len(features), chunk):
         centred = features[start : start + chunk].double() - mean[labels[start : start + chunk]]
         scatter += einsum(centred, centred, "n i, n j -> i j")
-    return {"stats.mean": mean.float(), "stats.count": count.float(), "stats.scatter": scatter.float()}
+    return {MEAN: mean.float(), COUNT: count.float(), SCATTER: scatter.float()}
 
 
 def empty_statistics(dim: int, num_labels: int) -> dict[str, torch.Tensor]:
     """Statistics of an expert trained without recorded features (count 0: routing rebuilt from it is refused)."""
-    return {
-        "stats.mean": torch.zeros(num_labels, dim),
-        "stats.count": torch.zeros(num_labels),
-        "stats.scatter": torch.zeros(dim, dim),
-    }
+    return {MEAN: torch.zeros(num_labels, dim), COUNT: torch.zeros(num_labels), SCATTER: torch.zeros(dim, dim)}
 
 
 def pooled_covariance(scatter: torch.Tensor, count: float, classes: int) -> torch.Tensor:

@@ -132,13 +132,9 @@ class Server:
         given, its pathway's features computed with the gate's in one pass (`PagedMixture.given_pass`), or alone
         where no answer reads the gate (no out-of-scope threshold, or a score in `GATE_FREE_SCORES`)."""
         with self._trunk_lock:
-            if self.model.pathways is None:
-                return self.trunk.encode(texts), None
-            hidden = self.model.hidden_states(texts)
-            if self.model.tenant_expert is not None and None not in names:
-                gate = self.threshold is not None and self.oos_kind not in GATE_FREE_SCORES
-                return self.model.given_pass(hidden, self.model.tenant_ids(names).to(hidden.states.device), gate)
-            return self.trunk.encode(texts), hidden
+            tenant = self.model.tenant_ids(names) if None not in names else None
+            gate = self.threshold is not None and self.oos_kind not in GATE_FREE_SCORES
+            return self.model.encode(self.trunk, texts, tenant, gate)  # as its experts' kind computes them
 
     def stats(self) -> dict:
         """The pager's counters (hits, misses, page-ins, resident bytes)."""
