@@ -35,11 +35,11 @@ from moe.data import read_tenant_file
 from moe.data.clinc150 import clinc150_tenants
 from moe.inference import load_mixture, predict
 from moe.lifecycle import Lifecycle
-from moe.lifecycle.config import growth_config
 from moe.paths import cache_dir
 from moe.serving import Server
 from moe.store import ExpertStore
-from moe.training.run import train
+from moe.tasks import train
+from moe.tasks.lifecycle import growth_config
 from moe.trunk import FeatureCache
 
 TINY = os.environ.get("MOE_NOTEBOOK_TINY") == "1"
@@ -62,7 +62,7 @@ overrides = ["experiment=clinc150", "logger=csv", f"paths.output_dir={OUT / 'run
 if TINY:
     overrides += ["trunk=tiny", "trainer.max_epochs=2", f"data.tenants.domains=[{','.join(DOMAINS)}]"]
 cfg = compose_config("train", overrides)
-metrics = train(cfg)
+metrics = train.run(cfg)
 {k: round(v, 2) for k, v in metrics.items() if k.startswith("test/")}
 
 # %% [markdown]
@@ -136,19 +136,19 @@ evaluation = compose_config(
     [f"store_dir={store.root}", f"paths.output_dir={OUT / 'eval'}", "logger=csv"]
     + ([f"data.tenants.domains=[{','.join(DOMAINS)}]"] if TINY else []),
 )
-from moe.evaluation.run import evaluate  # noqa: E402
+from moe.tasks import evaluate  # noqa: E402
 
-report = evaluate(evaluation)
+report = evaluate.run(evaluation)
 {k: round(v, 2) for k, v in report.items() if k.startswith("test/") and isinstance(v, float)}
 
 # %%
-from moe.export.run import export  # noqa: E402
+from moe.tasks import export  # noqa: E402
 
 export_cfg = compose_config(
     "export",
     [f"store_dir={store.root}", f"paths.output_dir={OUT / 'bundle'}"]
     + ([f"data.tenants.domains=[{','.join(DOMAINS)}]"] if TINY else []),
 )
-export(export_cfg)
+export.run(export_cfg)
 server = Server(OUT / "bundle", budget_bytes=8 << 20)
 server.predict(["i want to book a flight", "has my parcel shipped yet"], tenant=[None, "acme"])

@@ -7,12 +7,12 @@
 import hydra
 from omegaconf import DictConfig
 
-from moe.lifecycle.versions_run import run_adapt_trunk
+from moe.tasks import adapt_trunk
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="adapt_trunk")
 def main(cfg: DictConfig) -> None:
-    print(run_adapt_trunk(cfg)["fingerprint"])
+    print(adapt_trunk.run(cfg)["fingerprint"])
 
 
 if __name__ == "__main__":

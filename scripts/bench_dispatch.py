@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
-from moe.bench import machine_info
+from moe.experiments.bench import machine_info
 from moe.model import ExpertBank, combine, dispatch, plan_dispatch
 
 

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from moe.bench import machine_info
+from moe.experiments.bench import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 1.3  # grow's peak may be at most this much of evaluate's

@@ -28,7 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from moe.bench import LABELS, machine_info, write_store
+from moe.experiments.bench import LABELS, machine_info, write_store
 from moe.paths import cache_dir
 from moe.store import ExpertStore, tensor_bytes
 from moe.trunk import HFEncoderTrunk

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moe.bench import (
+from moe.experiments.bench import (
     DIM,
     machine_info,
     memory_now,

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from moe.bench import machine_info
 from moe.data.clinc150 import load_clinc150
+from moe.experiments.bench import machine_info
 from moe.inference import load_mixture, predict
 from moe.model.pathway import PathwayLayout, Pathways, PathwaySpec
 from moe.store import ExpertMeta, ExpertStore, tensor_bytes, write_shard

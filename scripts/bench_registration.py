@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from moe.bench import DIM, LABELS, SYNTHETIC_FINGERPRINT, machine_info, rss_bytes, write_store
+from moe.experiments.bench import DIM, LABELS, SYNTHETIC_FINGERPRINT, machine_info, rss_bytes, write_store
 from moe.inference import RowIndex, load_mixture
 from moe.paths import cache_dir
 from moe.store import ExpertStore

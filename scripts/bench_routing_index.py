@@ -30,7 +30,7 @@ import torch
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from moe.bench import machine_info, memory_now
+from moe.experiments.bench import machine_info, memory_now
 from moe.inference.index import IndexSettings, RowIndex
 from moe.model import TopKRouter
 from moe.model.stats import discriminant_rows

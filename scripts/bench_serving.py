@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe.bench import machine_info, rss_bytes, write_store, zipf_probabilities
+from moe.experiments.bench import machine_info, rss_bytes, write_store, zipf_probabilities
 from moe.inference import load_mixture
 from moe.serving import Server
 

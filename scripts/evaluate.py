@@ -7,12 +7,12 @@ python scripts/evaluate.py bundle_dir=outputs/bundle_clinc150 paths.output_dir=o
 import hydra
 from omegaconf import DictConfig
 
-from moe.evaluation.run import evaluate
+from moe.tasks import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    evaluate.run(cfg)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ python scripts/export.py store_dir=outputs/clinc150/experts export.dtype=bfloat1
 import hydra
 from omegaconf import DictConfig
 
-from moe.export.run import export
+from moe.tasks import export
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    export(cfg)
+    export.run(cfg)
 
 
 if __name__ == "__main__":

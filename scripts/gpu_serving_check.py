@@ -5,7 +5,7 @@ paging, against the same bundle served on the CPU with every expert resident: th
     PYTHONPATH=. python scripts/gpu_serving_check.py --out outputs/gpu_serving.json
 
 Needs torch with CUDA, transformers, safetensors, einops (no Lightning, Hydra or wandb: it writes the store with
-`moe.bench`, the bundle with `moe.export.writer`, and serves it with `moe.serving`).
+`moe.experiments.bench`, the bundle with `moe.export.writer`, and serves it with `moe.serving`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe.bench import DIM, device_name, write_store, zipf_probabilities
+from moe.experiments.bench import DIM, device_name, write_store, zipf_probabilities
 from moe.export.writer import write_bundle_manifest, write_files
 from moe.inference import UNSURE_MARGIN, GateSettings, load_mixture
 from moe.serving import Server

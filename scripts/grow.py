@@ -9,12 +9,12 @@
 import hydra
 from omegaconf import DictConfig
 
-from moe.lifecycle.config import run_grow
+from moe.tasks import grow
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="lifecycle")
 def main(cfg: DictConfig) -> None:
-    print(run_grow(cfg))
+    print(grow.run(cfg))
 
 
 if __name__ == "__main__":

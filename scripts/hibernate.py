@@ -6,12 +6,12 @@ python scripts/hibernate.py store_dir=outputs/clinc150/experts tenant.name=acme
 import hydra
 from omegaconf import DictConfig
 
-from moe.lifecycle.config import run_hibernate
+from moe.tasks import hibernate
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="lifecycle")
 def main(cfg: DictConfig) -> None:
-    run_hibernate(cfg)
+    hibernate.run(cfg)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ statistics compared pairwise under the statistics gate's pooled covariance (no d
 import hydra
 from omegaconf import DictConfig
 
-from moe.lifecycle.overlap import describe, run_overlap
+from moe.lifecycle.overlap import describe
+from moe.tasks import overlap
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="overlap")
 def main(cfg: DictConfig) -> None:
-    report, paths = run_overlap(cfg)
+    report, paths = overlap.run(cfg)
     o = report.overlap
     print(f"{len(o.tenants)} tenants, {o.intents} intents, {o.compared} cross-tenant pairs compared; closest:")
     print("\n".join(f"  {line}" for line in describe(o.pairs)))

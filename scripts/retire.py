@@ -6,12 +6,12 @@ python scripts/retire.py store_dir=outputs/clinc150/experts tenant.name=acme arc
 import hydra
 from omegaconf import DictConfig
 
-from moe.lifecycle.config import run_retire
+from moe.tasks import retire
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="lifecycle")
 def main(cfg: DictConfig) -> None:
-    print(run_retire(cfg))
+    print(retire.run(cfg))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ python scripts/scenario.py experiment=clinc150_incremental routing=trained   # r
 import hydra
 from omegaconf import DictConfig
 
-from moe.lifecycle.run import run_scenario
+from moe.tasks import scenario
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="scenario")
 def main(cfg: DictConfig) -> float:
-    return run_scenario(cfg)["final/acc_routed"]
+    return scenario.run(cfg)["final/acc_routed"]
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ python scripts/train.py experiment=tiny logger=csv            # a seconds-long s
 import hydra
 from omegaconf import DictConfig
 
-from moe.training.run import train
+from moe.tasks import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    return train(cfg)[cfg.optimized_metric]
+    return train.run(cfg)[cfg.optimized_metric]
 
 
 if __name__ == "__main__":

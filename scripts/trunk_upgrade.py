@@ -7,12 +7,12 @@ python scripts/trunk_upgrade.py experiment=clinc150_trunk_upgrade paths.output_d
 import hydra
 from omegaconf import DictConfig
 
-from moe.lifecycle.trunk_upgrade import run_trunk_upgrade
+from moe.tasks import trunk_upgrade
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="trunk_upgrade")
 def main(cfg: DictConfig) -> float:
-    return run_trunk_upgrade(cfg)["best_one_trunk/all/delta_routed"]
+    return trunk_upgrade.run(cfg)["best_one_trunk/all/delta_routed"]
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ The file is streamed as grow streams it. A hibernating tenant is refused unless 
 import hydra
 from omegaconf import DictConfig
 
-from moe.lifecycle.config import run_update
+from moe.tasks import update
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="lifecycle")
 def main(cfg: DictConfig) -> None:
-    print(run_update(cfg))
+    print(update.run(cfg))
 
 
 if __name__ == "__main__":

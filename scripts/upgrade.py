@@ -8,12 +8,12 @@ through its shard (a bridge, or its statistics transported), none of its data re
 import hydra
 from omegaconf import DictConfig
 
-from moe.lifecycle.versions_run import run_upgrade
+from moe.tasks import upgrade
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="upgrade")
 def main(cfg: DictConfig) -> None:
-    print(run_upgrade(cfg)["tenants"])
+    print(upgrade.run(cfg)["tenants"])
 
 
 if __name__ == "__main__":

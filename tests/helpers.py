@@ -156,12 +156,11 @@ class TinyRun:
 def build_tiny_run(root: Path) -> TinyRun:
     """Synthetic tenants on the tiny trunk, trained; evaluated by scripts/evaluate.py in a child process; exported
     as two bundles (float32 referencing the trunk, bfloat16 with the trunk's weights copied)."""
-    from moe.export.run import export
-    from moe.training.run import train
+    from moe.tasks import export, train
 
     data = synthetic_data(root / "data")
     run, evaluation = root / "run", root / "evaluation"
-    train(compose_config("train", [*data, *TINY_TRAIN], run))
+    train.run(compose_config("train", [*data, *TINY_TRAIN], run))
     run_python(
         "scripts/evaluate.py",
         f"store_dir={run / 'experts'}",
@@ -173,8 +172,8 @@ def build_tiny_run(root: Path) -> TinyRun:
         f"hydra.run.dir={root / 'hydra'}",
     )
     common = [*data, f"store_dir={run / 'experts'}", f"oos.threshold={THRESHOLD}", f"oos.score={THRESHOLD_SCORE}"]
-    export(compose_config("export", common, root / "bundle"))
-    export(compose_config("export", [*common, "export.dtype=bfloat16", "export.trunk=copy"], root / "bundle_bf16"))
+    export.run(compose_config("export", common, root / "bundle"))
+    export.run(compose_config("export", [*common, "export.dtype=bfloat16", "export.trunk=copy"], root / "bundle_bf16"))
     return TinyRun(run, evaluation, root / "bundle", root / "bundle_bf16")
 
 

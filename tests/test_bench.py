@@ -8,7 +8,16 @@ import threading
 import pytest
 import torch
 
-from moe.bench import DIM, LABELS, SYNTHETIC_FINGERPRINT, machine_info, memory_now, rank_for, rss_bytes, write_store
+from moe.experiments.bench import (
+    DIM,
+    LABELS,
+    SYNTHETIC_FINGERPRINT,
+    machine_info,
+    memory_now,
+    rank_for,
+    rss_bytes,
+    write_store,
+)
 from moe.inference import load_mixture
 from moe.model import TENSOR_NAMES
 

@@ -20,7 +20,7 @@ from moe.data.files import TenantFile
 from moe.lifecycle import Lifecycle
 from moe.lifecycle.stream import stream_tenant_file
 from moe.store import ExpertStore, read_tensors
-from moe.training.run import train
+from moe.tasks import train
 from moe.trunk import FeatureCache, TinyTrunk
 from tests.helpers import (
     SYNTHETIC,
@@ -120,7 +120,7 @@ def test_train_refuses_bad_tenant_names_before_the_trunk_loads(name, data, tmp_p
     )
     cfg = compose_config("train", ["data=tenant_files", f"data.tenants=[{entries}]", *TINY_TRAIN], tmp_path / "run")
     with pytest.raises(ValueError, match="tenant name"):
-        train(cfg)
+        train.run(cfg)
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
@@ -201,7 +201,7 @@ def test_train_refuses_a_run_folder_whose_experts_folder_holds_shards(tmp_path, 
     (run / "config.yaml").write_text("earlier: run\n")
     cfg = compose_config("train", [*synthetic_data(tmp_path / "data"), *TINY_TRAIN], run)
     with pytest.raises(FileExistsError, match=str(run / "experts")):
-        train(cfg)
+        train.run(cfg)
     assert (run / "config.yaml").read_text() == "earlier: run\n"
 
 

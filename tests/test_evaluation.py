@@ -37,12 +37,14 @@ def test_evaluate_script_reproduces_the_training_figures_exactly(tiny_run):
 @pytest.mark.slow  # builds the session's tiny run
 @pytest.mark.subprocess  # its evaluation is scripts/evaluate.py's
 def test_evaluating_a_bundle_keeps_its_rule_unless_oos_names_another(tiny_run, tmp_path):
-    from moe.evaluation.run import evaluate
+    from moe.tasks import evaluate
 
     common = [*synthetic_data(tmp_path / "data"), f"bundle_dir={tiny_run.bundle}", "logger=none", "splits=[test]"]
-    own = evaluate(compose_config("evaluate", common, tmp_path / "own"))
+    own = evaluate.run(compose_config("evaluate", common, tmp_path / "own"))
     assert (own["oos/score"], own["oos/threshold"]) == (THRESHOLD_SCORE, THRESHOLD)
-    named = evaluate(compose_config("evaluate", [*common, "oos.score=max_score", "oos.threshold=0.3"], tmp_path / "x"))
+    named = evaluate.run(
+        compose_config("evaluate", [*common, "oos.score=max_score", "oos.threshold=0.3"], tmp_path / "x")
+    )
     assert (named["oos/score"], named["oos/threshold"]) == ("max_score", 0.3)
 
 

@@ -13,7 +13,7 @@ from tests.helpers import ROOT, run_python
 # Lowest first. A module may import its own package and anything in a lower layer; packages that share a layer
 # never import each other.
 LAYERS = [
-    ["moe.paths", "moe.config"],
+    ["moe.paths"],
     ["moe.data"],
     ["moe.trunk"],
     ["moe.model"],
@@ -22,7 +22,8 @@ LAYERS = [
     ["moe.evaluation"],
     ["moe.training"],
     ["moe.lifecycle", "moe.export"],
-    ["moe.bench", "moe.serving"],
+    ["moe.experiments", "moe.serving"],  # the research experiments and benchmarks; the serving runtime
+    ["moe.tasks"],  # the entry points' Hydra glue: `moe.tasks.<script>.run(cfg)`
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from moe.data import read_tenant_file
+from moe.experiments.scenario import Event, Scenario, continual_metrics
 from moe.inference import GateSettings, load_mixture
 from moe.lifecycle import Lifecycle
-from moe.lifecycle.scenario import Event, Scenario, continual_metrics
 from moe.model import best_labels
 from moe.store import ExpertStore
 from moe.trunk import FeatureCache, TinyTrunk, fingerprint_module

@@ -14,10 +14,11 @@ import torch
 from moe.data import Example, Tenant, load_clinc150
 from moe.lifecycle import Lifecycle
 from moe.lifecycle.operations import OVERLAP_WARN
-from moe.lifecycle.overlap import overlap_report, run_overlap, write_overlap_report
+from moe.lifecycle.overlap import overlap_report, write_overlap_report
 from moe.model.overlap import ExpertStatistics, closest_intents, intent_overlap, pooled_scatter
 from moe.model.stats import SHRINKAGE, PooledScatter, class_statistics
 from moe.store import ExpertMeta, ExpertStore
+from moe.tasks import overlap
 from moe.trunk import TinyTrunk
 from tests.helpers import compose_config, fast_growth, run_python
 
@@ -226,7 +227,7 @@ def report_store(clinc_tenants, tmp_path_factory) -> ExpertStore:
 def test_overlap_report_of_a_store_writes_pairs_heatmap_and_summary(report_store, clinc_tenants, tmp_path):
     cfg = compose_config("overlap", [f"store_dir={report_store.root}", "top=3"], tmp_path / "out")
     assert cfg.shrinkage == SHRINKAGE and cfg.min_confusion == OVERLAP_WARN
-    report, paths = run_overlap(cfg)
+    report, paths = overlap.run(cfg)
     assert report.overlap.tenants == ("bank", "cards", "kitchen") and sorted(report.left_out) == ["empty", "foreign"]
     assert "trained on trunk anothe" in report.left_out["foreign"] and "no feature" in report.left_out["empty"]
     assert report.trunk_fingerprint == "tiny"

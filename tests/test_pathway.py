@@ -315,13 +315,11 @@ ANSWER = ("tenant", "intent", "score", "out_of_scope", "experts", "runners_up")
 def test_a_bundle_of_a_pathway_store_serves_in_a_fresh_process_what_evaluation_predicted(tmp_path):
     """scripts/train.py with expert=pathway writes a pathway store; its evaluation's predictions are what the
     exported bundle serves in a fresh process, answer for answer."""
-    from moe.evaluation.run import evaluate
-    from moe.export.run import export
-    from moe.training.run import train
+    from moe.tasks import evaluate, export, train
 
     data = ["data=tenant_files", tenant_files_override(write_synthetic_tenants(tmp_path / "data"))]
     pathway = ["expert=pathway", "expert.pathway.layers=1", "expert.pathway.epochs=1", "expert.pathway.lora_rank=2"]
-    train(
+    train.run(
         compose_config(
             "train", [*data, *pathway, "logger=none", "callbacks=none", "trainer.max_epochs=2"], tmp_path / "run"
         )
@@ -331,20 +329,20 @@ def test_a_bundle_of_a_pathway_store_serves_in_a_fresh_process_what_evaluation_p
     common = [*data, "oos.threshold=0.42", "oos.score=gate_max_prob", f"store_dir={tmp_path / 'run' / 'experts'}"]
     # features encoded in the batch the server encodes (not read from the cache): an encoder's features depend on
     # its batch's padding, by float rounding; the runners-up margin chosen on val, as the bundle's was
-    evaluate(
+    evaluate.run(
         compose_config(
             "evaluate",
             [*common, "logger=none", "write_predictions=true", "splits=[val,test]", "cache_features=false"],
             tmp_path / "eval",
         )
     )
-    export(compose_config("export", common, tmp_path / "bundle"))
+    export.run(compose_config("export", common, tmp_path / "bundle"))
     predictions = tmp_path / "eval" / "predictions_test.jsonl"
     expected = [json.loads(line) for line in predictions.read_text().splitlines()]
     done = run_python("-c", FRESH_PROCESS, str(tmp_path / "bundle"), str(predictions))
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [{k: e[k] for k in ANSWER} for e in expected]
     # in half precision: the bundle's own shards evaluated beside float32 (they load with the trunk they adapt)
-    export(compose_config("export", [*common, "export.dtype=float16"], tmp_path / "bundle16"))
+    export.run(compose_config("export", [*common, "export.dtype=float16"], tmp_path / "bundle16"))
     manifest = json.loads((tmp_path / "bundle16" / "manifest.json").read_text())
     assert manifest["dtype"] == "float16" and "test/changed_predictions" in manifest["precision"]
 
@@ -354,7 +352,7 @@ def test_the_pathway_scenario_runs_with_tiny_limits(tmp_path):
     """experiment=clinc150_pathway_incremental's machinery on the synthetic tenants, one adapted layer, one epoch:
     every tenant's tenant-given answers survive the others' growth and its own sleep exactly, and the joint baseline
     times the retraining of the pathways."""
-    from moe.lifecycle.run import run_scenario
+    from moe.tasks import scenario
 
     events = (
         "events=[{op: grow, tenant: bank, intents: 1}, {op: grow, tenant: music}, {op: hibernate, tenant: music}, "
@@ -365,7 +363,7 @@ def test_the_pathway_scenario_runs_with_tiny_limits(tmp_path):
     overrides += ["expert.pathway.layers=1", "expert.pathway.epochs=1", "growth.epochs=5"]
     cfg = compose_config("scenario", overrides, tmp_path / "run")
     assert cfg.expert.kind == "pathway" and not cfg.baselines.sequential
-    metrics = run_scenario(cfg)
+    metrics = scenario.run(cfg)
     assert metrics["final/tenants"] == 3
     assert metrics["final/forgetting_tenant_given"] == 0.0 and metrics["wake/identical"] == 1.0
     assert metrics["baseline/joint/tenants"] == 2 and metrics["grow_speedup_over_joint"] > 0

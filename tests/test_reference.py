@@ -13,7 +13,6 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from moe.data import Example, Tenant, read_tenant_file
-from moe.evaluation.inputs import feature_encoder
 from moe.evaluation.reference import (
     Accuracies,
     accuracy_metrics,
@@ -22,10 +21,10 @@ from moe.evaluation.reference import (
     joint_linear_reference,
     store_reference_metrics,
 )
-from moe.evaluation.run import evaluate
 from moe.lifecycle import Lifecycle
-from moe.lifecycle.run import run_scenario
 from moe.store import ExpertStore
+from moe.tasks import evaluate, scenario
+from moe.tasks.inputs import feature_encoder
 from moe.trunk import FeatureCache, TinyTrunk
 from tests.helpers import (
     compose_config,
@@ -144,7 +143,7 @@ def test_scenario_reports_the_joint_linear_reference_and_the_groups(tmp_path):
         "growth.epochs=3",
         "growth.rank=8",
     ]
-    metrics = run_scenario(compose_config("scenario", overrides, tmp_path / "run"))
+    metrics = scenario.run(compose_config("scenario", overrides, tmp_path / "run"))
     for who in ("final", "baseline/joint_linear"):
         for key in ("acc_routed", "routing_acc"):
             assert metrics[f"{who}/{key}_all"] == pytest.approx(metrics[f"{who}/{key}"])
@@ -161,7 +160,7 @@ def test_scenario_rejects_a_group_of_unknown_tenants(tmp_path):
     overrides = [*synthetic_data(tmp_path / "data"), "trunk=tiny", "events=[{op: grow, tenant: weather}]"]
     cfg = compose_config("scenario", [*overrides, "compare_groups={old: [nobody]}"], tmp_path / "run")
     with pytest.raises(KeyError, match="nobody"):
-        run_scenario(cfg)
+        scenario.run(cfg)
 
 
 def test_evaluate_writes_the_reference_of_a_grown_store(tmp_path):
@@ -187,7 +186,7 @@ def test_evaluate_writes_the_reference_of_a_grown_store(tmp_path):
         "reference.joint_linear=true",
     ]
     cfg = compose_config("evaluate", overrides, tmp_path / "evaluation")
-    evaluate(cfg)
+    evaluate.run(cfg)
     written = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
     # the same reference fitted directly on the grown tenants, with the evaluation's encoder (its feature cache)
     encode = feature_encoder(instantiate(cfg.trunk), cfg.paths.get("cache_dir"))

@@ -101,16 +101,16 @@ def test_a_store_no_run_wrote_exports_and_serves(tmp_path):
     """A store written by a program (no run folder, no config.yaml) exports with the gate's defaults."""
     from hydra.utils import instantiate
 
-    from moe.bench import write_store
-    from moe.export.run import export
+    from moe.experiments.bench import write_store
     from moe.serving import Server
+    from moe.tasks import export
     from tests.helpers import compose_config
 
     cfg = compose_config("export", ["trunk=tiny", "trunk.dim=384", "export.measure=false"], tmp_path / "bundle")
     trunk = instantiate(cfg.trunk)
     write_store(tmp_path / "made" / "experts", 3, rank=2, trunk_fingerprint=trunk.fingerprint, progress=False)
     cfg.store_dir = str(tmp_path / "made" / "experts")
-    manifest = export(cfg)
+    manifest = export.run(cfg)
     assert manifest["gate"]["top_k"] == 2 and len(manifest["experts"]) == 3
     answers = Server(tmp_path / "bundle", verify="lazy").predict(["hello there"], tenant="t00001")
     assert answers[0].tenant == "t00001"

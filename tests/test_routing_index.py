@@ -123,7 +123,7 @@ def test_refuses_a_gate_with_a_quadratic_term():
 def test_the_index_routes_like_the_full_gate_and_answers_alike(tmp_path):
     """`load_mixture(index=...)`: batches without a tenant go through the index, with the full gate's choices,
     weights and answers; batches that name tenants never touch it."""
-    from moe.bench import SYNTHETIC_FINGERPRINT, write_store
+    from moe.experiments.bench import SYNTHETIC_FINGERPRINT, write_store
     from moe.inference import load_mixture
     from moe.model import best_labels
 

@@ -124,11 +124,13 @@ def test_settings_without_meaning_are_refused(settings, problem):
 
 
 def test_a_bundle_keeps_its_own_covariance_and_serves_what_the_store_routes(tiny_run, tmp_path):
-    from moe.export.run import export
+    from moe.tasks import export
 
     data = synthetic_data(tmp_path / "data")
     routing = ["routing=statistics", "routing.own_covariance=0.25"]
-    export(compose_config("export", [*data, f"store_dir={tiny_run.run / 'experts'}", *routing], tmp_path / "bundle"))
+    export.run(
+        compose_config("export", [*data, f"store_dir={tiny_run.run / 'experts'}", *routing], tmp_path / "bundle")
+    )
     served = open_bundle(tmp_path / "bundle")
     assert served.bundle.manifest["gate"]["own_covariance"] == 0.25
     direct = load_mixture(

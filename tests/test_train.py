@@ -10,14 +10,12 @@ from hydra.utils import instantiate
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from moe.evaluation.run import evaluate
-from moe.export.run import export
 from moe.inference import load_mixture
-from moe.lifecycle.run import run_scenario
 from moe.model import best_labels, union_scores
 from moe.serving import Server
 from moe.store import ExpertStore, expert_shards, read_shard
-from moe.training.run import build_classifier, build_data, train
+from moe.tasks import evaluate, export, scenario, train
+from moe.tasks.train import build_classifier, build_data
 from moe.trunk import TinyTrunk
 from tests.helpers import CONF, compose_config, synthetic_data
 
@@ -34,7 +32,7 @@ FAST = [
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained")
     out = folder / "run"
-    return train(compose_config("train", [*synthetic_data(folder / "data"), "logger=csv", *FAST], out)), out
+    return train.run(compose_config("train", [*synthetic_data(folder / "data"), "logger=csv", *FAST], out)), out
 
 
 @pytest.mark.slow
@@ -118,7 +116,7 @@ def test_wandb_logger_runs_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "run"
     cfg = compose_config("train", [*synthetic_data(tmp_path / "data"), "logger=wandb", *FAST], out)
-    train(cfg)
+    train.run(cfg)
     assert list((out / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
 
 
@@ -157,7 +155,7 @@ def test_every_experiment_runs_with_tiny_limits(experiment, tmp_path, clinc_dir)
         "data.tenants.domains=[banking,travel]",
         *(PATHWAY_LIMITS if "pathway" in experiment else []),
     ]
-    metrics = train(compose_config("train", overrides, tmp_path / experiment))
+    metrics = train.run(compose_config("train", overrides, tmp_path / experiment))
     assert metrics["data/tenants"] == 2
     assert len(list((tmp_path / experiment / "experts").rglob("*.safetensors"))) == 2
 
@@ -169,9 +167,9 @@ def test_every_experiment_runs_with_tiny_limits(experiment, tmp_path, clinc_dir)
 def test_every_scenario_experiment_runs_with_tiny_limits(experiment, tmp_path, clinc_dir):
     overrides = [f"experiment={experiment}", "trunk=tiny", "growth.epochs=1", "growth.rank=4"]
     with pytest.raises(ValueError, match="eval_split=val: the baselines are measured on test"):
-        run_scenario(compose_config("scenario", [*overrides, "eval_split=val"], tmp_path / "on_val"))
+        scenario.run(compose_config("scenario", [*overrides, "eval_split=val"], tmp_path / "on_val"))
     cfg = compose_config("scenario", [*overrides, "baselines.sequential=false"], tmp_path)
-    metrics = run_scenario(cfg)
+    metrics = scenario.run(cfg)
     assert metrics["final/tenants"] == len({e.tenant for e in cfg.events})
     assert metrics["final/forgetting_tenant_given"] == 0.0 and metrics["wake/identical"] == 1.0
     for name in ("metrics.json", "accuracy_matrix.json", "accuracy_matrix.png", "accuracy_over_events.png"):
@@ -184,12 +182,12 @@ def test_every_scenario_experiment_runs_with_tiny_limits(experiment, tmp_path, c
     store = ["store_dir=" + str(tmp_path / "experts"), "routing=statistics"]
     store += ["data=clinc150_overlap"] if cfg.data.tenants.get("overlapping") else []  # the scenario's tenants
     listing = ["logger=none", "oos.compare=false", "write_predictions=true"]
-    evaluated = evaluate(compose_config("evaluate", [*store, *listing], tmp_path / "evaluation"))
+    evaluated = evaluate.run(compose_config("evaluate", [*store, *listing], tmp_path / "evaluation"))
     assert evaluated["eval/top_k"] == cfg.top_k
     assert evaluated["test/acc_routed"] == pytest.approx(metrics["final/acc_routed"], abs=0.05)  # 2 of 4,500
     # the rules chosen on val (out-of-scope score and threshold, runners-up margin) travel in the bundle, and the
     # bundle, served in this process, answers as the evaluation did
-    manifest = export(compose_config("export", store, tmp_path / "bundle"))
+    manifest = export.run(compose_config("export", store, tmp_path / "bundle"))
     rules = manifest["gate"]["oos"] | {"unsure_margin": manifest["gate"]["unsure_margin"]}
     assert rules["score"] == evaluated["oos/score"] and rules["score_chosen_on"] == "val"
     assert rules["threshold"] == evaluated["oos/threshold"]
@@ -206,8 +204,8 @@ def test_every_scenario_experiment_runs_with_tiny_limits(experiment, tmp_path, c
 def test_trainable_trunk_trains_and_is_saved(tmp_path):
     out = tmp_path / "run"
     cfg = compose_config("train", [*synthetic_data(tmp_path / "data"), "logger=csv", *FAST, "trunk.freeze=false"], out)
-    initial: TinyTrunk = instantiate(cfg.trunk)  # the trunk train() starts from: the same class, config and seed
-    train(cfg)
+    initial: TinyTrunk = instantiate(cfg.trunk)  # the trunk train.run() starts from: the same class, config and seed
+    train.run(cfg)
     weights, start = load_file(out / "trunk.safetensors"), initial.state_dict()
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in start.items()}
     assert not torch.equal(weights["proj.weight"], start["proj.weight"]), "the saved trunk is the untrained one"

@@ -13,13 +13,13 @@ from moe.inference import GateSettings, load_mixture
 from moe.inference.bundle import BundleError
 from moe.lifecycle import Lifecycle
 from moe.lifecycle.adapt import AdaptConfig, adapt_trunk
-from moe.lifecycle.trunk_upgrade import run_trunk_upgrade
 from moe.lifecycle.upgrade import upgrade_store
-from moe.lifecycle.versions_run import run_adapt_trunk, run_upgrade
 from moe.model import best_labels
 from moe.model.bridge import Bridge
 from moe.model.stats import class_statistics
 from moe.store import ExpertStore, TrunkVersions
+from moe.tasks import adapt_trunk as adapt_trunk_task
+from moe.tasks import trunk_upgrade, upgrade
 from moe.trunk import TinyTrunk
 from tests.helpers import (
     compose_config,
@@ -143,7 +143,7 @@ def test_adapting_and_upgrading_never_open_a_sleeping_tenants_files(tmp_path, st
         + [override],
         tmp_path / "adapt",
     )
-    adapted = run_adapt_trunk(cfg)
+    adapted = adapt_trunk_task.run(cfg)
     assert adapted["tenants"] == ["weather", "music"]
     cfg = compose_config(
         "upgrade",
@@ -151,7 +151,7 @@ def test_adapting_and_upgrading_never_open_a_sleeping_tenants_files(tmp_path, st
         + ["growth.epochs=5", "expert.rank=8"],
         tmp_path / "upgrade",
     )
-    summary = run_upgrade(cfg)
+    summary = upgrade.run(cfg)
     assert summary["new"] == adapted["fingerprint"] and summary["tenants"]["bank"] == "bridged"
     assert TrunkVersions(store.root).current() == adapted["fingerprint"]
 
@@ -184,7 +184,7 @@ def test_the_experiment_reports_every_strategy_and_keep_is_exact_for_sleeping_te
     overrides = ["trunk=tiny", "trunk.dim=16", "data=tenant_files", tenant_files_override(files), "dormant=[bank]"]
     overrides += ["growth.epochs=20", "expert.rank=8", "adapt.epochs=2", "adapt.lr=3e-2", "adapt.head_lr=3e-2"]
     overrides += ["growth.transport_per_class=30", "eval_split=test"]
-    metrics = run_trunk_upgrade(compose_config("trunk_upgrade", overrides, tmp_path / "run"))
+    metrics = trunk_upgrade.run(compose_config("trunk_upgrade", overrides, tmp_path / "run"))
     for strategy in ("old", "bridge", "transport", "keep"):
         assert 0 <= metrics[f"{strategy}/all/acc_routed"] <= 100 and metrics[f"{strategy}/latency_ms_batch1"] > 0
     # the reference feeds the sleeping expert its own old trunk's features: exactly its old answers
@@ -216,9 +216,8 @@ ANSWER = ("tenant", "intent", "score", "out_of_scope", "experts", "runners_up")
 
 @pytest.mark.subprocess
 def test_a_bundle_of_an_upgraded_store_serves_in_a_fresh_process_what_evaluation_predicted(tmp_path, store, files):
-    from moe.evaluation.run import evaluate
-    from moe.export.run import export
     from moe.inference import read_bundle
+    from moe.tasks import evaluate, export
 
     tenants = {name: read_tenant_file(name, path, split_column="split") for name, path in files.items()}
     old, new = adapted_trunk(store, tenants)
@@ -228,12 +227,12 @@ def test_a_bundle_of_an_upgraded_store_serves_in_a_fresh_process_what_evaluation
     data = ["data=tenant_files", tenant_files_override(files), "routing=statistics"]
     rule = ["oos.threshold=0.42", "oos.score=gate_max_prob"]
     common = [*data, *rule, f"store_dir={store.root}"]
-    evaluate(
+    evaluate.run(
         compose_config(
             "evaluate", [*common, "logger=none", "write_predictions=true", "splits=[test]"], tmp_path / "eval"
         )
     )
-    export(compose_config("export", [*common, "export.trunk=copy"], tmp_path / "bundle"))
+    export.run(compose_config("export", [*common, "export.trunk=copy"], tmp_path / "bundle"))
     manifest = read_bundle(tmp_path / "bundle").manifest
     assert {e["tenant"]: e["trunk"] for e in manifest["experts"]}["bank"] == old.fingerprint
     assert manifest["trunk"]["fingerprint"] == new.fingerprint

@@ -1,6 +1,6 @@
 """The evaluation: a mixture over split sources -> flat metrics, per-tenant rows and what the plots need.
 
-Training (`moe.training.run`), `scripts/evaluate.py` and `scripts/export.py` all report what this computes on a
+Training (`moe.tasks.train`), `scripts/evaluate.py` and `scripts/export.py` all report what this computes on a
 `PagedMixture` loaded from the shards, so their figures agree to the last digit.
 """
 

@@ -3,7 +3,7 @@
 `overlap_report` reads every awake tenant's latest shard (verified in full, as loading verifies it), pools their
 scatter as the statistics gate does, and compares every pair of intents of different tenants (`moe.model.overlap`);
 `write_overlap_report` writes it as `overlap_pairs.csv`, `overlap_within.csv` (pairs within one tenant, when asked),
-`overlap_tenants.png` and `overlap.json`. `run_overlap` is scripts/overlap.py.
+`overlap_tenants.png` and `overlap.json`. `moe.tasks.overlap.run` is scripts/overlap.py.
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from moe.evaluation.plots import tenant_matrix_plot
-from moe.lifecycle.config import open_store
 from moe.model.overlap import ExpertStatistics, Overlap, OverlapPair, intent_overlap
 from moe.model.stats import SHRINKAGE, PooledScatter
 from moe.store import ExpertStore, ShardError
@@ -182,15 +180,3 @@ def describe(pairs: list[OverlapPair], limit: int = 10) -> list[str]:
         f"confusion {100 * p.confusion:.2g} %, adjusted {100 * p.adjusted:.2g} %"
         for p in pairs[:limit]
     ]
-
-
-def run_overlap(cfg: DictConfig) -> tuple[OverlapReport, dict[str, Path]]:
-    """scripts/overlap.py: the report of the store at `store_dir`, written under `paths.output_dir`."""
-    report = overlap_report(
-        open_store(cfg),
-        shrinkage=float(cfg.shrinkage),
-        min_confusion=float(cfg.min_confusion),
-        top=cfg.top,
-        within=bool(cfg.within),
-    )
-    return report, write_overlap_report(report, cfg.paths.output_dir)

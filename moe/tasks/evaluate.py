@@ -1,4 +1,4 @@
-"""`evaluate(cfg)`: evaluate a trained store or an exported bundle from a composed Hydra config, write metrics.json,
+"""`run(cfg)`: evaluate a trained store or an exported bundle from a composed Hydra config, write metrics.json,
 per_tenant.csv and plots under `paths.output_dir`, and log them. scripts/evaluate.py and tests call this."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from moe.config import instantiate_group
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture
-from moe.evaluation.inputs import feature_encoder, open_trained_store, sources_from_config
 from moe.evaluation.report import PredictionWriter, write_report
 from moe.inference import AUTO, load_mixture, open_bundle
+from moe.tasks.base import instantiate_group
+from moe.tasks.inputs import feature_encoder, open_trained_store, sources_from_config
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def log_evaluation(loggers: list[Any], cfg: DictConfig, evaluation: Evaluation, 
             logger.save()
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float | str]:
+def run(cfg: DictConfig) -> dict[str, float | str]:
     """A store (`store_dir`, trained with the run's trunk and gate settings) or a bundle (`bundle_dir`, checked and
     loaded as serving loads it), on the configured data's splits."""
     out = Path(cfg.paths.output_dir)

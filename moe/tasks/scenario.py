@@ -1,4 +1,4 @@
-"""`run_scenario(cfg)`: the continual experiment from a composed `conf/scenario.yaml`."""
+"""`run(cfg)`: the continual experiment from a composed `conf/scenario.yaml`."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from moe.config import start_run
 from moe.evaluation.reference import accuracy_metrics, fit_metrics, joint_linear_reference
+from moe.experiments.baselines import joint_pathway_retrain, joint_retrain, sequential_run
+from moe.experiments.plots import accuracy_heatmaps, accuracy_over_events
+from moe.experiments.scenario import Event, Record, Scenario, continual_metrics
 from moe.inference import GateSettings
-from moe.lifecycle.baselines import joint_pathway_retrain, joint_retrain, sequential_run
-from moe.lifecycle.config import growth_config
 from moe.lifecycle.operations import Lifecycle
-from moe.lifecycle.plots import accuracy_heatmaps, accuracy_over_events
-from moe.lifecycle.scenario import Event, Record, Scenario, continual_metrics
 from moe.model.pathway import is_pathway
 from moe.paths import cache_dir
 from moe.store import ExpertStore
+from moe.tasks.base import start_run
+from moe.tasks.lifecycle import growth_config
 from moe.trunk import FeatureCache, Trunk
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def group_metrics(final: Record, groups: dict[str, list[str]], counts: dict[str,
     return metrics
 
 
-def run_scenario(cfg: DictConfig) -> dict[str, float]:
+def run(cfg: DictConfig) -> dict[str, float]:
     out = start_run(cfg)
     trunk: Trunk = instantiate(cfg.trunk)
     tenants = {t.name: t for t in instantiate(cfg.data.tenants, _convert_="all")}

@@ -1,5 +1,5 @@
-"""Trunk versions from a composed config: `run_adapt_trunk` (conf/adapt_trunk.yaml) trains a new version from the
-store's current one on its awake tenants' files; `run_upgrade` (conf/upgrade.yaml) moves the store onto it.
+"""Trunk versions from a composed config: `moe.tasks.adapt_trunk.run` (conf/adapt_trunk.yaml) trains a new version
+from the store's current one on its awake tenants' files; `run` here (conf/upgrade.yaml) moves the store onto it.
 
 Both read the files of the tenants they name that are awake, and nothing else: an entry naming a hibernating
 tenant is skipped before its file is opened (its data is gone, or must stay unread).
@@ -13,14 +13,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from moe.config import instantiate_group
 from moe.data import Tenant
 from moe.data.files import TenantFile, read_examples, read_tenant_file
-from moe.lifecycle.adapt import AdaptConfig, adapt_trunk
-from moe.lifecycle.config import current_trunk, growth_config, open_store
 from moe.lifecycle.operations import Lifecycle
 from moe.lifecycle.upgrade import upgrade_store
 from moe.store import ExpertStore, TrunkVersions
+from moe.tasks.lifecycle import current_trunk, growth_config, open_store
 
 log = logging.getLogger(__name__)
 
@@ -56,33 +54,6 @@ def calibration_texts(cfg: DictConfig) -> list[str]:
     return texts
 
 
-def run_adapt_trunk(cfg: DictConfig) -> dict:
-    """A new trunk version, recorded in `store_dir` (not served until an upgrade moves the store onto it)."""
-    store = open_store(cfg)
-    tenants = awake_tenants(store, cfg.tenants)
-    if not tenants:
-        raise ValueError("adapting a trunk needs the files of at least one awake tenant (tenants=[...])")
-    trunk = current_trunk(store, cfg.trunk)
-    versions = TrunkVersions(store.root)
-    versions.record(trunk)
-    loggers = instantiate_group(cfg.get("logger"))
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    adapted, metrics = adapt_trunk(trunk, tenants, AdaptConfig(**cfg.adapt), loggers)
-    note = cfg.note or f"adapted on {', '.join(t.name for t in tenants)}"
-    versions.record(adapted, parent=trunk.fingerprint, note=note, weights=True)
-    summary = {"fingerprint": adapted.fingerprint, "parent": trunk.fingerprint, "tenants": [t.name for t in tenants]}
-    summary |= metrics
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "adapt.json").write_text(json.dumps(summary, indent=1) + "\n")
-    for logger in loggers:
-        logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        logger.finalize("success")
-    log.info("new trunk version %s… (from %s…): %s", adapted.fingerprint[:12], trunk.fingerprint[:12], metrics)
-    return summary
-
-
 def resolve_version(versions: TrunkVersions, wanted: str, current: str) -> str:
     """A recorded fingerprint from a prefix, or `latest`: the newest recorded descendant of `current` (a version
     adapted from it, or from one adapted from it...), never an older one."""
@@ -98,7 +69,7 @@ def resolve_version(versions: TrunkVersions, wanted: str, current: str) -> str:
     return matches[0]
 
 
-def run_upgrade(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> dict:
     """`store_dir` moved onto trunk version `to`, by `strategy`; the report is written to the output folder."""
     store = open_store(cfg)
     old_trunk = current_trunk(store, cfg.trunk)

@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from moe.data import Tenant
 from moe.data.datamodule import TenantExamples, tenant_examples
 from moe.evaluation import accuracy
+from moe.experiments.scenario import Event, accuracies, new_data, restrict, split_outcome
 from moe.lifecycle.growth import GrowthConfig, _trainer
-from moe.lifecycle.scenario import Event, accuracies, new_data, restrict, split_outcome
 from moe.model import ExpertInfo, build_mixture
 from moe.training.module import MixtureClassifier
 

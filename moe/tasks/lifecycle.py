@@ -1,4 +1,5 @@
-"""The lifecycle operations from a composed `conf/lifecycle.yaml`: what the scripts in scripts/ run.
+"""What the lifecycle tasks (`moe.tasks.grow`, `update`, `hibernate`, `wake`, `retire`) share, from a composed
+`conf/lifecycle.yaml`.
 
 Each operation checks what it is given before any work starts: the tenant's name (`check_tenant_name`; for grow also
 `ExpertStore.check_new_tenant`: no clash, in any case, with a tenant in the store), that `store_dir` is an existing
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe.data import Tenant, TenantFile, read_tenant_file
 from moe.lifecycle.growth import GrowthConfig
 from moe.lifecycle.operations import Lifecycle
-from moe.lifecycle.stream import EncodedRows, ScannedFile, encode_train_rows, scan_tenant_file
+from moe.lifecycle.stream import EncodedRows, ScannedFile, encode_train_rows
 from moe.model.pathway import is_pathway
 from moe.store import ExpertStore, TrunkVersions, check_tenant_name
 from moe.trunk import Trunk
@@ -84,52 +85,3 @@ def training_data(entry: TenantFile, scanned: ScannedFile, lifecycle: Lifecycle)
         columns = (entry.text_column, entry.label_column, entry.split_column)
         return read_tenant_file(entry.name, entry.files, *columns), None
     return scanned.tenant, encode_train_rows(entry, scanned, lifecycle.encode)
-
-
-def run_grow(cfg: DictConfig) -> Path:
-    """scripts/grow.py: a new tenant's expert from its file, into `store_dir` (`create_store=true`: a new store)."""
-    name = tenant_name(cfg)
-    store = open_store(cfg, create=bool(cfg.get("create_store", False)))
-    store.check_new_tenant(name)
-    entry = tenant_file(cfg, name)
-    scanned = scan_tenant_file(entry)  # every row checked, before the trunk loads
-    lifecycle = build_lifecycle(cfg, store)
-    return lifecycle.grow(*training_data(entry, scanned, lifecycle))
-
-
-def run_update(cfg: DictConfig) -> Path:
-    """scripts/update.py: a new version of a tenant's expert, from its new file (`allow_dormant=true`: even while
-    it hibernates)."""
-    name = tenant_name(cfg)
-    store = open_store(cfg)
-    store.latest(name)  # a KeyError for a tenant that is unknown, or retired
-    allow_dormant = bool(cfg.get("allow_dormant", False))
-    if not allow_dormant:
-        store.check_awake(name)
-    entry = tenant_file(cfg, name)
-    scanned = scan_tenant_file(entry)
-    lifecycle = build_lifecycle(cfg, store)
-    tenant, encoded = training_data(entry, scanned, lifecycle)
-    return lifecycle.update(tenant, allow_dormant=allow_dormant, encoded=encoded)
-
-
-def run_hibernate(cfg: DictConfig) -> None:
-    """scripts/hibernate.py."""
-    name = tenant_name(cfg)
-    open_store(cfg).hibernate(name)
-
-
-def run_wake(cfg: DictConfig) -> None:
-    """scripts/wake.py."""
-    name = tenant_name(cfg)
-    open_store(cfg).wake(name)
-
-
-def run_retire(cfg: DictConfig) -> Path | None:
-    """scripts/retire.py: the tenant's folder moved to `archive_dir` (its new place returned), or deleted (null)."""
-    name = tenant_name(cfg)
-    store = open_store(cfg)
-    if cfg.archive_dir:
-        return store.archive(name, cfg.archive_dir)
-    store.delete(name)
-    return None

@@ -1,4 +1,4 @@
-"""`export(cfg)`: a trained store -> a serving bundle under `paths.output_dir` (scripts/export.py calls this).
+"""`run(cfg)`: a trained store -> a serving bundle under `paths.output_dir` (scripts/export.py calls this).
 
 The float32 model is evaluated first (its out-of-scope threshold chosen on validation only); a lower-precision
 bundle is evaluated again from its own rewritten shards, and the accuracy it costs is printed and recorded in
@@ -15,9 +15,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture
-from moe.evaluation.inputs import feature_encoder, open_trained_store, sources_from_config
 from moe.export.writer import check_target, write_bundle_manifest, write_files
 from moe.inference import AUTO, DEFAULT_OOS_SCORE, UNSURE_MARGIN, check_oos_rule, load_mixture
+from moe.tasks.inputs import feature_encoder, open_trained_store, sources_from_config
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def accuracy_cost(full: Evaluation, lowered: Evaluation, dtype: str) -> dict[str
     return cost
 
 
-def export(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig) -> dict[str, Any]:
     """The bundle of `store_dir` in `paths.output_dir`: a folder away from the store and its run (checked first)."""
     out = Path(cfg.paths.output_dir)
     if cfg.get("store_dir"):

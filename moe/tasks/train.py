@@ -1,4 +1,4 @@
-"""`train(cfg)`: the whole training run from a composed Hydra config. Scripts and tests call this."""
+"""`run(cfg)`: the whole training run from a composed Hydra config. Scripts and tests call this."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors.torch import save_file
 
-from moe.config import instantiate_group
 from moe.data import Tenant, TenantDataModule
 from moe.evaluation import Evaluation, evaluate_store
 from moe.model import ExpertInfo, build_mixture
@@ -27,6 +26,7 @@ from moe.paths import cache_dir
 from moe.store import ExpertStore, check_tenant_name, expert_shards, save_gate
 from moe.store.assemble import Shard
 from moe.store.shard import weight_names
+from moe.tasks.base import instantiate_group
 from moe.training.module import MixtureClassifier
 from moe.training.pathway import PathwayConfig, train_pathway
 from moe.trunk import FeatureCache, Trunk
@@ -158,7 +158,7 @@ def tenant_metrics(evaluation: Evaluation) -> dict[str, dict]:
     return own
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def run(cfg: DictConfig) -> dict[str, float]:
     """Train gate and experts, evaluate them as `scripts/evaluate.py` would, and write config, shards (each with its
     tenant's own figures), gate and metrics under `paths.output_dir`. Before any work: the experts folder must hold
     no shards, and the tenants' names must be names a store takes."""
