@@ -209,7 +209,9 @@ def test_an_update_keeps_the_pathway_and_rehearses_the_earlier_intents(tmp_path,
     """New intents by update: the pathway's LoRA tensors stay bit for bit, the expert's head grows."""
     bank = tenants["bank"]
     first = bank.restricted(("balance",))
-    lifecycle = Lifecycle(ExpertStore(tmp_path / "store"), trunk, trunk.encode, fast_growth(kind="pathway", pathway=PATHWAY))
+    lifecycle = Lifecycle(
+        ExpertStore(tmp_path / "store"), trunk, trunk.encode, fast_growth(kind="pathway", pathway=PATHWAY)
+    )
     lifecycle.grow(first)
     lifecycle.update(bank)
     old, _ = lifecycle.store.load("bank", 1)
