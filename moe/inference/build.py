@@ -24,11 +24,11 @@ from moe.inference.pager import ExpertPager
 from moe.model import ExpertInfo, RowSource, TopKRouter, check_choice
 from moe.model.bridge import AffineMap, Bridge
 from moe.model.kinds import Architecture
+from moe.model.router import GATE_BIAS, GATE_WEIGHT, ROUTING
 from moe.model.stats import (
     COUNT,
     MEAN,
     OWN_COVARIANCE,
-    ROUTING,
     SHRINKAGE,
     STATISTICS,
     PooledScatter,
@@ -200,8 +200,8 @@ def load_mixture(
             if means is not None:  # turned into gate rows once the pooled covariance is known
                 means[i, : rows[i]] = tensors[MEAN]
             else:
-                router.weight[i, : rows[i]] = tensors["gate.weight"]
-                router.bias[i, : rows[i]] = tensors["gate.bias"]
+                router.weight[i, : rows[i]] = tensors[GATE_WEIGHT]
+                router.bias[i, : rows[i]] = tensors[GATE_BIAS]
             if statistics:
                 pooled.add(tensors)
             if statistics and gate.own_covariance:

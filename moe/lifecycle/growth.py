@@ -18,10 +18,10 @@ from moe.data.datamodule import TenantExamples
 from moe.model import TENSOR_NAMES, ExpertInfo, RowSource, build_mixture, check_choice
 from moe.model.kinds import Architecture
 from moe.model.pathway import PathwayLayout, Pathways, as_pathway_statistics, pathway_statistics
+from moe.model.router import ROUTING
 from moe.model.stats import (
     COUNT,
     MEAN,
-    ROUTING,
     SCATTER,
     SHRINKAGE,
     PooledScatter,

@@ -22,7 +22,8 @@ from moe.lifecycle.stream import EncodedRows
 from moe.model.bridge import Bridge
 from moe.model.kinds import Architecture
 from moe.model.overlap import ExpertStatistics, OverlapPair, closest_intents
-from moe.model.stats import COUNT, MEAN, ROUTING, STATISTICS, PooledScatter, class_statistics, merge_statistics
+from moe.model.router import ROUTING
+from moe.model.stats import COUNT, MEAN, STATISTICS, PooledScatter, class_statistics, merge_statistics
 from moe.store import ExpertMeta, ExpertStore, TrunkVersions
 from moe.trunk import Trunk
 

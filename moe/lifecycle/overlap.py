@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from moe.evaluation.plots import tenant_matrix_plot
 from moe.model.overlap import ExpertStatistics, Overlap, OverlapPair, intent_overlap
-from moe.model.stats import SHRINKAGE, PooledScatter
+from moe.model.stats import COUNT, MEAN, SHRINKAGE, PooledScatter
 from moe.store import ExpertStore, ShardError
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def read_statistics(
     for tenant in tqdm(tenants, desc="reading statistics", unit="shard", disable=not progress):
         try:
             tensors, meta = store.load(tenant, trunk_fingerprint=trunk_fingerprint)
-            if not tensors["stats.count"].sum() > 0:
+            if not tensors[COUNT].sum() > 0:
                 raise ShardError(store.path(tenant, meta.version), "holds no feature statistics")
         except (ShardError, KeyError, ValueError) as error:
             log.warning("expert %s left out of the overlap report: %s", tenant, error)
@@ -67,7 +67,7 @@ def read_statistics(
             continue
         pooled = PooledScatter.of([], meta.architecture["dim"]) if pooled is None else pooled
         pooled.add(tensors)
-        experts.append(ExpertStatistics(tenant, meta.labels, {k: tensors[k] for k in ("stats.mean", "stats.count")}))
+        experts.append(ExpertStatistics(tenant, meta.labels, {k: tensors[k] for k in (MEAN, COUNT)}))
     if pooled is None:
         raise ValueError(f"no expert of {store.root} could be compared: {left_out}")
     return experts, pooled, trunk_fingerprint, left_out

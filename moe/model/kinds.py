@@ -24,8 +24,8 @@ import torch
 
 from moe.model.experts import TENSOR_NAMES
 from moe.model.pathway import PATHWAY_STATISTICS, Hidden, PathwayLayout, Pathways
-from moe.model.router import GateRows
-from moe.model.stats import COUNT, MEAN, ROUTING, SCATTER
+from moe.model.router import ROUTING, GateRows
+from moe.model.stats import COUNT, MEAN, SCATTER
 
 if TYPE_CHECKING:
     from moe.model.mixture import Mixture
