@@ -146,7 +146,7 @@ def load_mixture(
     bridges = BridgeCache(store, trunk_fingerprint)
     for _, meta in candidates:
         try:
-            bridges.get(meta)
+            bridges.served(meta)
         except ShardError as error:
             failed[meta.tenant] = error
     candidates = [(key, meta) for key, meta in candidates if key[0] not in failed]
@@ -250,19 +250,11 @@ class BridgeCache:
         return bool(self.bridges)
 
     def get(self, meta: ExpertMeta) -> Bridge | None:
-        """The bridge `meta`'s expert reads the trunk's features through (None: it is on that trunk). A ShardError
-        naming its shard where there is none, or its kind can not be carried onto another trunk."""
+        """The bridge from the trunk `meta`'s expert was trained on to the trunk's features (None: it is on that
+        trunk); a ShardError naming its shard and both fingerprints where the store has none."""
         old, path = meta.trunk_fingerprint, self.store.path(meta.tenant, meta.version)
         if self.trunk_fingerprint is None or old == self.trunk_fingerprint:
             return None
-        kind = meta.architecture.expert_kind
-        if kind.carry_problem is not None:  # e.g. rolled back to a version from before an upgrade
-            raise ShardError(
-                path,
-                f"a {kind.name} expert on trunk {old[:12]}…, not on {self.trunk_fingerprint[:12]}…: "
-                f"{kind.carry_problem}, so no bridge carries it; restore its version on the current trunk, or "
-                "retrain it",
-            )
         if old not in self.bridges and old not in self.missing:
             try:
                 self.bridges[old] = TrunkVersions(self.store.root).require_bridge(old, self.trunk_fingerprint, path)
@@ -273,6 +265,18 @@ class BridgeCache:
         if old in self.missing:
             raise ShardError(path, self.missing[old])
         return self.bridges[old]
+
+    def served(self, meta: ExpertMeta) -> Bridge | None:
+        """`get`, for an expert to serve: one whose kind can not be carried onto another trunk is a ShardError."""
+        kind, old = meta.architecture.expert_kind, meta.trunk_fingerprint
+        if kind.carry_problem is not None and self.trunk_fingerprint not in (None, old):
+            raise ShardError(  # e.g. rolled back to a version from before an upgrade
+                self.store.path(meta.tenant, meta.version),
+                f"a {kind.name} expert on trunk {old[:12]}…, not on {self.trunk_fingerprint[:12]}…: "
+                f"{kind.carry_problem}, so no bridge carries it; restore its version on the current trunk, or "
+                "retrain it",
+            )
+        return self.get(meta)
 
 
 def served_architecture(meta: ExpertMeta, bridges: BridgeCache) -> Architecture:

@@ -50,7 +50,6 @@ class Lifecycle:
     overlap_warn: float = OVERLAP_WARN
     warned: dict[str, list[OverlapPair]] = field(default_factory=dict)  # tenant -> overlaps its last grow/update named
     _bridges: BridgeCache | None = field(default=None, repr=False)  # older trunk versions' bridges to this trunk
-    _growers: dict[Architecture, Grower] = field(default_factory=dict, repr=False)  # each architecture's, made once
 
     def architecture(self) -> Architecture:
         """The store's architecture (every expert in a store shares one), or the configured one if empty."""
@@ -60,10 +59,8 @@ class Lifecycle:
         return GROWERS[self.cfg.kind].architecture(self.trunk, self.cfg)
 
     def grower(self, arch: Architecture) -> Grower:
-        """How experts of `arch` are trained (its kind's `Grower`), made once per architecture."""
-        if arch not in self._growers:
-            self._growers[arch] = GROWERS[arch.kind](self.trunk, arch, self._configured(arch))
-        return self._growers[arch]
+        """How experts of `arch` are trained: its kind's `Grower`, with this lifecycle's settings as they are now."""
+        return GROWERS[arch.kind](self.trunk, arch, self._configured(arch))
 
     def trains_on_texts(self) -> bool:
         """Whether this store's experts train on a tenant's texts (through the trunk) rather than their features."""
@@ -93,8 +90,9 @@ class Lifecycle:
     def _bridge(self, tenant: str) -> Bridge | None:
         """The bridge from the trunk `tenant`'s latest expert was trained on to this trunk, when they differ (an
         expert kept through a trunk upgrade); a ShardError naming both when the store has none."""
-        if self._bridges is None:
+        if self._bridges is None or self._bridges.trunk_fingerprint != self.trunk.fingerprint:
             self._bridges = BridgeCache(self.store, self.trunk.fingerprint)
+        self._bridges.missing.clear()  # looked for again: an upgrade under way may have saved it since
         return self._bridges.get(self.store.meta(tenant))
 
     def _warn_overlap(
