@@ -65,7 +65,7 @@ def read_statistics(
             log.warning("expert %s left out of the overlap report: %s", tenant, error)
             left_out[tenant] = str(error)
             continue
-        pooled = PooledScatter.of([], meta.architecture["dim"]) if pooled is None else pooled
+        pooled = PooledScatter.of([], meta.architecture.dim) if pooled is None else pooled
         pooled.add(tensors)
         experts.append(ExpertStatistics(tenant, meta.labels, {k: tensors[k] for k in (MEAN, COUNT)}))
     if pooled is None:
