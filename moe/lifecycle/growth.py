@@ -167,7 +167,7 @@ def statistics_samples(stats: dict[str, torch.Tensor], per_class: int, cfg: Grow
 
 class Grower:
     """How experts of one kind are trained from a tenant's data, for a grow or an update (`GROWERS`, keyed as
-    `moe.model.kinds.KINDS`): this one, adapters over the trunk's features. Resolved once per architecture
+    `moe.model.kinds.KINDS`): this one, adapters over the trunk's features. Chosen from the architecture
     (`Lifecycle.grower`)."""
 
     def __init__(self, trunk: Trunk, arch: Architecture, cfg: GrowthConfig):
