@@ -29,7 +29,7 @@ import torch
 from moe.data.clinc150 import load_clinc150
 from moe.experiments.bench import machine_info
 from moe.inference import load_mixture, predict
-from moe.model.pathway import Pathways, PathwaySpec
+from moe.model.pathway import PathwayLayout, Pathways, PathwaySpec
 from moe.store import ExpertMeta, ExpertStore, tensor_bytes, write_shard
 from moe.store.shard import weight_names
 from moe.trunk import HFEncoderTrunk
@@ -42,7 +42,7 @@ def write_pathway_store(root: Path, trunk: HFEncoderTrunk, spec: PathwaySpec, te
     generator = torch.Generator().manual_seed(0)
     d, pathways = trunk.dim, Pathways(trunk, spec)
     arch = {"dim": d, "rank": 0, "gate_rows": "labels", "input_scale": 8.0, "dtype": "float32"}
-    arch |= spec.architecture(trunk)
+    arch |= PathwayLayout.of(spec, trunk).to_dict()
     store = ExpertStore(root)
     for i in range(tenants):
         tensors = {

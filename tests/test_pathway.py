@@ -61,7 +61,7 @@ def random_pathway(pathways: Pathways, seed: int) -> dict[str, torch.Tensor]:
 
 
 def grown_store(root, trunk, tenants, names) -> Lifecycle:
-    lifecycle = Lifecycle(ExpertStore(root), trunk, trunk.encode, fast_growth(pathway=PATHWAY))
+    lifecycle = Lifecycle(ExpertStore(root), trunk, trunk.encode, fast_growth(kind="pathway", pathway=PATHWAY))
     for name in names:
         lifecycle.grow(tenants[name])
     return lifecycle
@@ -149,7 +149,7 @@ def test_growing_a_pathway_leaves_every_other_shard_and_the_trunk_byte_identical
     trunk._fingerprint = None
     assert trunk.fingerprint == fingerprint
     meta = lifecycle.store.meta("bank")
-    assert meta.architecture["pathway_layers"] == 2 and meta.trunk_fingerprint == fingerprint
+    assert meta.architecture.pathway.spec.layers == 2 and meta.trunk_fingerprint == fingerprint
 
 
 @pytest.mark.slow  # grows on MiniLM
@@ -213,7 +213,9 @@ def test_an_update_keeps_the_pathway_and_rehearses_the_earlier_intents(tmp_path,
     """New intents by update: the pathway's LoRA tensors stay bit for bit, the expert's head grows."""
     bank = tenants["bank"]
     first = bank.restricted(("balance",))
-    lifecycle = Lifecycle(ExpertStore(tmp_path / "store"), trunk, trunk.encode, fast_growth(pathway=PATHWAY))
+    lifecycle = Lifecycle(
+        ExpertStore(tmp_path / "store"), trunk, trunk.encode, fast_growth(kind="pathway", pathway=PATHWAY)
+    )
     lifecycle.grow(first)
     lifecycle.update(bank)
     old, _ = lifecycle.store.load("bank", 1)
@@ -258,7 +260,7 @@ def test_the_grow_and_update_scripts_train_a_pathway_from_the_tenants_file(tmp_p
     script("update")(compose_config("lifecycle", [*common, f"tenant.files={more}"], tmp_path))
     lifecycle_store = ExpertStore(store)
     (old, _), (new, meta) = lifecycle_store.load("bank", 1), lifecycle_store.load("bank", 2)
-    assert meta.labels == ("balance", "transfer", "loan") and meta.architecture["pathway_layers"] == 2
+    assert meta.labels == ("balance", "transfer", "loan") and meta.architecture.pathway.spec.layers == 2
     assert all(torch.equal(old[name], new[name]) for name in old if name.startswith("lora."))
     assert any(old[name].abs().sum() > 0 for name in old if name.endswith(".B"))  # trained: B moved from zero
 
@@ -281,7 +283,7 @@ def test_an_upgrade_refuses_a_sleeping_pathway_before_writing_anything(tmp_path,
     lifecycle.hibernate("music")
     new = recorded_new_version(lifecycle.store, trunk)
     before = digests(lifecycle.store.root)
-    upgrading = Lifecycle(lifecycle.store, new, new.encode, fast_growth(pathway=PATHWAY))
+    upgrading = Lifecycle(lifecycle.store, new, new.encode, fast_growth(kind="pathway", pathway=PATHWAY))
     for strategy in ("bridge", "transport"):
         with pytest.raises(ValueError, match=r"\['music'\] are pathway experts.*retrain them from their data"):
             upgrade_store(upgrading, trunk, [tenants["weather"]], strategy)
@@ -294,7 +296,7 @@ def test_a_pathway_rolled_back_to_before_an_upgrade_is_refused_by_name_and_the_o
 ):
     lifecycle = grown_store(tmp_path / "store", trunk, tenants, ["weather", "music"])
     new = recorded_new_version(lifecycle.store, trunk)
-    upgrading = Lifecycle(lifecycle.store, new, new.encode, fast_growth(pathway=PATHWAY))
+    upgrading = Lifecycle(lifecycle.store, new, new.encode, fast_growth(kind="pathway", pathway=PATHWAY))
     calibration = [f"note {i}: {TEXTS[i % len(TEXTS)]}" for i in range(800)]  # a bridge needs 2 x 384 texts
     report = upgrade_store(upgrading, trunk, [tenants["weather"], tenants["music"]], "bridge", calibration)
     assert report.tenants == {"music": "retrained", "weather": "retrained"}
@@ -312,7 +314,7 @@ import json, sys
 from moe.serving import Server
 queries = [json.loads(line) for line in open(sys.argv[2])]
 server = Server(sys.argv[1])
-assert server.model.pathways is not None
+assert server.model.hidden_states(["a query"]) is not None  # token states: pathway experts
 print(json.dumps([a.to_dict() for a in server.predict([q["text"] for q in queries])]))
 """
 ANSWER = ("tenant", "intent", "score", "out_of_scope", "experts", "runners_up")
@@ -333,7 +335,7 @@ def test_a_bundle_of_a_pathway_store_serves_in_a_fresh_process_what_evaluation_p
         )
     )
     meta = ExpertStore(tmp_path / "run" / "experts").meta("bank")
-    assert meta.architecture["pathway_layers"] == 1 and meta.architecture["lora_rank"] == 2
+    assert meta.architecture.pathway.spec.layers == 1 and meta.architecture.pathway.spec.rank == 2
     common = [*data, "oos.threshold=0.42", "oos.score=gate_max_prob", f"store_dir={tmp_path / 'run' / 'experts'}"]
     # features encoded in the batch the server encodes (not read from the cache): an encoder's features depend on
     # its batch's padding, by float rounding; the runners-up margin chosen on val, as the bundle's was
@@ -375,4 +377,4 @@ def test_the_pathway_scenario_runs_with_tiny_limits(tmp_path):
     assert metrics["final/tenants"] == 3
     assert metrics["final/forgetting_tenant_given"] == 0.0 and metrics["wake/identical"] == 1.0
     assert metrics["baseline/joint/tenants"] == 2 and metrics["grow_speedup_over_joint"] > 0
-    assert ExpertStore(tmp_path / "run" / "experts").meta("bank").architecture["pathway_layers"] == 1
+    assert ExpertStore(tmp_path / "run" / "experts").meta("bank").architecture.pathway.spec.layers == 1

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from moe.data import Example, Tenant, read_tenant_file
 from moe.inference import load_mixture, predict
-from moe.lifecycle import Lifecycle, operations
+from moe.lifecycle import Lifecycle, growth
 from moe.store import ExpertStore, ShardError, check_tenant_name, expert_shards
 from moe.trunk import TinyTrunk
 from tests.helpers import child_env, digests, fast_growth, write_synthetic_tenants, write_tenant_csv
@@ -296,14 +296,14 @@ def test_concurrent_grows_updates_and_hibernations_lose_nothing(tmp_path, lifecy
 
 def test_a_grow_whose_name_was_taken_while_it_trained_is_refused_at_save_time(lifecycle, tenants, monkeypatch):
     """Both early checks pass when two grows of one name start together; the save, under the lock, refuses one."""
-    store, train_expert = lifecycle.store, operations.train_expert
+    store, train_expert = lifecycle.store, growth.train_expert
 
     def train_while_a_rival_grows(*args, **kwargs):
-        monkeypatch.setattr(operations, "train_expert", train_expert)
+        monkeypatch.setattr(growth, "train_expert", train_expert)
         lifecycle.grow(tenants["weather"])  # the rival: checked, trained and saved while the first one trains
         return train_expert(*args, **kwargs)
 
-    monkeypatch.setattr(operations, "train_expert", train_while_a_rival_grows)
+    monkeypatch.setattr(growth, "train_expert", train_while_a_rival_grows)
     with pytest.raises(ValueError, match="already has an expert"):
         lifecycle.grow(tenants["weather"])
     assert store.versions("weather") == [1]

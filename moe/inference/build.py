@@ -23,11 +23,20 @@ from moe.inference.paged import PagedMixture, ShardLoader
 from moe.inference.pager import ExpertPager
 from moe.model import ExpertInfo, RowSource, TopKRouter, check_choice
 from moe.model.bridge import AffineMap, Bridge
-from moe.model.pathway import Pathways, PathwaySpec, is_pathway
-from moe.model.stats import OWN_COVARIANCE, SHRINKAGE, PooledScatter, fill_statistics_rows, fill_tenant_rows
+from moe.model.kinds import Architecture
+from moe.model.router import GATE_BIAS, GATE_WEIGHT, ROUTING
+from moe.model.stats import (
+    COUNT,
+    MEAN,
+    OWN_COVARIANCE,
+    SHRINKAGE,
+    STATISTICS,
+    PooledScatter,
+    fill_statistics_rows,
+    fill_tenant_rows,
+)
 from moe.store import ExpertMeta, ExpertStore, RemoteStore, ShardError, TrunkVersions, open_store, tensor_bytes
 from moe.store.bundle import Verify  # each shard's checksum: when the mixture is built, or at first page-in
-from moe.store.shard import weight_names
 
 if TYPE_CHECKING:
     from moe.trunk import Trunk
@@ -35,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-STATISTICS_TENSORS = ("stats.mean", "stats.count", "stats.scatter")
 
 
 @dataclass(frozen=True)
@@ -135,31 +143,36 @@ def load_mixture(
             failed[tenant] = error
     if not candidates:
         raise ValueError(f"no expert could be loaded from {store.root}: {failed}")
-    bridges = bridges_for(store, [meta for _, meta in candidates], trunk_fingerprint, failed)
+    bridges = BridgeCache(store, trunk_fingerprint)
+    for _, meta in candidates:
+        try:
+            bridges.served(meta)
+        except ShardError as error:
+            failed[meta.tenant] = error
     candidates = [(key, meta) for key, meta in candidates if key[0] not in failed]
     if not candidates:
         raise ValueError(f"no expert could be loaded from {store.root}: {failed}")
     arch = served_architecture(candidates[0][1], bridges)
-    pathways = pathways_for(arch, trunk, bridges)
+    forward = arch.expert_kind.forward(arch, trunk, bridged=bridges.any())  # the kind's forward, chosen once
     statistics = gate.source == "statistics"
-    per_label = arch["gate_rows"] == "labels" or statistics
+    per_label = arch.gate_rows == "labels" or statistics
     rows = [len(meta.labels) if per_label else 1 for _, meta in candidates]
-    dtype = getattr(torch, arch.get("dtype", "float32"))  # the gate is held in the experts' own precision
+    dtype = arch.torch_dtype  # the gate is held in the experts' own precision
     # filled in place, expert by expert: no per-expert copies linger
-    router = TopKRouter(arch["dim"], rows, gate.top_k, gate.normalize_weights, random_init=False, dtype=dtype)
-    means = torch.zeros(len(candidates), max(rows), arch["dim"]) if statistics else None
+    router = TopKRouter(arch.dim, rows, gate.top_k, gate.normalize_weights, random_init=False, dtype=dtype)
+    means = torch.zeros(len(candidates), max(rows), arch.dim) if statistics else None
     remote = isinstance(store, RemoteStore)  # its cache may evict a shard: fetched again when paged in
     loader = ShardLoader(trunk_fingerprint, locate=(lambda key: store.path(*key)) if remote else None)
-    routing_tensors = STATISTICS_TENSORS if statistics else ("gate.weight", "gate.bias")
+    routing_tensors = STATISTICS if statistics else ROUTING
     pager = ExpertPager(loader, device, budget_bytes, host_budget_bytes)
-    pooled = PooledScatter.of([], arch["dim"])  # only the aggregate stays resident; the rest stays in the shards
+    pooled = PooledScatter.of([], arch.dim)  # only the aggregate stays resident; the rest stays in the shards
     own: list[dict[str, torch.Tensor]] = []  # each expert's statistics, when its own covariance enters its rows
     infos, keys, kept = [], [], []
     input_maps: dict[tuple[str, int], AffineMap] = {}
     expert_trunks: dict[str, str] = {}  # tenant -> the trunk version its expert was trained on
     with torch.no_grad():
         for i, (key, header) in enumerate(candidates):
-            bridge = bridges.get(header.trunk_fingerprint)  # None: on the model's own trunk
+            bridge = bridges.get(header)  # None: on the model's own trunk
             old_trunk = bridge.old if bridge else None
             try:
                 if served_architecture(header, bridges) != arch:
@@ -173,7 +186,7 @@ def load_mixture(
                     store.check_shard(path, meta)
                     if meta != header:
                         raise ShardError(path, "changed while the mixture was being built")
-                    if statistics and not tensors["stats.count"].sum() > 0:
+                    if statistics and not tensors[COUNT].sum() > 0:
                         raise ShardError(path, "holds no feature statistics, which statistics rows need")
                 except ShardError:
                     loader.forget(key)
@@ -182,18 +195,18 @@ def load_mixture(
                 failed[key[0]] = error
                 continue
             if bridge is not None:  # its routing entry, as it scores the model's trunk's features
-                tensors = bridge.entry_to_new(tensors, arch["input_scale"])
+                tensors = bridge.entry_to_new(tensors, arch.input_scale)
                 input_maps[key] = bridge.to_old
             if means is not None:  # turned into gate rows once the pooled covariance is known
-                means[i, : rows[i]] = tensors["stats.mean"]
+                means[i, : rows[i]] = tensors[MEAN]
             else:
-                router.weight[i, : rows[i]] = tensors["gate.weight"]
-                router.bias[i, : rows[i]] = tensors["gate.bias"]
+                router.weight[i, : rows[i]] = tensors[GATE_WEIGHT]
+                router.bias[i, : rows[i]] = tensors[GATE_BIAS]
             if statistics:
                 pooled.add(tensors)
             if statistics and gate.own_covariance:
-                own.append({name: tensors[name] for name in STATISTICS_TENSORS})
-            pager.register(key, tensor_bytes(meta, weight_names(meta.architecture)))
+                own.append({name: tensors[name] for name in STATISTICS})
+            pager.register(key, tensor_bytes(meta, meta.architecture.weight_names()))
             infos.append(ExpertInfo(meta.tenant, meta.labels))
             expert_trunks[meta.tenant] = meta.trunk_fingerprint
             keys.append(key)
@@ -210,62 +223,63 @@ def load_mixture(
     tenants_loaded = [info.tenant for info in infos]
     if means is not None and own:
         fill_tenant_rows(
-            router, own, pooled.covariance(), gate.own_covariance, gate.shrinkage, arch["input_scale"], tenants_loaded
+            router, own, pooled.covariance(), gate.own_covariance, gate.shrinkage, arch.input_scale, tenants_loaded
         )
     elif means is not None:
-        fill_statistics_rows(router, means, pooled.precision(gate.shrinkage), arch["input_scale"], tenants_loaded)
-    model = PagedMixture(router, infos, keys, pager, arch["input_scale"], "labels" if per_label else "one")
+        fill_statistics_rows(router, means, pooled.precision(gate.shrinkage), arch.input_scale, tenants_loaded)
+    model = PagedMixture(router, infos, keys, pager, arch.input_scale, "labels" if per_label else "one")
     model.left_out = failed
     model.input_maps = input_maps
     model.expert_trunks = expert_trunks
-    model.pathways = pathways
+    model.forward_kind = forward
     model.index = RowIndex.build(router, index) if index is not None else None
     return model.to(device).eval()
 
 
-def bridges_for(
-    store: ExpertStore, metas: list[ExpertMeta], trunk_fingerprint: str | None, failed: dict[str, Exception]
-) -> dict[str, Bridge]:
-    """The bridge into `trunk_fingerprint`'s features of each other trunk version an expert is on, by that version's
-    fingerprint. An expert on a version without one is a ShardError in `failed`, naming both fingerprints."""
-    versions, bridges, missing = TrunkVersions(store.root), {}, {}
-    for meta in metas:
-        old = meta.trunk_fingerprint
-        if trunk_fingerprint is None or old == trunk_fingerprint:
-            continue
-        if is_pathway(meta.architecture):  # e.g. rolled back to a version from before an upgrade
-            failed[meta.tenant] = ShardError(
-                store.path(meta.tenant, meta.version),
-                f"a pathway expert on trunk {old[:12]}…, not on {trunk_fingerprint[:12]}…: its LoRA adapts its own "
-                "trunk's layers, so no bridge carries it; restore its version on the current trunk, or retrain it",
-            )
-            continue
-        if old in bridges:
-            continue
-        if old not in missing:  # each bridge read once, however many experts it serves
+class BridgeCache:
+    """The bridges into trunk `trunk_fingerprint`'s features from the other trunk versions a store's experts are on,
+    each read from the store's trunk registry once, however many experts it serves (the builder's and the lifecycle's
+    one lookup)."""
+
+    def __init__(self, store: ExpertStore, trunk_fingerprint: str | None):
+        self.store, self.trunk_fingerprint = store, trunk_fingerprint
+        self.bridges: dict[str, Bridge] = {}  # older trunk version -> its bridge
+        self.missing: dict[str, str] = {}  # older trunk version -> why it has none
+
+    def any(self) -> bool:
+        return bool(self.bridges)
+
+    def get(self, meta: ExpertMeta) -> Bridge | None:
+        """The bridge from the trunk `meta`'s expert was trained on to the trunk's features (None: it is on that
+        trunk); a ShardError naming its shard and both fingerprints where the store has none."""
+        old, path = meta.trunk_fingerprint, self.store.path(meta.tenant, meta.version)
+        if self.trunk_fingerprint is None or old == self.trunk_fingerprint:
+            return None
+        if old not in self.bridges and old not in self.missing:
             try:
-                bridges[old] = versions.require_bridge(old, trunk_fingerprint, store.path(meta.tenant, meta.version))
-                continue
+                self.bridges[old] = TrunkVersions(self.store.root).require_bridge(old, self.trunk_fingerprint, path)
             except ShardError as error:
-                missing[old] = error.reason
+                self.missing[old] = error.reason
             except ValueError as error:  # an unreadable bridge file
-                missing[old] = str(error)
-        failed[meta.tenant] = ShardError(store.path(meta.tenant, meta.version), missing[old])
-    return bridges
+                self.missing[old] = str(error)
+        if old in self.missing:
+            raise ShardError(path, self.missing[old])
+        return self.bridges[old]
+
+    def served(self, meta: ExpertMeta) -> Bridge | None:
+        """`get`, for an expert to serve: one whose kind can not be carried onto another trunk is a ShardError."""
+        kind, old = meta.architecture.expert_kind, meta.trunk_fingerprint
+        if kind.carry_problem is not None and self.trunk_fingerprint not in (None, old):
+            raise ShardError(  # e.g. rolled back to a version from before an upgrade
+                self.store.path(meta.tenant, meta.version),
+                f"a {kind.name} expert on trunk {old[:12]}…, not on {self.trunk_fingerprint[:12]}…: "
+                f"{kind.carry_problem}, so no bridge carries it; restore its version on the current trunk, or "
+                "retrain it",
+            )
+        return self.get(meta)
 
 
-def pathways_for(arch: dict[str, Any], trunk: Trunk | None, bridges: dict[str, Bridge]) -> Pathways | None:
-    """The trunk's top layers as the store's pathway experts adapt them (None for experts over trunk features)."""
-    if not is_pathway(arch):
-        return None
-    if trunk is None:
-        raise ValueError("the store holds pathway experts, which adapt the trunk's layers: load it with its trunk")
-    if bridges:
-        raise ValueError("pathway experts adapt their own trunk's layers: they can not be bridged to another trunk")
-    return Pathways(trunk, PathwaySpec.from_architecture(arch))
-
-
-def served_architecture(meta: ExpertMeta, bridges: dict[str, Bridge]) -> dict[str, Any]:
+def served_architecture(meta: ExpertMeta, bridges: BridgeCache) -> Architecture:
     """An expert's architecture as the mixture sees it: a bridged expert takes the model's trunk's features."""
-    bridge = bridges.get(meta.trunk_fingerprint)
-    return meta.architecture | {"dim": bridge.new_dim} if bridge else meta.architecture
+    bridge = bridges.get(meta)
+    return meta.architecture.on(bridge.new_dim) if bridge else meta.architecture

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Hashable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -31,9 +30,10 @@ from moe.model import (
     expert_logits,
 )
 from moe.model.bridge import AffineMap
-from moe.model.pathway import Hidden, Pathways
-from moe.store import ExpertMeta, ShardError, expected_shapes, read_shard, read_tensors
-from moe.store.shard import meta_dtype, weight_names
+from moe.model.kinds import ExpertForward
+from moe.model.pathway import Hidden
+from moe.store import ExpertMeta, ShardError, read_shard, read_tensors
+from moe.store.shard import check_tensors
 
 Key = tuple[str, int]  # (tenant, version)
 
@@ -58,7 +58,7 @@ class ShardLoader:
         self.paths: dict[Hashable, str] = {}
         self.identities: dict[Hashable, tuple[int, int, int] | None] = {}
         self.digests: dict[Hashable, int] = {}
-        self.names: dict[Hashable, tuple[str, ...]] = {}  # the tensors each expert computes with (`weight_names`)
+        self.names: dict[Hashable, tuple[str, ...]] = {}  # the tensors each expert computes with (its kind's)
 
     def trunk_of(self, key: Hashable) -> str | None:
         """The trunk fingerprint `key`'s shard must name: its own bridged version's, else the model's."""
@@ -77,7 +77,7 @@ class ShardLoader:
             self.trunks[key] = trunk
         tensors, meta = read_shard(path, self.trunk_of(key))
         self.paths[key], self.identities[key], self.digests[key] = str(path), identity, _digest(meta)
-        self.names[key] = weight_names(meta.architecture)
+        self.names[key] = meta.architecture.weight_names()
         return tensors, meta
 
     def register_header(
@@ -93,13 +93,9 @@ class ShardLoader:
             fingerprints = f"{meta.trunk_fingerprint[:12]}…, not on trunk {expected[:12]}… as expected"
             raise ShardError(path, f"trained on trunk {fingerprints}")
         tensors = read_tensors(path, names)
-        shapes, dtype = expected_shapes(meta.architecture, len(meta.labels)), meta_dtype(meta)
-        for name, tensor in tensors.items():
-            if tuple(tensor.shape) != shapes[name] or tensor.dtype != dtype:
-                found = f"{tuple(tensor.shape)} {tensor.dtype}"
-                raise ShardError(path, f"tensor {name} is {found}, its metadata implies {shapes[name]} {dtype}")
+        check_tensors(path, meta, tensors, complete=False)
         self.paths[key], self.identities[key], self.digests[key] = str(path), None, _digest(meta)
-        self.names[key] = weight_names(meta.architecture)
+        self.names[key] = meta.architecture.weight_names()
         return tensors
 
     def forget(self, key: Hashable) -> None:
@@ -129,7 +125,7 @@ class ShardLoader:
 
 
 def _digest(meta: ExpertMeta) -> int:
-    return hash(json.dumps(asdict(meta), sort_keys=True))
+    return hash(json.dumps(meta.to_dict(), sort_keys=True))
 
 
 class PagedMixture(Mixture):
@@ -148,7 +144,7 @@ class PagedMixture(Mixture):
         self.index: RowIndex | None = None  # routes batches without a known tenant (`load_mixture(index=...)`)
         self.input_maps: dict[Key, AffineMap] = {}  # experts on an older trunk: their bridge from the model's features
         self.expert_trunks: dict[str, str] = {}  # tenant -> fingerprint of the trunk version its expert was trained on
-        self.pathways: Pathways | None = None  # pathway experts: the trunk's top layers they adapt
+        self.forward_kind = ExpertForward()  # how its experts' kind computes them in a batch (`load_mixture` sets it)
         self.register_buffer("label_mask", self.label_ids >= 0, persistent=False)
 
     def route_unknown(self, x: torch.Tensor) -> RouterOutput:
@@ -156,39 +152,23 @@ class PagedMixture(Mixture):
         return self.index.route(x) if self.index is not None else super().route_unknown(x)
 
     def hidden_states(self, texts: list[str]) -> Hidden | None:
-        """What pathway experts read of a batch besides its features: its token states after the shared lower
-        layers (None for experts that read the trunk's features)."""
-        return self.pathways.lower(texts) if self.pathways is not None else None
+        """What the experts read of a batch besides its features (pathway experts: its token states after the shared
+        lower layers; None for experts that read the trunk's features)."""
+        return self.forward_kind.hidden_states(texts)
 
-    @torch.no_grad()
+    def encode(self, trunk, texts: list[str], tenant: torch.Tensor | None, gate: bool) -> tuple[torch.Tensor, Hidden]:
+        """A batch's features for the gate and its `hidden_states`, as its experts' kind computes them (`tenant`:
+        every text's, when all are given; `gate`: whether an answer reads the gate's features)."""
+        return self.forward_kind.encode(self, trunk, texts, tenant, gate)
+
     def given_pass(self, hidden: Hidden, tenant: torch.Tensor, gate: bool = True) -> tuple[torch.Tensor, Hidden]:
-        """Every query's tenant given: each query's pathway features and, with `gate`, the gate's features in the
-        same pass over the top layers (the trunk's own rows, a zero pathway, beside the pathways' rows) -> (features
-        for the gate (b, d), `hidden` with the pathway features, which the mixture then reads instead of running the
-        top layers again). Without `gate` the pathway features stand in for the gate's: a tenant's one expert is its
-        queries' only candidate, so only an out-of-scope score that reads the gate would see the difference. Batches
-        whose experts do not fit the pager's budget at once take two passes instead."""
-        experts = self.tenant_expert[tenant]  # one expert per tenant: its query's only candidate
-        used, which = experts.unique(return_inverse=True)  # which: each query's expert among those used
-        keys = [self.keys[e] for e in used.tolist()]
-        if len(self.pager.waves(keys)) > 1:
-            return self.pathways.upper(hidden, []), hidden  # no pathway: the trunk's own features
-        b = len(tenant)
-        with self.pager.acquire(keys) as resident:
-            pathways = [resident[k] for k in keys]
-            if not gate:
-                out = self.pathways.upper(hidden, pathways, which)
-                return out, hidden._replace(pathway=(experts, out))
-            rows = torch.cat([torch.zeros_like(which), which + 1])  # the gate's rows first, on the zero pathway
-            out = self.pathways.upper(
-                hidden.take(torch.arange(b).repeat(2)), [self.pathways.zero(pathways[0])] + pathways, rows
-            )
-        return out[:b], hidden._replace(pathway=(experts, out[b:]))
+        """Pathway experts, every query's tenant given: the gate's features and the pathways' in one pass
+        (`moe.model.kinds.PathwayForward.given_pass`)."""
+        return self.forward_kind.given_pass(self, hidden, tenant, gate)
 
     def group_log_probs(self, x: torch.Tensor, plan: DispatchPlan, hidden: Hidden | None = None) -> torch.Tensor:
         # g: groups (chosen experts), n: capacity, c: label width
-        if self.pathways is not None and hidden is None:
-            raise ValueError("pathway experts read the queries' token states: pass hidden=model.hidden_states(texts)")
+        self.forward_kind.check_hidden(hidden)
         groups = dispatch(x, plan)  # (g, n, d)
         counts = torch.bincount(plan.group, minlength=plan.experts.numel()).tolist()
         rows = torch.zeros(plan.experts.numel(), plan.capacity, dtype=torch.long, device=x.device)
@@ -205,31 +185,11 @@ class PagedMixture(Mixture):
         # a function of its own: no reference to this wave's weights outlives it, so the next wave's
         # evictions free their memory before its page-ins take more
         with self.pager.acquire(wave) as resident:
-            pathways = self.pathways is not None
-            pathway_inputs = self._pathway_inputs(resident, counts, position, rows, hidden, experts) if pathways else {}
+            inputs = self.forward_kind.inputs(self, resident, groups, counts, position, rows, hidden, experts)
             for key, tensors in resident.items():
                 i, n = position[key], counts[position[key]]
                 c = tensors["head.bias"].shape[0]
-                inputs = pathway_inputs[key] if key in pathway_inputs else groups[i, :n]
+                x = inputs[key]
                 if key in self.input_maps:  # an expert of an older trunk reads the model's features bridged to it
-                    inputs = self.input_maps[key](inputs, self.input_scale)
-                out[i, :n, :c] = expert_logits(inputs, tensors).log_softmax(dim=-1)  # its own labels only
-
-    def _pathway_inputs(
-        self, resident, counts, position, rows, hidden: Hidden, experts
-    ) -> dict[Hashable, torch.Tensor]:
-        """Every resident pathway expert's features of its own queries, in one pass over the top layers: each row
-        of the pass gathers its expert's LoRA tensors (no loop over experts or queries)."""
-        keys = list(resident)
-        sizes = [counts[position[key]] for key in keys]
-        queries = torch.cat([rows[position[key], :n] for key, n in zip(keys, sizes, strict=True)])
-        if hidden.pathway is not None:  # computed with the gate's features (`given_pass`), for these very experts
-            chosen = torch.cat([experts[position[key]].repeat(n) for key, n in zip(keys, sizes, strict=True)])
-            if torch.equal(hidden.pathway[0][queries], chosen):
-                features = hidden.pathway[1][queries] * self.input_scale
-                return dict(zip(keys, features.split(sizes), strict=True))
-        which = torch.repeat_interleave(
-            torch.arange(len(keys), device=queries.device), torch.tensor(sizes, device=queries.device)
-        )
-        features = self.pathways.upper(hidden.take(queries), [resident[key] for key in keys], which) * self.input_scale
-        return dict(zip(keys, features.split(sizes), strict=True))
+                    x = self.input_maps[key](x, self.input_scale)
+                out[i, :n, :c] = expert_logits(x, tensors).log_softmax(dim=-1)  # its own labels only

@@ -21,39 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from moe.inference.memory import fix_mmap_threshold
+from moe.store.shard import Packed
 
 Tensors = dict[str, torch.Tensor]
-
-
-class Packed(dict):
-    """An expert's tensors as views of one flat byte buffer: one allocation, and one copy to move it
-    between host and device (instead of one small copy per tensor)."""
-
-    ALIGN = 64
-
-    def __init__(self, flat: torch.Tensor, layout: list[tuple[str, torch.dtype, tuple[int, ...], int, int]]):
-        super().__init__({n: flat[o : o + size].view(dtype).view(shape) for n, dtype, shape, o, size in layout})
-        self.flat, self.layout = flat, layout
-
-    @classmethod
-    def pack(cls, tensors: Tensors, pin: bool = False) -> Packed:
-        layout, offset = [], 0
-        for name, t in tensors.items():
-            size = t.numel() * t.element_size()
-            layout.append((name, t.dtype, tuple(t.shape), offset, size))
-            offset += -(-size // cls.ALIGN) * cls.ALIGN
-        packed = cls(torch.empty(offset, dtype=torch.uint8, pin_memory=pin), layout)
-        for name, t in tensors.items():
-            packed[name].copy_(t)
-        return packed
-
-    def to(self, device: torch.device, pin: bool = False) -> Packed:
-        if device.type == "cpu":
-            flat = torch.empty(self.flat.shape, dtype=torch.uint8, pin_memory=pin)
-            flat.copy_(self.flat)
-        else:
-            flat = self.flat.to(device, non_blocking=self.flat.is_pinned())
-        return Packed(flat, self.layout)
 
 
 @dataclass

@@ -16,10 +16,23 @@ from torch.utils.data import DataLoader, TensorDataset
 from moe.data import Tenant
 from moe.data.datamodule import TenantExamples
 from moe.model import TENSOR_NAMES, ExpertInfo, RowSource, build_mixture, check_choice
-from moe.model.pathway import PathwaySpec
-from moe.model.stats import SHRINKAGE, PooledScatter, discriminant_rows
+from moe.model.kinds import Architecture
+from moe.model.pathway import PathwayLayout, Pathways, as_pathway_statistics, pathway_statistics
+from moe.model.router import ROUTING
+from moe.model.stats import (
+    COUNT,
+    MEAN,
+    SCATTER,
+    SHRINKAGE,
+    PooledScatter,
+    class_statistics,
+    discriminant_rows,
+    merge_statistics,
+    pooled_precision,
+)
 from moe.training.module import MixtureClassifier, quiet_trainer
-from moe.training.pathway import PathwayConfig
+from moe.training.pathway import PathwayConfig, train_pathway
+from moe.trunk import Trunk
 
 
 @dataclass
@@ -42,24 +55,13 @@ class GrowthConfig:
     transport_per_class: int = 100  # trunk upgrade, transport: samples per class drawn from the moved statistics
     accelerator: str = "cpu"
     seed: int = 0
+    kind: str = "adapter"  # of the experts a new store grows (`moe.model.kinds.KINDS`); a store's own experts' wins
     pathway: dict | None = None  # pathway experts (conf/expert/pathway.yaml): `PathwayConfig`'s own settings
 
     def __post_init__(self):
         check_choice(self.source, RowSource, "source")
-
-    def pathway_config(self, arch: dict) -> PathwayConfig:
-        """How a pathway expert of architecture `arch` is trained: the pathway's own settings, the store's
-        architecture (its layers, LoRA rank and head) winning over the configured one."""
-        spec = PathwaySpec.from_architecture(arch)
-        settings = dict(self.pathway or {}) | {"layers": spec.layers, "lora_rank": spec.rank, "lora_alpha": spec.alpha}
-        return PathwayConfig(
-            **settings,
-            rank=arch["rank"],
-            dropout=self.dropout,
-            input_scale=arch["input_scale"],
-            accelerator=self.accelerator,
-            seed=self.seed,
-        )
+        if self.kind not in GROWERS:
+            raise ValueError(f"unknown expert kind {self.kind!r}: choose among {sorted(GROWERS)}")
 
 
 def _trainer(cfg: GrowthConfig, epochs: int) -> L.Trainer:
@@ -130,24 +132,118 @@ def routing_entry(
     """The new expert's gate rows. Both sources start from the class-mean discriminants under the covariance
     pooled over every expert (the new tenant's stored scatter and the others'); "trained" then trains the rows
     against the others' rows, which stay exactly as they are."""
-    dim = stats["stats.scatter"].shape[0]
+    dim = stats[SCATTER].shape[0]
     precision = (PooledScatter.of([stats]) + PooledScatter.of(others, dim)).precision(cfg.shrinkage)
-    weight, bias = discriminant_rows(stats["stats.mean"], precision, cfg.input_scale)
+    weight, bias = discriminant_rows(stats[MEAN], precision, cfg.input_scale)
     if cfg.source == "statistics" or not others:
-        return {"gate.weight": weight.contiguous(), "gate.bias": bias.contiguous()}
+        return dict(zip(ROUTING, (weight.contiguous(), bias.contiguous()), strict=True))
     generator = torch.Generator().manual_seed(cfg.seed)
-    other_means = torch.cat([o["stats.mean"] for o in others])
+    other_means = torch.cat([o[MEAN] for o in others])
     sampled, sampled_class = gaussian_samples(other_means, precision, cfg.negatives_per_class, generator)
-    frozen_weight = torch.cat([o["gate.weight"] for o in others])
-    frozen_bias = torch.cat([o["gate.bias"] for o in others])
+    frozen_weight, frozen_bias = (torch.cat([o[name] for o in others]) for name in ROUTING)
     x = torch.cat([features, sampled]) * cfg.input_scale
     target = torch.cat([labels + len(frozen_bias), sampled_class])
     module = RoutingEntry(frozen_weight, frozen_bias, weight, bias, cfg.lr)
     loader = DataLoader(TensorDataset(x, target), batch_size=cfg.batch_size, shuffle=True)
     _trainer(cfg, cfg.routing_epochs).fit(module, train_dataloaders=loader)
-    return {"gate.weight": module.weight.detach().contiguous(), "gate.bias": module.bias.detach().contiguous()}
+    return dict(zip(ROUTING, (module.weight.detach().contiguous(), module.bias.detach().contiguous()), strict=True))
 
 
 def expert_tensors(expert: dict[str, torch.Tensor], routing: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]):
     """Everything a shard holds, in one dict."""
     return {name: expert[name] for name in TENSOR_NAMES} | routing | stats
+
+
+def statistics_samples(stats: dict[str, torch.Tensor], per_class: int, cfg: GrowthConfig):
+    """`per_class` samples of each class the statistics know (count > 0), drawn from its mean under their pooled
+    covariance (seeded by `cfg.seed`): what an update rehearses earlier intents on, and a transport retrains on.
+    -> (x (n, d), class ids (n,))."""
+    known = [c for c in range(len(stats[COUNT])) if stats[COUNT][c] > 0]
+    precision = pooled_precision(stats[SCATTER], stats[COUNT].sum().item(), len(known), cfg.shrinkage)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    x, drawn = gaussian_samples(stats[MEAN][known], precision, per_class, generator)
+    return x, torch.tensor(known)[drawn]
+
+
+class Grower:
+    """How experts of one kind are trained from a tenant's data, for a grow or an update (`GROWERS`, keyed as
+    `moe.model.kinds.KINDS`): this one, adapters over the trunk's features. Chosen from the architecture
+    (`Lifecycle.grower`)."""
+
+    def __init__(self, trunk: Trunk, arch: Architecture, cfg: GrowthConfig):
+        self.trunk, self.arch, self.cfg = trunk, arch, cfg
+
+    @classmethod
+    def architecture(cls, trunk: Trunk, cfg: GrowthConfig) -> Architecture:
+        """The architecture of the first expert of a new store over `trunk`."""
+        return Architecture(trunk.dim, cfg.rank, "labels", cfg.input_scale, "float32", kind=cfg.kind)
+
+    def train(self, tenant: Tenant, encoded, features: torch.Tensor, labels: torch.Tensor):
+        """A new expert on the tenant's train rows (`features`, `labels`; `encoded`: whether they came encoded) ->
+        (expert tensors, the kind's own tensors)."""
+        return train_expert(tenant, features, labels, self.cfg), {}
+
+    def update(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, bridged: bool):
+        """A new version of expert `old` over `merged`'s labels, on its new rows and the rehearsal of its earlier
+        intents (`x`, `x_y`: both, in trunk features; `y`: the new rows' labels) -> as `train`. `bridged`: `old` is
+        of another trunk version (trained anew here)."""
+        return train_expert(merged, x, x_y, self.cfg, initial=None if bridged else old), {}
+
+
+class PathwayGrower(Grower):
+    """Pathway experts: trained on the tenant's texts, through the trunk's top layers (`train_pathway`)."""
+
+    def __init__(self, trunk: Trunk, arch: Architecture, cfg: GrowthConfig):
+        super().__init__(trunk, arch, cfg)
+        self.pathways = Pathways(trunk, arch.pathway.spec)
+
+    @classmethod
+    def architecture(cls, trunk: Trunk, cfg: GrowthConfig) -> Architecture:
+        layout = PathwayLayout.of(PathwayConfig(**(cfg.pathway or {})).spec(), trunk)
+        return Architecture(trunk.dim, cfg.rank, "labels", cfg.input_scale, "float32", kind=cfg.kind, pathway=layout)
+
+    def config(self) -> PathwayConfig:
+        """How its pathways are trained: the configured settings, the store's architecture (its layers, LoRA rank and
+        head) winning over the configured one."""
+        spec = self.arch.pathway.spec
+        settings = dict(self.cfg.pathway or {}) | {
+            "layers": spec.layers,
+            "lora_rank": spec.rank,
+            "lora_alpha": spec.alpha,
+        }
+        return PathwayConfig(
+            **settings,
+            rank=self.arch.rank,
+            dropout=self.cfg.dropout,
+            input_scale=self.arch.input_scale,
+            accelerator=self.cfg.accelerator,
+            seed=self.cfg.seed,
+        )
+
+    @staticmethod
+    def texts(tenant: Tenant, encoded, split: str = "train") -> list[str]:
+        """A tenant's train texts, which a pathway expert trains on (through the trunk's layers)."""
+        if encoded is not None:
+            raise ValueError(f"tenant {tenant.name!r}: pathway experts train on texts, not on encoded rows")
+        return [e.text for e in tenant.split(split)]
+
+    def train(self, tenant: Tenant, encoded, features: torch.Tensor, labels: torch.Tensor):
+        """A new pathway and its expert -> (expert, pathway tensors with the statistics of its own features)."""
+        texts = self.texts(tenant, encoded)
+        pathway, expert = train_pathway(self.pathways, texts, labels, len(tenant.labels), self.config())
+        return expert, pathway
+
+    def update(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, bridged: bool):
+        """Its pathway kept as it is; its expert learns the new intents on the pathway's features of the new texts,
+        rehearsing the earlier intents from the statistics of those features its shard keeps (their data is gone)."""
+        lora = {name: old[name] for name in self.arch.pathway.lora_shapes(self.arch.dim)}
+        features = self.pathways.encode(self.texts(tenant, encoded), lora)
+        before = pathway_statistics(old)
+        rehearsal, drawn = statistics_samples(before, self.cfg.rehearsal_per_class, self.cfg)
+        x, x_y = torch.cat([features, rehearsal]), torch.cat([y, drawn])
+        expert = train_expert(merged, x, x_y, self.cfg, initial=old)
+        own = merge_statistics(before, class_statistics(features, y, len(merged.labels)))
+        return expert, lora | as_pathway_statistics(own)
+
+
+GROWERS: dict[str, type[Grower]] = {"adapter": Grower, "pathway": PathwayGrower}  # one per `KINDS` entry

@@ -16,25 +16,19 @@ from pathlib import Path
 import torch
 
 from moe.data import Tenant
-from moe.lifecycle.growth import GrowthConfig, expert_tensors, gaussian_samples, routing_entry, train_expert
+from moe.inference.build import BridgeCache
+from moe.lifecycle.growth import GROWERS, Grower, GrowthConfig, expert_tensors, routing_entry, statistics_samples
 from moe.lifecycle.stream import EncodedRows
 from moe.model.bridge import Bridge
+from moe.model.kinds import Architecture
 from moe.model.overlap import ExpertStatistics, OverlapPair, closest_intents
-from moe.model.pathway import (
-    Pathways,
-    PathwaySpec,
-    as_pathway_statistics,
-    is_pathway,
-    lora_shapes,
-    pathway_statistics,
-)
-from moe.model.stats import PooledScatter, class_statistics, merge_statistics, pooled_precision
+from moe.model.router import ROUTING
+from moe.model.stats import COUNT, MEAN, STATISTICS, PooledScatter, class_statistics, merge_statistics
 from moe.store import ExpertMeta, ExpertStore, TrunkVersions
-from moe.training.pathway import PathwayConfig, train_pathway
 from moe.trunk import Trunk
 
 log = logging.getLogger(__name__)
-ROUTING_TENSORS = ("gate.weight", "gate.bias", "stats.mean", "stats.count", "stats.scatter")
+ROUTING_TENSORS = ROUTING + STATISTICS  # what growth knows of every other expert
 # A grow (or an update's new intents) warns of an intent whose estimated pairwise confusion with an existing tenant's
 # intent, sampling noise taken out (`moe.model.overlap`), is at least this. On CLINC150's MiniLM statistics no two
 # distinct intents come near it (the closest pair, meta/user_name and small_talk/what_is_your_name, is at 0.033 %:
@@ -55,51 +49,29 @@ class Lifecycle:
     cfg: GrowthConfig
     overlap_warn: float = OVERLAP_WARN
     warned: dict[str, list[OverlapPair]] = field(default_factory=dict)  # tenant -> overlaps its last grow/update named
-    bridges: dict[str, Bridge] = field(default_factory=dict)  # older trunk version -> its bridge to this trunk
-    _pathways: Pathways | None = field(default=None, repr=False)  # the trunk's top layers, for pathway experts
+    _bridges: BridgeCache | None = field(default=None, repr=False)  # older trunk versions' bridges to this trunk
 
-    def architecture(self) -> dict:
+    def architecture(self) -> Architecture:
         """The store's architecture (every expert in a store shares one), or the configured one if empty."""
         existing = self.store.tenants(dormant=True)
         if existing:  # on this trunk's features (a store's experts may span trunk versions)
-            return self.store.meta(existing[0]).architecture | {"dim": self.trunk.dim}
-        arch = {
-            "dim": self.trunk.dim,
-            "rank": self.cfg.rank,
-            "gate_rows": "labels",
-            "input_scale": self.cfg.input_scale,
-            "dtype": "float32",
-        }
-        if self.cfg.pathway is not None:  # pathway experts (conf/expert/pathway.yaml)
-            arch |= PathwayConfig(**self.cfg.pathway).spec().architecture(self.trunk)
-        return arch
+            return self.store.meta(existing[0]).architecture.on(self.trunk.dim)
+        return GROWERS[self.cfg.kind].architecture(self.trunk, self.cfg)
 
-    def pathways(self, arch: dict) -> Pathways:
-        """The trunk's top layers as experts of `arch` adapt them."""
-        spec = PathwaySpec.from_architecture(arch)
-        if self._pathways is None or self._pathways.spec != spec:
-            self._pathways = Pathways(self.trunk, spec)
-        return self._pathways
+    def grower(self, arch: Architecture) -> Grower:
+        """How experts of `arch` are trained: its kind's `Grower`, with this lifecycle's settings as they are now."""
+        return GROWERS[arch.kind](self.trunk, arch, self._configured(arch))
 
-    @staticmethod
-    def _texts(tenant: Tenant, encoded: EncodedRows | None, split: str = "train") -> list[str]:
-        """A tenant's train texts, which a pathway expert trains on (through the trunk's layers)."""
-        if encoded is not None:
-            raise ValueError(f"tenant {tenant.name!r}: pathway experts train on texts, not on encoded rows")
-        return [e.text for e in tenant.split(split)]
+    def trains_on_texts(self) -> bool:
+        """Whether this store's experts train on a tenant's texts (through the trunk) rather than their features."""
+        return self.architecture().expert_kind.trains_on_texts
 
     def pathway_expert(self, tenant: Tenant) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """A pathway expert trained on `tenant`'s train split, as a grow into this store trains it, not saved:
-        (expert, pathway tensors)."""
+        """An expert trained on `tenant`'s train split, as a grow into this store trains it, not saved: (expert, its
+        kind's own tensors; a pathway expert's pathway)."""
         arch = self.architecture()
-        labels = torch.tensor([tenant.label_index(e.label) for e in tenant.split("train")])
-        return self._train_pathway(self._texts(tenant, None), labels, len(tenant.labels), arch, self._configured(arch))
-
-    def _train_pathway(self, texts: list[str], labels: torch.Tensor, num_labels: int, arch: dict, cfg: GrowthConfig):
-        """A new pathway and its expert trained on (texts, labels); -> (expert, pathway tensors with the statistics of
-        its own features)."""
-        pathway, expert = train_pathway(self.pathways(arch), texts, labels, num_labels, cfg.pathway_config(arch))
-        return expert, pathway
+        features, labels = self._features(tenant, tenant.labels)
+        return self.grower(arch).train(tenant, None, features, labels)
 
     def _others(self, exclude: str) -> list[tuple[ExpertMeta, dict[str, torch.Tensor]]]:
         """Metadata, routing entries and statistics of every other live expert, awake or dormant (read, never
@@ -112,22 +84,16 @@ class Lifecycle:
             bridge = self._bridge(tenant)
             tensors, meta = self.store.load(tenant, trunk_fingerprint=bridge.old if bridge else self.trunk.fingerprint)
             entry = {name: tensors[name].clone() for name in ROUTING_TENSORS}  # not the weights
-            others.append((meta, bridge.entry_to_new(entry, meta.architecture["input_scale"]) if bridge else entry))
+            others.append((meta, bridge.entry_to_new(entry, meta.architecture.input_scale) if bridge else entry))
         return others
 
     def _bridge(self, tenant: str) -> Bridge | None:
         """The bridge from the trunk `tenant`'s latest expert was trained on to this trunk, when they differ (an
         expert kept through a trunk upgrade); a ShardError naming both when the store has none."""
-        meta = self.store.meta(tenant)
-        if meta.trunk_fingerprint == self.trunk.fingerprint:
-            return None
-        if meta.trunk_fingerprint not in self.bridges:  # read once per trunk version, however many experts it serves
-            versions = TrunkVersions(self.store.root)
-            path = self.store.path(tenant, meta.version)
-            self.bridges[meta.trunk_fingerprint] = versions.require_bridge(
-                meta.trunk_fingerprint, self.trunk.fingerprint, path
-            )
-        return self.bridges[meta.trunk_fingerprint]
+        if self._bridges is None or self._bridges.trunk_fingerprint != self.trunk.fingerprint:
+            self._bridges = BridgeCache(self.store, self.trunk.fingerprint)
+        self._bridges.missing.clear()  # looked for again: an upgrade under way may have saved it since
+        return self._bridges.get(self.store.meta(tenant))
 
     def _warn_overlap(
         self,
@@ -145,9 +111,7 @@ class Lifecycle:
         if not others or not kept:
             return
         pooled = PooledScatter.of([stats]) + PooledScatter.of(entry for _, entry in others)
-        ours = ExpertStatistics(
-            tenant, tuple(labels[i] for i in kept), {k: stats[k][kept] for k in ("stats.mean", "stats.count")}
-        )
+        ours = ExpertStatistics(tenant, tuple(labels[i] for i in kept), {k: stats[k][kept] for k in (MEAN, COUNT)})
         theirs = [ExpertStatistics(meta.tenant, meta.labels, entry) for meta, entry in others]
         close = closest_intents(ours, theirs, pooled, self.cfg.shrinkage, min_adjusted=self.overlap_warn)
         if not close:
@@ -178,10 +142,10 @@ class Lifecycle:
         features = self.encode([e.text for e in examples])
         return features, torch.tensor([index[e.label] for e in examples])
 
-    def _configured(self, arch: dict) -> GrowthConfig:
-        if arch["gate_rows"] != "labels":
+    def _configured(self, arch: Architecture) -> GrowthConfig:
+        if arch.gate_rows != "labels":
             raise ValueError("growing needs a store whose experts have one gate row per label (gate=prototype)")
-        return GrowthConfig(**{**self.cfg.__dict__, "rank": arch["rank"], "input_scale": arch["input_scale"]})
+        return GrowthConfig(**{**self.cfg.__dict__, "rank": arch.rank, "input_scale": arch.input_scale})
 
     def grow(self, tenant: Tenant, encoded: EncodedRows | None = None) -> Path:
         """A new tenant: trains its expert and routing entry on its own data only. Its name is checked before any
@@ -221,12 +185,7 @@ class Lifecycle:
         stats = class_statistics(features, labels, len(tenant.labels))
         others = self._others(tenant.name)
         self._warn_overlap(tenant.name, tenant.labels, stats, others)  # before training: read only
-        pathway: dict[str, torch.Tensor] = {}
-        if is_pathway(arch):
-            texts = self._texts(tenant, encoded)
-            expert, pathway = self._train_pathway(texts, labels, len(tenant.labels), arch, cfg)
-        else:
-            expert = train_expert(tenant, features, labels, cfg)
+        expert, own = self.grower(arch).train(tenant, encoded, features, labels)
         routing = routing_entry(features, labels, stats, [entry for _, entry in others], cfg)
         meta = ExpertMeta(
             tenant.name,
@@ -235,7 +194,7 @@ class Lifecycle:
             arch,
             metrics={"train_examples": len(labels), f"{how}_s": time.perf_counter() - start},
         )
-        tensors = expert_tensors(expert, routing, stats) | pathway
+        tensors = expert_tensors(expert, routing, stats) | own
         if parent is None:
             path = self.store.save(tensors, meta, new_tenant=True)
         else:
@@ -252,28 +211,22 @@ class Lifecycle:
         `transport_per_class` samples per class drawn from them, its routing entry rebuilt from them. Works on a
         hibernating tenant (it wakes up as this version); the previous version stays for rollback."""
         start = time.perf_counter()
-        if is_pathway(self.store.meta(name).architecture):
-            raise ValueError(
-                f"tenant {name!r} is a pathway expert: its LoRA adapts its own trunk's layers (not transportable)"
-            )
+        kind = self.store.meta(name).architecture.expert_kind
+        if kind.carry_problem is not None:
+            raise ValueError(f"tenant {name!r} is a {kind.name} expert: {kind.carry_problem} (not transportable)")
         bridge = self._bridge(name)
         if bridge is None:
             raise ValueError(
                 f"tenant {name!r} is on trunk {self.trunk.fingerprint[:12]}… already: nothing to transport"
             )
         old, meta = self.store.load(name, trunk_fingerprint=bridge.old)
-        stats = bridge.statistics_to_new({k: old[k] for k in ("stats.mean", "stats.count", "stats.scatter")})
-        known = [c for c in range(len(meta.labels)) if stats["stats.count"][c] > 0]
-        if not known:
+        stats = bridge.statistics_to_new({k: old[k] for k in STATISTICS})
+        if not (stats[COUNT] > 0).any():
             raise ValueError(f"tenant {name!r}'s shard holds no feature statistics: it can not be transported")
         arch = self.architecture()
         cfg = self._configured(arch)
-        count = stats["stats.count"].sum().item()
-        precision = pooled_precision(stats["stats.scatter"], count, len(known), cfg.shrinkage)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        x, drawn = gaussian_samples(stats["stats.mean"][known], precision, cfg.transport_per_class, generator)
-        y = torch.tensor(known)[drawn]
-        expert = train_expert(Tenant(name, meta.labels), x, y, cfg)
+        x, y = statistics_samples(stats, cfg.transport_per_class, cfg)
+        expert, own = self.grower(arch).train(Tenant(name, meta.labels), None, x, y)
         routing = routing_entry(x, y, stats, [entry for _, entry in self._others(name)], cfg)
         new_meta = ExpertMeta(
             name,
@@ -282,7 +235,7 @@ class Lifecycle:
             arch,
             metrics={"train_examples": 0, "samples": len(y), "transport_s": time.perf_counter() - start},
         )
-        path = self.store.save(expert_tensors(expert, routing, stats), new_meta, parent=meta.version)
+        path = self.store.save(expert_tensors(expert, routing, stats) | own, new_meta, parent=meta.version)
         log.info(
             "transported %s to trunk %s… in %.1f s: %s",
             name,
@@ -305,36 +258,29 @@ class Lifecycle:
         bridge = self._bridge(tenant.name)  # an expert kept through a trunk upgrade: its statistics move to this trunk
         old, meta = self.store.load(tenant.name, trunk_fingerprint=bridge.old if bridge else self.trunk.fingerprint)
         if bridge is not None:
-            old = bridge.statistics_to_new({name: old[name] for name in ("stats.mean", "stats.count", "stats.scatter")})
+            old = bridge.statistics_to_new({name: old[name] for name in STATISTICS})
         labels = meta.labels + tuple(sorted(set(tenant.labels) - set(meta.labels)))
-        arch = meta.architecture | {"dim": self.trunk.dim}  # a bridged expert's new version reads this trunk
+        arch = meta.architecture.on(self.trunk.dim)  # a bridged expert's new version reads this trunk
         cfg = self._configured(arch)
         if encoded is None:
             features, y = self._features(tenant, labels)
         else:  # label ids into tenant.labels -> into the merged labels
             merged_ids = torch.tensor([labels.index(label) for label in tenant.labels])
             features, y = encoded.features, merged_ids[encoded.labels]
-        known = [c for c in range(len(meta.labels)) if old["stats.count"][c] > 0]
-        old_stats = {k: old[k] for k in ("stats.mean", "stats.count", "stats.scatter")}
-        precision = pooled_precision(old["stats.scatter"], old["stats.count"].sum().item(), len(known), cfg.shrinkage)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        rehearsal, rehearsal_class = gaussian_samples(
-            old["stats.mean"][known], precision, cfg.rehearsal_per_class, generator
-        )
-        rehearsal_y = torch.tensor(known)[rehearsal_class]
+        old_stats = {k: old[k] for k in STATISTICS}
+        rehearsal, rehearsal_y = statistics_samples(old_stats, cfg.rehearsal_per_class, cfg)
         merged = Tenant(tenant.name, labels)
         x, x_y = torch.cat([features, rehearsal]), torch.cat([y, rehearsal_y])  # one copy for both
         stats = merge_statistics(old_stats, class_statistics(features, y, len(labels)))
         others = self._others(tenant.name)
         self._warn_overlap(tenant.name, labels, stats, others, new=set(labels) - set(meta.labels))
-        pathway: dict[str, torch.Tensor] = {}
-        if is_pathway(arch):
-            if bridge is not None:
-                raise ValueError(f"tenant {tenant.name!r}: a pathway expert of another trunk can not be updated here")
-            texts = self._texts(tenant, encoded)
-            expert, pathway = self._update_pathway(old, merged, texts, y, arch, cfg)
-        else:
-            expert = train_expert(merged, x, x_y, cfg, initial=None if bridge else old)  # another trunk's: anew
+        kind = arch.expert_kind
+        if bridge is not None and kind.carry_problem is not None:
+            raise ValueError(
+                f"tenant {tenant.name!r}: a {kind.name} expert of another trunk can not be updated here "
+                f"({kind.carry_problem})"
+            )
+        expert, own = self.grower(arch).update(old, merged, tenant, encoded, y, x, x_y, bridged=bridge is not None)
         routing = routing_entry(x, x_y, stats, [entry for _, entry in others], cfg)
         new_meta = ExpertMeta(
             tenant.name,
@@ -344,27 +290,10 @@ class Lifecycle:
             metrics={"train_examples": len(y), "update_s": time.perf_counter() - start},
         )
         path = self.store.save(
-            expert_tensors(expert, routing, stats) | pathway, new_meta, allow_dormant=allow_dormant, parent=meta.version
+            expert_tensors(expert, routing, stats) | own, new_meta, allow_dormant=allow_dormant, parent=meta.version
         )
         log.info("updated %s to %d labels in %.1f s: %s", tenant.name, len(labels), time.perf_counter() - start, path)
         return path
-
-    def _update_pathway(self, old: dict, merged: Tenant, texts: list[str], y: torch.Tensor, arch: dict, cfg):
-        """An update of a pathway expert: its pathway is kept as it is, and its expert learns the new intents on the
-        pathway's features of the new texts, rehearsing the earlier intents from the statistics of those features
-        that its shard keeps (their data is gone). -> (expert, pathway tensors with the merged statistics)."""
-        lora = {name: old[name] for name in lora_shapes(arch)}
-        features = self.pathways(arch).encode(texts, lora)
-        before = pathway_statistics(old)
-        known = [c for c in range(len(before["stats.count"])) if before["stats.count"][c] > 0]
-        count = before["stats.count"].sum().item()
-        precision = pooled_precision(before["stats.scatter"], count, len(known), cfg.shrinkage)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        rehearsal, drawn = gaussian_samples(before["stats.mean"][known], precision, cfg.rehearsal_per_class, generator)
-        x, x_y = torch.cat([features, rehearsal]), torch.cat([y, torch.tensor(known)[drawn]])
-        expert = train_expert(merged, x, x_y, cfg, initial=old)
-        own = merge_statistics(before, class_statistics(features, y, len(merged.labels)))
-        return expert, lora | as_pathway_statistics(own)
 
     def hibernate(self, name: str) -> None:
         self.store.hibernate(name)

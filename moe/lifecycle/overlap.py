@@ -21,7 +21,7 @@ import numpy as np
 
 from moe.evaluation.plots import tenant_matrix_plot
 from moe.model.overlap import ExpertStatistics, Overlap, OverlapPair, intent_overlap
-from moe.model.stats import SHRINKAGE, PooledScatter
+from moe.model.stats import COUNT, MEAN, SHRINKAGE, PooledScatter
 from moe.progress import bar
 from moe.store import ExpertStore, ShardError
 
@@ -59,15 +59,15 @@ def read_statistics(
     for tenant in bar(tenants, "reading statistics", "shard", enabled=progress):
         try:
             tensors, meta = store.load(tenant, trunk_fingerprint=trunk_fingerprint)
-            if not tensors["stats.count"].sum() > 0:
+            if not tensors[COUNT].sum() > 0:
                 raise ShardError(store.path(tenant, meta.version), "holds no feature statistics")
         except (ShardError, KeyError, ValueError) as error:
             log.warning("expert %s left out of the overlap report: %s", tenant, error)
             left_out[tenant] = str(error)
             continue
-        pooled = PooledScatter.of([], meta.architecture["dim"]) if pooled is None else pooled
+        pooled = PooledScatter.of([], meta.architecture.dim) if pooled is None else pooled
         pooled.add(tensors)
-        experts.append(ExpertStatistics(tenant, meta.labels, {k: tensors[k] for k in ("stats.mean", "stats.count")}))
+        experts.append(ExpertStatistics(tenant, meta.labels, {k: tensors[k] for k in (MEAN, COUNT)}))
     if pooled is None:
         raise ValueError(f"no expert of {store.root} could be compared: {left_out}")
     return experts, pooled, trunk_fingerprint, left_out

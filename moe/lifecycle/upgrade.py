@@ -27,7 +27,6 @@ from moe.data import Tenant
 from moe.lifecycle.operations import Lifecycle
 from moe.model import check_choice
 from moe.model.bridge import Bridge
-from moe.model.pathway import is_pathway
 from moe.progress import bar
 from moe.store import TrunkVersions
 from moe.trunk import Trunk
@@ -104,11 +103,13 @@ def _upgrade_store(
     on = {name: meta.trunk_fingerprint for name, meta in metas.items()}
     retrained = {tenant.name for tenant in awake}
     kept = [name for name in names if on[name] != new_trunk.fingerprint and name not in retrained]
-    if pathways := [name for name in kept if is_pathway(metas[name].architecture)]:
+    stuck = {name: metas[name].architecture.expert_kind for name in kept}
+    if stuck := {name: kind for name, kind in stuck.items() if kind.carry_problem is not None}:
+        kinds = sorted({f"{kind.name} experts ({kind.carry_problem})" for kind in stuck.values()})
         raise ValueError(
-            f"tenants {pathways} are pathway experts, which adapt their own trunk's layers: an upgrade can not "
-            f"{strategy} them onto trunk {new_trunk.fingerprint[:12]}…; retrain them from their data (wake them and "
-            "pass their files), or retire them, before upgrading"
+            f"tenants {sorted(stuck)} are {', '.join(kinds)}: an upgrade can not {strategy} them onto trunk "
+            f"{new_trunk.fingerprint[:12]}…; retrain them from their data (wake them and pass their files), or retire "
+            "them, before upgrading"
         )
     for tenant in awake:  # every retrain checked before the first: a refused one must not leave the others moved
         if on[tenant.name] != new_trunk.fingerprint:

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-STATISTICS = ("stats.mean", "stats.count", "stats.scatter")
+from moe.model.router import GATE_BIAS, GATE_WEIGHT
+from moe.model.stats import COUNT, MEAN, SCATTER, STATISTICS
+
 RIDGE = 1e-3  # of the mean feature energy: keeps the normal equations well conditioned on few calibration texts
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)  # the choices `Bridge.fit` measures on held-out calibration texts
 
@@ -127,12 +129,12 @@ class Bridge:
         """An expert's class means, counts and within-class scatter, as the new trunk's features would give them:
         means mapped, scatter `W^T S W` plus the residual covariance for every example."""
         weight = self.to_new.weight.double()
-        count = stats["stats.count"]
-        scatter = weight.T @ stats["stats.scatter"].double() @ weight + count.sum().double() * self.residual.double()
+        count = stats[COUNT]
+        scatter = weight.T @ stats[SCATTER].double() @ weight + count.sum().double() * self.residual.double()
         return {
-            "stats.mean": self.to_new(stats["stats.mean"]),
-            "stats.count": count.clone(),
-            "stats.scatter": scatter.float(),
+            MEAN: self.to_new(stats[MEAN]),
+            COUNT: count.clone(),
+            SCATTER: scatter.float(),
         }
 
     def then(self, later: Bridge) -> Bridge:
@@ -156,11 +158,11 @@ class Bridge:
         """A shard's tensors with its routing entry (gate rows) and statistics, where present, as they read in the new
         trunk's feature space; its weights as they are (they read bridged features)."""
         moved = dict(tensors)
-        if "stats.mean" in tensors:
+        if MEAN in tensors:
             moved |= self.statistics_to_new({name: tensors[name] for name in STATISTICS})
-        if "gate.weight" in tensors:
-            moved["gate.weight"], moved["gate.bias"] = self.rows_to_new(
-                tensors["gate.weight"], tensors["gate.bias"], input_scale
+        if GATE_WEIGHT in tensors:
+            moved[GATE_WEIGHT], moved[GATE_BIAS] = self.rows_to_new(
+                tensors[GATE_WEIGHT], tensors[GATE_BIAS], input_scale
             )
         return moved
 

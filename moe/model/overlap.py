@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from einops import einsum
 
-from moe.model.stats import SHRINKAGE, PooledScatter
+from moe.model.stats import COUNT, MEAN, SHRINKAGE, PooledScatter
 
 
 class ExpertStatistics(NamedTuple):
@@ -134,11 +134,11 @@ class _Intents(NamedTuple):
 def _intents(experts: Sequence[ExpertStatistics]) -> _Intents:
     means, counts, tenant, names = [], [], [], []
     for t, expert in enumerate(experts):
-        count = expert.stats["stats.count"]
+        count = expert.stats[COUNT]
         if len(expert.labels) != count.numel():
             raise ValueError(f"tenant {expert.tenant!r}: {len(expert.labels)} labels but statistics of another size")
         kept = (count > 0).nonzero().flatten()
-        means.append(expert.stats["stats.mean"][kept].double())
+        means.append(expert.stats[MEAN][kept].double())
         counts.append(count[kept].double())
         tenant += [t] * len(kept)
         names += [(expert.tenant, expert.labels[i]) for i in kept.tolist()]
@@ -248,8 +248,8 @@ def closest_intents(
     adjusted confusion depends on the class counts. The new tenant's intents against the existing ones only, no
     existing pair computed."""
     # c: the new tenant's intents, n: the existing intents
-    existing = [e for e in existing if (e.stats["stats.count"] > 0).any()]
-    if not existing or not (new.stats["stats.count"] > 0).any():
+    existing = [e for e in existing if (e.stats[COUNT] > 0).any()]
+    if not existing or not (new.stats[COUNT] > 0).any():
         return []
     precision = pooled.precision(shrinkage)
     d_eff = effective_dimension(pooled, precision)

@@ -19,10 +19,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 from torch import nn
+
+from moe.model.stats import STATISTICS
 
 if TYPE_CHECKING:
     from moe.trunk.hf import HFEncoderTrunk
@@ -59,40 +61,65 @@ class PathwaySpec:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def architecture(self, trunk: HFEncoderTrunk) -> dict:
-        """What an expert's metadata records of its pathway, with the trunk sizes its tensors' shapes follow from."""
+
+@dataclass(frozen=True)
+class PathwayLayout:
+    """A pathway expert's part of its architecture: its spec, and the trunk sizes its tensors' shapes follow from."""
+
+    spec: PathwaySpec
+    trunk_layers: int
+    intermediate_size: int
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "pathway_layers",
+        "lora_rank",
+        "lora_alpha",
+        "lora_targets",
+        "trunk_layers",
+        "intermediate_size",
+    )
+
+    @classmethod
+    def of(cls, spec: PathwaySpec, trunk: HFEncoderTrunk) -> PathwayLayout:
         config = trunk.encoder.config
+        return cls(spec, int(config.num_hidden_layers), int(config.intermediate_size))
+
+    def to_dict(self) -> dict:
+        """As a shard's metadata records it (the keys every shard since pathways has used)."""
         return {
-            "pathway_layers": self.layers,
-            "lora_rank": self.rank,
-            "lora_alpha": self.alpha,
-            "lora_targets": list(self.targets),
-            "trunk_layers": int(config.num_hidden_layers),
-            "intermediate_size": int(config.intermediate_size),
+            "pathway_layers": self.spec.layers,
+            "lora_rank": self.spec.rank,
+            "lora_alpha": self.spec.alpha,
+            "lora_targets": list(self.spec.targets),
+            "trunk_layers": self.trunk_layers,
+            "intermediate_size": self.intermediate_size,
         }
 
     @classmethod
-    def from_architecture(cls, arch: Mapping) -> PathwaySpec:
-        targets = tuple(arch["lora_targets"])
-        return cls(int(arch["pathway_layers"]), int(arch["lora_rank"]), float(arch["lora_alpha"]), targets)
+    def from_dict(cls, arch: Mapping) -> PathwayLayout:
+        ints = ("pathway_layers", "lora_rank", "trunk_layers", "intermediate_size")
+        if not all(isinstance(arch.get(k), int) and arch[k] >= 0 for k in ints):
+            raise TypeError(f"a pathway architecture needs integer {list(ints)}, got {dict(arch)!r}")
+        if not isinstance(arch.get("lora_alpha"), (int, float)) or not isinstance(arch.get("lora_targets"), list):
+            raise TypeError(f"a pathway architecture needs lora_alpha and lora_targets, got {dict(arch)!r}")
+        spec = PathwaySpec(
+            arch["pathway_layers"], arch["lora_rank"], float(arch["lora_alpha"]), tuple(arch["lora_targets"])
+        )
+        return cls(spec, arch["trunk_layers"], arch["intermediate_size"])
+
+    def lora_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
+        """The LoRA tensors by name, `lora.<layer>.<target>.A` (rank, in) and `.B` (out, rank)."""
+        d, ff = dim, self.intermediate_size
+        sizes = {target: (d, d) for target in TARGETS} | {"intermediate.dense": (d, ff), "output.dense": (ff, d)}
+        shapes = {}
+        for layer in range(self.trunk_layers - self.spec.layers, self.trunk_layers):
+            for target in self.spec.targets:
+                d_in, d_out = sizes[target]
+                shapes[f"lora.{layer}.{target}.A"] = (self.spec.rank, d_in)
+                shapes[f"lora.{layer}.{target}.B"] = (d_out, self.spec.rank)
+        return shapes
 
 
-def is_pathway(arch: Mapping) -> bool:
-    """Whether an expert of this architecture is a pathway expert (else it reads the trunk's features)."""
-    return "pathway_layers" in arch
-
-
-PATHWAY_STATISTICS = ("pathway.mean", "pathway.count", "pathway.scatter")  # of its own features: rehearsal at update
-
-
-def pathway_shapes(arch: Mapping, num_labels: int) -> dict[str, tuple[int, ...]]:
-    """Everything a pathway expert's shard holds beyond an expert's: its LoRA tensors, and the class statistics of
-    its own features (what an update rehearses its earlier intents from). None for other experts."""
-    if not is_pathway(arch):
-        return {}
-    d = int(arch["dim"])
-    statistics = dict(zip(PATHWAY_STATISTICS, ((num_labels, d), (num_labels,), (d, d)), strict=True))
-    return lora_shapes(arch) | statistics
+PATHWAY_STATISTICS = tuple("pathway." + name.removeprefix("stats.") for name in STATISTICS)  # of its own features
 
 
 def as_pathway_statistics(stats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,22 +130,6 @@ def as_pathway_statistics(stats: Mapping[str, torch.Tensor]) -> dict[str, torch.
 def pathway_statistics(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A pathway shard's statistics of its own features, named as `class_statistics` names them (`stats.*`)."""
     return {"stats." + name.removeprefix("pathway."): tensors[name] for name in PATHWAY_STATISTICS}
-
-
-def lora_shapes(arch: Mapping) -> dict[str, tuple[int, ...]]:
-    """A pathway expert's LoRA tensors by name, `lora.<layer>.<target>.A` (rank, in) and `.B` (out, rank), from
-    its architecture alone (none for an expert that is not a pathway)."""
-    if not is_pathway(arch):
-        return {}
-    spec, d, ff = PathwaySpec.from_architecture(arch), int(arch["dim"]), int(arch["intermediate_size"])
-    sizes = {target: (d, d) for target in TARGETS} | {"intermediate.dense": (d, ff), "output.dense": (ff, d)}
-    shapes = {}
-    for layer in range(int(arch["trunk_layers"]) - spec.layers, int(arch["trunk_layers"])):
-        for target in spec.targets:
-            d_in, d_out = sizes[target]
-            shapes[f"lora.{layer}.{target}.A"] = (spec.rank, d_in)
-            shapes[f"lora.{layer}.{target}.B"] = (d_out, spec.rank)
-    return shapes
 
 
 class Hidden(NamedTuple):
@@ -200,7 +211,7 @@ class Pathways:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Each pathway tensor's shape, as a shard of this trunk and spec holds it (`lora_shapes`)."""
-        return lora_shapes(self.spec.architecture(self.trunk) | {"dim": self.trunk.dim})
+        return PathwayLayout.of(self.spec, self.trunk).lora_shapes(self.trunk.dim)
 
     def init_tensors(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """A new pathway: A random (as PEFT's default), B zero, so that it starts as the frozen trunk."""
@@ -270,10 +281,9 @@ class Pathways:
 
     @torch.no_grad()
     def encode(self, texts: list[str], pathway: Mapping[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
-        """`features` of many texts, `batch_size` at a time in order of length, returned in the order given."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = torch.empty(len(texts), self.trunk.dim)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            out[rows] = self.features([texts[i] for i in rows], pathway).float().cpu()
-        return out
+        """`features` of many texts, `batch_size` at a time in order of length (`by_length`), in the order given."""
+        from moe.trunk.base import by_length  # here: the store reads pathway shapes without the trunk package
+
+        if not texts:
+            return torch.empty(0, self.trunk.dim)
+        return by_length(texts, batch_size, lambda batch: self.features(batch, pathway).float().cpu())

@@ -17,6 +17,7 @@ from torch import nn
 
 GateRows = Literal["labels", "one"]  # an expert's routing entry: a row per label, or one row
 RowSource = Literal["trained", "statistics"]  # inference: the rows stored in each shard, or rows from its statistics
+GATE_WEIGHT, GATE_BIAS = ROUTING = ("gate.weight", "gate.bias")  # an expert's gate rows, as its shard names them
 
 
 def check_choice(value: str, kind, name: str) -> str:
@@ -182,8 +183,8 @@ class TopKRouter(nn.Module):
     def entry(self, expert: int, rows: int) -> dict[str, torch.Tensor]:
         """One expert's routing entry, un-aliased for saving."""
         return {
-            "gate.weight": self.weight[expert, :rows].detach().clone().contiguous(),
-            "gate.bias": self.bias[expert, :rows].detach().clone().contiguous(),
+            GATE_WEIGHT: self.weight[expert, :rows].detach().clone().contiguous(),
+            GATE_BIAS: self.bias[expert, :rows].detach().clone().contiguous(),
         }
 
     def subset(self, experts: list[int]) -> TopKRouter:

@@ -18,6 +18,7 @@ from moe.model.router import TopKRouter
 
 SHRINKAGE = 0.02  # of the pooled covariance towards its mean variance: the statistics gate's one default
 OWN_COVARIANCE = 0.0  # share of each expert's own covariance in its discriminants: 0 is the linear gate
+MEAN, COUNT, SCATTER = STATISTICS = ("stats.mean", "stats.count", "stats.scatter")  # as a shard names them
 
 
 @torch.no_grad()
@@ -35,16 +36,12 @@ def class_statistics(
     for start in range(0, len(features), chunk):
         centred = features[start : start + chunk].double() - mean[labels[start : start + chunk]]
         scatter += einsum(centred, centred, "n i, n j -> i j")
-    return {"stats.mean": mean.float(), "stats.count": count.float(), "stats.scatter": scatter.float()}
+    return {MEAN: mean.float(), COUNT: count.float(), SCATTER: scatter.float()}
 
 
 def empty_statistics(dim: int, num_labels: int) -> dict[str, torch.Tensor]:
     """Statistics of an expert trained without recorded features (count 0: routing rebuilt from it is refused)."""
-    return {
-        "stats.mean": torch.zeros(num_labels, dim),
-        "stats.count": torch.zeros(num_labels),
-        "stats.scatter": torch.zeros(dim, dim),
-    }
+    return {MEAN: torch.zeros(num_labels, dim), COUNT: torch.zeros(num_labels), SCATTER: torch.zeros(dim, dim)}
 
 
 def pooled_covariance(scatter: torch.Tensor, count: float, classes: int) -> torch.Tensor:
@@ -87,10 +84,10 @@ def tenant_discriminants(
     same for all its rows, which the linear gate (own = 0, one covariance for all) drops as a common constant.
     Returns rows weight (c, d), bias (c,), factor (d, d) and offset (scalar), for a router that sees
     `x * input_scale`."""
-    count, classes = stats["stats.count"].sum().item(), stats["stats.count"].numel()
-    covariance = shrunk((1 - own) * pooled + own * pooled_covariance(stats["stats.scatter"], count, classes), shrinkage)
+    count, classes = stats[COUNT].sum().item(), stats[COUNT].numel()
+    covariance = shrunk((1 - own) * pooled + own * pooled_covariance(stats[SCATTER], count, classes), shrinkage)
     precision = torch.linalg.inv(covariance)
-    weight, bias = discriminant_rows(stats["stats.mean"], precision, input_scale)
+    weight, bias = discriminant_rows(stats[MEAN], precision, input_scale)
     factor = torch.linalg.cholesky(precision) / input_scale
     return weight, bias, factor.float(), -0.5 * torch.linalg.slogdet(covariance).logabsdet.float()
 
@@ -107,16 +104,16 @@ class PooledScatter:
     def of(cls, experts: Iterable[dict[str, torch.Tensor]], dim: int | None = None) -> PooledScatter:
         """Pooled over the statistics of `experts` (in order); `dim` is needed when there may be none."""
         experts = list(experts)
-        dim = dim if dim is not None else experts[0]["stats.scatter"].shape[0]
+        dim = dim if dim is not None else experts[0][SCATTER].shape[0]
         pooled = cls(torch.zeros(dim, dim, dtype=torch.float64))
         for stats in experts:
             pooled.add(stats)
         return pooled
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
-        self.scatter += stats["stats.scatter"].double()
-        self.count += stats["stats.count"].sum().item()
-        self.classes += stats["stats.count"].numel()
+        self.scatter += stats[SCATTER].double()
+        self.count += stats[COUNT].sum().item()
+        self.classes += stats[COUNT].numel()
 
     def __add__(self, other: PooledScatter) -> PooledScatter:
         return PooledScatter(self.scatter + other.scatter, self.count + other.count, self.classes + other.classes)
@@ -175,18 +172,14 @@ def fill_tenant_rows(
 def merge_statistics(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Statistics of the union of two data sets over the same classes (b may have more classes: new ones
     are appended), exactly as if computed on all the data at once."""
-    c_a, c_b = a["stats.count"].numel(), b["stats.count"].numel()
+    c_a, c_b = a[COUNT].numel(), b[COUNT].numel()
     pad = c_b - c_a
-    count_a = torch.cat([a["stats.count"], a["stats.count"].new_zeros(pad)]).double()
-    mean_a = torch.cat([a["stats.mean"], a["stats.mean"].new_zeros(pad, a["stats.mean"].shape[1])]).double()
-    count_b, mean_b = b["stats.count"].double(), b["stats.mean"].double()
+    count_a = torch.cat([a[COUNT], a[COUNT].new_zeros(pad)]).double()
+    mean_a = torch.cat([a[MEAN], a[MEAN].new_zeros(pad, a[MEAN].shape[1])]).double()
+    count_b, mean_b = b[COUNT].double(), b[MEAN].double()
     count = count_a + count_b
     mean = (count_a[:, None] * mean_a + count_b[:, None] * mean_b) / count.clamp(min=1)[:, None]
     weight = count_a * count_b / count.clamp(min=1)  # between-part correction of the within-class scatter
     delta = mean_a - mean_b
-    scatter = (
-        a["stats.scatter"].double()
-        + b["stats.scatter"].double()
-        + einsum(weight[:, None] * delta, delta, "c i, c j -> i j")
-    )
-    return {"stats.mean": mean.float(), "stats.count": count.float(), "stats.scatter": scatter.float()}
+    scatter = a[SCATTER].double() + b[SCATTER].double() + einsum(weight[:, None] * delta, delta, "c i, c j -> i j")
+    return {MEAN: mean.float(), COUNT: count.float(), SCATTER: scatter.float()}

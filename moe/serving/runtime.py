@@ -258,13 +258,9 @@ class Server:
         where no answer reads the gate (no out-of-scope threshold, or a score in `GATE_FREE_SCORES`)."""
         model, trunk = state.model, state.trunk
         with self._trunk_lock:
-            if model.pathways is None:
-                return trunk.encode(texts), None
-            hidden = model.hidden_states(texts)
-            if model.tenant_expert is not None and None not in names:
-                gate = state.threshold is not None and state.oos_kind not in GATE_FREE_SCORES
-                return model.given_pass(hidden, model.tenant_ids(names).to(hidden.states.device), gate)
-            return trunk.encode(texts), hidden
+            tenant = model.tenant_ids(names) if None not in names else None
+            gate = state.threshold is not None and state.oos_kind not in GATE_FREE_SCORES
+            return model.encode(trunk, texts, tenant, gate)  # as its experts' kind computes them
 
     def stats(self) -> dict:
         """The pager's counters (hits, misses, page-ins, resident bytes)."""

@@ -10,20 +10,17 @@ from pathlib import Path
 import torch
 
 from moe.model import Mixture, MixtureOfExperts
+from moe.model.kinds import Architecture
 from moe.model.stats import empty_statistics
 from moe.store.shard import ExpertMeta, save_atomically
 
 Shard = tuple[dict[str, torch.Tensor], ExpertMeta]
 
 
-def architecture(model: MixtureOfExperts) -> dict:
-    return {
-        "dim": model.bank.dim,
-        "rank": model.bank.rank,
-        "gate_rows": model.gate_rows,
-        "input_scale": model.input_scale,
-        "dtype": str(model.bank.head.dtype).removeprefix("torch."),
-    }
+def architecture(model: MixtureOfExperts) -> Architecture:
+    """The architecture of a trainable mixture's experts (adapters over the trunk's features)."""
+    dtype = str(model.bank.head.dtype).removeprefix("torch.")
+    return Architecture(model.bank.dim, model.bank.rank, model.gate_rows, model.input_scale, dtype)
 
 
 def expert_shards(
@@ -42,7 +39,7 @@ def expert_shards(
         yield tensors, meta
 
 
-def save_gate(path: str | Path, model: Mixture, trunk_fingerprint: str, arch: dict | None = None) -> Path:
+def save_gate(path: str | Path, model: Mixture, trunk_fingerprint: str, arch: Architecture | None = None) -> Path:
     """The whole gate in one file, experts in the mixture's order (each expert's rows also travel in its own
     shard). `arch` defaults to the architecture of a trainable mixture's bank."""
     metadata = {
@@ -51,7 +48,7 @@ def save_gate(path: str | Path, model: Mixture, trunk_fingerprint: str, arch: di
         "top_k": str(model.router.top_k),
         "normalize_weights": json.dumps(model.router.normalize_weights),
         "trunk_fingerprint": trunk_fingerprint,
-        "architecture": json.dumps(arch if arch is not None else architecture(model)),
+        "architecture": json.dumps((arch if arch is not None else architecture(model)).to_dict()),
     }
     router = model.router
     tensors = {

@@ -19,7 +19,7 @@ def convert_shard(source: str | Path, target: str | Path, dtype: str) -> Path:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tensors, meta = read_shard(source)
     target = Path(target)
-    if meta.architecture.get("dtype", "float32") == dtype:
+    if meta.architecture.dtype == dtype:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
         return target

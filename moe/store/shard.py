@@ -13,7 +13,8 @@ import json
 import math
 import os
 import stat
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from moe import __version__
-from moe.model.experts import TENSOR_NAMES
-from moe.model.pathway import lora_shapes, pathway_shapes
+from moe.model.kinds import Architecture
+from moe.trunk.base import hash_tensors
 
 FORMAT = "moe.expert/1"
 
@@ -45,17 +46,32 @@ class ExpertMeta:
     tenant: str
     labels: tuple[str, ...]
     trunk_fingerprint: str
-    architecture: dict[str, Any]  # dim, rank, gate_rows, input_scale, dtype
+    architecture: Architecture  # a mapping in a shard's metadata format is read as one (`Architecture.from_dict`)
     version: int = 1
     created: str = field(default_factory=_now)
     package_version: str = __version__
     metrics: dict[str, float] = field(default_factory=dict)
 
+    def __post_init__(self):
+        object.__setattr__(self, "architecture", Architecture.from_dict(self.architecture))
+
     def with_version(self, version: int) -> ExpertMeta:
         return replace(self, version=version)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant,
+            "labels": list(self.labels),
+            "trunk_fingerprint": self.trunk_fingerprint,
+            "architecture": self.architecture.to_dict(),
+            "version": self.version,
+            "created": self.created,
+            "package_version": self.package_version,
+            "metrics": self.metrics,
+        }
+
     def to_strings(self, tensors_sha256: str) -> dict[str, str]:
-        values = asdict(self) | {"format": FORMAT, "tensors_sha256": tensors_sha256}
+        values = self.to_dict() | {"format": FORMAT, "tensors_sha256": tensors_sha256}
         strings = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in values.items()}
         return strings | {"metadata_sha256": metadata_sha256(strings)}
 
@@ -64,19 +80,13 @@ class ExpertMeta:
         decoded: dict[str, Any] = {k: strings[k] for k in ("tenant", "trunk_fingerprint", "created", "package_version")}
         decoded |= {k: json.loads(strings[k]) for k in ("labels", "architecture", "version", "metrics")}
         decoded["labels"] = tuple(decoded["labels"])
-        meta = cls(**decoded)
-        arch = meta.architecture
+        meta = cls(**decoded)  # the architecture checked as it is read (`Architecture.from_dict`)
         if not (
             all(isinstance(label, str) for label in meta.labels)
             and isinstance(meta.version, int)
             and isinstance(meta.metrics, dict)
-            and isinstance(arch, dict)
-            and all(isinstance(arch.get(k), int) and arch[k] >= 0 for k in ("dim", "rank"))
-            and arch.get("gate_rows") in ("labels", "one")
-            and isinstance(arch.get("input_scale"), (int, float))
-            and isinstance(getattr(torch, str(arch.get("dtype", "float32")), None), torch.dtype)
         ):
-            raise TypeError(f"labels {meta.labels!r}, version {meta.version!r} or architecture {arch!r} invalid")
+            raise TypeError(f"labels {meta.labels!r}, version {meta.version!r} or metrics {meta.metrics!r} invalid")
         return meta
 
 
@@ -86,49 +96,49 @@ def metadata_sha256(strings: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
-def expected_shapes(architecture: dict[str, Any], num_labels: int) -> dict[str, tuple[int, ...]]:
-    """The tensors an expert of this architecture must hold, by name: its weights, its routing entry (gate
-    rows) and the feature statistics of its training data."""
-    d, r = architecture["dim"], architecture["rank"]
-    rows = num_labels if architecture["gate_rows"] == "labels" else 1
-    return {
-        "down.weight": (d, r),
-        "down.bias": (r,),
-        "up.weight": (r, d),
-        "head.weight": (d, num_labels),
-        "head.bias": (num_labels,),
-        "gate.weight": (rows, d),
-        "gate.bias": (rows,),
-        "stats.mean": (num_labels, d),
-        "stats.count": (num_labels,),
-        "stats.scatter": (d, d),
-    } | pathway_shapes(architecture, num_labels)
+def expected_shapes(architecture: Architecture | Mapping, num_labels: int) -> dict[str, tuple[int, ...]]:
+    """The tensors an expert of this architecture must hold, by name (`Architecture.shapes`)."""
+    return Architecture.from_dict(architecture).shapes(num_labels)
 
 
-def weight_names(architecture: dict[str, Any]) -> tuple[str, ...]:
-    """The tensors an expert of this architecture computes with (paged in): the expert formula's, and a pathway's
-    LoRA tensors."""
-    return TENSOR_NAMES + tuple(lora_shapes(architecture))
+def weight_names(architecture: Architecture | Mapping) -> tuple[str, ...]:
+    """The tensors an expert of this architecture computes with (paged in: `Architecture.weight_names`)."""
+    return Architecture.from_dict(architecture).weight_names()
 
 
 def meta_dtype(meta: ExpertMeta) -> torch.dtype:
     """The dtype every tensor of `meta`'s shard is stored in."""
-    return getattr(torch, meta.architecture.get("dtype", "float32"))
+    return meta.architecture.torch_dtype
 
 
 def tensor_bytes(meta: ExpertMeta, names: tuple[str, ...]) -> int:
     """Bytes the named tensors of `meta`'s shard hold, from its metadata alone."""
-    shapes = expected_shapes(meta.architecture, len(meta.labels))
+    shapes = meta.architecture.shapes(len(meta.labels))
     return sum(math.prod(shapes[name]) * meta_dtype(meta).itemsize for name in names)
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    hash_tensors(digest, tensors, separator="|")
     return digest.hexdigest()
+
+
+def check_tensors(
+    path: str | Path, meta: ExpertMeta, tensors: Mapping[str, torch.Tensor], complete: bool = True
+) -> None:
+    """That `tensors` are what `meta`'s architecture implies: every one of them and no other (`complete`; else only
+    those given are checked), each of its shape and dtype. A ShardError naming `path` and the first problem."""
+    shapes, dtype = meta.architecture.shapes(len(meta.labels)), meta_dtype(meta)
+    if complete and (missing := sorted(set(shapes) - set(tensors))):
+        raise ShardError(path, f"missing tensors {missing}")
+    if extra := sorted(set(tensors) - set(shapes)):
+        raise ShardError(path, f"unexpected tensors {extra}")
+    for name in [name for name in shapes if name in tensors]:
+        tensor = tensors[name]
+        if tuple(tensor.shape) != shapes[name]:
+            raise ShardError(path, f"tensor {name} has shape {tuple(tensor.shape)}, metadata implies {shapes[name]}")
+        if tensor.dtype != dtype:
+            raise ShardError(path, f"tensor {name} has dtype {tensor.dtype}, metadata says {dtype}")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -172,7 +182,7 @@ def save_atomically(path: str | Path, tensors: dict[str, torch.Tensor], metadata
 
 def write_shard(path: str | Path, tensors: dict[str, torch.Tensor], meta: ExpertMeta) -> Path:
     """An expert's shard, its tensors checked against its architecture, written atomically (`save_atomically`)."""
-    shapes = expected_shapes(meta.architecture, len(meta.labels))
+    shapes = meta.architecture.shapes(len(meta.labels))
     if (got := {k: tuple(v.shape) for k, v in tensors.items()}) != shapes:
         raise ShardError(path, f"refusing to write tensors {got}; the architecture needs {shapes}")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
@@ -200,7 +210,7 @@ def meta_from_strings(path: str | Path, strings: dict[str, str]) -> tuple[Expert
         raise ShardError(path, "metadata checksum mismatch: the header's metadata was altered or corrupted")
     try:
         return ExpertMeta.from_strings(strings), strings["tensors_sha256"]
-    except (KeyError, TypeError, json.JSONDecodeError) as error:
+    except (KeyError, TypeError, ValueError) as error:  # json.JSONDecodeError is a ValueError
         raise ShardError(path, f"malformed metadata ({type(error).__name__}: {error})") from None
 
 
@@ -214,17 +224,7 @@ def read_shard(path: str | Path, trunk_fingerprint: str | None = None) -> tuple[
             f"trained on trunk {meta.trunk_fingerprint[:12]}…, not on this model's trunk {trunk_fingerprint[:12]}…",
         )
     tensors = read_tensors(path)
-    shapes = expected_shapes(meta.architecture, len(meta.labels))
-    if missing := sorted(set(shapes) - set(tensors)):
-        raise ShardError(path, f"missing tensors {missing}")
-    if extra := sorted(set(tensors) - set(shapes)):
-        raise ShardError(path, f"unexpected tensors {extra}")
-    dtype = meta_dtype(meta)
-    for name, shape in shapes.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ShardError(path, f"tensor {name} has shape {tuple(tensors[name].shape)}, metadata implies {shape}")
-        if tensors[name].dtype != dtype:
-            raise ShardError(path, f"tensor {name} has dtype {tensors[name].dtype}, metadata says {dtype}")
+    check_tensors(path, meta, tensors)
     if (actual := tensors_sha256(tensors)) != recorded:
         raise ShardError(path, f"checksum mismatch: tensors hash to {actual[:12]}…, metadata records {recorded[:12]}…")
     return tensors, meta
@@ -238,11 +238,46 @@ SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16,
     "I64": torch.int64,
 }
-ALIGN = 64  # bytes: every tensor of the read buffer starts on a boundary any dtype can view
+ALIGN = 64  # bytes: every tensor of a flat buffer starts on a boundary any dtype can view
 
 
-def read_tensors(path: str | Path, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-    """Named tensors of a shard (all by default), read straight from the file into one buffer of their own.
+class Packed(dict):
+    """Tensors as views of one flat byte buffer: one allocation, and one copy to move them between host and device
+    (instead of one small copy per tensor). `read_tensors` reads a shard straight into one; the pager moves it."""
+
+    def __init__(self, flat: torch.Tensor, layout: list[tuple[str, torch.dtype, tuple[int, ...], int, int]]):
+        super().__init__({n: flat[o : o + size].view(dtype).view(shape) for n, dtype, shape, o, size in layout})
+        self.flat, self.layout = flat, layout
+
+    @staticmethod
+    def size(nbytes: int) -> int:
+        """`nbytes` rounded up to the alignment: the room a tensor takes in the buffer."""
+        return -(-nbytes // ALIGN) * ALIGN
+
+    @classmethod
+    def pack(cls, tensors: dict[str, torch.Tensor], pin: bool = False) -> Packed:
+        layout, offset = [], 0
+        for name, t in tensors.items():
+            size = t.numel() * t.element_size()
+            layout.append((name, t.dtype, tuple(t.shape), offset, size))
+            offset += cls.size(size)
+        packed = cls(torch.empty(offset, dtype=torch.uint8, pin_memory=pin), layout)
+        for name, t in tensors.items():
+            packed[name].copy_(t)
+        return packed
+
+    def to(self, device: torch.device, pin: bool = False) -> Packed:
+        if device.type == "cpu":
+            flat = torch.empty(self.flat.shape, dtype=torch.uint8, pin_memory=pin)
+            flat.copy_(self.flat)
+        else:
+            flat = self.flat.to(device, non_blocking=self.flat.is_pinned())
+        return Packed(flat, self.layout)
+
+
+def read_tensors(path: str | Path, names: tuple[str, ...] | None = None) -> Packed:
+    """Named tensors of a shard (all by default), read straight from the file into one buffer of their own (`Packed`:
+    the pager moves it as it is).
 
     No check beyond the layout: `read_shard` verifies, and the pager calls this for a file verified and
     unchanged since. One allocation and one read per tensor, and no mapping of the file: `safe_open` keeps a
@@ -263,7 +298,7 @@ def read_tensors(path: str | Path, names: tuple[str, ...] | None = None) -> dict
             for name in wanted:
                 dtype, shape, (start, end) = _entry(header[name], name, data_size)
                 layout.append((name, dtype, shape, total, 8 + header_size + start, end - start))
-                total += -(-(end - start) // ALIGN) * ALIGN
+                total += Packed.size(end - start)
             flat = torch.empty(total, dtype=torch.uint8)
             buffer = memoryview(flat.numpy())  # type: ignore[arg-type]  # numpy arrays are buffers
             for name, _, _, offset, position, size in layout:
@@ -276,7 +311,7 @@ def read_tensors(path: str | Path, names: tuple[str, ...] | None = None) -> dict
                     done += got
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise ShardError(path, f"truncated or unreadable tensor data ({error})") from None
-    return {name: flat[o : o + size].view(dtype).view(shape) for name, dtype, shape, o, _, size in layout}
+    return Packed(flat, [(name, dtype, shape, o, size) for name, dtype, shape, o, _, size in layout])
 
 
 def _entry(entry: Any, name: str, data_size: int) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:

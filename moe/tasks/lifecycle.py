@@ -20,7 +20,6 @@ from moe.data import Tenant, TenantFile, read_tenant_file
 from moe.lifecycle.growth import GrowthConfig
 from moe.lifecycle.operations import Lifecycle
 from moe.lifecycle.stream import EncodedRows, ScannedFile, encode_train_rows
-from moe.model.pathway import is_pathway
 from moe.store import ExpertStore, check_tenant_name
 from moe.store.trunks import serving_trunk
 from moe.trunk import Trunk
@@ -75,7 +74,7 @@ def tenant_file(cfg: DictConfig, name: str | None = None) -> TenantFile:
 def training_data(entry: TenantFile, scanned: ScannedFile, lifecycle: Lifecycle) -> tuple[Tenant, EncodedRows | None]:
     """What grow and update train on: the tenant (no examples) and its train rows encoded as its file streams by;
     for a store of pathway experts, which train on the texts, the tenant read whole and nothing encoded."""
-    if is_pathway(lifecycle.architecture()):
+    if lifecycle.trains_on_texts():
         columns = (entry.text_column, entry.label_column, entry.split_column)
         return read_tenant_file(entry.name, entry.files, *columns), None
     return scanned.tenant, encode_train_rows(entry, scanned, lifecycle.encode)

@@ -18,7 +18,6 @@ from moe.experiments.plots import accuracy_heatmaps, accuracy_over_events
 from moe.experiments.scenario import Event, Record, Scenario, continual_metrics
 from moe.inference import GateSettings
 from moe.lifecycle.operations import Lifecycle
-from moe.model.pathway import is_pathway
 from moe.paths import cache_dir
 from moe.progress import bar as progress_bar
 from moe.store import ExpertStore
@@ -144,7 +143,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         mean_routed = _mean(test.per_tenant[t].acc_routed for t in names)  # over tenants, as the curves
         references["joint linear routed, final tenants"] = mean_routed
 
-    if cfg.baselines.joint and is_pathway(scenario.lifecycle.architecture()):  # the cost of retraining the pathways
+    if cfg.baselines.joint and scenario.lifecycle.trains_on_texts():  # the cost of retraining the pathways
         chosen = cfg.baselines.get("joint_tenants") or names
         joint = joint_pathway_retrain([t for t in final_tenants if t.name in chosen], scenario.lifecycle)
         metrics["time/joint_retrain_s"], metrics["baseline/joint/tenants"] = joint["seconds"], joint["tenants"]

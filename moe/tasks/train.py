@@ -20,12 +20,12 @@ from safetensors.torch import save_file
 from moe.data import Tenant, TenantDataModule
 from moe.evaluation import Evaluation, evaluate_store
 from moe.model import ExpertInfo, build_mixture
-from moe.model.pathway import Pathways
-from moe.model.stats import class_statistics
+from moe.model.kinds import KINDS
+from moe.model.pathway import PathwayLayout, Pathways
+from moe.model.stats import COUNT, class_statistics
 from moe.paths import cache_dir
 from moe.store import ExpertStore, check_tenant_name, expert_shards, save_gate
 from moe.store.assemble import Shard
-from moe.store.shard import weight_names
 from moe.store.trunks import TrunkVersions
 from moe.tasks.base import instantiate_group, open_loggers, task
 from moe.training.module import MixtureClassifier
@@ -124,8 +124,12 @@ def training_statistics(data: TenantDataModule, trunk: Trunk) -> dict[str, dict[
 
 
 def pathway_config(cfg: DictConfig) -> PathwayConfig | None:
-    """The run's pathway experts (`expert=pathway`), or None for experts over the trunk's features."""
-    if cfg.expert.get("kind", "features") != "pathway":
+    """The run's pathway experts (`expert=pathway`: a kind that trains on texts, through the trunk), or None for
+    experts over the trunk's features, trained with the gate."""
+    kind = cfg.expert.get("kind", "adapter")
+    if kind not in KINDS:
+        raise ValueError(f"expert.kind {kind!r} is not a kind of expert: choose among {sorted(KINDS)}")
+    if not KINDS[kind].trains_on_texts:
         return None
     settings = OmegaConf.to_container(cfg.expert.pathway, resolve=True)
     own = {"rank": cfg.expert.rank, "dropout": cfg.expert.dropout, "input_scale": cfg.expert.input_scale}
@@ -146,7 +150,8 @@ def pathway_shards(shards: list[Shard], data: TenantDataModule, trunk: Trunk, cf
         start = time.perf_counter()
         pathway, expert = train_pathway(pathways, texts, labels, len(meta.labels), cfg)
         log.info("pathway of %s trained in %.1f s", meta.tenant, time.perf_counter() - start)
-        arch = meta.architecture | {"rank": cfg.rank} | cfg.spec().architecture(trunk)
+        layout = PathwayLayout.of(cfg.spec(), trunk)
+        arch = replace(meta.architecture, rank=cfg.rank, kind="pathway", pathway=layout)
         out.append((tensors | expert | pathway, replace(meta, architecture=arch)))
     return out
 
@@ -213,11 +218,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics = {**evaluation.metrics, "time/encode_s": data.encode_seconds, "time/train_s": train_s}
     metrics |= {"data/tenants": len(data.tenants), "data/train_examples": len(data.datasets["train"])}
     tensors, meta = shards[0]
-    metrics["expert/weight_bytes"] = sum(tensors[name].nbytes for name in weight_names(meta.architecture))
+    metrics["expert/weight_bytes"] = sum(tensors[name].nbytes for name in meta.architecture.weight_names())
     if trainer.is_global_zero:
         store, own = ExpertStore(cfg.paths.experts_dir), tenant_metrics(evaluation)
         for tensors, meta in shards:
-            examples = int(stats[meta.tenant]["stats.count"].sum())
+            examples = int(stats[meta.tenant][COUNT].sum())
             meta = replace(meta, metrics=own.get(meta.tenant, {}) | {"train_examples": examples})
             path = store.save(tensors, meta)
             log.info("saved expert %s to %s", meta.tenant, path)
