@@ -20,9 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from moe.lifecycle.growth import GROWERS
+from moe.model.kinds import KINDS
 from tests.helpers import ROOT
 
 README = ROOT / "README.md"
@@ -359,14 +362,22 @@ TODO = "TODO(lead)"
 
 
 def test_the_expert_kind_guide_runs():
-    """The guide's ```python blocks run, in order, in one namespace: its worked kind must work."""
+    """The guide's ```python blocks run, in order, in one namespace: its worked kind must work, and it leaves the
+    kinds' registries as it found them."""
     blocks = fences(GUIDE.read_text(), "python")
     assert blocks, f"{GUIDE.name} has no python block"
     if any(TODO in block for block in blocks):
         pytest.skip(f"{GUIDE.name}'s code is still a {TODO} placeholder: the ExpertKind interface is being built")
+    kinds, growers, threads = dict(KINDS), dict(GROWERS), torch.get_num_threads()
     namespace: dict = {"__name__": "expert_kind_guide"}
-    for block in blocks:
-        exec(compile(block, str(GUIDE), "exec"), namespace)
+    torch.set_num_threads(1)  # its tiny training steps: on a busy machine, more threads only wait for each other
+    try:
+        for block in blocks:
+            exec(compile(block, str(GUIDE), "exec"), namespace)
+        assert kinds == KINDS and growers == GROWERS, f"{GUIDE.name} leaves its kind registered"
+    finally:  # module dicts: a failed run must not leave its kind behind for the other tests
+        KINDS.clear(), KINDS.update(kinds), GROWERS.clear(), GROWERS.update(growers)
+        torch.set_num_threads(threads)
 
 
 def test_every_page_is_reachable_from_the_readme():
