@@ -11,8 +11,9 @@ from moe.data import read_tenant_file
 from moe.lifecycle import Lifecycle
 from moe.progress import bar, lightning_bar, shows_progress
 from moe.store import ExpertStore
+from moe.tasks import train
 from moe.trunk import FeatureCache, TinyTrunk
-from tests.helpers import fast_growth, write_synthetic_tenants
+from tests.helpers import compose_config, fast_growth, synthetic_data, write_synthetic_tenants
 
 
 class Terminal(io.StringIO):
@@ -85,3 +86,20 @@ def test_a_grow_shows_its_encoding_and_epochs_on_a_terminal_and_prints_nothing_u
     shown = grow(tenants[0], None)
     assert "encoding" in shown and "Epoch 2" in shown, shown  # the feature cache's bar, Lightning's epochs and steps
     assert grow(tenants[1], "true") == ""
+
+
+@pytest.mark.slow  # a training run
+@pytest.mark.parametrize("ci, shown", [(None, True), ("true", False)])
+def test_a_training_run_draws_its_configured_bar_on_a_terminal_only(tmp_path, monkeypatch, ci, shown):
+    """The run's own progress bar (`callbacks=default`: Lightning's TQDMProgressBar) follows the same rule: epochs on a
+    terminal, nothing in CI logs."""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(sys, "stdout", terminal)
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    overrides = [*synthetic_data(tmp_path / "data"), "trunk=tiny", "trainer.max_epochs=2", "logger=none"]
+    train.run(compose_config("train", [*overrides, "callbacks=default"], tmp_path / "run"))
+    assert ("Epoch 1" in terminal.getvalue()) == shown, terminal.getvalue()[-500:]

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors.torch import save_file
@@ -24,6 +25,7 @@ from moe.model.kinds import KINDS
 from moe.model.pathway import PathwayLayout, Pathways
 from moe.model.stats import COUNT, class_statistics
 from moe.paths import cache_dir
+from moe.progress import lightning_bar
 from moe.store import ExpertStore, check_tenant_name, expert_shards, save_gate
 from moe.store.assemble import Shard
 from moe.store.trunks import TrunkVersions
@@ -181,9 +183,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     classifier = build_classifier(cfg, data.tenants, trunk)
 
     loggers: list[Logger] = open_loggers(cfg)  # closed by `task`, whether the run succeeds or fails
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=instantiate_group(cfg.get("callbacks"))
-    )
+    callbacks, bar = instantiate_group(cfg.get("callbacks")), lightning_bar()  # no bar in logs and CI
+    callbacks = [c for c in callbacks if bar or not isinstance(c, ProgressBar)]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, enable_progress_bar=bar)
     if trainer.is_global_zero:
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     for logger in loggers:
