@@ -150,3 +150,28 @@ def test_evidence_survives_hibernate_and_wake(tmp_path, tenants):
     assert all(torch.equal(evidence_of(lifecycle.store, "weather")[k], v) for k, v in evidence.items())
     for name in ("log_probs", "weights", "experts"):
         assert torch.equal(getattr(after, name), getattr(before, name)), name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_run_writes_each_experts_evidence_from_its_own_data(tmp_path, kind):
+    from moe.tasks import train
+    from tests.helpers import TINY_TRAIN, compose_config, synthetic_data
+
+    cfg = compose_config(
+        "train", [*synthetic_data(tmp_path / "data"), *TINY_TRAIN, f"evidence={kind}"], tmp_path / "run"
+    )
+    train.run(cfg)
+    store = ExpertStore(cfg.paths.experts_dir)
+    for tenant in store.tenants():
+        tensors, meta = store.load(tenant)
+        assert meta.architecture.evidence == kind
+        assert set(EVIDENCE_TENSORS) & set(tensors) == set(
+            meta.architecture.expert_kind.evidence_shapes(meta.architecture, 2)
+        )
+        assert tensors[EV_CALIBRATION][1] > 0  # a scale, from the tenant's own val queries
+    model = load_mixture(store)
+    model.evidence_weight = 1.0
+    features = train.build_data(cfg, train.instantiate(cfg.trunk))
+    features.setup()
+    out = model(features.datasets["test"].features)
+    assert torch.isfinite(out.weights).all() and torch.allclose(out.weights.sum(-1), torch.ones(len(out.weights)))
