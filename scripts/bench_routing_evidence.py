@@ -36,6 +36,7 @@ OUT = ROOT / "scripts" / "results" / "routing_evidence"
 WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 SHRINKAGES = {"mahalanobis": (0.1, 0.3, 0.6), "energy": (0.1,)}  # energy has no covariance
 TOP_K = (2, 3)
+ALTERNATIONS = 7  # latency: today's and the chosen rule's timings alternate, the best median of each kept
 
 
 def config(seed: int):
@@ -199,7 +200,7 @@ def main() -> None:
         timing = {}
         for b in (1, 64):  # side by side: today's store and rule, then the chosen one, alternating
             today_s, chosen_s = [], []
-            for _ in range(3):
+            for _ in range(ALTERNATIONS):
                 today_s.append(latency(plain, x, 0.0, b, args.reps))
                 chosen_s.append(latency(model, x, chosen["weight"], b, args.reps))
             timing[f"batch{b}"] = {

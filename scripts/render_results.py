@@ -1045,7 +1045,7 @@ Means over seeds {seeds}:
 Cost: a shard grows from {today_kb} kB to {maha_kb} kB with Mahalanobis evidence (its means and a d x d precision
 factor: {maha_ev} kB) and by {energy_ev} bytes with energy evidence (a calibration). Routed latency with features given
 (the trunk's encoding excluded, which makes the ratio the strictest), today's store and rule against the chosen one,
-measured side by side in one process, best of 3 medians: {latency}.
+measured side by side in one process (alternating, best of 7 medians; the shared machine makes these noisy): {latency}.
 
 Why so little: where the gate's top-2 hold the query's tenant but its first choice is wrong, the evidence must prefer
 the second candidate to help, and where the first is right it must not. Val queries, summed over the seeds, the
@@ -1071,9 +1071,11 @@ def routing_evidence(root: Path) -> str:
     if not runs:
         raise Missing("routing_evidence/seed0.json")
     kinds = list(runs[0]["candidates"])
-    rows, means = [], []
+    rows, means, today = [], [], {}
     for r in runs:
         t = r["today"]
+        gate = next(row for row in r["candidates"][kinds[0]]["grid"] if row["top_k"] == 2 and row["weight"] == 0)
+        t = today[r["seed"]] = {s: t[s] | {"gate_top2_recall": gate[s]["gate_top2_recall"]} for s in ("val", "test")}
         rows.append(
             [r["seed"], "today (gate)", "2, -, 0"]
             + [f(t[s][m]) for s in ("val", "test") for m in ("routing_acc", "acc_routed")]
@@ -1099,7 +1101,7 @@ def routing_evidence(root: Path) -> str:
     ]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     for name in ["today", *kinds]:
-        pick = (lambda r: r["today"]) if name == "today" else (lambda r, n=name: r["candidates"][n]["chosen"])
+        pick = (lambda r: today[r["seed"]]) if name == "today" else (lambda r, n=name: r["candidates"][n]["chosen"])
         means.append(
             [name]
             + [f(mean([pick(r)[s][m] for r in runs])) for s in ("val", "test") for m in ("routing_acc", "acc_routed")]
