@@ -27,9 +27,10 @@ from moe.model import (
     RouterOutput,
     TopKRouter,
     dispatch,
-    expert_logits,
 )
 from moe.model.bridge import AffineMap
+from moe.model.evidence import expert_evidence
+from moe.model.experts import expert_features, head_logits
 from moe.model.kinds import ExpertForward
 from moe.model.pathway import Hidden
 from moe.store import ExpertMeta, ShardError, read_shard, read_tensors
@@ -167,6 +168,12 @@ class PagedMixture(Mixture):
         return self.forward_kind.given_pass(self, hidden, tenant, gate)
 
     def group_log_probs(self, x: torch.Tensor, plan: DispatchPlan, hidden: Hidden | None = None) -> torch.Tensor:
+        return self.group_outputs(x, plan, hidden)[0]
+
+    def group_outputs(
+        self, x: torch.Tensor, plan: DispatchPlan, hidden: Hidden | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probabilities (g, n, c), and the experts' evidence (g, n) where `evidence_weight` asks for it."""
         # g: groups (chosen experts), n: capacity, c: label width
         self.forward_kind.check_hidden(hidden)
         groups = dispatch(x, plan)  # (g, n, d)
@@ -177,11 +184,16 @@ class PagedMixture(Mixture):
         out = x.new_zeros(len(experts), plan.capacity, self.width)
         out.masked_fill_(~self.label_mask[plan.experts][:, None, :], float("-inf"))
         position = {self.keys[e]: i for i, e in enumerate(experts)}
+        evidence = x.new_full(out.shape[:2], float("nan")) if self.evidence_weight else None
         for wave in self.pager.waves([self.keys[e] for e in experts]):
-            self._compute_wave(wave, groups, counts, position, out, rows, hidden, plan.experts)
-        return out
+            self._compute_wave(wave, groups, counts, position, out, rows, hidden, plan.experts, evidence)
+        if evidence is not None and evidence.isnan().all():  # no chosen expert keeps evidence: the gate decides
+            evidence = None
+        return out, evidence
 
-    def _compute_wave(self, wave: list[Hashable], groups, counts, position, out, rows, hidden, experts) -> None:
+    def _compute_wave(
+        self, wave: list[Hashable], groups, counts, position, out, rows, hidden, experts, evidence=None
+    ) -> None:
         # a function of its own: no reference to this wave's weights outlives it, so the next wave's
         # evictions free their memory before its page-ins take more
         with self.pager.acquire(wave) as resident:
@@ -192,4 +204,8 @@ class PagedMixture(Mixture):
                 x = inputs[key]
                 if key in self.input_maps:  # an expert of an older trunk reads the model's features bridged to it
                     x = self.input_maps[key](x, self.input_scale)
-                out[i, :n, :c] = expert_logits(x, tensors).log_softmax(dim=-1)  # its own labels only
+                z = expert_features(x, tensors)
+                logits = head_logits(z, tensors)  # = expert_logits(x, tensors), the one expert formula
+                out[i, :n, :c] = logits.log_softmax(dim=-1)  # its own labels only
+                if evidence is not None and (own := expert_evidence(z, logits, tensors)) is not None:
+                    evidence[i, :n] = own

@@ -6,7 +6,7 @@ means, counts and scatter of their trunk features).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import lightning as L
 import torch
@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from moe.data import Tenant
 from moe.data.datamodule import TenantExamples
 from moe.model import TENSOR_NAMES, ExpertInfo, RowSource, build_mixture, check_choice
+from moe.model.evidence import EVIDENCE_SHRINKAGE, check_evidence, fit_evidence
 from moe.model.kinds import Architecture
 from moe.model.pathway import PathwayLayout, Pathways, as_pathway_statistics, pathway_statistics
 from moe.model.router import ROUTING
@@ -57,9 +58,12 @@ class GrowthConfig:
     seed: int = 0
     kind: str = "adapter"  # of the experts a new store grows (`moe.model.kinds.KINDS`); a store's own experts' wins
     pathway: dict | None = None  # pathway experts (conf/expert/pathway.yaml): `PathwayConfig`'s own settings
+    evidence: str = "none"  # what a new store's experts keep for routing (`moe.model.evidence`); a store's own wins
+    evidence_shrinkage: float = EVIDENCE_SHRINKAGE
 
     def __post_init__(self):
         check_choice(self.source, RowSource, "source")
+        check_evidence(self.evidence)
         if self.kind not in GROWERS:
             raise ValueError(f"unknown expert kind {self.kind!r}: choose among {sorted(GROWERS)}")
 
@@ -176,18 +180,37 @@ class Grower:
     @classmethod
     def architecture(cls, trunk: Trunk, cfg: GrowthConfig) -> Architecture:
         """The architecture of the first expert of a new store over `trunk`."""
-        return Architecture(trunk.dim, cfg.rank, "labels", cfg.input_scale, "float32", kind=cfg.kind)
+        arch = Architecture(trunk.dim, cfg.rank, "labels", cfg.input_scale, "float32", kind=cfg.kind)
+        return replace(arch, evidence=cfg.evidence)
+
+    def held_out(self, tenant: Tenant, encoded, own: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """The features the expert reads of the tenant's own val split, which calibrate its evidence (None: it has
+        none, or came as encoded rows only). `own`: the kind's own tensors (a pathway's LoRA)."""
+        texts = [e.text for e in tenant.split("val")] if encoded is None else []
+        return self.trunk.encode(texts) if texts else None
+
+    def evidence(self, tenant: Tenant, encoded, expert, features, labels, own=None) -> dict[str, torch.Tensor]:
+        """The expert's evidence for routing (`moe.model.evidence`), from its own tenant's data only: its train rows
+        as the expert reads them, calibrated on its val split."""
+        if self.arch.evidence == "none":
+            return {}
+        held_out = self.held_out(tenant, encoded, own)
+        return fit_evidence(
+            self.arch.evidence, expert, features, labels, held_out, self.arch.input_scale, self.cfg.evidence_shrinkage
+        )
 
     def train(self, tenant: Tenant, encoded, features: torch.Tensor, labels: torch.Tensor):
         """A new expert on the tenant's train rows (`features`, `labels`; `encoded`: whether they came encoded) ->
-        (expert tensors, the kind's own tensors)."""
-        return train_expert(tenant, features, labels, self.cfg), {}
+        (expert tensors, the kind's own tensors with its evidence)."""
+        expert = train_expert(tenant, features, labels, self.cfg)
+        return expert, self.evidence(tenant, encoded, expert, features, labels)
 
     def update(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, bridged: bool):
         """A new version of expert `old` over `merged`'s labels, on its new rows and the rehearsal of its earlier
         intents (`x`, `x_y`: both, in trunk features; `y`: the new rows' labels) -> as `train`. `bridged`: `old` is
         of another trunk version (trained anew here)."""
-        return train_expert(merged, x, x_y, self.cfg, initial=None if bridged else old), {}
+        expert = train_expert(merged, x, x_y, self.cfg, initial=None if bridged else old)
+        return expert, self.evidence(tenant, encoded, expert, x, x_y)
 
 
 class PathwayGrower(Grower):
@@ -200,7 +223,12 @@ class PathwayGrower(Grower):
     @classmethod
     def architecture(cls, trunk: Trunk, cfg: GrowthConfig) -> Architecture:
         layout = PathwayLayout.of(PathwayConfig(**(cfg.pathway or {})).spec(), trunk)
-        return Architecture(trunk.dim, cfg.rank, "labels", cfg.input_scale, "float32", kind=cfg.kind, pathway=layout)
+        arch = Architecture(trunk.dim, cfg.rank, "labels", cfg.input_scale, "float32", kind=cfg.kind, pathway=layout)
+        return replace(arch, evidence=cfg.evidence)
+
+    def held_out(self, tenant: Tenant, encoded, own: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
+        texts = [e.text for e in tenant.split("val")]
+        return self.pathways.encode(texts, own) if texts and own is not None else None
 
     def config(self) -> PathwayConfig:
         """How its pathways are trained: the configured settings, the store's architecture (its layers, LoRA rank and
@@ -231,6 +259,10 @@ class PathwayGrower(Grower):
         """A new pathway and its expert -> (expert, pathway tensors with the statistics of its own features)."""
         texts = self.texts(tenant, encoded)
         pathway, expert = train_pathway(self.pathways, texts, labels, len(tenant.labels), self.config())
+        if self.arch.evidence != "none":
+            lora = {name: pathway[name] for name in self.arch.pathway.lora_shapes(self.arch.dim)}
+            features = self.pathways.encode(texts, lora)
+            pathway = pathway | self.evidence(tenant, encoded, expert, features, labels, lora)
         return expert, pathway
 
     def update(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, bridged: bool):
@@ -243,7 +275,8 @@ class PathwayGrower(Grower):
         x, x_y = torch.cat([features, rehearsal]), torch.cat([y, drawn])
         expert = train_expert(merged, x, x_y, self.cfg, initial=old)
         own = merge_statistics(before, class_statistics(features, y, len(merged.labels)))
-        return expert, lora | as_pathway_statistics(own)
+        evidence = self.evidence(tenant, encoded, expert, x, x_y, lora)
+        return expert, lora | as_pathway_statistics(own) | evidence
 
 
 GROWERS: dict[str, type[Grower]] = {"adapter": Grower, "pathway": PathwayGrower}  # one per `KINDS` entry

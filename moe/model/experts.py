@@ -18,18 +18,33 @@ from torch import nn
 TENSOR_NAMES = ("down.weight", "down.bias", "up.weight", "head.weight", "head.bias")
 
 
+def expert_features(
+    x: torch.Tensor, tensors: dict[str, torch.Tensor], dropout: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """`(..., n, d)` inputs -> `(..., n, d)` the adapter's output `x + up(gelu(down(x)))`, before the head (what an
+    expert's evidence reads, `moe.model.evidence`). Weights stored in a lower precision are computed in `x`'s dtype.
+    `dropout` acts on the adapter's hidden units."""
+    # e: experts (optional), n: inputs, d: features, r: adapter rank
+    down, down_bias, up = (tensors[name].to(x.dtype) for name in TENSOR_NAMES[:3])
+    hidden = F.gelu(x @ down + down_bias.unsqueeze(-2))  # (..., n, r)
+    if dropout is not None:
+        hidden = dropout(hidden)
+    return x + hidden @ up
+
+
+def head_logits(z: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`(..., n, d)` adapter outputs -> `(..., n, c)` logits over the expert's labels."""
+    head, head_bias = (tensors[name].to(z.dtype) for name in TENSOR_NAMES[3:])
+    return z @ head + head_bias.unsqueeze(-2)
+
+
 def expert_logits(
     x: torch.Tensor, tensors: dict[str, torch.Tensor], dropout: Callable[[torch.Tensor], torch.Tensor] | None = None
 ) -> torch.Tensor:
     """`(..., n, d)` inputs -> `(..., n, c)` logits; the tensors carry the same leading dimensions (none for one
-    expert, `e` for a stack). Weights stored in a lower precision (a float16 or bfloat16 bundle) are computed in
-    `x`'s dtype; in that dtype already, `.to` is a no-op. `dropout` acts on the adapter's hidden units."""
-    # e: experts (optional), n: inputs, d: features, r: adapter rank, c: labels
-    down, down_bias, up, head, head_bias = (tensors[name].to(x.dtype) for name in TENSOR_NAMES)
-    hidden = F.gelu(x @ down + down_bias.unsqueeze(-2))  # (..., n, r)
-    if dropout is not None:
-        hidden = dropout(hidden)
-    return (x + hidden @ up) @ head + head_bias.unsqueeze(-2)  # (..., n, c)
+    expert, `e` for a stack): `head_logits(expert_features(x))`. Weights stored in a lower precision (a float16 or
+    bfloat16 bundle) are computed in `x`'s dtype; in that dtype already, `.to` is a no-op."""
+    return head_logits(expert_features(x, tensors, dropout), tensors)
 
 
 class ExpertBank(nn.Module):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, get_args
 
 import torch
 
+from moe.model.evidence import check_evidence, evidence_shapes
 from moe.model.experts import TENSOR_NAMES
 from moe.model.pathway import PATHWAY_STATISTICS, Hidden, PathwayLayout, Pathways
 from moe.model.router import ROUTING, GateRows
@@ -37,8 +38,9 @@ REQUIRED = ("dim", "rank", "gate_rows", "input_scale")  # in every architecture'
 @dataclass(frozen=True)
 class Architecture:
     """What an expert is, as its shard records it: feature size, adapter rank (0: a linear head), gate rows per label
-    or one, the input scale, the dtype its tensors are stored in, its kind, and the kind's own part (a pathway's
-    layout; None for an adapter)."""
+    or one, the input scale, the dtype its tensors are stored in, its kind, the kind's own part (a pathway's
+    layout; None for an adapter), and the evidence it keeps for routing (`moe.model.evidence`; "none" in shards
+    written before evidence, whose metadata then lacks the entry)."""
 
     dim: int
     rank: int
@@ -47,8 +49,10 @@ class Architecture:
     dtype: str = "float32"
     kind: str = "adapter"
     pathway: PathwayLayout | None = None
+    evidence: str = "none"
 
     def __post_init__(self):
+        check_evidence(self.evidence)
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (self.dim, self.rank)):
             raise TypeError(f"an architecture's dim and rank are sizes, got {self.dim!r} and {self.rank!r}")
         if self.gate_rows not in get_args(GateRows):
@@ -79,7 +83,8 @@ class Architecture:
             "input_scale": self.input_scale,
             "dtype": self.dtype,
         }
-        return base | self.expert_kind.fields(self)
+        evidence = {"evidence": self.evidence} if self.evidence != "none" else {}  # old shards' metadata unchanged
+        return base | self.expert_kind.fields(self) | evidence
 
     @classmethod
     def from_dict(cls, arch: Mapping[str, Any]) -> Architecture:
@@ -94,10 +99,11 @@ class Architecture:
             raise TypeError(f"unknown expert kind {kind!r}; known: {sorted(KINDS)}")
         if missing := sorted(set(REQUIRED) - set(arch)):
             raise TypeError(f"architecture {dict(arch)!r} lacks {missing}")
-        if unknown := sorted(set(arch) - set(REQUIRED) - {"kind", "dtype"} - set(KINDS[kind].keys)):
+        if unknown := sorted(set(arch) - set(REQUIRED) - {"kind", "dtype", "evidence"} - set(KINDS[kind].keys)):
             raise TypeError(f"architecture {dict(arch)!r} has entries {unknown} that a {kind} expert does not have")
         common = {k: arch[k] for k in REQUIRED}
-        return cls(**common, dtype=arch.get("dtype", "float32"), kind=kind, **KINDS[kind].parse(arch))
+        own = KINDS[kind].parse(arch) | {"evidence": arch.get("evidence", "none")}
+        return cls(**common, dtype=arch.get("dtype", "float32"), kind=kind, **own)
 
     def __or__(self, changes: Mapping[str, Any]) -> Architecture:
         """A copy with `changes` made, given as its metadata records them (`{"dtype": "bfloat16"}`)."""
@@ -115,11 +121,12 @@ class Architecture:
         expert = dict(zip(TENSOR_NAMES, ((d, r), (r,), (r, d), (d, num_labels), (num_labels,)), strict=True))
         routing = dict(zip(ROUTING, ((rows, d), (rows,)), strict=True))
         statistics = {MEAN: (num_labels, d), COUNT: (num_labels,), SCATTER: (d, d)}
-        return expert | routing | statistics | self.expert_kind.own_shapes(self, num_labels)
+        own = self.expert_kind.own_shapes(self, num_labels) | self.expert_kind.evidence_shapes(self, num_labels)
+        return expert | routing | statistics | own
 
     def weight_names(self) -> tuple[str, ...]:
         """The tensors an expert of this architecture computes with (what the pager holds)."""
-        return TENSOR_NAMES + self.expert_kind.own_weights(self)
+        return TENSOR_NAMES + self.expert_kind.own_weights(self) + tuple(self.expert_kind.evidence_shapes(self, 0))
 
 
 class ExpertForward:
@@ -239,6 +246,11 @@ class ExpertKind:
     def own_weights(self, arch: Architecture) -> tuple[str, ...]:
         """The tensors it computes with beyond the expert formula's (paged in with them)."""
         return ()
+
+    def evidence_shapes(self, arch: Architecture, num_labels: int) -> dict[str, tuple[int, ...]]:
+        """The tensors of its evidence for routing (`moe.model.evidence`), over the features its head reads; paged in
+        with its weights, since a query's evidence is computed with its logits."""
+        return evidence_shapes(arch.evidence, arch.dim, num_labels)
 
     def forward(self, arch: Architecture, trunk, bridged: bool) -> ExpertForward:
         """Its forward inside a mixed batch, for a mixture over `trunk` (`bridged`: some experts read it bridged)."""

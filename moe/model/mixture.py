@@ -11,6 +11,7 @@ from einops import rearrange
 from torch import nn
 
 from moe.model.dispatch import DispatchPlan, combine, dispatch, plan_dispatch
+from moe.model.evidence import reweigh
 from moe.model.experts import ExpertBank
 from moe.model.router import GateRows, RouterOutput, TopKRouter, check_choice
 
@@ -88,6 +89,9 @@ class Mixture(nn.Module):
             0, self.expert_tenant, torch.arange(len(experts))
         )
         self.register_buffer("tenant_expert", tenant_expert if one_each else None, False)
+        # how much the chosen experts' own evidence weighs against the gate among a routed query's candidates
+        # (`decide`); 0: the gate's weights as they are (chosen on val; `moe.model.evidence`)
+        self.evidence_weight = 0.0
 
     def tenant_index(self, name: str) -> int:
         try:
@@ -116,6 +120,32 @@ class Mixture(nn.Module):
         """(g, capacity, width) log-probabilities of each group over its expert's labels, -inf on the others.
         `hidden`: the batch's token states, for experts that read them (`moe.model.pathway`)."""
         return self.group_logits(x, plan).log_softmax(dim=-1)
+
+    def group_outputs(
+        self, x: torch.Tensor, plan: DispatchPlan, hidden=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`group_log_probs`, and (g, capacity) each group's evidence for its expert where the experts keep any
+        (`moe.model.evidence`; NaN for an expert without), else None. This one: no evidence."""
+        return self.group_log_probs(x, plan, hidden), None
+
+    def decide(
+        self, routed: RouterOutput, evidence: torch.Tensor | None, tenant: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The routed queries' decision among their candidates: the gate's weights reweighed by the candidates'
+        evidence (b, k) (`reweigh`), candidates re-ordered best first -> (weights (b, k), order (b, k) of the
+        gate's candidates, or None: the gate's order). With `evidence_weight` 0 or no evidence: the gate's weights,
+        untouched; queries whose tenant is given keep theirs too (bit for bit)."""
+        # b: batch, k: candidates
+        if evidence is None or self.evidence_weight == 0:
+            return routed.weights, None
+        keep = torch.arange(routed.weights.shape[1], device=routed.weights.device).expand_as(routed.weights)
+        weights = reweigh(routed.weights, evidence, self.evidence_weight)
+        order = weights.argsort(dim=-1, descending=True, stable=True)
+        weights = weights.gather(1, order)
+        if tenant is not None:  # a tenant given: its one candidate, as the gate gave it
+            given = (tenant != UNKNOWN_TENANT)[:, None]
+            weights, order = torch.where(given, routed.weights, weights), torch.where(given, keep, order)
+        return weights, order
 
     def hidden_states(self, texts: list[str]):
         """What the experts read of a batch besides its features (None: features only)."""
@@ -173,8 +203,16 @@ class Mixture(nn.Module):
         x = features * self.input_scale
         routed = self.route(x, tenant, keep_rows, among)
         plan = plan_dispatch(routed.experts, routed.weights)
-        log_probs = combine(self.group_log_probs(x, plan, hidden), plan, fill=float("-inf"))
-        return MixtureOutput(log_probs, routed.weights, routed.experts, self.label_ids[routed.experts], routed)
+        group_log_probs, group_evidence = self.group_outputs(x, plan, hidden)
+        log_probs = combine(group_log_probs, plan, fill=float("-inf"))
+        evidence = None if group_evidence is None else combine(group_evidence[..., None], plan, float("nan"))[..., 0]
+        weights, order = self.decide(routed, evidence, tenant)
+        if order is not None:  # candidates re-ordered by the decision
+            log_probs = log_probs.gather(1, order[..., None].expand_as(log_probs))
+            experts = routed.experts.gather(1, order)
+        else:
+            experts = routed.experts
+        return MixtureOutput(log_probs, weights, experts, self.label_ids[experts], routed)
 
 
 class MixtureOfExperts(Mixture):

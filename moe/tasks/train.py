@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from moe.data import Tenant, TenantDataModule
 from moe.evaluation import Evaluation, evaluate_store
 from moe.model import ExpertInfo, build_mixture
+from moe.model.evidence import fit_evidence
 from moe.model.kinds import KINDS
 from moe.model.pathway import PathwayLayout, Pathways
 from moe.model.stats import COUNT, class_statistics
@@ -158,6 +159,32 @@ def pathway_shards(shards: list[Shard], data: TenantDataModule, trunk: Trunk, cf
     return out
 
 
+@torch.no_grad()
+def with_evidence(
+    shards: list[Shard], data: TenantDataModule, trunk: Trunk, kind: str, shrinkage: float
+) -> list[Shard]:
+    """Each shard with its expert's evidence for routing (`moe.model.evidence`), from its own tenant's rows only: the
+    features its expert reads of its train split, calibrated on its val split (`kind` "none": as they are)."""
+    if kind == "none":
+        return shards
+    out, train, val = [], data.datasets["train"], data.datasets["val"]
+    for t, (tensors, meta) in enumerate(shards):
+        arch = replace(meta.architecture, evidence=kind)
+        own = (train.tenant == t).nonzero().flatten().tolist()
+        held = (val.tenant == t).nonzero().flatten().tolist()
+        if arch.kind == "pathway":  # the features of its own pathway
+            pathways = Pathways(trunk, arch.pathway.spec)
+            lora = {name: tensors[name] for name in arch.pathway.lora_shapes(arch.dim)}
+            features = pathways.encode([train.texts[i] for i in own], lora)
+            held_out = pathways.encode([val.texts[i] for i in held], lora) if held else None
+        else:
+            features = train.features[own] if train.features is not None else trunk.eval()(train.texts)[own]
+            held_out = val.features[held] if val.features is not None and held else None
+        evidence = fit_evidence(kind, tensors, features, train.label[own], held_out, arch.input_scale, shrinkage)
+        out.append((tensors | evidence, replace(meta, architecture=arch)))
+    return out
+
+
 def tenant_metrics(evaluation: Evaluation) -> dict[str, dict]:
     """Each tenant's own figures, split by split ({"test/acc_routed": ...}), as its shard records them."""
     own: dict[str, dict] = {}
@@ -204,6 +231,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         start = time.perf_counter()
         shards = pathway_shards(shards, data, trunk, pathway)
         train_s += time.perf_counter() - start
+    evidence = cfg.get("evidence") or {}
+    shards = with_evidence(shards, data, trunk, evidence.get("kind", "none"), float(evidence.get("shrinkage", 0.1)))
     encoder = data.encoder or trunk.eval().encode
     splits = [split for split in ("val", "test") if len(data.datasets[split])]
     with tempfile.TemporaryDirectory(prefix="moe-staging-") as staging:
