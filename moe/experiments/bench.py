@@ -12,7 +12,7 @@ import torch
 
 from moe.model import ExpertInfo, build_mixture
 from moe.progress import bar
-from moe.store import ExpertStore, expert_shards, write_shard
+from moe.store import ExpertMeta, ExpertStore, expert_shards, write_shard
 from moe.store.precision import DTYPES, cast_shard
 
 DIM, LABELS = 384, 15  # the shape of a CLINC150 domain expert on all-MiniLM-L6-v2
@@ -55,6 +55,19 @@ def write_store(
             # checks, whose scan of every tenant for a clash of case would make writing n experts O(n^2)
             write_shard(store.path(meta.tenant, 1), *cast_shard(tensors, meta.with_version(1), dtype))
     return store
+
+
+def synthetic_expert(
+    tenant: str, rank: int, seed: int, trunk_fingerprint: str = SYNTHETIC_FINGERPRINT, std: float = 0.02
+) -> tuple[dict[str, torch.Tensor], ExpertMeta]:
+    """One expert of `write_store`'s shape for `tenant` (its up-projection drawn from `seed`), to `ExpertStore.save`:
+    a tenant grown, or a new version of one, in a benchmark store."""
+    torch.manual_seed(seed)
+    model = build_mixture([ExpertInfo(tenant, tuple(f"intent{j}" for j in range(LABELS)))], DIM, rank=rank)
+    with torch.no_grad():
+        model.get_parameter("bank.up").normal_(std=std)
+    (tensors, meta), *_ = expert_shards(model, trunk_fingerprint)
+    return tensors, meta
 
 
 def zipf_probabilities(n: int, s: float) -> np.ndarray:
