@@ -38,7 +38,7 @@ from pathlib import Path
 
 from moe.experiments.bench import LABELS, machine_info, write_store
 from moe.paths import cache_dir
-from moe.store import ExpertStore, tensor_bytes
+from moe.store import ExpertStore, TrunkVersions, tensor_bytes
 from moe.trunk import HFEncoderTrunk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,22 @@ def prepare_bundle(tenants: int, rank: int) -> Path:
     command += ["export.measure=false", f"paths.output_dir={bundle}", f"hydra.run.dir={root / 'hydra'}"]
     subprocess.run(command, check=True)
     return bundle
+
+
+def prepare_store(tenants: int, rank: int) -> Path:
+    """An expert store of `tenants` synthetic experts on the MiniLM trunk (recorded in it, so a replica rebuilds it),
+    with its first generation published, built once into the user cache. A service follows it."""
+    root = cache_dir() / "bench" / f"store_{tenants}_r{rank}"
+    store = ExpertStore(root)
+    if store.generation() and (root / ".ready").is_file():
+        return root
+    subprocess.run(["rm", "-rf", str(root)], check=True)
+    trunk = HFEncoderTrunk()
+    write_store(root, tenants, rank, trunk_fingerprint=trunk.fingerprint)
+    TrunkVersions(root).record(trunk)
+    store.rescan()
+    (root / ".ready").write_text("")
+    return root
 
 
 def get(url: str) -> tuple[dict, str]:

@@ -13,6 +13,7 @@ from moe.inference import IndexSettings, RowIndex
 from moe.inference.index import MAX_MASKED
 from moe.model import TopKRouter
 from moe.serving import Server
+from moe.serving.http import GENERATION_HEADER, generation_header
 from moe.store import ExpertStore
 from moe.trunk import TinyTrunk
 
@@ -111,3 +112,11 @@ def test_an_index_carried_over_finds_the_rows_of_added_experts():
         longer.weight.copy_(grown.weight)
         longer.weight[6, 0, 1] = 2 * longest  # longer than the lift: rebuilt
     assert index.follow(longer, torch.tensor([0, 1, -1, 2, 3, 4]), [5, 6]).graph is not index.graph
+
+
+def test_an_answer_names_the_generation_it_was_read_from(store, trunk):
+    server = Server(store.root, trunk=trunk, verify="lazy")
+    assert generation_header(server.state) == {GENERATION_HEADER: "1"}
+    store.hibernate("t00001")
+    server.refresh()
+    assert generation_header(server.state) == {GENERATION_HEADER: "2"}

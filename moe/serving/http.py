@@ -67,6 +67,7 @@ log = logging.getLogger("ray.serve")  # in a replica, Serve writes this logger t
 APP_NAME = "moe"
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"
 REPLICA_HEADER = "x-moe-replica"  # on every answer: the replica that gave it
+GENERATION_HEADER = "x-moe-generation"  # on every answer and refusal of /predict over a store: the generation it read
 MAX_PROBLEMS = 10  # problems named in one refusal; the rest are counted
 
 
@@ -116,6 +117,7 @@ class Refused(Exception):
         more = f"; and {len(problems) - MAX_PROBLEMS} more" if len(problems) > MAX_PROBLEMS else ""
         super().__init__("; ".join(problems[:MAX_PROBLEMS]) + more)
         self.status = status
+        self.headers: dict[str, str] = {}  # e.g. the generation that refused it
 
 
 def field_path(loc: tuple | list) -> str:
@@ -147,8 +149,13 @@ def validation_problem(error: RequestValidationError, content_type: str) -> tupl
     return status, problems
 
 
-def problem_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status)
+def problem_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+def generation_header(state: ServingState) -> dict[str, str]:
+    """The header naming the store generation `state` is (none for a bundle)."""
+    return {} if state.generation is None else {GENERATION_HEADER: str(state.generation)}
 
 
 app = FastAPI(
@@ -166,7 +173,7 @@ async def _refuse_invalid_body(request: Request, error: RequestValidationError) 
 
 @app.exception_handler(Refused)
 async def _refuse(request: Request, error: Refused) -> JSONResponse:
-    return problem_response(error.status, str(error))
+    return problem_response(error.status, str(error), error.headers)
 
 
 ROUTES = ("/predict", "/health", "/stats", "/tenants")
@@ -354,6 +361,13 @@ class MoeService:
         whole request is answered by the state (the store's generation) served when it arrived."""
         key = self.authorize(request)
         state = self.server.state
+        try:
+            return await self._predict(body, key, state)
+        except Refused as error:
+            error.headers |= generation_header(state)
+            raise
+
+    async def _predict(self, body: PredictBody, key: api_keys.Key | None, state: ServingState) -> JSONResponse:
         if isinstance(body, Query):
             queries = self.check([body], "", state, key)
         elif isinstance(body, Batch):
@@ -381,7 +395,7 @@ class MoeService:
         content = (
             answers[0] if isinstance(body, Query) else {"answers": answers} if isinstance(body, Batch) else answers
         )
-        return JSONResponse(content, headers={REPLICA_HEADER: self.replica})
+        return JSONResponse(content, headers={REPLICA_HEADER: self.replica} | generation_header(state))
 
     def damaged(self, error: ShardError) -> Refused:
         """503 for an expert whose shard failed its checks when paged in (a lazily verified bundle), naming its
