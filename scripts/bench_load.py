@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from moe.experiments.bench import LABELS, machine_info, write_store
@@ -135,15 +136,19 @@ def run(
     work: Path,
     extra: tuple[str, ...] = (),
     header: bool = True,
+    queries: int = 1,
+    env_extra: dict[str, str] | None = None,
+    during: Callable[[str], dict] | None = None,
 ) -> dict:
     """One service under locust; `extra`: the service's further options; `header`: users send the multiplexing
-    header."""
+    header; `queries`: per request; `env_extra`: for the locustfile; `during(url)`: run while locust runs (its
+    result under "during")."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "moe.serving.http", str(bundle), "--port", str(port), "--verify", "lazy"]
     command += ["--replicas", str(replicas), "--budget-mb", str(budget_mb), "--num-cpus", str(os.cpu_count())]
     command += ["--replica-cpus", str(args.replica_cpus), "--metrics-port", str(free_port()), *extra]
-    name = f"{replicas}{''.join(extra)}{'' if header else '-noheader'}"
+    name = f"{replicas}{''.join(extra)}{'' if header else '-noheader'}-q{queries}"
     with open(work / f"service_{name}.log", "w") as log:
         service = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -152,11 +157,16 @@ def run(
         startup = time.perf_counter() - started
         time.sleep(5)  # every replica up (the health route answers from the first)
         prefix = work / f"locust_{name}"
-        locust = ["locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(args.users), "-r", str(args.users)]
+        locust = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless"]
+        locust += ["-u", str(args.users), "-r", str(args.users)]
         locust += ["-t", f"{args.seconds}s", "--host", url, "--csv", str(prefix), "--only-summary"]
         env = os.environ | {"MOE_LOAD_ZIPF": str(args.zipf), "MOE_LOAD_ROUTED": str(args.routed)}
-        env |= {"MOE_LOAD_HEADER": "1" if header else "0"}
-        subprocess.run(locust, check=False, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env |= {"MOE_LOAD_HEADER": "1" if header else "0", "MOE_LOAD_QUERIES": str(queries)} | (env_extra or {})
+        load = os.getloadavg()
+        with open(work / f"locust_{name}.log", "w") as log:
+            users = subprocess.Popen(locust, env=env, stdout=log, stderr=subprocess.STDOUT)
+        found = during(url) if during is not None else None
+        users.wait(timeout=args.seconds + 120)
         stats = replica_stats(url, replicas)
     finally:
         os.killpg(service.pid, signal.SIGTERM)
@@ -167,10 +177,15 @@ def run(
     answered = list(stats.values())
     device = [s["pager"]["device"] for s in answered]
     hits, misses = sum(d["hits"] for d in device), sum(d["misses"] for d in device)
+    totals = aggregated(prefix)
     return {
         "replicas": replicas,
+        "queries_per_request": queries,
+        "load_average_before": load,
+        "load_average_after": os.getloadavg(),
         "startup_s": startup,
-        **aggregated(prefix),
+        **totals,
+        "queries_per_s": totals["requests_per_s"] * queries,
         "device_hit_rate": hits / (hits + misses) if hits + misses else None,
         "device_hits": hits,
         "device_misses": misses,
@@ -178,7 +193,8 @@ def run(
         "tenant_loads": sum(s["multiplexing"]["tenant_loads"] for s in stats.values()),
         "mean_batch": [s["batching"]["mean_batch"] for s in stats.values()],
         "mixed_batch_share": [s["batching"]["mixed_batches"] / max(1, s["batching"]["batches"]) for s in answered],
-    }
+        "generation_served": [s["generation"] for s in answered],
+    } | ({"during": found} if during is not None else {})
 
 
 def offline(bundle: Path, budget_mb: float, args: argparse.Namespace, batch: int = 64, batches: int = 20) -> dict:
@@ -189,10 +205,7 @@ def offline(bundle: Path, budget_mb: float, args: argparse.Namespace, batch: int
 
     from moe.serving import Server
 
-    module = ast.parse(LOCUSTFILE.read_text())  # the users' own texts, without importing locust (gevent's patches)
-    texts = next(
-        ast.literal_eval(n.value) for n in module.body if isinstance(n, ast.Assign) and n.targets[0].id == "TEXTS"
-    )
+    texts = locust_texts()
     server = Server(bundle, int(budget_mb * 2**20), verify="lazy")
     tenants = server.tenants
     random.Random(0).shuffle(tenants)
@@ -209,6 +222,163 @@ def offline(bundle: Path, budget_mb: float, args: argparse.Namespace, batch: int
     for queries, names in chunks[1:]:
         server.predict(queries, names)
     return {"batch": batch, "queries_per_s": batch * batches / (time.perf_counter() - started)}
+
+
+GROWN = "live_grown"  # the tenant grown during the load
+
+
+def learning(root: Path, budget_mb: float, args: argparse.Namespace, work: Path) -> dict:
+    """The load test while the store learns: one replica and two (`--replicas`), each following the store (poll
+    1 s) under the Zipf mix; a quarter, half and three quarters into the load a tenant is grown, another hibernated
+    and a third rolled back (to the version before the one it had when the load began). Every answer to these three
+    and a sample of the others is recorded with the generation that gave it and checked against the offline answer
+    of that generation (`Server` in this process, following the same store); 404s are expected only of the grown
+    tenant before its generation and of the hibernated one from its generation on."""
+    from moe.experiments.bench import synthetic_expert
+    from moe.serving import Server
+
+    store = ExpertStore(root)
+    fingerprint = store.meta(store.tenants()[0]).trunk_fingerprint
+    tenants = store.tenants()
+    sleeper, rolled = tenants[3], tenants[5]  # not among the Zipf mix (watched apart)
+    if GROWN in tenants:
+        store.delete(GROWN)
+    if store.is_dormant(sleeper):
+        store.wake(sleeper)
+    first = store.latest(rolled)
+    store.save(*synthetic_expert(rolled, args.rank, int(time.time()), fingerprint), allow_dormant=False)
+    reference = Server(root, int(budget_mb * 2**20), verify="lazy")
+    texts = locust_texts()
+
+    def offline_answers() -> dict:
+        """What the reference serves now: each watched tenant's answer to each text (None: not served)."""
+        reference.refresh()
+        found = {
+            tenant: dict(zip(texts, [a.to_dict() for a in reference.predict(texts, tenant)], strict=True))
+            if tenant in reference.state.keys_of
+            else None
+            for tenant in (GROWN, sleeper, rolled)
+        }
+        return {"generation": reference.generation, "answers": found}
+
+    results = []
+    for replicas in args.replicas:
+        tables = {}  # generation -> the watched tenants' offline answers
+
+        def writes(url: str, tables: dict = tables) -> dict:
+            table = offline_answers()
+            tables[table["generation"]] = table["answers"]
+            done = []
+            steps = [
+                ("grow", GROWN, lambda: store.save(*synthetic_expert(GROWN, args.rank, 11, fingerprint), True)),
+                ("hibernate", sleeper, lambda: store.hibernate(sleeper)),
+                ("rollback", rolled, lambda: store.rollback(rolled, first)),
+            ]
+            begun = time.time()
+            for i, (op, tenant, write) in enumerate(steps, 1):
+                time.sleep(max(0.0, begun + i * args.seconds / 4 - time.time()))
+                write()
+                done.append({"op": op, "tenant": tenant, "time": time.time(), "generation": store.generation()})
+                table = offline_answers()
+                tables[table["generation"]] = table["answers"]
+            return {"writes": done}
+
+        records = work / f"records_{replicas}"
+        records.mkdir()
+        env = {"MOE_LOAD_WATCH": ",".join([GROWN, sleeper, rolled]), "MOE_LOAD_RECORD": str(records)}
+        env |= {"MOE_LOAD_SAMPLE": str(args.sample)}
+        result = run(root, replicas, budget_mb, args, work, ("--follow-s", "1"), env_extra=env, during=writes)
+        result["checks"] = check_records(records, result["during"]["writes"], tables, reference, sleeper)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+        store.delete(GROWN)  # the store as it was, but for the rolled-back tenant's retired version
+        store.wake(sleeper)
+        store.save(*synthetic_expert(rolled, args.rank, int(time.time()), fingerprint), allow_dormant=False)
+    return {"results": results, "watched": {"grown": GROWN, "hibernated": sleeper, "rolled_back": rolled}}
+
+
+def check_records(folder: Path, writes: list[dict], tables: dict, reference, sleeper: str) -> dict:
+    """The recorded answers against the offline answers of the generation that gave each (`learning`)."""
+    records = [json.loads(line) for path in folder.glob("*.jsonl") for line in path.read_text().splitlines()]
+    watched = {w["tenant"]: w for w in writes}
+    grown, slept = (next(w for w in writes if w["op"] == op) for op in ("grow", "hibernate"))
+    others = sorted({(r["tenant"], r["text"]) for r in records if not r["watched"] and r["status"] == 200})
+    reference.refresh()
+    found = reference.predict([t for _, t in others], [n for n, _ in others]) if others else []
+    untouched = {pair: answer.to_dict() for pair, answer in zip(others, found, strict=True)}
+    errors, wrong, expected_404, checked, exact = [], [], 0, 0, 0
+    for r in records:
+        g = int(r["generation"]) if r["generation"] is not None else None
+        if (
+            r["status"] == 404
+            and g is not None
+            and (
+                (r["tenant"] == grown["tenant"] and g < grown["generation"])
+                or (r["tenant"] == slept["tenant"] and g >= slept["generation"])
+            )
+        ):
+            expected_404 += 1
+            continue
+        if r["status"] != 200 or g is None:
+            errors.append(r)
+            continue
+        if r["watched"]:
+            table = tables[max(k for k in tables if k <= g)]
+            want = (table.get(r["tenant"]) or {}).get(r["text"])
+        else:
+            want = untouched[(r["tenant"], r["text"])]
+        checked += 1
+        exact += r["answer"] == want
+        if not same_answer(r["answer"], want):
+            wrong.append({"record": r, "offline": want})
+    first_answer = {}
+    for tenant, write in watched.items():
+        after = [
+            r["sent"]
+            for r in records
+            if r["tenant"] == tenant and r["generation"] is not None and int(r["generation"]) >= write["generation"]
+        ]
+        first_answer[write["op"]] = min(after) - write["time"] if after else None
+    return {
+        "records": len(records),
+        "answers_checked": checked,
+        "answers_bit_exact": exact,
+        "answers_wrong": len(wrong),
+        "wrong_examples": wrong[:3],
+        "errors": len(errors),
+        "error_examples": errors[:3],
+        "expected_404s": expected_404,
+        "generations_seen": sorted({int(r["generation"]) for r in records if r["generation"] is not None}),
+        "seconds_from_write_to_first_answer": first_answer,
+    }
+
+
+SCORE_TOLERANCE = 1e-5
+
+
+def same_answer(got: dict | None, want: dict | None) -> bool:
+    """The same answer: tenant, intent, out-of-scope verdict, experts and runners-up alike, scores within
+    `SCORE_TOLERANCE` (a batch of other queries computes the trunk's features at other shapes: the last bits of a
+    score may differ from the offline batch's; `answers_bit_exact` counts those equal to the bit)."""
+    if got is None or want is None:
+        return got == want
+    plain = ("score", "runners_up")
+    if {k: v for k, v in got.items() if k not in plain} != {k: v for k, v in want.items() if k not in plain}:
+        return False
+    ups = zip(got["runners_up"], want["runners_up"], strict=False)
+    return (
+        abs(got["score"] - want["score"]) <= SCORE_TOLERANCE
+        and len(got["runners_up"]) == len(want["runners_up"])
+        and all(a["tenant"] == b["tenant"] and abs(a["gate_prob"] - b["gate_prob"]) <= SCORE_TOLERANCE for a, b in ups)
+    )
+
+
+def locust_texts() -> list[str]:
+    """The locust users' texts, without importing locust (gevent's patches)."""
+    module = ast.parse(LOCUSTFILE.read_text())
+    return next(
+        ast.literal_eval(n.value) for n in module.body if isinstance(n, ast.Assign) and n.targets[0].id == "TEXTS"
+    )
 
 
 def compare_batching(bundle: Path, budget_mb: float, args: argparse.Namespace, work: Path) -> dict:
@@ -232,6 +402,21 @@ def compare_batching(bundle: Path, budget_mb: float, args: argparse.Namespace, w
     }
 
 
+def throughput(source: Path, budget_mb: float, args: argparse.Namespace, work: Path) -> dict:
+    """One replica and two (`--replicas`), each at every `--queries` per request, and `Server.predict` at batch 64
+    on the same source, budget, mix and machine, in this process after the services stopped."""
+    results = []
+    for replicas in args.replicas:
+        for queries in args.queries:
+            results.append(run(source, replicas, budget_mb, args, work, header=queries == 1, queries=queries))
+            print(json.dumps(results[-1]), flush=True)
+    load = os.getloadavg()
+    server = offline(source, budget_mb, args) | {"load_average_before": load, "load_average_after": os.getloadavg()}
+    for result in results:
+        result["queries_over_server_predict"] = result["queries_per_s"] / server["queries_per_s"]
+    return {"results": results, "server_predict_batch64": server}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tenants", type=int, default=10_000)
@@ -242,26 +427,31 @@ def main() -> None:
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--routed", type=float, default=0.0, help="share of queries sent without a tenant")
     parser.add_argument("--replica-cpus", type=float, default=0.5)
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--queries", type=int, nargs="+", default=[1], help="queries per request, each measured")
+    parser.add_argument("--store", action="store_true", help="serve an expert store (followed), not a bundle")
+    parser.add_argument("--learning", action="store_true", help="the store learns during the load (implies --store)")
+    parser.add_argument("--sample", type=float, default=0.02, help="--learning: share of other answers checked")
     parser.add_argument("--compare-batching", action="store_true", help="one replica: split batches against mixed")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/load.json"))
     args = parser.parse_args()
-    bundle = prepare_bundle(args.tenants, args.rank)
-    meta = ExpertStore(bundle / "experts").meta(ExpertStore(bundle / "experts").tenants()[0])
+    args.store = args.store or args.learning
+    source = prepare_store(args.tenants, args.rank) if args.store else prepare_bundle(args.tenants, args.rank)
+    experts = ExpertStore(source if args.store else source / "experts")
+    meta = experts.meta(experts.tenants()[0])
     expert_bytes = tensor_bytes(meta, ("down.weight", "down.bias", "up.weight", "head.weight", "head.bias"))
     budget_mb = args.budget * args.tenants * expert_bytes / 2**20
     settings = vars(args) | {"out": str(args.out), "labels": LABELS, "expert_bytes": expert_bytes}
-    settings |= {"budget_mb": budget_mb, "bundle": str(bundle)}
+    settings |= {"budget_mb": budget_mb, "source": str(source)}
+    report = {"machine": machine_info(), "settings": settings}
     with tempfile.TemporaryDirectory() as work:
         if args.compare_batching:
-            compared = compare_batching(bundle, budget_mb, args, Path(work))
-            report = {"benchmark": "batching", "machine": machine_info(), "settings": settings} | compared
+            report |= {"benchmark": "batching"} | compare_batching(source, budget_mb, args, Path(work))
+        elif args.learning:
+            report |= {"benchmark": "learning load"} | learning(source, budget_mb, args, Path(work))
         else:
-            results = []
-            for replicas in (1, 2):
-                results.append(run(bundle, replicas, budget_mb, args, Path(work)))
-                print(json.dumps(results[-1]), flush=True)
-            report = {"benchmark": "load", "machine": machine_info(), "settings": settings, "results": results}
-            report["two_over_one_throughput"] = results[1]["requests_per_s"] / results[0]["requests_per_s"]
+            report |= {"benchmark": "load"} | throughput(source, budget_mb, args, Path(work))
+    report["load_average_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -120,3 +120,15 @@ def test_an_answer_names_the_generation_it_was_read_from(store, trunk):
     store.hibernate("t00001")
     server.refresh()
     assert generation_header(server.state) == {GENERATION_HEADER: "2"}
+
+
+def test_a_generation_still_served_answers_from_a_version_retired_since(store, trunk):
+    """A rollback retires the newer version at once; requests still read by the generation before it (until the
+    replica moves on) page it in from its retired copy instead of failing."""
+    save(store, "t00005", 101, trunk)  # version 2
+    server = Server(store.root, trunk=trunk, verify="lazy")  # nothing paged in yet
+    expected = [a.to_dict() for a in Server(store.root, trunk=trunk).predict(TEXTS, "t00005")]
+    store.rollback("t00005", 1)
+    assert not store.path("t00005", 2).exists()
+    assert [a.to_dict() for a in server.predict(TEXTS, "t00005")] == expected
+    assert server.refresh() and server.predict(TEXTS, "t00005") != expected  # version 1 once moved on

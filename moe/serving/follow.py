@@ -156,6 +156,7 @@ class StoreSource:
                 index=self.index,
                 trunk=trunk,
             )
+            model.pager.load.locate = self.locate
             if not model.left_out or self.store.generation() == state.generation:
                 break
             log.info("generation %d of %s moved on while it loaded: loading the latest", state.generation, self.store)
@@ -164,6 +165,19 @@ class StoreSource:
         return ServingState(
             trunk, model, self.oos_score, self.threshold, self.unsure_margin, state.generation, state, bundle=None
         )
+
+    def locate(self, key: tuple[str, int]) -> Path:
+        """A version's file for the pager: live, or its retired copy once a newer generation retired it (a rollback),
+        so that the generation still served answers with it until the replica moves on, instead of failing."""
+        tenant, version = key
+        for retired in (False, True):
+            try:
+                path = self.store.path(tenant, version, retired)  # a remote store downloads it (ShardError: none)
+            except ShardError:
+                continue
+            if path.is_file():
+                return path
+        raise ShardError(self.store.path(tenant, version), "no longer in the store, live or retired")
 
     def carry_over(self, previous: ServingState, view: ExpertStore, state: State, trunk: Trunk) -> PagedMixture | None:
         """`previous`'s mixture moved to `state` (see the module's docstring), or None where it can not be (the
