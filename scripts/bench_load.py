@@ -27,6 +27,7 @@ import ast
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,7 +38,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from moe.experiments.bench import LABELS, machine_info, write_store
+from moe.experiments.bench import LABELS, machine_info, write_pathway_store, write_store
 from moe.paths import cache_dir
 from moe.store import ExpertStore, TrunkVersions, tensor_bytes
 from moe.trunk import HFEncoderTrunk
@@ -148,7 +149,7 @@ def run(
     command = [sys.executable, "-m", "moe.serving.http", str(bundle), "--port", str(port), "--verify", "lazy"]
     command += ["--replicas", str(replicas), "--budget-mb", str(budget_mb), "--num-cpus", str(os.cpu_count())]
     command += ["--replica-cpus", str(args.replica_cpus), "--metrics-port", str(free_port()), *extra]
-    name = f"{replicas}{''.join(extra)}{'' if header else '-noheader'}-q{queries}"
+    name = f"{replicas}{''.join(e for e in extra if not e.startswith('{'))}{'' if header else '-noheader'}-q{queries}"
     with open(work / f"service_{name}.log", "w") as log:
         service = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -197,7 +198,9 @@ def run(
     } | ({"during": found} if during is not None else {})
 
 
-def offline(bundle: Path, budget_mb: float, args: argparse.Namespace, batch: int = 64, batches: int = 20) -> dict:
+def offline(
+    bundle: Path | str, budget_mb: float, args: argparse.Namespace, batch: int = 64, batches: int = 20, **options
+) -> dict:
     """`Server.predict` in this process at batch `batch`, on the locust users' texts and Zipf mix of tenants, under the
     replica's device budget."""
     import random
@@ -206,7 +209,7 @@ def offline(bundle: Path, budget_mb: float, args: argparse.Namespace, batch: int
     from moe.serving import Server
 
     texts = locust_texts()
-    server = Server(bundle, int(budget_mb * 2**20), verify="lazy")
+    server = Server(bundle, int(budget_mb * 2**20), verify="lazy", **options)
     tenants = server.tenants
     random.Random(0).shuffle(tenants)
     weights = list(accumulate(1 / (i + 1) ** args.zipf for i in range(len(tenants))))
@@ -222,6 +225,45 @@ def offline(bundle: Path, budget_mb: float, args: argparse.Namespace, batch: int
     for queries, names in chunks[1:]:
         server.predict(queries, names)
     return {"batch": batch, "queries_per_s": batch * batches / (time.perf_counter() - started)}
+
+
+def prepare_pathway_store(tenants: int) -> Path:
+    """A local store of `tenants` synthetic pathway experts of the CLINC150 shape on the MiniLM trunk (recorded),
+    its first generation published, built once into the user cache: uploaded to the S3 server for `--pathway`."""
+    root = cache_dir() / "bench" / f"pathway_{tenants}"
+    if (root / ".ready").is_file():
+        return root
+    subprocess.run(["rm", "-rf", str(root)], check=True)
+    trunk = HFEncoderTrunk()
+    write_pathway_store(root, tenants, trunk)
+    TrunkVersions(root).record(trunk)
+    ExpertStore(root).rescan()
+    (root / ".ready").write_text("")
+    return root
+
+
+def pathway(args: argparse.Namespace, work: Path) -> dict:
+    """The throughput runs on `--pathway` pathway experts in an S3 bucket (a moto server on localhost): each
+    replica's local disk a cache of `--disk-budget-mb` and its device budget `--pathway-budget-mb`, both below the
+    working set, so that paging moves real bytes (from the bucket to the disk, from the disk to memory)."""
+    import fsspec
+
+    from moe.store.remote import _default_cache
+    from tests.moto_s3 import moto_s3
+
+    local = prepare_pathway_store(args.pathway)
+    url = "s3://bench/pathway"
+    with moto_s3("bench") as options:
+        start = time.perf_counter()
+        fsspec.filesystem("s3", **options).put(str(local), "bench/pathway", recursive=True)
+        uploaded = time.perf_counter() - start
+        shutil.rmtree(_default_cache(url, "stores"), ignore_errors=True)  # every run starts with a cold disk cache
+        store_options = options | {"cache_budget_bytes": int(args.disk_budget_mb * 2**20)}
+        found = throughput(url, args.pathway_budget_mb, args, work, store_options)
+        shutil.rmtree(_default_cache(url, "stores"), ignore_errors=True)
+    shard = next(local.glob("p*/v0001.safetensors")).stat().st_size
+    sizes = {"shard_bytes": shard, "working_set_bytes": shard * args.pathway, "upload_s": uploaded}
+    return found | {"store": sizes | {"url": url, "local_copy": str(local)}}
 
 
 GROWN = "live_grown"  # the tenant grown during the load
@@ -402,16 +444,21 @@ def compare_batching(bundle: Path, budget_mb: float, args: argparse.Namespace, w
     }
 
 
-def throughput(source: Path, budget_mb: float, args: argparse.Namespace, work: Path) -> dict:
+def throughput(
+    source: Path | str, budget_mb: float, args: argparse.Namespace, work: Path, store_options: dict | None = None
+) -> dict:
     """One replica and two (`--replicas`), each at every `--queries` per request, and `Server.predict` at batch 64
     on the same source, budget, mix and machine, in this process after the services stopped."""
     results = []
+    extra = ("--store-options", json.dumps(store_options)) if store_options else ()
     for replicas in args.replicas:
         for queries in args.queries:
-            results.append(run(source, replicas, budget_mb, args, work, header=queries == 1, queries=queries))
+            results.append(run(source, replicas, budget_mb, args, work, extra, header=queries == 1, queries=queries))
             print(json.dumps(results[-1]), flush=True)
     load = os.getloadavg()
-    server = offline(source, budget_mb, args) | {"load_average_before": load, "load_average_after": os.getloadavg()}
+    options = {"store_options": store_options} if store_options else {}
+    server = offline(source, budget_mb, args, **options)
+    server |= {"load_average_before": load, "load_average_after": os.getloadavg()}
     for result in results:
         result["queries_over_server_predict"] = result["queries_per_s"] / server["queries_per_s"]
     return {"results": results, "server_predict_batch64": server}
@@ -432,10 +479,23 @@ def main() -> None:
     parser.add_argument("--store", action="store_true", help="serve an expert store (followed), not a bundle")
     parser.add_argument("--learning", action="store_true", help="the store learns during the load (implies --store)")
     parser.add_argument("--sample", type=float, default=0.02, help="--learning: share of other answers checked")
+    parser.add_argument("--pathway", type=int, default=0, help="this many pathway experts on a moto S3 server")
+    parser.add_argument("--pathway-budget-mb", type=float, default=64.0, help="--pathway: device budget per replica")
+    parser.add_argument("--disk-budget-mb", type=float, default=1024.0, help="--pathway: disk cache per replica")
     parser.add_argument("--compare-batching", action="store_true", help="one replica: split batches against mixed")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/load.json"))
     args = parser.parse_args()
     args.store = args.store or args.learning
+    if args.pathway:
+        report = {"benchmark": "load, pathway experts on S3", "machine": machine_info(), "settings": vars(args)}
+        report["settings"]["out"] = str(args.out)
+        with tempfile.TemporaryDirectory() as work:
+            report |= pathway(args, Path(work))
+        report["load_average_after"] = os.getloadavg()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
     source = prepare_store(args.tenants, args.rank) if args.store else prepare_bundle(args.tenants, args.rank)
     experts = ExpertStore(source if args.store else source / "experts")
     meta = experts.meta(experts.tenants()[0])

@@ -60,6 +60,7 @@ def test_a_carried_over_mixture_answers_as_a_fresh_server_after_every_write(stor
         write()
         assert server.refresh()
         assert server.model.pager is pager  # carried over, not built afresh
+        assert set(pager.resident()) <= set(server.model.keys)  # a dropped expert's memory freed
         fresh = Server(store.root, trunk=trunk, index=index, verify="lazy")
         assert server.tenants == fresh.tenants
         assert torch.equal(server.model.router.weight, fresh.model.router.weight)

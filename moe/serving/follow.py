@@ -234,6 +234,8 @@ class StoreSource:
                     if key in getattr(theirs, table):
                         getattr(loader, table)[key] = getattr(theirs, table)[key]
                 pager.register(key, fresh.pager.sizes[key])
+        for key in set(old.keys) - set(keys):  # dropped (hibernated, retired, another version): its memory freed
+            pager.evict(key)  # still registered: a request of the generation before pages it in again if it must
         model = PagedMixture(
             router, [sources[t][0].experts[sources[t][1]] for t in names], keys, pager, old.input_scale, old.gate_rows
         )

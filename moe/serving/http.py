@@ -36,6 +36,7 @@ on Ray's metrics export port (`--metrics-port`).
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -449,7 +450,9 @@ class MoeService:
             "generation": state.generation,
             "store": self.server.following(),
             "resident_experts": {
-                tier: [state.tenant_of[k] for k in pager.resident(tier)] for tier in ("device", "host")
+                # a pager carried over from an earlier generation may still hold an expert this one dropped
+                tier: [state.tenant_of[k] for k in pager.resident(tier) if k in state.tenant_of]
+                for tier in ("device", "host")
             },
             "hit_rate": {t: summary[t]["hits"] / looked_up[t] if looked_up[t] else None for t in tiers},
             "bytes": {
@@ -512,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-source", choices=["trained", "statistics"], default=defaults.gate_source)
     parser.add_argument("--oos-score", default=None, help="a store: the out-of-scope score (with --threshold)")
     parser.add_argument("--threshold", type=float, default=None, help="a store: the out-of-scope threshold")
+    parser.add_argument(
+        "--store-options", type=json.loads, default=None, help="a store at a URL: fsspec options, as JSON"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     fields = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields and v is not None}
