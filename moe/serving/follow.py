@@ -217,14 +217,22 @@ class StoreSource:
         names = sorted(sources)  # the order a fresh load lays the gate out in
         if not names:
             return None
-        rows = [int(m.router.row_mask[e].sum()) for m, e in (sources[t] for t in names)]
+        counts = {id(m): m.router.row_mask.sum(dim=-1).tolist() for m in (old, fresh) if m is not None}
+        rows = [counts[id(m)][e] for m, e in (sources[t] for t in names)]
         r = old.router
         router = TopKRouter(r.weight.shape[-1], rows, r.top_k, r.normalize_weights, False, r.weight.dtype)
-        with torch.no_grad():
-            for i, tenant in enumerate(names):
-                model, e = sources[tenant]
-                router.weight[i, : rows[i]] = model.router.weight[e, : rows[i]]
-                router.bias[i, : rows[i]] = model.router.bias[e, : rows[i]]
+        width = router.weight.shape[1]
+        with torch.no_grad():  # each source's rows in one gather (padding rows are zeros in both, as a fresh load's)
+            for model in (old, fresh):
+                if model is None:
+                    continue
+                places = [(i, sources[t][1]) for i, t in enumerate(names) if sources[t][0] is model]
+                if not places:
+                    continue
+                to, take = (torch.tensor(p, dtype=torch.long) for p in zip(*places, strict=True))
+                w = min(width, model.router.weight.shape[1])
+                router.weight[to, :w] = model.router.weight[take, :w]
+                router.bias[to, :w] = model.router.bias[take, :w]
         keys = [sources[t][0].keys[sources[t][1]] for t in names]
         pager = old.pager  # shared: its resident experts stay warm; the added ones registered in it
         if fresh is not None:
