@@ -289,27 +289,13 @@ def learning(root: Path, budget_mb: float, args: argparse.Namespace, work: Path)
         store.wake(sleeper)
     first = store.latest(rolled)
     store.save(*synthetic_expert(rolled, args.rank, int(time.time()), fingerprint), allow_dormant=False)
-    reference = Server(root, int(budget_mb * 2**20), verify="lazy")
+    reference = Server(root, int(budget_mb * 2**20), verify="lazy")  # the untouched tenants' offline answers
     texts = locust_texts()
-
-    def offline_answers() -> dict:
-        """What the reference serves now: each watched tenant's answer to each text (None: not served)."""
-        reference.refresh()
-        found = {
-            tenant: dict(zip(texts, [a.to_dict() for a in reference.predict(texts, tenant)], strict=True))
-            if tenant in reference.state.keys_of
-            else None
-            for tenant in (GROWN, sleeper, rolled)
-        }
-        return {"generation": reference.generation, "answers": found}
-
     results = []
     for replicas in args.replicas:
-        tables = {}  # generation -> the watched tenants' offline answers
 
-        def writes(url: str, tables: dict = tables) -> dict:
-            table = offline_answers()
-            tables[table["generation"]] = table["answers"]
+        def writes(url: str) -> dict:
+            """The three writes on schedule (nothing else done meanwhile: the offline answers come after the load)."""
             done = []
             steps = [
                 ("grow", GROWN, lambda: store.save(*synthetic_expert(GROWN, args.rank, 11, fingerprint), True)),
@@ -321,8 +307,6 @@ def learning(root: Path, budget_mb: float, args: argparse.Namespace, work: Path)
                 time.sleep(max(0.0, begun + i * args.seconds / 4 - time.time()))
                 write()
                 done.append({"op": op, "tenant": tenant, "time": time.time(), "generation": store.generation()})
-                table = offline_answers()
-                tables[table["generation"]] = table["answers"]
             return {"writes": done}
 
         records = work / f"records_{replicas}"
@@ -330,7 +314,8 @@ def learning(root: Path, budget_mb: float, args: argparse.Namespace, work: Path)
         env = {"MOE_LOAD_WATCH": ",".join([GROWN, sleeper, rolled]), "MOE_LOAD_RECORD": str(records)}
         env |= {"MOE_LOAD_SAMPLE": str(args.sample)}
         result = run(root, replicas, budget_mb, args, work, ("--follow-s", "1"), env_extra=env, during=writes)
-        result["checks"] = check_records(records, result["during"]["writes"], tables, reference, sleeper)
+        own = OwnAnswers(store, reference.trunk, texts, work / f"own_{replicas}")
+        result["checks"] = check_records(records, result["during"]["writes"], own, reference)
         print(json.dumps(result), flush=True)
         results.append(result)
         store.delete(GROWN)  # the store as it was, but for the rolled-back tenant's retired version
@@ -339,13 +324,40 @@ def learning(root: Path, budget_mb: float, args: argparse.Namespace, work: Path)
     return {"results": results, "watched": {"grown": GROWN, "hibernated": sleeper, "rolled_back": rolled}}
 
 
-def check_records(folder: Path, writes: list[dict], tables: dict, reference, sleeper: str) -> dict:
+class OwnAnswers:
+    """The offline answer of a tenant at the version a generation names: a `Server` over that one version alone (a
+    tenant-given answer depends on the tenant's own expert only: tests/test_exactness.py), copied from the store
+    (live or retired) into a folder of its own, on the reference's trunk."""
+
+    def __init__(self, store: ExpertStore, trunk, texts: list[str], folder: Path):
+        self.store, self.trunk, self.texts, self.folder = store, trunk, texts, folder
+        self.found: dict[tuple[str, int], dict | None] = {}
+
+    def at(self, generation: int, tenant: str) -> dict | None:
+        """Each text's answer at `generation` (None: the tenant is not served then)."""
+        entry = self.store.generations.state(generation).tenants.get(tenant)
+        if entry is None or entry.dormant:
+            return None
+        key = (tenant, entry.version)
+        if key not in self.found:
+            from moe.serving import Server
+
+            live, retired = self.store.path(*key), self.store.path(*key, retired=True)
+            target = self.folder / f"{tenant}_v{entry.version}" / tenant / "v0001.safetensors"
+            target.parent.mkdir(parents=True)
+            shutil.copy(live if live.is_file() else retired, target)
+            server = Server(target.parent.parent, trunk=self.trunk)
+            answers = [a.to_dict() for a in server.predict(self.texts, tenant)]
+            self.found[key] = dict(zip(self.texts, answers, strict=True))
+        return self.found[key]
+
+
+def check_records(folder: Path, writes: list[dict], own: OwnAnswers, reference) -> dict:
     """The recorded answers against the offline answers of the generation that gave each (`learning`)."""
     records = [json.loads(line) for path in folder.glob("*.jsonl") for line in path.read_text().splitlines()]
     watched = {w["tenant"]: w for w in writes}
     grown, slept = (next(w for w in writes if w["op"] == op) for op in ("grow", "hibernate"))
     others = sorted({(r["tenant"], r["text"]) for r in records if not r["watched"] and r["status"] == 200})
-    reference.refresh()
     found = reference.predict([t for _, t in others], [n for n, _ in others]) if others else []
     untouched = {pair: answer.to_dict() for pair, answer in zip(others, found, strict=True)}
     errors, wrong, expected_404, checked, exact = [], [], 0, 0, 0
@@ -364,11 +376,7 @@ def check_records(folder: Path, writes: list[dict], tables: dict, reference, sle
         if r["status"] != 200 or g is None:
             errors.append(r)
             continue
-        if r["watched"]:
-            table = tables[max(k for k in tables if k <= g)]
-            want = (table.get(r["tenant"]) or {}).get(r["text"])
-        else:
-            want = untouched[(r["tenant"], r["text"])]
+        want = (own.at(g, r["tenant"]) or {}).get(r["text"]) if r["watched"] else untouched[r["tenant"], r["text"]]
         checked += 1
         exact += r["answer"] == want
         if not same_answer(r["answer"], want):
