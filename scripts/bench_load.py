@@ -343,7 +343,7 @@ class OwnAnswers:
             from moe.serving import Server
 
             live, retired = self.store.path(*key), self.store.path(*key, retired=True)
-            target = self.folder / f"{tenant}_v{entry.version}" / tenant / "v0001.safetensors"
+            target = self.folder / f"{tenant}_v{entry.version}" / tenant / live.name  # its own version's name
             target.parent.mkdir(parents=True)
             shutil.copy(live if live.is_file() else retired, target)
             server = Server(target.parent.parent, trunk=self.trunk)
