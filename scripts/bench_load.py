@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import csv
 import json
 import os
@@ -154,7 +155,11 @@ def run(
         service = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         started = time.perf_counter()
-        wait_for(f"{url}/health", service)
+        try:
+            wait_for(f"{url}/health", service)
+        except RuntimeError:
+            print((work / f"service_{name}.log").read_text()[-3000:], file=sys.stderr)
+            raise
         startup = time.perf_counter() - started
         time.sleep(5)  # every replica up (the health route answers from the first)
         prefix = work / f"locust_{name}"
@@ -170,7 +175,8 @@ def run(
         users.wait(timeout=args.seconds + 120)
         stats = replica_stats(url, replicas)
     finally:
-        os.killpg(service.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # exited already
+            os.killpg(service.pid, signal.SIGTERM)
         try:
             service.wait(timeout=60)
         except subprocess.TimeoutExpired:

@@ -84,8 +84,10 @@ class ServingState:
 
 
 def is_bundle(location: str | Path, **options) -> bool:
-    """Whether `location` (a folder or an fsspec URL) holds a bundle (its manifest) rather than an expert store."""
+    """Whether `location` (a folder or an fsspec URL) holds a bundle (its manifest) rather than an expert store.
+    `options`: fsspec's, and `open_store`'s own (the cache's folder and budget), which fsspec is not given."""
     if is_url(location):
+        options = {k: v for k, v in options.items() if k not in ("cache_dir", "cache_budget_bytes")}
         fs, prefix = fsspec.core.url_to_fs(str(location), **options)
         return fs.exists(f"{prefix.rstrip('/')}/{MANIFEST}")
     return (Path(location) / MANIFEST).is_file()
