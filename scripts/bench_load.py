@@ -501,8 +501,8 @@ def main() -> None:
     args = parser.parse_args()
     args.store = args.store or args.learning
     if args.pathway:
-        report = {"benchmark": "load, pathway experts on S3", "machine": machine_info(), "settings": vars(args)}
-        report["settings"]["out"] = str(args.out)
+        settings = vars(args) | {"out": str(args.out)}  # a copy: args.out stays a path
+        report = {"benchmark": "load, pathway experts on S3", "machine": machine_info(), "settings": settings}
         with tempfile.TemporaryDirectory() as work:
             report |= pathway(args, Path(work))
         report["load_average_after"] = os.getloadavg()
