@@ -9,6 +9,14 @@ Per mode: seconds to build the mixture (`load_mixture`), bytes the process read 
 resident memory it added (VmRSS after minus before, per tenant), and then, with an expert budget of `--budget`
 of the tenants, the median batch-1 latency of a tenant-given query (its expert paged in) and of a routed one (the
 gate's exact scan over every row; in lazy mode also through the gate-row index, `RowIndex`, with its build time).
+`--follow`: instead, a replica following a store of `--tenants` experts (`scripts/bench_load.py`'s, on the MiniLM trunk,
+lazily registered, routed through the gate-row index): the seconds of a fresh build of its generation (what every
+generation cost when replicas rebuilt the whole mixture) beside the seconds each lifecycle write takes and then the
+replica's move to the generation it published (`Server.refresh`: the mixture carried over). The writes undo
+themselves (a tenant grown then deleted, one hibernated then woken, one updated then rolled back).
+
+    python scripts/bench_registration.py --follow --out scripts/results/registration/follow.json
+
 The store is written once (synthetic experts of a CLINC150 domain's shape:
 384 features, 15 labels, adapter rank `--rank`) into the user cache and reused; the page cache is warm for both
 modes alike (the store was just written or read).
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -30,7 +39,7 @@ import torch
 from moe.experiments.bench import DIM, LABELS, SYNTHETIC_FINGERPRINT, machine_info, rss_bytes, write_store
 from moe.inference import RowIndex, load_mixture
 from moe.paths import cache_dir
-from moe.store import ExpertStore
+from moe.store import ExpertStore, TrunkVersions
 
 
 def bytes_read() -> int:
@@ -93,6 +102,52 @@ def measure(store_dir: Path, verify: str, budget: float, queries: int) -> dict:
     }
 
 
+def follow(tenants: int, rank: int) -> dict:
+    """A replica following a store of `tenants` experts through writes that undo themselves (see the docstring)."""
+    from bench_load import prepare_store  # this script's folder is first on the path
+
+    from moe.experiments.bench import synthetic_expert
+    from moe.inference import IndexSettings
+    from moe.serving import Server
+
+    root = prepare_store(tenants, rank)
+    store = ExpertStore(root)
+    trunk = TrunkVersions(root).current() or store.meta(store.tenants()[0]).trunk_fingerprint
+    start = time.perf_counter()
+    server = Server(root, verify="lazy", index=IndexSettings())
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    server.source.build()  # a fresh build of the same generation: what a whole rebuild costs
+    rebuild = time.perf_counter() - start
+    grown, sleeper, updated = "follow_grown", store.tenants()[1], store.tenants()[2]
+    version = store.latest(updated)
+    writes = [
+        ("grow", lambda: store.save(*synthetic_expert(grown, rank, 7, trunk), new_tenant=True)),
+        ("hibernate", lambda: store.hibernate(sleeper)),
+        ("update", lambda: store.save(*synthetic_expert(updated, rank, 8, trunk), allow_dormant=False)),
+        ("rollback", lambda: store.rollback(updated, version)),
+        ("wake", lambda: store.wake(sleeper)),
+        ("delete", lambda: store.delete(grown)),
+    ]
+    steps = []
+    for op, write in writes:
+        start = time.perf_counter()
+        write()
+        written = time.perf_counter()
+        assert server.refresh(), f"{op}: no new generation to move to"
+        steps.append({"op": op, "write_s": written - start, "follow_s": time.perf_counter() - written})
+        steps[-1] |= {"generation": server.generation, "index_masked_share": server.model.index.masked_share}
+        print(json.dumps(steps[-1]), flush=True)
+    return {
+        "tenants": len(server.tenants),
+        "first_build_s": first,
+        "fresh_build_s": rebuild,
+        "writes": steps,
+        "worst_follow_s": max(s["follow_s"] for s in steps),
+        "store": str(root),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tenants", type=int, default=10_000)
@@ -101,8 +156,18 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--store", type=Path, default=None, help="default: the user cache")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/registration.json"))
+    parser.add_argument("--follow", action="store_true", help="a replica following a store through writes")
     parser.add_argument("--child", choices=["full", "lazy"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.follow:
+        report = {"benchmark": "follow", "machine": machine_info(), "settings": vars(args) | {"out": str(args.out)}}
+        report |= follow(args.tenants, args.rank)
+        report["machine_after"] = {"load_average": os.getloadavg()}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        fresh, worst = report["fresh_build_s"], report["worst_follow_s"]
+        print(f"wrote {args.out}: fresh build {fresh:.1f} s, worst follow {worst:.2f} s")
+        return
     store_dir = args.store or cache_dir() / "bench" / f"registration_{args.tenants}_r{args.rank}"
     if args.child:
         print(json.dumps(measure(store_dir, args.child, args.budget, args.queries)))

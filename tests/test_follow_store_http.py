@@ -17,7 +17,7 @@ import pytest
 from moe.data import read_tenant_file
 from moe.lifecycle import Lifecycle
 from moe.serving import Server
-from moe.serving.http import build_app
+from moe.serving.http import GENERATION_HEADER, build_app
 from moe.store import ExpertStore, RemoteStore
 from moe.trunk import TinyTrunk
 from tests.helpers import SYNTHETIC, fast_growth, write_tenant_csv
@@ -40,6 +40,17 @@ def call(url: str, body: object = None) -> tuple[int, object]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+def generation_of(service: str, text: str, tenant: str | None) -> str | None:
+    """The generation an answer (or a refusal) of /predict names in its header."""
+    data = json.dumps({"text": text, "tenant": tenant}).encode()
+    request = urllib.request.Request(f"{service}/predict", data, {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.headers.get(GENERATION_HEADER)
+    except urllib.error.HTTPError as error:
+        return error.headers.get(GENERATION_HEADER)
 
 
 def free_port() -> int:
@@ -161,6 +172,7 @@ def check_step(service: str, store: ExpertStore, texts: list[str], name: str, wr
     write()
     delay = served(service, store.generation())
     got = over_http(service, texts, EVERYONE)
+    assert {generation_of(service, texts[0], t) for t in EVERYONE} == {str(store.generation())}  # 404s too
     expected = offline(store, texts, EVERYONE, cache)
     for tenant, replies in got.items():
         if expected[tenant] is not None:

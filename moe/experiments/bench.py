@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from moe.model import ExpertInfo, build_mixture
 from moe.progress import bar
-from moe.store import ExpertStore, expert_shards, write_shard
+from moe.store import ExpertMeta, ExpertStore, expert_shards, write_shard
 from moe.store.precision import DTYPES, cast_shard
 
 DIM, LABELS = 384, 15  # the shape of a CLINC150 domain expert on all-MiniLM-L6-v2
@@ -55,6 +56,59 @@ def write_store(
             # checks, whose scan of every tenant for a clash of case would make writing n experts O(n^2)
             write_shard(store.path(meta.tenant, 1), *cast_shard(tensors, meta.with_version(1), dtype))
     return store
+
+
+def write_pathway_store(
+    root: str | Path,
+    tenants: int,
+    trunk,
+    layers: int = 6,
+    lora_rank: int = 16,
+    rank: int = 16,
+    seed: int = 0,
+    std: float = 0.02,
+    progress: bool = True,
+) -> ExpertStore:
+    """A fresh store of `tenants` pathway experts on `trunk` (a Hugging Face encoder: MiniLM for the CLINC150 shape),
+    as `write_store` writes adapters: `LABELS` labels, adapter rank `rank`, and a LoRA pathway over the trunk's top
+    `layers` layers at rank `lora_rank` (6 and 16: about 2.7 MB of weights each), every LoRA tensor drawn from a
+    normal of deviation `std`, so that each expert's pathway is its own. Written through the shard writer
+    (`write_shard`), checked against the shapes the architecture implies."""
+    from moe.model.pathway import PathwaySpec, pathway_shapes
+
+    torch.manual_seed(seed)
+    store = ExpertStore(root)
+    if store.records():
+        raise FileExistsError(f"write_pathway_store writes a fresh store, but {store.root} has experts")
+    spec = PathwaySpec(layers, lora_rank)
+    infos = [ExpertInfo(f"p{i:05d}", tuple(f"intent{j}" for j in range(LABELS))) for i in range(tenants)]
+    chunks = bar(range(0, tenants, 16), f"writing {tenants} pathway shards", "chunk", enabled=progress)
+    for start in chunks:
+        model = build_mixture(infos[start : start + 16], DIM, rank=rank)
+        with torch.no_grad():
+            model.get_parameter("bank.up").normal_(std=std)
+        for tensors, meta in expert_shards(model, trunk.fingerprint):
+            arch = meta.architecture | spec.architecture(trunk)
+            shapes = pathway_shapes(arch, LABELS)
+            lora = {name: torch.randn(shape) * std for name, shape in shapes.items() if name.startswith("lora.")}
+            statistics = {name: torch.zeros(shape) for name, shape in shapes.items() if name.startswith("pathway.")}
+            statistics["pathway.count"] += 1.0
+            meta = replace(meta, architecture=arch).with_version(1)
+            write_shard(store.path(meta.tenant, 1), tensors | lora | statistics, meta)
+    return store
+
+
+def synthetic_expert(
+    tenant: str, rank: int, seed: int, trunk_fingerprint: str = SYNTHETIC_FINGERPRINT, std: float = 0.02
+) -> tuple[dict[str, torch.Tensor], ExpertMeta]:
+    """One expert of `write_store`'s shape for `tenant` (its up-projection drawn from `seed`), to `ExpertStore.save`:
+    a tenant grown, or a new version of one, in a benchmark store."""
+    torch.manual_seed(seed)
+    model = build_mixture([ExpertInfo(tenant, tuple(f"intent{j}" for j in range(LABELS)))], DIM, rank=rank)
+    with torch.no_grad():
+        model.get_parameter("bank.up").normal_(std=std)
+    (tensors, meta), *_ = expert_shards(model, trunk_fingerprint)
+    return tensors, meta
 
 
 def zipf_probabilities(n: int, s: float) -> np.ndarray:

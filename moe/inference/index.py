@@ -8,13 +8,16 @@ The rows found name candidate experts; each candidate is then scored exactly, th
 set is approximate (its recall of the exact top-k is measured by scripts/bench_routing_index.py).
 
 The index reads the router's rows when built and scores candidates from the router itself: rebuild it after
-the router's rows change.
+the router's rows change, or carry it over to a router whose experts changed (`RowIndex.follow`: the rows of added
+experts inserted into the graph, those of removed ones masked, a rebuild once masked rows pass `MAX_MASKED` of it).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -26,6 +29,7 @@ from moe.model import RouterOutput, TopKRouter, check_choice
 
 Library = Literal["hnswlib", "faiss", "usearch"]
 Metric = Literal["l2", "ip"]  # the MIPS-to-L2 reduction, or inner products on the augmented rows as they are
+MAX_MASKED = 0.2  # `follow` rebuilds the graph when more than this share of its rows belongs to removed experts
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class IndexSettings:
 class _Graph(Protocol):
     def search(self, queries: np.ndarray, count: int, ef: int) -> np.ndarray: ...  # (b, count) ids, -1: none
 
+    def add(self, vectors: np.ndarray, start: int) -> None: ...  # graph ids start, start + 1, ...
+
     def nbytes(self) -> int: ...
 
 
@@ -56,6 +62,10 @@ class _Hnswlib:
         self.index = hnswlib.Index(space=metric, dim=vectors.shape[1])
         self.index.init_index(max_elements=len(vectors), ef_construction=s.ef_construction, M=s.M, random_seed=0)
         self.index.add_items(vectors, np.arange(len(vectors)), num_threads=threads)
+
+    def add(self, vectors: np.ndarray, start: int) -> None:
+        self.index.resize_index(start + len(vectors))
+        self.index.add_items(vectors, np.arange(start, start + len(vectors)), num_threads=self.threads)
 
     def search(self, queries: np.ndarray, count: int, ef: int) -> np.ndarray:
         self.index.set_ef(ef)
@@ -76,6 +86,10 @@ class _Faiss:
         kind = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
         self.index = faiss.IndexHNSWFlat(vectors.shape[1], s.M, kind)
         self.index.hnsw.efConstruction = s.ef_construction
+        self.index.add(vectors)
+
+    def add(self, vectors: np.ndarray, start: int) -> None:  # faiss numbers rows in the order added
+        self.faiss.omp_set_num_threads(self.threads)
         self.index.add(vectors)
 
     def search(self, queries: np.ndarray, count: int, ef: int) -> np.ndarray:
@@ -101,6 +115,9 @@ class _Usearch:
         )
         self.index.add(np.arange(len(vectors)), vectors, threads=threads)
 
+    def add(self, vectors: np.ndarray, start: int) -> None:
+        self.index.add(np.arange(start, start + len(vectors)), vectors, threads=self.threads)
+
     def search(self, queries: np.ndarray, count: int, ef: int) -> np.ndarray:
         self.index.expansion_search = ef
         matches = self.index.search(queries, count, threads=self.threads)
@@ -118,9 +135,19 @@ GRAPHS = {"hnswlib": _Hnswlib, "faiss": _Faiss, "usearch": _Usearch}
 class RowIndex:
     """Routed top-k over a router's rows through an approximate nearest-neighbour graph (`RowIndex.build`)."""
 
-    def __init__(self, router: TopKRouter, graph: _Graph, ids: torch.Tensor, settings: IndexSettings):
+    def __init__(
+        self,
+        router: TopKRouter,
+        graph: _Graph,
+        ids: torch.Tensor,
+        settings: IndexSettings,
+        lift: float = 0.0,
+        lock: threading.Lock | None = None,
+    ):
         self.router, self.graph, self.settings = router, graph, settings
-        self.ids = ids  # (n,) flat row ids e * m + j of the indexed (non-padding) rows, by graph id
+        self.ids = ids  # (n,) flat row ids e * m + j of the indexed (non-padding) rows, by graph id; -1: masked
+        self.lift = lift  # metric "l2": the squared norm every augmented row is lifted to (the largest when built)
+        self.lock = lock or threading.Lock()  # the graph's: shared with the indices `follow` carries it over to
 
     @classmethod
     @torch.no_grad()
@@ -136,18 +163,48 @@ class RowIndex:
         ids = router.row_mask.flatten().nonzero().flatten()
         if len(ids) == 0:
             raise ValueError("the router has no rows to index (every row is padding)")
-        weight = router.weight.detach().flatten(0, 1)[ids].float().cpu()  # (n, d)
-        rows = torch.cat([weight, router.bias.detach().flatten()[ids, None].float().cpu()], dim=1)  # (n, d + 1)
-        if s.metric == "l2":  # every augmented row gets the same norm, so nearest in L2 is largest inner product
-            norms = rows.double().square().sum(-1)
-            rows = torch.cat([rows, (norms.max() - norms).clamp(min=0).sqrt().float()[:, None]], dim=1)
+        rows = _rows(router, ids)
+        lift = float(rows.double().square().sum(-1).max()) if s.metric == "l2" else 0.0
         threads = s.threads or torch.get_num_threads()
-        graph = GRAPHS[s.library](np.ascontiguousarray(rows.numpy()), s.metric, s, threads)
-        return cls(router, graph, ids, s)
+        graph = GRAPHS[s.library](_lifted(rows, s.metric, lift), s.metric, s, threads)
+        return cls(router, graph, ids, s, lift)
+
+    @torch.no_grad()
+    def follow(self, router: TopKRouter, moved: torch.Tensor, added: list[int]) -> RowIndex:
+        """This index carried over to `router`, a router whose experts changed: `moved` (old experts,) gives each old
+        expert's place in `router` (-1: removed, its rows masked in the graph), `added` the experts of `router` new to
+        it (their rows inserted). Built afresh instead when the masked rows would pass `MAX_MASKED` of the graph, when
+        the rows per expert changed, or (metric "l2") when a new row is longer than the rows the graph was lifted
+        to. The old index keeps answering as it did (its `ids` are not touched): requests still routed by the old
+        generation see the old graph's rows; the graph only grows, and the old ids never name the added rows."""
+        # e: experts, m: rows per expert, n: indexed rows (graph ids)
+        old_m, m = self.router.weight.shape[1], router.weight.shape[1]
+        if m != old_m or self.router.weight.shape[-1] != router.weight.shape[-1]:
+            return RowIndex.build(router, self.settings)
+        old = self.ids.clamp(min=0)
+        expert = moved[old // m]
+        ids = torch.where((self.ids >= 0) & (expert >= 0), expert * m + old % m, -1)
+        new = router.row_mask[added].nonzero() if added else torch.zeros(0, 2, dtype=torch.long)
+        new_ids = torch.tensor(added, dtype=torch.long)[new[:, 0]] * m + new[:, 1] if added else new[:, 0]
+        total = len(ids) + len(new_ids)
+        if total == 0 or (ids < 0).sum().item() > MAX_MASKED * total:
+            return RowIndex.build(router, self.settings)
+        rows = _rows(router, new_ids)
+        if self.settings.metric == "l2" and len(rows) and rows.double().square().sum(-1).max() > self.lift:
+            return RowIndex.build(router, self.settings)
+        with self.lock:
+            if len(rows):
+                self.graph.add(_lifted(rows, self.settings.metric, self.lift), len(ids))
+        return RowIndex(router, self.graph, torch.cat([ids, new_ids]), self.settings, self.lift, self.lock)
 
     @property
     def num_rows(self) -> int:
-        return len(self.ids)
+        """Rows the graph answers with (masked rows not counted)."""
+        return int((self.ids >= 0).sum())
+
+    @property
+    def masked_share(self) -> float:
+        return 1.0 - self.num_rows / len(self.ids)
 
     def nbytes(self) -> int:
         """Bytes of the graph and its vectors, as the library serialises them (the router's rows not counted)."""
@@ -157,11 +214,15 @@ class RowIndex:
         """(b, rows) flat ids (e * m + j) of the rows found nearest to each input, -1 where fewer were found."""
         s = self.settings
         rows, ef = min(rows or s.rows, self.num_rows), ef or s.ef
+        if self.num_rows < len(self.ids):  # about as many live rows among those found as without masks
+            rows = min(len(self.ids), math.ceil(rows * len(self.ids) / max(1, self.num_rows)))
         queries = torch.cat([x.detach().float().cpu(), torch.ones(x.shape[0], 1)], dim=1)
         if s.metric == "l2":
             queries = torch.cat([queries, torch.zeros(x.shape[0], 1)], dim=1)
-        found = self.graph.search(np.ascontiguousarray(queries.numpy()), rows, max(ef, rows))
+        with self.lock:
+            found = self.graph.search(np.ascontiguousarray(queries.numpy()), rows, max(ef, rows))
         found = torch.from_numpy(found).to(self.ids.device)
+        found = found.masked_fill(found >= len(self.ids), -1)  # rows added for a later generation's router
         return self.ids[found.clamp(min=0)].masked_fill(found < 0, -1)
 
     @torch.no_grad()
@@ -222,6 +283,21 @@ class RowIndex:
         rows = rows.masked_fill(~router.row_mask[chosen], float("-inf"))
         zero = top.new_zeros(())
         return RouterOutput(logits, None, top.logsumexp(-1), rows.amax(dim=(1, 2)), probs, chosen, weights, zero, zero)
+
+
+def _rows(router: TopKRouter, ids: torch.Tensor) -> torch.Tensor:
+    """(n, d + 1) the router's rows `ids` (flat e * m + j) with their bias: x' . row' is the row's logit."""
+    weight = router.weight.detach().flatten(0, 1)[ids].float().cpu()
+    return torch.cat([weight, router.bias.detach().flatten()[ids, None].float().cpu()], dim=1)
+
+
+def _lifted(rows: torch.Tensor, metric: Metric, lift: float) -> np.ndarray:
+    """The graph's vectors: for "l2", each row lifted by one coordinate to squared norm `lift` (so that nearest in
+    L2 is largest inner product); for "ip", the rows as they are."""
+    if metric == "l2":
+        norms = rows.double().square().sum(-1)
+        rows = torch.cat([rows, (lift - norms).clamp(min=0).sqrt().float()[:, None]], dim=1)
+    return np.ascontiguousarray(rows.numpy())
 
 
 def _check_linear(router: TopKRouter) -> None:

@@ -4,9 +4,14 @@ A `ServingState` is everything one request is answered by (trunk, mixture, out-o
 it is built whole and never changed afterwards. A `StoreSource` builds the state of a store's latest generation
 (`ExpertStore.at`: exactly the tenants, versions and trunk that generation names) with the one mixture builder,
 `load_mixture`, as a fresh server would, so a server that followed the store answers as a fresh one does, to the bit.
-Each generation is built afresh (gate rows, statistics pooled as a fresh load pools them, and the routing index);
-the previous state's trunk is reused while the fingerprint stays. A `Follower` polls the store and swaps the new state
-in (`Server.refresh`).
+The next generation is carried over from the previous state (`carry_over`) when its gate reads stored rows: only the
+tenants whose (tenant, version) changed are read (through `load_mixture`, so checked as a fresh load checks them),
+the untouched ones keep their registration (no header re-read), the gate is laid out again in sorted tenant order
+from the rows held (a copy: the same tensor a fresh load fills, so the same answers to the bit), the pager and its
+resident experts are shared, and the routing index is carried over (`RowIndex.follow`: added rows inserted, removed
+ones masked, rebuilt past `moe.inference.index.MAX_MASKED`). The statistics gate pools every expert's statistics into
+every row, so that generation is built afresh, its pooled rows computed as a fresh load computes them; so is a
+generation on another trunk. A `Follower` polls the store and swaps the new state in (`Server.refresh`).
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import fsspec
+import torch
 
 from moe.inference import GateSettings, IndexSettings, PagedMixture, Verify, load_mixture
 from moe.inference.answers import DEFAULT_OOS_SCORE, UNSURE_MARGIN, check_oos_rule
 from moe.inference.bundle import open_bundle
+from moe.model import TopKRouter
 from moe.store import ExpertStore, RemoteStore, ShardError, TrunkVersions, is_url, open_store
 from moe.store.bundle import MANIFEST, Bundle
 from moe.store.generation import State
@@ -77,8 +84,10 @@ class ServingState:
 
 
 def is_bundle(location: str | Path, **options) -> bool:
-    """Whether `location` (a folder or an fsspec URL) holds a bundle (its manifest) rather than an expert store."""
+    """Whether `location` (a folder or an fsspec URL) holds a bundle (its manifest) rather than an expert store.
+    `options`: fsspec's, and `open_store`'s own (the cache's folder and budget), which fsspec is not given."""
     if is_url(location):
+        options = {k: v for k, v in options.items() if k not in ("cache_dir", "cache_budget_bytes")}
         fs, prefix = fsspec.core.url_to_fs(str(location), **options)
         return fs.exists(f"{prefix.rstrip('/')}/{MANIFEST}")
     return (Path(location) / MANIFEST).is_file()
@@ -136,7 +145,8 @@ class StoreSource:
             if not state.awake:
                 raise ValueError(f"expert store {self.store.root} has no awake tenant at generation {state.generation}")
             trunk = self._trunk(state, view, previous)
-            model = load_mixture(
+            model = self.carry_over(previous, view, state, trunk) if previous is not None else None
+            model = model or load_mixture(
                 view,
                 gate=self.gate,
                 trunk_fingerprint=trunk.fingerprint,
@@ -148,6 +158,7 @@ class StoreSource:
                 index=self.index,
                 trunk=trunk,
             )
+            model.pager.load.locate = self.locate
             if not model.left_out or self.store.generation() == state.generation:
                 break
             log.info("generation %d of %s moved on while it loaded: loading the latest", state.generation, self.store)
@@ -156,6 +167,99 @@ class StoreSource:
         return ServingState(
             trunk, model, self.oos_score, self.threshold, self.unsure_margin, state.generation, state, bundle=None
         )
+
+    def locate(self, key: tuple[str, int]) -> Path:
+        """A version's file for the pager: live, or its retired copy once a newer generation retired it (a rollback),
+        so that the generation still served answers with it until the replica moves on, instead of failing."""
+        tenant, version = key
+        for retired in (False, True):
+            try:
+                path = self.store.path(tenant, version, retired)  # a remote store downloads it (ShardError: none)
+            except ShardError:
+                continue
+            if path.is_file():
+                return path
+        raise ShardError(self.store.path(tenant, version), "no longer in the store, live or retired")
+
+    def carry_over(self, previous: ServingState, view: ExpertStore, state: State, trunk: Trunk) -> PagedMixture | None:
+        """`previous`'s mixture moved to `state` (see the module's docstring), or None where it can not be (the
+        statistics gate, another trunk, no awake tenant loadable, or added experts unlike the previous ones)."""
+        old = previous.model
+        if self.gate.source != "trained" or previous.trunk.fingerprint != trunk.fingerprint:
+            return None
+        if previous.store_state is None or previous.store_state.trunk != state.trunk:
+            return None
+        wanted = {t: (t, state.tenants[t].version) for t in state.awake}
+        old_tenants = [old.tenants[t] for t in old.expert_tenant.tolist()]  # each old expert's tenant
+        held = dict(zip(old_tenants, old.keys, strict=True))
+        added = sorted(t for t, key in wanted.items() if held.get(t) != key)  # new, another version, or left out
+        fresh = None
+        if added:
+            try:
+                fresh = load_mixture(
+                    view,
+                    tenants=added,
+                    gate=self.gate,
+                    trunk_fingerprint=trunk.fingerprint,
+                    device=self.device,
+                    budget_bytes=self.budget_bytes,
+                    host_budget_bytes=self.host_budget_bytes,
+                    skip_failed=True,
+                    verify=self.verify,
+                    trunk=trunk,
+                )
+            except ValueError:  # none of them loads: the fresh build says why, tenant by tenant
+                return None
+            if not _same_kind(old, fresh):
+                return None
+        # tenant -> (the mixture holding its expert, the expert's place there)
+        sources = {t: (old, e) for e, t in enumerate(old_tenants) if t in wanted and t not in added}
+        if fresh is not None:
+            sources |= {fresh.tenants[t]: (fresh, e) for e, t in enumerate(fresh.expert_tenant.tolist())}
+        names = sorted(sources)  # the order a fresh load lays the gate out in
+        if not names:
+            return None
+        counts = {id(m): m.router.row_mask.sum(dim=-1).tolist() for m in (old, fresh) if m is not None}
+        rows = [counts[id(m)][e] for m, e in (sources[t] for t in names)]
+        r = old.router
+        router = TopKRouter(r.weight.shape[-1], rows, r.top_k, r.normalize_weights, False, r.weight.dtype)
+        width = router.weight.shape[1]
+        with torch.no_grad():  # each source's rows in one gather (padding rows are zeros in both, as a fresh load's)
+            for model in (old, fresh):
+                if model is None:
+                    continue
+                places = [(i, sources[t][1]) for i, t in enumerate(names) if sources[t][0] is model]
+                if not places:
+                    continue
+                to, take = (torch.tensor(p, dtype=torch.long) for p in zip(*places, strict=True))
+                w = min(width, model.router.weight.shape[1])
+                router.weight[to, :w] = model.router.weight[take, :w]
+                router.bias[to, :w] = model.router.bias[take, :w]
+        keys = [sources[t][0].keys[sources[t][1]] for t in names]
+        pager = old.pager  # shared: its resident experts stay warm; the added ones registered in it
+        if fresh is not None:
+            loader, theirs = pager.load, fresh.pager.load
+            for key in fresh.keys:
+                for table in ("paths", "identities", "digests", "trunks", "names"):
+                    if key in getattr(theirs, table):
+                        getattr(loader, table)[key] = getattr(theirs, table)[key]
+                pager.register(key, fresh.pager.sizes[key])
+        for key in set(old.keys) - set(keys):  # dropped (hibernated, retired, another version): its memory freed
+            pager.evict(key)  # still registered: a request of the generation before pages it in again if it must
+        model = PagedMixture(
+            router, [sources[t][0].experts[sources[t][1]] for t in names], keys, pager, old.input_scale, old.gate_rows
+        )
+        model.left_out = dict(fresh.left_out) if fresh is not None else {}
+        model.input_maps = {k: m.input_maps[k] for m, e in sources.values() if (k := m.keys[e]) in m.input_maps}
+        model.expert_trunks = {t: sources[t][0].expert_trunks[t] for t in names}
+        model.pathways = old.pathways
+        if old.index is not None:
+            place = {key: i for i, key in enumerate(keys)}
+            pairs = zip(old.keys, old_tenants, strict=True)
+            kept = [place[k] if t in sources and sources[t][0] is old else -1 for k, t in pairs]
+            new = [place[key] for key in fresh.keys] if fresh is not None else []
+            model.index = old.index.follow(router, torch.tensor(kept, dtype=torch.long), new)
+        return model.to(self.device).eval()
 
     def _trunk(self, state: State, view: ExpertStore, previous: ServingState | None) -> Trunk:
         """The trunk the generation serves on: its recorded current version, else the trunk its experts were trained
@@ -192,6 +296,16 @@ class StoreSource:
             except (ShardError, KeyError, ValueError) as error:
                 problems.append(f"{tenant}: {error}")
         raise ValueError(f"expert store {self.store.root}: no readable expert names its trunk: {problems}")
+
+
+def _same_kind(old: PagedMixture, fresh: PagedMixture) -> bool:
+    """Whether experts loaded on their own fit the gate of `old`: features, dtype, rows and scale alike."""
+    a, b = (
+        (m.router.weight.shape[-1], m.router.weight.dtype, m.router.top_k, m.router.normalize_weights)
+        + (m.input_scale, m.gate_rows, m.pathways is None)
+        for m in (old, fresh)
+    )
+    return a == b
 
 
 def mirror_trunk(store: RemoteStore, fingerprint: str) -> None:

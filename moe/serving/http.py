@@ -36,6 +36,7 @@ on Ray's metrics export port (`--metrics-port`).
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -67,6 +68,7 @@ log = logging.getLogger("ray.serve")  # in a replica, Serve writes this logger t
 APP_NAME = "moe"
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"
 REPLICA_HEADER = "x-moe-replica"  # on every answer: the replica that gave it
+GENERATION_HEADER = "x-moe-generation"  # on every answer and refusal of /predict over a store: the generation it read
 MAX_PROBLEMS = 10  # problems named in one refusal; the rest are counted
 
 
@@ -116,6 +118,7 @@ class Refused(Exception):
         more = f"; and {len(problems) - MAX_PROBLEMS} more" if len(problems) > MAX_PROBLEMS else ""
         super().__init__("; ".join(problems[:MAX_PROBLEMS]) + more)
         self.status = status
+        self.headers: dict[str, str] = {}  # e.g. the generation that refused it
 
 
 def field_path(loc: tuple | list) -> str:
@@ -147,8 +150,13 @@ def validation_problem(error: RequestValidationError, content_type: str) -> tupl
     return status, problems
 
 
-def problem_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status)
+def problem_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+def generation_header(state: ServingState) -> dict[str, str]:
+    """The header naming the store generation `state` is (none for a bundle)."""
+    return {} if state.generation is None else {GENERATION_HEADER: str(state.generation)}
 
 
 app = FastAPI(
@@ -166,7 +174,7 @@ async def _refuse_invalid_body(request: Request, error: RequestValidationError) 
 
 @app.exception_handler(Refused)
 async def _refuse(request: Request, error: Refused) -> JSONResponse:
-    return problem_response(error.status, str(error))
+    return problem_response(error.status, str(error), error.headers)
 
 
 ROUTES = ("/predict", "/health", "/stats", "/tenants")
@@ -354,6 +362,13 @@ class MoeService:
         whole request is answered by the state (the store's generation) served when it arrived."""
         key = self.authorize(request)
         state = self.server.state
+        try:
+            return await self._predict(body, key, state)
+        except Refused as error:
+            error.headers |= generation_header(state)
+            raise
+
+    async def _predict(self, body: PredictBody, key: api_keys.Key | None, state: ServingState) -> JSONResponse:
         if isinstance(body, Query):
             queries = self.check([body], "", state, key)
         elif isinstance(body, Batch):
@@ -381,7 +396,7 @@ class MoeService:
         content = (
             answers[0] if isinstance(body, Query) else {"answers": answers} if isinstance(body, Batch) else answers
         )
-        return JSONResponse(content, headers={REPLICA_HEADER: self.replica})
+        return JSONResponse(content, headers={REPLICA_HEADER: self.replica} | generation_header(state))
 
     def damaged(self, error: ShardError) -> Refused:
         """503 for an expert whose shard failed its checks when paged in (a lazily verified bundle), naming its
@@ -435,7 +450,9 @@ class MoeService:
             "generation": state.generation,
             "store": self.server.following(),
             "resident_experts": {
-                tier: [state.tenant_of[k] for k in pager.resident(tier)] for tier in ("device", "host")
+                # a pager carried over from an earlier generation may still hold an expert this one dropped
+                tier: [state.tenant_of[k] for k in pager.resident(tier) if k in state.tenant_of]
+                for tier in ("device", "host")
             },
             "hit_rate": {t: summary[t]["hits"] / looked_up[t] if looked_up[t] else None for t in tiers},
             "bytes": {
@@ -498,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-source", choices=["trained", "statistics"], default=defaults.gate_source)
     parser.add_argument("--oos-score", default=None, help="a store: the out-of-scope score (with --threshold)")
     parser.add_argument("--threshold", type=float, default=None, help="a store: the out-of-scope threshold")
+    parser.add_argument(
+        "--store-options", type=json.loads, default=None, help="a store at a URL: fsspec options, as JSON"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     fields = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields and v is not None}
