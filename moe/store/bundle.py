@@ -214,6 +214,25 @@ def clear_target(out: Path, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def staging_folder(out: Path) -> Path:
+    """Where an export writes a bundle before it is moved into `out` whole (`publish_bundle`): hidden, per process,
+    so that an export that fails (or is killed) leaves `out` as it was."""
+    return out / f".export.{os.getpid()}.partial"
+
+
+def publish_bundle(staging: Path, out: Path, overwrite: bool) -> None:
+    """Move a bundle written whole in `staging` into `out`: what `out` held of an earlier bundle is removed (only with
+    `overwrite`), then each part renamed into place, the manifest last: a folder without it is no bundle, so a reader
+    never takes a half-moved one for one. Leftover staging folders of killed exports are removed."""
+    clear_target(out, overwrite)
+    for name in (GATE_FILE, *CHECKED_FOLDERS, MANIFEST):
+        if (staging / name).exists():
+            os.replace(staging / name, out / name)
+    shutil.rmtree(staging, ignore_errors=True)
+    for left in out.glob(".export.*.partial"):
+        shutil.rmtree(left, ignore_errors=True)
+
+
 def expert_file(tenant: str, version: int) -> str:
     return f"experts/{tenant}/v{version:04d}.safetensors"
 

@@ -27,10 +27,12 @@ generation (a trunk upgrade). A reader that must not see half a change (a servic
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from moe.model.kinds import Architecture
 from moe.store.generation import Generations, LocalFiles, State, TenantState
 from moe.store.shard import ExpertMeta, ShardError, read_meta, read_shard, write_shard
 
@@ -66,6 +69,18 @@ def check_tenant_name(name: object) -> str:
             "(it names a folder)"
         )
     return name
+
+
+def common_architecture(architectures: list[Architecture]) -> Architecture:
+    """A store's architecture: the one most of its experts share (a tie: the one met first, in tenant order). One
+    odd expert (a shard of another kind or size copied in) is then the one that differs and is refused, never the
+    many good ones; the mixture builder and growth both choose by this rule."""
+    if not architectures:
+        raise ValueError("no expert to take an architecture from")
+    keys = [json.dumps(a.to_dict(), sort_keys=True) for a in architectures]
+    counts = Counter(keys)
+    best = max(counts.values())
+    return architectures[next(i for i, k in enumerate(keys) if counts[k] == best)]
 
 
 @dataclass(frozen=True)
@@ -123,7 +138,9 @@ class ExpertStore:
         self._deferred = []
         try:
             yield
-            touched = list(dict.fromkeys(self._deferred))
+            # a trunk change: every tenant as the store now holds it (a rerun of a killed upgrade also publishes
+            # the versions the killed run wrote and never published)
+            touched = list(dict.fromkeys(self._deferred + (self.tenants(dormant=True) if trunk else [])))
         finally:
             self._deferred = None
         self._publish([{"op": op, "tenant": t} for t in touched] or [{"op": op}], trunk_changed=trunk)
@@ -263,6 +280,19 @@ class ExpertStore:
                 log.warning("expert %s not loaded: %s", tenant, error)
                 failed[tenant] = error
         return loaded, failed
+
+    def architecture(self, dim: int | None = None) -> Architecture:
+        """The architecture most of the store's live experts share (`common_architecture`; each read as it takes
+        features of width `dim` when given: experts bridged from an older trunk version count as the current one's).
+        Headers that fail their checks are not counted."""
+        found = []
+        for tenant in self.tenants(dormant=True):
+            try:
+                arch = self.meta(tenant).architecture
+            except (ShardError, KeyError, ValueError):
+                continue
+            found.append(arch.on(dim) if dim is not None else arch)
+        return common_architecture(found)
 
     def meta(self, tenant: str, version: int | None = None) -> ExpertMeta:
         """A version's metadata from its header alone (no tensors read, no checksum), checked against the rule."""
