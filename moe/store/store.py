@@ -165,8 +165,16 @@ class ExpertStore:
         return TrunkVersions(self.root).current()
 
     def path(self, tenant: str, version: int, retired: bool = False) -> Path:
+        """The file of a version. Through a view of a generation (`at`), a version that generation serves and that
+        was retired since (by a write not published yet, or killed before it published) is read from its retired
+        name: a reader sees the generation as it was."""
         suffix = ".retired.safetensors" if retired else ".safetensors"
-        return self.root / check_tenant_name(tenant) / f"v{version:04d}{suffix}"
+        path = self.root / check_tenant_name(tenant) / f"v{version:04d}{suffix}"
+        if self.pinned is None or retired or path.exists():
+            return path
+        served = (entry := self.pinned.tenants.get(tenant)) is not None and entry.version == version
+        gone = path.with_name(f"v{version:04d}.retired.safetensors")
+        return gone if served and gone.is_file() else path
 
     # -- reading ---------------------------------------------------------------------------------------------
 
@@ -484,7 +492,16 @@ class ExpertStore:
 
     def _take_out(self, tenant: str) -> Path:
         """One atomic rename takes the tenant's folder out of the store (to a hidden name, never read), so that a
-        process killed while its files are moved or removed leaves no version of it behind to be served."""
+        process killed while its files are moved or removed leaves no version of it behind to be served. Its removal
+        is published first (unless inside `changes`): a process killed between the two leaves a generation that no
+        longer serves it (what the write was to do), never one that names files gone."""
+        if self._deferred is None:
+            self.generations.publish(
+                [{"op": "retire", "tenant": tenant, "version": None}],
+                lambda name: None if name == tenant else self._entry(name),
+                self._scan,
+                self._trunk,
+            )
         leaving = self.root / ".leaving" / f"{tenant}.{os.getpid()}"
         leaving.parent.mkdir(exist_ok=True)
         os.replace(self.root / tenant, leaving)
