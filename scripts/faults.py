@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("args", nargs="*", help="child: FOLDER OPERATION KILL_AT")
     parser.add_argument("--kills", type=int, default=3, help="kill points per operation")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--operations", nargs="+", default=list(OPERATIONS), choices=OPERATIONS)
     parser.add_argument("--work", type=Path, default=None, help="a scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=ROOT / "scripts/results/faults/faults.json")
     args = parser.parse_args(argv)
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
-        result = suite(args.work or Path(scratch), args.kills, args.seed)
+        result = suite(args.work or Path(scratch), args.kills, args.seed, args.operations)
     print(json.dumps(result["counts"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
