@@ -97,6 +97,7 @@ def test_the_mixture_builder_checks_the_shard_it_reads_not_only_the_header_it_re
     """The file registered may not be the one whose header was read: the builder checks what it registers."""
     (store.root / "zzz").mkdir()
     shutil.copy(store.path("beta", 1), store.root / "zzz" / "v0001.safetensors")
+    store.rescan()  # copied in around the store: published for readers (issue 30)
     real_meta = ExpertStore.meta
 
     def header_of_gamma(self, tenant, version=None):  # as if zzz/ had held a proper shard when its header was read

@@ -125,7 +125,10 @@ class ExpertStore:
 
     def rescan(self, op: str = "rescan") -> int:
         """Publish a generation from a scan of the whole store (after shards were copied in around the store)."""
-        return self.generations.publish([{"op": op}], self._entry, self._scan, self._trunk, trunk_changed=True) or 0
+        previous = self.generations.state()
+        names = sorted(set(self.tenants(dormant=True)) | set(previous.tenants if previous else ()))
+        changes = [{"op": op, "tenant": name} for name in names] or [{"op": op}]  # every tenant recomputed
+        return self.generations.publish(changes, self._entry, self._scan, self._trunk, trunk_changed=True) or 0
 
     @contextmanager
     def changes(self, op: str, trunk: bool = False) -> Iterator[None]:
