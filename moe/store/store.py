@@ -97,6 +97,7 @@ class ExpertStore:
         self.root = Path(root)
         self.pinned: State | None = None  # a view of one generation (`at`): reads follow it, writes are refused
         self._deferred: list[str] | None = None  # tenants written inside `changes`, published at its end
+        self._published: str | None = None  # a tenant whose write published its generation already
 
     # -- generations ---------------------------------------------------------------------------------------------
 
@@ -331,6 +332,7 @@ class ExpertStore:
             try:
                 yield
             except BaseException:
+                self._published = None
                 if self._deferred is None:
                     try:
                         self._publish([{"op": op, "tenant": tenant, "failed": True}], if_changed=True)
@@ -339,6 +341,8 @@ class ExpertStore:
                 raise
             if self._deferred is not None:
                 self._deferred.append(tenant)
+            elif self._published == tenant:  # published before its files went (`_take_out`)
+                self._published = None
             else:
                 self._publish([{"op": op, "tenant": tenant}])
 
@@ -465,7 +469,7 @@ class ExpertStore:
             if target.exists():
                 raise FileExistsError(f"{target} exists; refusing to overwrite an archive")
             target.parent.mkdir(parents=True, exist_ok=True)
-            leaving = self._take_out(tenant)
+            leaving = self._take_out(tenant, "archive")
             self._bury(tenant, f"archived to {target.absolute()}")
             try:
                 shutil.move(str(leaving), str(target))
@@ -489,22 +493,23 @@ class ExpertStore:
         with self._writing(tenant, "delete"):
             if not self.records(tenant):
                 raise self._unknown(tenant)
-            leaving = self._take_out(tenant)
+            leaving = self._take_out(tenant, "delete")
             self._bury(tenant, "deleted")
             shutil.rmtree(leaving)
 
-    def _take_out(self, tenant: str) -> Path:
+    def _take_out(self, tenant: str, op: str) -> Path:
         """One atomic rename takes the tenant's folder out of the store (to a hidden name, never read), so that a
         process killed while its files are moved or removed leaves no version of it behind to be served. Its removal
         is published first (unless inside `changes`): a process killed between the two leaves a generation that no
         longer serves it (what the write was to do), never one that names files gone."""
         if self._deferred is None:
             self.generations.publish(
-                [{"op": "retire", "tenant": tenant, "version": None}],
+                [{"op": op, "tenant": tenant, "version": None}],
                 lambda name: None if name == tenant else self._entry(name),
                 self._scan,
                 self._trunk,
             )
+            self._published = tenant  # `_writing` publishes nothing more for it
         leaving = self.root / ".leaving" / f"{tenant}.{os.getpid()}"
         leaving.parent.mkdir(exist_ok=True)
         os.replace(self.root / tenant, leaving)
