@@ -81,7 +81,7 @@ def test_lazy_registration_still_refuses_another_trunk_and_a_misplaced_shard(sto
 def test_a_lazily_verified_bundle_serves_the_same_answers_and_names_a_damaged_expert_when_chosen(tiny_run, tmp_path):
     import shutil
 
-    from moe.inference import BundleError
+    from moe.inference import BundleError, read_bundle
     from moe.serving import Server
 
     texts = ["what is my balance", "play some jazz", "will it rain tomorrow", "wake me at seven"]
@@ -91,7 +91,9 @@ def test_a_lazily_verified_bundle_serves_the_same_answers_and_names_a_damaged_ex
     damaged, other = full.tenants[0], full.tenants[1]
     flip_last_byte(next((copy / "experts" / damaged).glob("*.safetensors")))
     with pytest.raises(BundleError, match="sha256 mismatch"):
-        Server(copy)
+        read_bundle(copy)
+    degraded = Server(copy)  # a server starts without the damaged expert and names it (issue 30, case 6)
+    assert damaged not in degraded.tenants and "sha256 mismatch" in degraded.damaged()[damaged]
     lazy = Server(copy, verify="lazy")  # opens: the experts' files are not read yet
     assert lazy.predict(texts, tenant=other) == full.predict(texts, tenant=other)
     with pytest.raises(ShardError, match=f"{damaged}/v0001.safetensors: checksum mismatch"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 import fsspec
@@ -135,6 +136,7 @@ def test_a_tampered_object_is_refused_by_name_and_the_others_are_served(s3, worl
     fs.pipe_file(truncated, fs.cat_file(truncated)[:-100])
     fs.copy(f"{BUCKET}/{prefix}/t01/v0001.safetensors", f"{BUCKET}/{prefix}/t09/v0001.safetensors")  # misplaced
 
+    reader(s3, prefix, Path(tempfile.mkdtemp())).rescan()  # t09 copied in around the store: published (issue 30)
     store = reader(s3, prefix, tmp_path)
     model = load_mixture(store, trunk_fingerprint=FP, skip_failed=True)
     assert sorted(model.left_out) == ["t02", "t04", "t09"]

@@ -34,6 +34,8 @@ def _csv_rows(path: Path) -> Iterator[Row]:
         for record in reader:
             if None in record:
                 raise TenantDataError(path, "more fields than the header names", row=reader.line_num)
+            if all(record[name] == name for name in reader.fieldnames):  # e.g. two files concatenated
+                raise TenantDataError(path, "the header row repeated inside the file", row=reader.line_num)
             yield reader.line_num, record
     except csv.Error as error:  # e.g. a field over csv.field_size_limit()
         raise TenantDataError(path, f"bad CSV: {error}", row=reader.line_num) from None

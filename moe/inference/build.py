@@ -37,6 +37,7 @@ from moe.model.stats import (
 )
 from moe.store import ExpertMeta, ExpertStore, RemoteStore, ShardError, TrunkVersions, open_store, tensor_bytes
 from moe.store.bundle import Verify  # each shard's checksum: when the mixture is built, or at first page-in
+from moe.store.store import common_architecture
 
 if TYPE_CHECKING:
     from moe.trunk import Trunk
@@ -100,6 +101,8 @@ def load_mixture(
     trunk: Trunk | None = None,
 ) -> PagedMixture:
     """The latest version of each tenant (all awake ones by default, in sorted order), paged under `budget_bytes`.
+    A store with generations is read at its latest one (`ExpertStore.at(store.state())`): a reader loading while a
+    trunk upgrade or any lifecycle write runs gets the store as it was before it or after it, never between.
 
     Every shard is verified in full (checksums, trunk fingerprint, architecture, and the store's rule that a shard
     lives in its own tenant's folder: `ExpertStore.check_shard`). A shard that fails is an error
@@ -127,6 +130,8 @@ def load_mixture(
             given, wanted = trunk.fingerprint[:12], trunk_fingerprint[:12]
             raise ValueError(f"trunk {given}… given, but the mixture is to load on trunk {wanted}…")
     store = store if isinstance(store, ExpertStore) else open_store(store)
+    if store.pinned is None and store.generation() > 0:  # one generation whole: never half of a change in flight
+        store = store.at(store.state())
     gate = gate or GateSettings()
     names = sorted(tenants if tenants is not None else store.tenants())
     if repeated := sorted({name for name in names if names.count(name) > 1}):
@@ -152,7 +157,7 @@ def load_mixture(
     candidates = [(key, meta) for key, meta in candidates if key[0] not in failed]
     if not candidates:
         raise ValueError(f"no expert could be loaded from {store.root}: {failed}")
-    arch = served_architecture(candidates[0][1], bridges)
+    arch = common_architecture([served_architecture(meta, bridges) for _, meta in candidates])  # odd ones refused
     forward = arch.expert_kind.forward(arch, trunk, bridged=bridges.any())  # the kind's forward, chosen once
     statistics = gate.source == "statistics"
     per_label = arch.gate_rows == "labels" or statistics

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from moe.inference.index import IndexSettings
 from moe.inference.paged import PagedMixture
 from moe.store.bundle import MANIFEST, Bundle, BundleError, read_bundle
 from moe.trunk import TRUNK_KINDS, Trunk
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Bundle", "BundleError", "OpenBundle", "build_trunk", "open_bundle", "read_bundle"]
 
@@ -62,7 +65,7 @@ def open_bundle(
     """Read and check a bundle, rebuild its trunk, and load its experts paged under `budget_bytes` (`verify`: every
     expert's file when the bundle opens, or each at its first page-in; `index`: routed batches through an index over
     the gate's rows: `load_mixture`)."""
-    bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, verify)
+    bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, verify, damaged_ok=True)
     trunk = build_trunk(bundle, device)
     gate = bundle.manifest["gate"]
     settings = GateSettings(
@@ -72,9 +75,11 @@ def open_bundle(
         float(gate["shrinkage"]),
         float(gate.get("own_covariance", 0.0)),  # bundles made before it: the linear gate
     )
+    if not (tenants := [t for t in bundle.tenants if t not in bundle.damaged]):
+        raise BundleError(bundle.path(MANIFEST), f"every expert is damaged: {bundle.damaged}")
     model = load_mixture(
         bundle.path("experts"),
-        bundle.tenants,
+        tenants,
         settings,
         trunk.fingerprint,
         device,
@@ -83,9 +88,14 @@ def open_bundle(
         verify=verify,
         index=index,
         trunk=trunk,
+        skip_failed=True,  # a damaged expert is left out, named in `model.left_out`; the others are served
     )
+    model.left_out = {t: ValueError(why) for t, why in bundle.damaged.items()} | model.left_out
+    for tenant, problem in sorted(model.left_out.items()):
+        log.error("bundle %s: tenant %s left out, its expert is damaged: %s", bundle.root, tenant, problem)
     served = {info.tenant: list(info.labels) for info in model.experts}
-    if served != {t: list(labels) for t, labels in bundle.manifest["label_maps"].items()}:
+    maps = bundle.manifest["label_maps"]
+    if served != {t: list(labels) for t, labels in maps.items() if t not in model.left_out}:
         raise BundleError(bundle.path(MANIFEST), "label maps differ from the bundled experts' labels")
     oos = gate.get("oos") or {}
     unsure_margin = float(gate.get("unsure_margin", UNSURE_MARGIN))  # bundles made before it: the default

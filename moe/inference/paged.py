@@ -104,6 +104,14 @@ class ShardLoader:
             table.pop(key, None)
 
     def __call__(self, key: Hashable) -> dict[str, torch.Tensor]:
+        """`key`'s tensors; a ShardError (naming the file, and carrying `key` as `error.key`) if they fail a check."""
+        try:
+            return self._load(key)
+        except ShardError as error:
+            error.key = key  # which expert failed: the server fails only the queries that need it
+            raise
+
+    def _load(self, key: Hashable) -> dict[str, torch.Tensor]:
         path = self.paths[key]
         try:
             identity = _identity(path)
@@ -142,6 +150,7 @@ class PagedMixture(Mixture):
         super().__init__(router, experts, input_scale, gate_rows)
         self.keys, self.pager = list(keys), pager
         self.left_out: dict[str, Exception] = {}  # tenants whose shards failed their checks (see load_mixture)
+        self.damaged: dict[Key, str] = {}  # experts whose shards failed a check at a page-in, and why (`Server`)
         self.index: RowIndex | None = None  # routes batches without a known tenant (`load_mixture(index=...)`)
         self.input_maps: dict[Key, AffineMap] = {}  # experts on an older trunk: their bridge from the model's features
         self.expert_trunks: dict[str, str] = {}  # tenant -> fingerprint of the trunk version its expert was trained on

@@ -52,10 +52,10 @@ class Lifecycle:
     _bridges: BridgeCache | None = field(default=None, repr=False)  # older trunk versions' bridges to this trunk
 
     def architecture(self) -> Architecture:
-        """The store's architecture (every expert in a store shares one), or the configured one if empty."""
-        existing = self.store.tenants(dormant=True)
-        if existing:  # on this trunk's features (a store's experts may span trunk versions)
-            return self.store.meta(existing[0]).architecture.on(self.trunk.dim)
+        """The store's architecture (the one most of its experts share: `ExpertStore.architecture`), or the
+        configured one if empty."""
+        if self.store.tenants(dormant=True):  # on this trunk's features (a store's experts may span trunk versions)
+            return self.store.architecture(self.trunk.dim)
         return GROWERS[self.cfg.kind].architecture(self.trunk, self.cfg)
 
     def grower(self, arch: Architecture) -> Grower:

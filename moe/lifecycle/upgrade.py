@@ -70,7 +70,11 @@ def upgrade_store(
     them (on `calibration` texts plus the awake tenants' train texts), retrain each tenant of `awake` (awake tenants
     with their data), keep every other expert working by `strategy`, then make the new version the store's current
     one. Only the tenants in `awake` have data; nothing else is read but shards. Published as one store generation
-    (`ExpertStore.changes`): a reader following the store sees it before the upgrade or after, never between."""
+    (`ExpertStore.changes`): a reader following the store sees it before the upgrade or after, never between; a process
+    killed inside leaves the previous generation served, and the same call run again completes it (what the killed
+    one retrained or transported counts as done: its versions are on the new trunk)."""
+    if lifecycle.store.generation() == 0:  # a store from before generations: what readers see until it ends
+        lifecycle.store.rescan("before upgrade")
     with lifecycle.store.changes("upgrade", trunk=True):
         return _upgrade_store(lifecycle, old_trunk, awake, strategy, calibration)
 
@@ -83,7 +87,8 @@ def _upgrade_store(
     versions = TrunkVersions(store.root)
     if new_trunk.fingerprint == old_trunk.fingerprint:
         raise ValueError(f"the store is on trunk {old_trunk.fingerprint[:12]}… already: nothing to upgrade to")
-    if (current := versions.current()) not in (None, old_trunk.fingerprint):
+    # the new one: an upgrade killed after it switched the trunk (before it published), run again to complete it
+    if (current := versions.current()) not in (None, old_trunk.fingerprint, new_trunk.fingerprint):
         raise ValueError(
             f"{store.root} serves on trunk {current[:12]}…, not on {old_trunk.fingerprint[:12]}…: upgrade from the "
             "current version"

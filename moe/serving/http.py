@@ -59,7 +59,7 @@ from moe.inference import GateSettings, IndexSettings, read_bundle
 from moe.serving import keys as api_keys
 from moe.serving import metrics as service_metrics
 from moe.serving.follow import ServingState, is_bundle
-from moe.serving.runtime import Server, text_problem
+from moe.serving.runtime import ExpertUnavailable, Server, text_problem
 from moe.serving.schema import AnswerOut, Batch, BatchAnswers, PredictBody, Problem, Query
 from moe.store import ShardError, is_url, open_store
 from moe.store.bundle import MANIFEST
@@ -323,7 +323,7 @@ class MoeService:
         """The queries as (text, tenant, tenants routed among, state) for `_answer`, or `Refused` naming every bad
         one: first a tenant outside the key's (403, before anything says whether it exists), then oversized (413);
         tenants as `state` (the request's generation) serves them."""
-        limit, too_long, bad, unknown = self.settings.max_text_chars, [], [], []
+        limit, too_long, bad, unknown, damaged = self.settings.max_text_chars, [], [], [], []
         if len(queries) > self.settings.max_queries:
             raise Refused(413, [f"{len(queries)} queries, more than the limit of {self.settings.max_queries}"])
         if forbidden := [
@@ -341,11 +341,13 @@ class MoeService:
                 too_long.append(f"{where}text: {len(q.text)} characters, more than the limit of {limit}")
             elif problem := text_problem(q.text):
                 bad.append(f"{where}text: {problem}")
-            if q.tenant is not None and q.tenant not in state.keys_of:
+            if q.tenant is not None and q.tenant in state.model.left_out:  # damaged: the server's fault, not theirs
+                damaged.append(f"{where}tenant: {state.not_served(q.tenant)}")
+            elif q.tenant is not None and q.tenant not in state.keys_of:
                 unknown.append(f"{where}tenant: {self.unknown(q.tenant, state, key)}")
-        for status, problems in ((413, too_long), (422, bad), (404, unknown)):
+        for status, problems in ((413, too_long), (422, bad), (404, unknown), (503, damaged)):
             if problems:
-                raise Refused(status, too_long + bad + unknown)
+                raise Refused(status, too_long + bad + unknown + damaged)
         return [(q.text, q.tenant, among if q.tenant is None else None, state) for q in queries]
 
     @app.post(
@@ -393,6 +395,9 @@ class MoeService:
             raise self.damaged(error) from None
         except (KeyError, TypeError, ValueError) as error:  # checked above; should Server refuse anyway, say why
             raise Refused(422, [str(error.args[0] if isinstance(error, KeyError) else error)]) from None
+        if unavailable := [a for a in answers if isinstance(a, ExpertUnavailable)]:  # its own tenants' only
+            log.error("replica %s: %s", self.replica, "; ".join(map(str, unavailable)))
+            raise Refused(503, sorted({str(a) for a in unavailable}))
         content = (
             answers[0] if isinstance(body, Query) else {"answers": answers} if isinstance(body, Batch) else answers
         )
@@ -402,6 +407,9 @@ class MoeService:
         """503 for an expert whose shard failed its checks when paged in (a lazily verified bundle), naming its
         tenant; the replica logs the file and the reason."""
         log.error("replica %s: %s", self.replica, error)
+        state = self.server.state
+        if (key := getattr(error, "key", None)) in state.tenant_of:  # never chosen again in this state
+            state.model.damaged.setdefault(key, error.reason)
         tenant = Path(error.path).parent.name
         return Refused(503, [f"the expert of tenant {tenant!r} is damaged on this server and can not answer"])
 
@@ -409,20 +417,26 @@ class MoeService:
     async def _answer(self, queries: list[tuple]) -> list[dict]:
         """Queries of concurrent requests, for any tenants, answered together in one mixed forward, each by its
         request's state: (text, tenant, tenants routed among, state)."""
-        answers = await asyncio.to_thread(self.server.predict_each, queries)
+        answers = await asyncio.to_thread(self.server.predict_each, queries)  # a damaged expert fails its own only
         tenants = [q[1] for q in queries]
         self.counts["batches"] += 1
         self.counts["largest_batch"] = max(self.counts["largest_batch"], len(queries))
         self.counts["mixed_batches"] += len(set(tenants)) > 1  # queries of several tenants (or routed) in one forward
         if self.metrics:
             self.metrics.observe_batch(len(queries))
-        return [a.to_dict() for a in answers]
+        return [a if isinstance(a, ExpertUnavailable) else a.to_dict() for a in answers]
 
-    @app.get("/health", summary="Liveness: the replica, its bundle and how many tenants it serves")
+    @app.get(
+        "/health",
+        summary="Liveness: the replica, its bundle and how many tenants it serves; status 'degraded' (still 200) while "
+        "some tenants' experts are damaged and only the rest are answered",
+    )
     async def health(self) -> dict:
         state = self.server.state
+        damaged = sorted(self.server.damaged(state))
         return {
-            "status": "ok",
+            "status": "degraded" if damaged else "ok",
+            "damaged_tenants": len(damaged),
             "replica": self.replica,
             "bundle": self.settings.bundle,
             "tenants": len(state.keys_of),
@@ -463,6 +477,7 @@ class MoeService:
                 "host_budget": pager.host_budget,
                 "paged_in": {t: summary[t]["bytes_in"] for t in tiers},
             },
+            "damaged": self.server.damaged(state),  # tenant -> why its expert is not answered here
             "pager": summary,
             "batching": counts | {"mean_batch": counts["queries"] / counts["batches"] if counts["batches"] else 0.0},
             "multiplexing": {"tenants_per_replica": self.tenants_per_replica, "tenant_loads": self.tenant_loads},
@@ -530,7 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     if is_bundle(settings.bundle, **settings.store_options):
-        read_bundle(settings.bundle, settings.verify)  # a bad bundle fails here, named, before Ray starts
+        bundle = read_bundle(settings.bundle, settings.verify, damaged_ok=True)  # a bad bundle fails here, named
+        for tenant, problem in sorted(bundle.damaged.items()):  # a damaged expert does not: the rest are served
+            logging.getLogger(__name__).error(f"tenant {tenant} will not be served, its expert is damaged: {problem}")
     elif not (state := open_store(settings.bundle, **settings.store_options).state()).awake:
         parser.error(
             f"{settings.bundle}: neither a bundle (no {MANIFEST}) nor an expert store with an awake tenant "

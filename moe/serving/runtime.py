@@ -29,7 +29,7 @@ from moe.inference import GATE_FREE_SCORES, Answer, Bundle, GateSettings, IndexS
 from moe.model import UNKNOWN_TENANT
 from moe.model.pathway import Hidden
 from moe.serving.follow import Follower, ServingState, StoreSource, open_source
-from moe.store import ExpertStore
+from moe.store import ExpertStore, ShardError
 from moe.trunk import Trunk
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,15 @@ def checked_texts(texts: Iterable[str]) -> list[str]:
     if bad := [f"texts[{i}]: {problem}" for i, t in enumerate(texts) if (problem := text_problem(t))]:
         raise ValueError(f"texts that cannot be served: {'; '.join(bad)}")
     return texts
+
+
+class ExpertUnavailable(RuntimeError):
+    """A query for a tenant whose expert is damaged on this server: its answer in `Server.predict_each`, in place of
+    an `Answer`. The message names the query's own tenant only (never another's, nor a path of the server's)."""
+
+    def __init__(self, tenant: str):
+        super().__init__(f"the expert of tenant {tenant!r} is damaged on this server and can not answer")
+        self.tenant = tenant
 
 
 class Server:
@@ -172,18 +181,25 @@ class Server:
     def _among_mask(self, among: Among, n: int, state: ServingState) -> torch.Tensor | None:
         """(n, e) the experts each query may be routed to in `state`; ValueError for a query whose tenants are none
         served."""
-        if among is None:
-            return None
-        sets = [None if a is None else frozenset(a) for a in among]
+        sets = [None if a is None else frozenset(a) for a in among] if among is not None else [None] * n
         if len(sets) != n:
             raise ValueError(f"{len(sets)} tenant sets given for {n} texts: give one per text (None: any tenant)")
-        if all(a is None for a in sets):
+        healthy = self.healthy(state)
+        if all(a is None for a in sets) and healthy is None:
             return None
-        masks = {a: state.model.experts_among(a) for a in set(sets) if a is not None}
+        everyone = torch.ones_like(state.model.expert_tenant, dtype=torch.bool) if healthy is None else healthy
+        masks = {a: state.model.experts_among(a) & everyone for a in set(sets) if a is not None}
         if empty := sorted(sorted(a) for a, m in masks.items() if not m.any()):
             raise ValueError(f"no tenant served among {empty[0]}: a query can not be routed among none")
-        everyone = torch.ones_like(state.model.expert_tenant, dtype=torch.bool)
         return torch.stack([everyone if a is None else masks[a] for a in sets])
+
+    @staticmethod
+    def healthy(state: ServingState) -> torch.Tensor | None:
+        """(e,) the experts a routed query may choose in `state`: all but those found damaged at a page-in
+        (`PagedMixture.damaged`); None while none is."""
+        if not state.model.damaged:
+            return None
+        return torch.tensor([key not in state.model.damaged for key in state.model.keys], dtype=torch.bool)
 
     @torch.no_grad()
     def predict_features(
@@ -235,20 +251,52 @@ class Server:
             answers += self.predict_features(features, given, hidden, state, sets[start : start + self.max_batch])
         return answers
 
-    def predict_each(self, queries: list[tuple[str, str | None, Iterable[str] | None, ServingState]]) -> list[Answer]:
+    def predict_each(
+        self, queries: list[tuple[str, str | None, Iterable[str] | None, ServingState]]
+    ) -> list[Answer | ExpertUnavailable]:
         """Answers to (text, tenant, tenants routed among, state) queries in order, each by its own state: queries of
         concurrent requests answered together in one mixed forward, every request by the state it started with (one
-        forward per state, normally one)."""
+        forward per state, normally one).
+
+        Faults stay with their tenant: an expert whose shard fails its checks when paged in is marked damaged in its
+        state (`PagedMixture.damaged`, logged) and the forward runs again without it. A query naming its tenant gets
+        `ExpertUnavailable` in place of its answer; a routed query is answered by the remaining candidates (the
+        damaged expert is never chosen again in that state); every other query is answered as if it were absent."""
         groups: dict[int, list[int]] = {}
         for i, query in enumerate(queries):
             groups.setdefault(id(query[3]), []).append(i)
-        answers: list[Answer | None] = [None] * len(queries)
+        answers: list[Answer | ExpertUnavailable | None] = [None] * len(queries)
         for positions in groups.values():
-            texts, tenants, among, states = (list(c) for c in zip(*(queries[i] for i in positions), strict=True))
-            restricted = among if any(a is not None for a in among) else None
-            for i, answer in zip(positions, self.predict(texts, tenants, states[0], restricted), strict=True):
-                answers[i] = answer
+            self._answer_group(queries, positions, answers)
         return answers  # type: ignore[return-value]
+
+    def _answer_group(self, queries: list[tuple], positions: list[int], answers: list) -> None:
+        state: ServingState = queries[positions[0]][3]
+        for _ in range(len(state.model.keys) + 1):  # each pass marks one more expert damaged, or answers
+            damaged = {state.tenant_of[key] for key in state.model.damaged}
+            todo = []
+            for i in positions:
+                if queries[i][1] in damaged:
+                    answers[i] = ExpertUnavailable(queries[i][1])
+                else:
+                    todo.append(i)
+            if not todo:
+                return
+            texts, tenants, among, _ = (list(c) for c in zip(*(queries[i] for i in todo), strict=True))
+            restricted = among if any(a is not None for a in among) else None
+            try:
+                result = self.predict(texts, tenants, state, restricted)
+            except ShardError as error:
+                key = getattr(error, "key", None)
+                if key not in state.tenant_of or key in state.model.damaged:
+                    raise
+                state.model.damaged[key] = error.reason
+                log.error("expert %s damaged, left out of generation %s: %s", key, state.generation, error)
+                continue
+            for i, answer in zip(todo, result, strict=True):
+                answers[i] = answer
+            return
+        raise RuntimeError("no forward left after marking every expert damaged")  # unreachable: bounded above
 
     def _encode(
         self, texts: list[str], names: list[str | None], state: ServingState
@@ -265,6 +313,13 @@ class Server:
     def stats(self) -> dict:
         """The pager's counters (hits, misses, page-ins, resident bytes)."""
         return self.model.pager.summary()
+
+    def damaged(self, state: ServingState | None = None) -> dict[str, str]:
+        """The tenants not answered because their experts are damaged, and why: left out when the state was built
+        (their shards failed verification) or found at a page-in since."""
+        state = state or self._state
+        found = {t: str(problem) for t, problem in state.model.left_out.items()}
+        return found | {state.tenant_of[key]: reason for key, reason in state.model.damaged.items()}
 
     def following(self) -> dict:
         """The generation served, since when, and the poll's health (for a store; a bundle has no generation)."""

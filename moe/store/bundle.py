@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -71,6 +71,7 @@ def write_manifest(root: str | Path, manifest: dict[str, Any], files: list[str])
 class Bundle:
     root: Path
     manifest: dict[str, Any]
+    damaged: dict[str, str] = field(default_factory=dict)  # tenant -> why its shard is refused (`read_bundle`)
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -109,30 +110,41 @@ def is_shard(name: str) -> bool:
     return parts[0] == "experts" and not any(part.startswith(".") for part in parts[1:])
 
 
-def read_bundle(root: str | Path, verify: Verify = "full") -> Bundle:
+def read_bundle(root: str | Path, verify: Verify = "full", damaged_ok: bool = False) -> Bundle:
     """Read and verify a bundle: the manifest's checksum, then every listed file's sha256, then that no
     unlisted file hides under the checked folders. A URL (`s3://bucket/bundle`) is mirrored into the local cache
     first (`moe.store.mirror_bundle`), then read from there like any folder. `verify="lazy"` leaves the experts'
     shards unread (not the bridges beside them): their own checksums are verified when each is first paged in
-    (`load_mixture`), which proves a shard intact but not that it is the very file the manifest lists."""
+    (`load_mixture`), which proves a shard intact but not that it is the very file the manifest lists.
+
+    `damaged_ok` (a server): an expert's shard that is missing or fails its sha256 is recorded in `Bundle.damaged`
+    (tenant -> reason) instead of refusing the bundle, so that the other experts are served; any other file
+    (manifest, gate, trunk, bridges) is still refused."""
     from moe.store.remote import is_url, mirror_bundle  # which reads this module's MANIFEST
 
     check_choice(verify, Verify, "verify")
     root = mirror_bundle(str(root)) if is_url(root) else Path(root)
     manifest = _read_manifest(root)
     listed: dict[str, str] = manifest["files"]
+    owner = {entry.get("file"): entry.get("tenant") for entry in manifest["experts"]}
+    damaged: dict[str, str] = {}
     for name, expected in sorted(listed.items()):
         path = root / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise BundleError(path, "listed path leaves the bundle folder")
-        if not path.is_file():
-            raise BundleError(path, "listed in the manifest but missing")
-        if verify == "lazy" and is_shard(name):  # bridges and trunk versions hold no checksum of their own
-            continue
-        if (actual := file_sha256(path)) != expected:
-            raise BundleError(
-                path, f"sha256 mismatch: the file hashes to {actual[:12]}…, the manifest lists {expected[:12]}…"
-            )
+        try:
+            if not path.is_file():
+                raise BundleError(path, "listed in the manifest but missing")
+            if verify == "lazy" and is_shard(name):  # bridges and trunk versions hold no checksum of their own
+                continue
+            if (actual := file_sha256(path)) != expected:
+                raise BundleError(
+                    path, f"sha256 mismatch: the file hashes to {actual[:12]}…, the manifest lists {expected[:12]}…"
+                )
+        except BundleError as error:
+            if not (damaged_ok and is_shard(name) and owner.get(name) is not None):
+                raise
+            damaged[owner[name]] = str(error)
     for folder in CHECKED_FOLDERS:
         for path in sorted((root / folder).rglob("*")) if (root / folder).is_dir() else ():
             if path.is_file() and path.relative_to(root).as_posix() not in listed:
@@ -140,7 +152,7 @@ def read_bundle(root: str | Path, verify: Verify = "full") -> Bundle:
     for entry in manifest["experts"]:
         if entry.get("file") not in listed or entry.get("sha256") != listed[entry["file"]]:
             raise BundleError(root / MANIFEST, f"expert {entry.get('tenant')!r}: file not listed or checksum differs")
-    return Bundle(root, manifest)
+    return Bundle(root, manifest, damaged)
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
@@ -200,6 +212,25 @@ def clear_target(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} already holds a bundle ({existing[0].name}); export.overwrite=true replaces it")
     for path in existing:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def staging_folder(out: Path) -> Path:
+    """Where an export writes a bundle before it is moved into `out` whole (`publish_bundle`): hidden, per process,
+    so that an export that fails (or is killed) leaves `out` as it was."""
+    return out / f".export.{os.getpid()}.partial"
+
+
+def publish_bundle(staging: Path, out: Path, overwrite: bool) -> None:
+    """Move a bundle written whole in `staging` into `out`: what `out` held of an earlier bundle is removed (only with
+    `overwrite`), then each part renamed into place, the manifest last: a folder without it is no bundle, so a reader
+    never takes a half-moved one for one. Leftover staging folders of killed exports are removed."""
+    clear_target(out, overwrite)
+    for name in (GATE_FILE, *CHECKED_FOLDERS, MANIFEST):
+        if (staging / name).exists():
+            os.replace(staging / name, out / name)
+    shutil.rmtree(staging, ignore_errors=True)
+    for left in out.glob(".export.*.partial"):
+        shutil.rmtree(left, ignore_errors=True)
 
 
 def expert_file(tenant: str, version: int) -> str:

@@ -26,6 +26,7 @@ between the two leaves the version live, beside a retired copy. Archive and dele
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -33,13 +34,16 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
 import torch
+from botocore.exceptions import BotoCoreError
 from filelock import FileLock
+from fsspec.exceptions import FSTimeoutError
 
 from moe.paths import cache_dir as user_cache_dir
 from moe.paths import file_sha256
@@ -55,6 +59,41 @@ DORMANT = "DORMANT"
 _PART = ".part"  # suffix of a download in flight (or killed) in the cache: never a shard's name
 HEADER_READ = 64 << 10  # bytes of an object read first for its header (a shard's is a few KiB; more is read if not)
 MAX_HEADER = 100 << 20  # a larger header length is not a safetensors file's (safetensors refuses them too)
+
+
+# Remote faults are bounded in time and named: a connection is given CONNECT_TIMEOUT_S, a read READ_TIMEOUT_S, and
+# botocore tries a request ATTEMPTS times in all ("standard" retry mode: exponential backoff with jitter) before the
+# error reaches the store, which names the object's URL in a ShardError (`remote_errors`); s3fs's own retries of
+# read errors stay at its default. A caller's own `config_kwargs` win over these.
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S, ATTEMPTS = 3.0, 30.0, 2
+S3_CONFIG = {
+    "connect_timeout": CONNECT_TIMEOUT_S,
+    "read_timeout": READ_TIMEOUT_S,
+    "retries": {"max_attempts": ATTEMPTS, "mode": "standard"},
+}
+
+
+def bounded_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """fsspec `options` for `url` with this module's timeouts and retry policy where it is S3's and the caller set
+    none."""
+    if not url.startswith(("s3://", "s3a://")):
+        return options
+    return options | {"config_kwargs": S3_CONFIG | dict(options.get("config_kwargs") or {})}
+
+
+@contextmanager
+def remote_errors(url: str) -> Iterator[None]:
+    """A vanished object, a refused connection or a timeout met inside, as a ShardError naming `url` (the store's
+    loaders and `load_mixture(skip_failed=True)` then leave that tenant out, named). FileExistsError (a conditional
+    write refused) and ShardError pass through."""
+    try:
+        yield
+    except (ShardError, FileExistsError):
+        raise
+    except FileNotFoundError:
+        raise ShardError(url, "no such object (removed meanwhile, e.g. retired by another machine)") from None
+    except (OSError, BotoCoreError, asyncio.TimeoutError, FSTimeoutError) as error:
+        raise ShardError(url, f"unreachable ({type(error).__name__}: {error})") from None
 
 
 def is_url(location: str | Path) -> bool:
@@ -95,7 +134,7 @@ class RemoteStore(ExpertStore):
     ):
         self.url = url.rstrip("/")
         super().__init__(Path(cache_dir) if cache_dir is not None else _default_cache(self.url, "stores"))
-        self.fs, self.prefix = fsspec.core.url_to_fs(self.url, **options)
+        self.fs, self.prefix = fsspec.core.url_to_fs(self.url, **bounded_options(self.url, options))
         self.prefix = self.prefix.rstrip("/")
         self.cache_budget_bytes = cache_budget_bytes
         self.root.mkdir(parents=True, exist_ok=True)
@@ -109,6 +148,14 @@ class RemoteStore(ExpertStore):
         """The generation files in the bucket; the lock in the cache folder (one machine's writers; across
         machines, the exclusive PUT of each state refuses a number taken)."""
         return Generations(RemoteFiles(self.fs, self.prefix, self.url), self.root / ".locks")
+
+    def generation(self) -> int:
+        with remote_errors(self.url):
+            return super().generation()
+
+    def state(self):
+        with remote_errors(self.url):
+            return super().state()
 
     def _scan(self) -> dict[str, TenantState]:
         listing = self._list()  # one listing, not one request per tenant
@@ -133,9 +180,13 @@ class RemoteStore(ExpertStore):
         base = self.prefix if tenant is None else f"{self.prefix}/{check_tenant_name(tenant)}"
         self.fs.invalidate_cache()
         try:
-            found = self.fs.find(base, detail=True)
-        except FileNotFoundError:
-            found = {}
+            with remote_errors(f"{self.url}/{tenant}" if tenant else self.url):
+                try:
+                    found = self.fs.find(base, detail=True)
+                except FileNotFoundError:
+                    found = {}
+        except ShardError as error:  # not one tenant's fault: the store's listing itself failed
+            raise ShardError(error.path, f"listing failed: {error.reason}") from None
         records, dormant, skipped = [], set(), set()
         for key, info in found.items():
             parts = PurePosixPath(key).relative_to(self.prefix).parts
@@ -175,7 +226,8 @@ class RemoteStore(ExpertStore):
     def is_dormant(self, tenant: str) -> bool:
         if self.pinned is not None:
             return super().is_dormant(tenant)
-        return self.fs.exists(f"{self.prefix}/{check_tenant_name(tenant)}/{DORMANT}")
+        with remote_errors(f"{self.url}/{tenant}/{DORMANT}"):
+            return self.fs.exists(f"{self.prefix}/{check_tenant_name(tenant)}/{DORMANT}")
 
     def retired(self, tenant: str) -> str | None:
         tombstone = f"{self.prefix}/.retired/{check_tenant_name(tenant)}"
@@ -200,14 +252,16 @@ class RemoteStore(ExpertStore):
             return super().meta(tenant, version)
         url = self.object_url(local)
         try:
-            head = self.fs.cat_file(self.key(local), start=0, end=HEADER_READ)
+            with remote_errors(url):
+                head = self.fs.cat_file(self.key(local), start=0, end=HEADER_READ)
             if len(head) < 8:
                 raise ShardError(url, f"truncated: {len(head)} bytes, not a safetensors file")
             size = int.from_bytes(head[:8], "little")
             if size > MAX_HEADER:
                 raise ShardError(url, f"header of {size} bytes: not a safetensors file")
             if 8 + size > len(head):
-                head += self.fs.cat_file(self.key(local), start=len(head), end=8 + size)
+                with remote_errors(url):
+                    head += self.fs.cat_file(self.key(local), start=len(head), end=8 + size)
             header = json.loads(head[8 : 8 + size])
             strings = header.get("__metadata__") or {}
             if len(head) < 8 + size or not isinstance(strings, dict):
@@ -236,17 +290,17 @@ class RemoteStore(ExpertStore):
             except FileNotFoundError:
                 pass
             url = self.object_url(local)
-            try:
+            with remote_errors(url):
+                self.fs.invalidate_cache(self.key(local))  # a listing's cached entry says nothing of it now
                 size = int(self.fs.info(self.key(local))["size"])
-            except FileNotFoundError:
-                raise ShardError(url, "no such object") from None
             if size > self.cache_budget_bytes:
                 raise ShardError(url, f"{size} bytes do not fit the cache budget of {self.cache_budget_bytes} bytes")
             self._make_room(size)
             local.parent.mkdir(parents=True, exist_ok=True)
             part = local.with_name(f".{local.name}.{os.getpid()}{_PART}")
             try:
-                self.fs.get_file(self.key(local), str(part))
+                with remote_errors(url):
+                    self.fs.get_file(self.key(local), str(part))
                 try:
                     self.check_shard(local, read_shard(part)[1])  # the trunk is the loader's to check
                 except ShardError as error:
@@ -367,7 +421,7 @@ def mirror_bundle(url: str, cache_dir: str | Path | None = None, **options: Any)
     sha256 (a ValueError naming the object's URL), in a hidden folder renamed into place whole, named by the
     manifest's hash: a mirror is never half-visible, and one bundle version's never mixes with another's."""
     url = url.rstrip("/")
-    fs, prefix = fsspec.core.url_to_fs(url, **options)
+    fs, prefix = fsspec.core.url_to_fs(url, **bounded_options(url, options))
     prefix = prefix.rstrip("/")
     try:
         raw = fs.cat_file(f"{prefix}/{MANIFEST}")

@@ -127,7 +127,8 @@ def check_tensors(
     path: str | Path, meta: ExpertMeta, tensors: Mapping[str, torch.Tensor], complete: bool = True
 ) -> None:
     """That `tensors` are what `meta`'s architecture implies: every one of them and no other (`complete`; else only
-    those given are checked), each of its shape and dtype. A ShardError naming `path` and the first problem."""
+    those given are checked), each of its shape and dtype, and finite (`check_finite`). A ShardError naming `path`
+    and the first problem."""
     shapes, dtype = meta.architecture.shapes(len(meta.labels)), meta_dtype(meta)
     if complete and (missing := sorted(set(shapes) - set(tensors))):
         raise ShardError(path, f"missing tensors {missing}")
@@ -139,6 +140,16 @@ def check_tensors(
             raise ShardError(path, f"tensor {name} has shape {tuple(tensor.shape)}, metadata implies {shapes[name]}")
         if tensor.dtype != dtype:
             raise ShardError(path, f"tensor {name} has dtype {tensor.dtype}, metadata says {dtype}")
+    check_finite(path, tensors)
+
+
+def check_finite(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every floating tensor finite: a ShardError naming `path` and the first tensor holding a NaN or an infinity
+    (a training bug or a bad conversion writes such a shard with checksums that match)."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ShardError(path, f"tensor {name} holds {bad} non-finite values (NaN or infinity)")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -186,6 +197,7 @@ def write_shard(path: str | Path, tensors: dict[str, torch.Tensor], meta: Expert
     if (got := {k: tuple(v.shape) for k, v in tensors.items()}) != shapes:
         raise ShardError(path, f"refusing to write tensors {got}; the architecture needs {shapes}")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    check_finite(path, tensors)  # refused at write too: training can not leave a NaN expert behind
     return save_atomically(path, tensors, meta.to_strings(tensors_sha256(tensors)))
 
 

@@ -27,10 +27,12 @@ generation (a trunk upgrade). A reader that must not see half a change (a servic
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from moe.model.kinds import Architecture
 from moe.store.generation import Generations, LocalFiles, State, TenantState
 from moe.store.shard import ExpertMeta, ShardError, read_meta, read_shard, write_shard
 
@@ -68,6 +71,18 @@ def check_tenant_name(name: object) -> str:
     return name
 
 
+def common_architecture(architectures: list[Architecture]) -> Architecture:
+    """A store's architecture: the one most of its experts share (a tie: the one met first, in tenant order). One
+    odd expert (a shard of another kind or size copied in) is then the one that differs and is refused, never the
+    many good ones; the mixture builder and growth both choose by this rule."""
+    if not architectures:
+        raise ValueError("no expert to take an architecture from")
+    keys = [json.dumps(a.to_dict(), sort_keys=True) for a in architectures]
+    counts = Counter(keys)
+    best = max(counts.values())
+    return architectures[next(i for i, k in enumerate(keys) if counts[k] == best)]
+
+
 @dataclass(frozen=True)
 class ShardRecord:
     tenant: str
@@ -82,6 +97,7 @@ class ExpertStore:
         self.root = Path(root)
         self.pinned: State | None = None  # a view of one generation (`at`): reads follow it, writes are refused
         self._deferred: list[str] | None = None  # tenants written inside `changes`, published at its end
+        self._published: str | None = None  # a tenant whose write published its generation already
 
     # -- generations ---------------------------------------------------------------------------------------------
 
@@ -110,7 +126,10 @@ class ExpertStore:
 
     def rescan(self, op: str = "rescan") -> int:
         """Publish a generation from a scan of the whole store (after shards were copied in around the store)."""
-        return self.generations.publish([{"op": op}], self._entry, self._scan, self._trunk, trunk_changed=True) or 0
+        previous = self.generations.state()
+        names = sorted(set(self.tenants(dormant=True)) | set(previous.tenants if previous else ()))
+        changes = [{"op": op, "tenant": name} for name in names] or [{"op": op}]  # every tenant recomputed
+        return self.generations.publish(changes, self._entry, self._scan, self._trunk, trunk_changed=True) or 0
 
     @contextmanager
     def changes(self, op: str, trunk: bool = False) -> Iterator[None]:
@@ -123,7 +142,9 @@ class ExpertStore:
         self._deferred = []
         try:
             yield
-            touched = list(dict.fromkeys(self._deferred))
+            # a trunk change: every tenant as the store now holds it (a rerun of a killed upgrade also publishes
+            # the versions the killed run wrote and never published)
+            touched = list(dict.fromkeys(self._deferred + (self.tenants(dormant=True) if trunk else [])))
         finally:
             self._deferred = None
         self._publish([{"op": op, "tenant": t} for t in touched] or [{"op": op}], trunk_changed=trunk)
@@ -148,8 +169,16 @@ class ExpertStore:
         return TrunkVersions(self.root).current()
 
     def path(self, tenant: str, version: int, retired: bool = False) -> Path:
+        """The file of a version. Through a view of a generation (`at`), a version that generation serves and that
+        was retired since (by a write not published yet, or killed before it published) is read from its retired
+        name: a reader sees the generation as it was."""
         suffix = ".retired.safetensors" if retired else ".safetensors"
-        return self.root / check_tenant_name(tenant) / f"v{version:04d}{suffix}"
+        path = self.root / check_tenant_name(tenant) / f"v{version:04d}{suffix}"
+        if self.pinned is None or retired or path.exists():
+            return path
+        served = (entry := self.pinned.tenants.get(tenant)) is not None and entry.version == version
+        gone = path.with_name(f"v{version:04d}.retired.safetensors")
+        return gone if served and gone.is_file() else path
 
     # -- reading ---------------------------------------------------------------------------------------------
 
@@ -264,6 +293,19 @@ class ExpertStore:
                 failed[tenant] = error
         return loaded, failed
 
+    def architecture(self, dim: int | None = None) -> Architecture:
+        """The architecture most of the store's live experts share (`common_architecture`; each read as it takes
+        features of width `dim` when given: experts bridged from an older trunk version count as the current one's).
+        Headers that fail their checks are not counted."""
+        found = []
+        for tenant in self.tenants(dormant=True):
+            try:
+                arch = self.meta(tenant).architecture
+            except (ShardError, KeyError, ValueError):
+                continue
+            found.append(arch.on(dim) if dim is not None else arch)
+        return common_architecture(found)
+
     def meta(self, tenant: str, version: int | None = None) -> ExpertMeta:
         """A version's metadata from its header alone (no tensors read, no checksum), checked against the rule."""
         version = self.latest(tenant) if version is None else version
@@ -290,6 +332,7 @@ class ExpertStore:
             try:
                 yield
             except BaseException:
+                self._published = None
                 if self._deferred is None:
                     try:
                         self._publish([{"op": op, "tenant": tenant, "failed": True}], if_changed=True)
@@ -298,6 +341,8 @@ class ExpertStore:
                 raise
             if self._deferred is not None:
                 self._deferred.append(tenant)
+            elif self._published == tenant:  # published before its files went (`_take_out`)
+                self._published = None
             else:
                 self._publish([{"op": op, "tenant": tenant}])
 
@@ -424,7 +469,7 @@ class ExpertStore:
             if target.exists():
                 raise FileExistsError(f"{target} exists; refusing to overwrite an archive")
             target.parent.mkdir(parents=True, exist_ok=True)
-            leaving = self._take_out(tenant)
+            leaving = self._take_out(tenant, "archive")
             self._bury(tenant, f"archived to {target.absolute()}")
             try:
                 shutil.move(str(leaving), str(target))
@@ -448,13 +493,23 @@ class ExpertStore:
         with self._writing(tenant, "delete"):
             if not self.records(tenant):
                 raise self._unknown(tenant)
-            leaving = self._take_out(tenant)
+            leaving = self._take_out(tenant, "delete")
             self._bury(tenant, "deleted")
             shutil.rmtree(leaving)
 
-    def _take_out(self, tenant: str) -> Path:
+    def _take_out(self, tenant: str, op: str) -> Path:
         """One atomic rename takes the tenant's folder out of the store (to a hidden name, never read), so that a
-        process killed while its files are moved or removed leaves no version of it behind to be served."""
+        process killed while its files are moved or removed leaves no version of it behind to be served. Its removal
+        is published first (unless inside `changes`): a process killed between the two leaves a generation that no
+        longer serves it (what the write was to do), never one that names files gone."""
+        if self._deferred is None:
+            self.generations.publish(
+                [{"op": op, "tenant": tenant, "version": None}],
+                lambda name: None if name == tenant else self._entry(name),
+                self._scan,
+                self._trunk,
+            )
+            self._published = tenant  # `_writing` publishes nothing more for it
         leaving = self.root / ".leaving" / f"{tenant}.{os.getpid()}"
         leaving.parent.mkdir(exist_ok=True)
         os.replace(self.root / tenant, leaving)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from moe.evaluation.evaluate import Evaluation, evaluate_mixture
 from moe.inference import UNSURE_MARGIN, check_oos_rule, load_mixture
 from moe.inference.answers import resolve_oos_rule
-from moe.store.bundle import check_target, write_bundle_manifest, write_files
+from moe.store.bundle import (
+    check_target,
+    clear_target,
+    publish_bundle,
+    staging_folder,
+    write_bundle_manifest,
+    write_files,
+)
 from moe.tasks.base import task
 from moe.tasks.inputs import feature_encoder, open_trained_store, sources_from_config
 
@@ -62,8 +70,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = load_mixture(trained.store_dir, names, trained.gate, trunk.fingerprint, trunk=trunk)
     check_oos_rule(cfg.oos.score, cfg.oos.threshold)  # what is given checked before a file is written (or cleared)
     sources = sources_from_config(cfg.data, list(cfg.export.splits)) if cfg.export.measure else {}
+    if not cfg.export.overwrite:
+        clear_target(out, overwrite=False)  # refuses a folder holding a bundle, before anything is written
+    staging = staging_folder(out)  # written whole there, moved into `out` at the end: an export fails leaving none
+    try:
+        manifest = _export(cfg, out, staging, trained, trunk, model, sources, dtype)
+        publish_bundle(staging, out, cfg.export.overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    summary = {"bundle": str(out), "dtype": dtype, "trunk": cfg.export.trunk, "experts": len(model.keys)}
+    summary["threshold"] = manifest["gate"]["oos"]["threshold"]
+    if precision := manifest.get("precision"):
+        summary["accuracy_cost"] = {k: round(v["cost"], 4) for k, v in precision["metrics"].items()}
+        summary |= {k: v for k, v in precision.items() if k.endswith("changed_predictions")}
+    print(json.dumps(summary, indent=2))
+    log.info("exported %s", json.dumps(summary))
+    return manifest
+
+
+def _export(cfg, out: Path, staging: Path, trained, trunk, model, sources, dtype: str) -> dict[str, Any]:
+    """The bundle of `model`, written into `staging` (the same files as in `out`), evaluated first; its manifest."""
     files, trunk_entry = write_files(
-        out, trained.store_dir, model, trunk, dtype, cfg.export.trunk, trained.trained_trunk, cfg.export.overwrite
+        staging, trained.store_dir, model, trunk, dtype, cfg.export.trunk, trained.trained_trunk, cfg.export.overwrite
     )
     encode = feature_encoder(trunk, cfg.paths.get("cache_dir"), cfg.cache_features and not trained.trained_trunk)
     settings = dict(
@@ -77,7 +105,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     bundled, precision = full, None
     if dtype != "float32" and full is not None:  # the bundle's own shards, as serving will load them
         keys = [t for t, _ in model.keys]
-        lowered = load_mixture(out / "experts", keys, trained.gate, trunk.fingerprint, trunk=trunk)
+        lowered = load_mixture(staging / "experts", keys, trained.gate, trunk.fingerprint, trunk=trunk)
         settings["oos_score"] = full.score  # the score float32 chose: the cost compares like with like
         bundled = evaluate_mixture(lowered, sources, encode, trained.batch_size, **settings)
         precision = accuracy_cost(full, bundled, dtype)
@@ -92,8 +120,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "max_cost": cfg.oos.max_cost,
         "chosen_on": cfg.oos.threshold_split if chosen else None,
     }
-    manifest = write_bundle_manifest(
-        out,
+    return write_bundle_manifest(
+        staging,
         files,
         model,
         trunk_entry,
@@ -112,11 +140,3 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "training": OmegaConf.to_container(trained.run_config, resolve=True) if trained.run_config else None,
         },
     )
-    summary = {"bundle": str(out), "dtype": dtype, "trunk": cfg.export.trunk, "experts": len(model.keys)}
-    summary["threshold"] = threshold
-    if precision:
-        summary["accuracy_cost"] = {k: round(v["cost"], 4) for k, v in precision["metrics"].items()}
-        summary |= {k: v for k, v in precision.items() if k.endswith("changed_predictions")}
-    print(json.dumps(summary, indent=2))
-    log.info("exported %s", json.dumps(summary))
-    return manifest
