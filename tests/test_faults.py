@@ -6,7 +6,6 @@ sees half an upgrade; an export that fails leaves no half bundle; a repeated hea
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from moe.store import ExpertMeta, ExpertStore, ShardError, expert_shards
 from moe.store.remote import RemoteStore
 from moe.store.shard import read_shard, save_atomically, tensors_sha256, write_shard
 from tests.moto_s3 import moto_s3
+from tests.service import free_port
 
 FP = "e" * 64
 DIM = 16
@@ -188,12 +188,6 @@ def test_an_object_removed_between_listing_and_fetch_leaves_that_tenant_out_nami
     assert model.tenants == ["bank", "weather"]
     error = model.left_out["music"]
     assert isinstance(error, ShardError) and f"s3://{bucket}/store/music/v0001.safetensors" in str(error)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_stopped_endpoint_is_a_shard_error_naming_the_url_within_the_stated_bound(tmp_path):

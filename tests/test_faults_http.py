@@ -8,37 +8,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from moe.serving import Server
-from moe.serving.http import build_app
 from tests.helpers import flip_last_byte
-from tests.test_http_service import same
+from tests.service import call, same, serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 BROKEN_AT_START, BROKEN_LATER, HEALTHY = "weather", "music", "bank"
-
-
-def call(url: str, body: object = None) -> tuple[int, object]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data, {"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +32,9 @@ def bundle(tiny_run, tmp_path_factory):
 def service(bundle):
     """One replica over the damaged bundle (verified in full when it starts), a small device budget, batches that wait
     20 ms for concurrent requests."""
-    import ray
-    from ray import serve
-
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = {"bundle": str(bundle), "batch_wait_ms": 20, "max_batch_size": 32}
-        serve.run(build_app(settings), name="moe", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    settings = {"bundle": str(bundle), "batch_wait_ms": 20, "max_batch_size": 32}
+    with serving(settings) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ not touch, with their tenant given, never change."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +21,7 @@ from moe.store import ExpertStore, RemoteStore
 from moe.trunk import TinyTrunk
 from tests.helpers import SYNTHETIC, fast_growth, write_tenant_csv
 from tests.moto_s3 import moto_s3
+from tests.service import call, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
@@ -30,16 +30,6 @@ FIRST = ["music", "weather"]  # grown before the service starts
 EVERYONE = [None, "bank", "music", "weather"]  # the tenants asked for (None: routed)
 URL = "s3://follow-http/store"
 DELAY_S = 5.0  # a write is served within this
-
-
-def call(url: str, body: object = None) -> tuple[int, object]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data, {"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 def generation_of(service: str, text: str, tenant: str | None) -> str | None:
@@ -51,12 +41,6 @@ def generation_of(service: str, text: str, tenant: str | None) -> str | None:
             return response.headers.get(GENERATION_HEADER)
     except urllib.error.HTTPError as error:
         return error.headers.get(GENERATION_HEADER)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

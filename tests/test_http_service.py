@@ -6,7 +6,6 @@ file is a valid Serve config of this application."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +18,7 @@ import yaml
 from moe.serving import Server
 from moe.serving.http import ServiceSettings, build_app, main
 from tests.helpers import ROOT
+from tests.service import call, same, serving
 
 # The session's tiny run (trained, evaluated and exported in a child process) gives the bundle.
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
@@ -27,39 +27,12 @@ TENANTS = [None, "bank", "music", "weather"]
 LIMIT = 1000  # characters per text, as the service is started here
 
 
-def call(url: str, body: bytes | object = None, headers: dict | None = None) -> tuple[int, object]:
-    """(status, decoded JSON) of a GET (no body) or a POST (JSON of `body`, or the bytes as they are)."""
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data, {"content-type": "application/json"} | (headers or {}))
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(tiny_run):
     """The service's base URL, one replica on a free port; batches wait 20 ms for concurrent requests."""
-    import ray
-    from ray import serve
-
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = {"bundle": str(tiny_run.bundle), "max_text_chars": LIMIT, "max_queries": 200, "batch_wait_ms": 20}
-        serve.run(build_app(settings), name="moe", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    settings = {"bundle": str(tiny_run.bundle), "max_text_chars": LIMIT, "max_queries": 200, "batch_wait_ms": 20}
+    with serving(settings) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +44,6 @@ def offline(tiny_run) -> Server:
 def texts(tiny_run) -> list[str]:
     lines = (tiny_run.evaluation / "predictions_test.jsonl").read_text().splitlines()
     return [json.loads(line)["text"] for line in lines]
-
-
-def same(answer: dict, expected: dict) -> bool:
-    """Equal but for the float32 rounding that batch composition brings (as `Server.predict` by batch size)."""
-    floats = [answer["score"]] + [r["gate_prob"] for r in answer["runners_up"]]
-    wanted = [expected["score"]] + [r["gate_prob"] for r in expected["runners_up"]]
-    rest = [{k: v for k, v in a.items() if k != "score"} for a in (answer, expected)]
-    for r in rest:
-        r["runners_up"] = [t["tenant"] for t in r["runners_up"]]
-    return rest[0] == rest[1] and floats == pytest.approx(wanted, rel=1e-6, abs=1e-7)
 
 
 def test_one_query_at_a_time_is_answered_as_server_predict_to_the_bit(service, offline, texts):

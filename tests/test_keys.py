@@ -6,10 +6,7 @@ tenants only, a revoked key refused within the poll delay, `/health` open, the s
 from __future__ import annotations
 
 import json
-import socket
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -17,6 +14,7 @@ import torch
 
 from moe.model import ExpertInfo, build_mixture
 from moe.serving import keys as api_keys
+from tests.service import call, serving
 
 
 def add_key(path, *args: str, capsys) -> str:
@@ -91,31 +89,9 @@ def test_routing_among_a_subset_never_chooses_another_expert_and_is_the_gate_mas
 # --- the service, with keys on -----------------------------------------------------------------------------------
 
 
-def call(url: str, body=None, key: str | None = None, headers: dict | None = None) -> tuple[int, object]:
-    data = json.dumps(body).encode() if body is not None else None
-    auth = {"authorization": f"Bearer {key}"} if key else {}
-    request = urllib.request.Request(url, data, {"content-type": "application/json"} | auth | (headers or {}))
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def keyed(tiny_run, tmp_path_factory):
     """(base URL, keys file, keys by name): one replica asking for keys, re-reading its file every 0.2 s."""
-    import ray
-    from ray import serve
-
-    from moe.serving.http import build_app
-
     path = tmp_path_factory.mktemp("keys") / "keys.json"
     keys = {}
     for name, tenants, admin in [
@@ -126,16 +102,9 @@ def keyed(tiny_run, tmp_path_factory):
     ]:
         keys[name], record = api_keys.new_key(tenants, admin)
         api_keys.write_keys(path, (api_keys.read_keys(path) if path.exists() else {}) | {record.id: record})
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = {"bundle": str(tiny_run.bundle), "keys_file": str(path), "keys_poll_s": 0.2, "batch_wait_ms": 20}
-        serve.run(build_app(settings), name="moe", route_prefix="/")
-        yield f"http://127.0.0.1:{port}", path, keys
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    settings = {"bundle": str(tiny_run.bundle), "keys_file": str(path), "keys_poll_s": 0.2, "batch_wait_ms": 20}
+    with serving(settings) as url:
+        yield url, path, keys
 
 
 @pytest.fixture(scope="module")
@@ -148,18 +117,18 @@ def texts(tiny_run) -> list[str]:
 @pytest.mark.subprocess
 def test_a_tenant_outside_the_key_gets_the_same_403_whether_or_not_it_exists(keyed):
     url, _, keys = keyed
-    music = call(f"{url}/predict", {"text": "play some jazz", "tenant": "music"}, keys["bank"])
-    acme = call(f"{url}/predict", {"text": "play some jazz", "tenant": "acme"}, keys["bank"])
+    music = call(f"{url}/predict", {"text": "play some jazz", "tenant": "music"}, key=keys["bank"])
+    acme = call(f"{url}/predict", {"text": "play some jazz", "tenant": "acme"}, key=keys["bank"])
     assert music == acme and music[0] == 403 and "music" not in json.dumps(music[1]), (music, acme)
     batch = {"queries": [{"text": "balance", "tenant": "bank"}, {"text": "x", "tenant": "weather"}]}
     refusal = {"detail": "queries[1].tenant: not a tenant of this key"}
-    assert call(f"{url}/predict", batch, keys["bank"]) == (403, refusal)
+    assert call(f"{url}/predict", batch, key=keys["bank"]) == (403, refusal)
     header = {"serve_multiplexed_model_id": "music"}
-    assert call(f"{url}/predict", {"text": "balance", "tenant": "bank"}, keys["bank"], header)[0] == 403
+    assert call(f"{url}/predict", {"text": "balance", "tenant": "bank"}, key=keys["bank"], headers=header)[0] == 403
     # a tenant of the key that is not served: 404, naming only the key's own tenants
-    status, body = call(f"{url}/predict", {"text": "play", "tenant": "acme"}, keys["admin"])
+    status, body = call(f"{url}/predict", {"text": "play", "tenant": "acme"}, key=keys["admin"])
     assert status == 404 and "acme" in body["detail"]
-    status, body = call(f"{url}/predict", {"text": "balance", "tenant": "bank"}, keys["bank"])
+    status, body = call(f"{url}/predict", {"text": "balance", "tenant": "bank"}, key=keys["bank"])
     assert status == 200 and body["tenant"] == "bank"
 
 
@@ -176,7 +145,7 @@ def test_a_routed_query_is_routed_among_the_keys_tenants_only(keyed, tiny_run, t
         expected = [a.to_dict() for a in offline.predict(texts, among=[allowed] * len(texts))]
 
         def ask(text: str, key=keys[name]) -> tuple[int, object]:
-            return call(f"{url}/predict", {"text": text}, key)
+            return call(f"{url}/predict", {"text": text}, key=key)
 
         with ThreadPoolExecutor(16) as pool:  # concurrent: answered in mixed batches
             got = list(pool.map(ask, texts))
@@ -184,10 +153,10 @@ def test_a_routed_query_is_routed_among_the_keys_tenants_only(keyed, tiny_run, t
             assert status == 200 and answer["tenant"] in allowed
             assert set(answer["experts"]) <= allowed and {r["tenant"] for r in answer["runners_up"]} <= allowed
             assert answer["intent"] == want["intent"] and answer["score"] == pytest.approx(want["score"], rel=1e-5)
-    status, refusal = call(f"{url}/predict", {"text": texts[0]}, keys["ghost"])
+    status, refusal = call(f"{url}/predict", {"text": texts[0]}, key=keys["ghost"])
     assert status == 404 and "no tenant of this key is served" in refusal["detail"]
     # an admin key routes among every tenant, as without keys
-    status, answer = call(f"{url}/predict", {"text": texts[0]}, keys["admin"])
+    status, answer = call(f"{url}/predict", {"text": texts[0]}, key=keys["admin"])
     assert status == 200 and answer["tenant"] == free[0].tenant
 
 
@@ -197,16 +166,16 @@ def test_health_is_open_state_routes_need_an_admin_key_and_a_revoked_key_is_refu
     url, path, keys = keyed
     assert call(f"{url}/health")[0] == 200
     assert call(f"{url}/predict", {"text": "balance"})[0] == 401
-    assert call(f"{url}/predict", {"text": "balance"}, "abc.def")[0] == 401
+    assert call(f"{url}/predict", {"text": "balance"}, key="abc.def")[0] == 401
     for route in ("stats", "tenants"):
         assert call(f"{url}/{route}")[0] == 401 and call(f"{url}/{route}", key=keys["two"])[0] == 403
         assert call(f"{url}/{route}", key=keys["admin"])[0] == 200
-    assert call(f"{url}/predict", {"text": "balance"}, keys["two"])[0] == 200
+    assert call(f"{url}/predict", {"text": "balance"}, key=keys["two"])[0] == 200
     revoked = keys["two"].split(".")[0]
     started = time.monotonic()
     api_keys.write_keys(path, {k: v for k, v in api_keys.read_keys(path).items() if k != revoked})
-    while call(f"{url}/predict", {"text": "balance"}, keys["two"])[0] == 200:
+    while call(f"{url}/predict", {"text": "balance"}, key=keys["two"])[0] == 200:
         assert time.monotonic() - started < 5, "a revoked key still answered after 5 s"
         time.sleep(0.05)
-    assert call(f"{url}/predict", {"text": "balance"}, keys["two"])[0] == 401
-    assert call(f"{url}/predict", {"text": "balance"}, keys["bank"])[0] == 200
+    assert call(f"{url}/predict", {"text": "balance"}, key=keys["two"])[0] == 401
+    assert call(f"{url}/predict", {"text": "balance"}, key=keys["bank"])[0] == 200

@@ -9,10 +9,8 @@ import json
 import tempfile
 from pathlib import Path
 
-import fsspec
 import pytest
 import torch
-from moto.server import ThreadedMotoServer
 
 from moe.inference import load_mixture
 from moe.model import ExpertInfo, build_mixture
@@ -20,6 +18,7 @@ from moe.model.stats import class_statistics
 from moe.store import ExpertStore, ShardError, expert_shards
 from moe.store.bundle import read_bundle, write_manifest
 from moe.store.remote import RemoteStore, mirror_bundle, open_store
+from tests.moto_s3 import moto_s3
 
 FP = "d" * 64
 DIM, RANK = 16, 8
@@ -31,24 +30,8 @@ BUCKET = "experts"
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on a free localhost port with one bucket; fsspec options that reach it."""
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }.items():
-            env.setenv(name, value)
-        env.delenv("AWS_PROFILE", raising=False)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        options = {"endpoint_url": f"http://{host}:{port}", "skip_instance_cache": True}
-        fsspec.filesystem("s3", **options).mkdir(BUCKET)
-        try:
-            yield options
-        finally:
-            server.stop()
+    with moto_s3(BUCKET) as options:
+        yield options
 
 
 @pytest.fixture(scope="module")

@@ -45,8 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
-
 @dataclass(frozen=True)
 class GateSettings:
     top_k: int = 2

@@ -146,18 +146,7 @@ class StoreSource:
                 raise ValueError(f"expert store {self.store.root} has no awake tenant at generation {state.generation}")
             trunk = self._trunk(state, view, previous)
             model = self.carry_over(previous, view, state, trunk) if previous is not None else None
-            model = model or load_mixture(
-                view,
-                gate=self.gate,
-                trunk_fingerprint=trunk.fingerprint,
-                device=self.device,
-                budget_bytes=self.budget_bytes,
-                host_budget_bytes=self.host_budget_bytes,
-                skip_failed=True,
-                verify=self.verify,
-                index=self.index,
-                trunk=trunk,
-            )
+            model = model or self.load(view, trunk, index=self.index)
             model.pager.load.locate = self.locate
             if not model.left_out or self.store.generation() == state.generation:
                 break
@@ -181,6 +170,22 @@ class StoreSource:
                 return path
         raise ShardError(self.store.path(tenant, version), "no longer in the store, live or retired")
 
+    def load(self, view, trunk: Trunk, **which) -> PagedMixture:
+        """`load_mixture` over `view` with this source's gate, device, budgets and verification (a damaged expert
+        left out); `which`: the tenants to load (default all) or the routing index."""
+        return load_mixture(
+            view,
+            gate=self.gate,
+            trunk_fingerprint=trunk.fingerprint,
+            device=self.device,
+            budget_bytes=self.budget_bytes,
+            host_budget_bytes=self.host_budget_bytes,
+            skip_failed=True,
+            verify=self.verify,
+            trunk=trunk,
+            **which,
+        )
+
     def carry_over(self, previous: ServingState, view: ExpertStore, state: State, trunk: Trunk) -> PagedMixture | None:
         """`previous`'s mixture moved to `state` (see the module's docstring), or None where it can not be (the
         statistics gate, another trunk, no awake tenant loadable, or added experts unlike the previous ones)."""
@@ -196,18 +201,7 @@ class StoreSource:
         fresh = None
         if added:
             try:
-                fresh = load_mixture(
-                    view,
-                    tenants=added,
-                    gate=self.gate,
-                    trunk_fingerprint=trunk.fingerprint,
-                    device=self.device,
-                    budget_bytes=self.budget_bytes,
-                    host_budget_bytes=self.host_budget_bytes,
-                    skip_failed=True,
-                    verify=self.verify,
-                    trunk=trunk,
-                )
+                fresh = self.load(view, trunk, tenants=added)
             except ValueError:  # none of them loads: the fresh build says why, tenant by tenant
                 return None
             if not _same_kind(old, fresh):
@@ -252,7 +246,7 @@ class StoreSource:
         model.left_out = dict(fresh.left_out) if fresh is not None else {}
         model.input_maps = {k: m.input_maps[k] for m, e in sources.values() if (k := m.keys[e]) in m.input_maps}
         model.expert_trunks = {t: sources[t][0].expert_trunks[t] for t in names}
-        model.pathways = old.pathways
+        model.forward_kind, model.evidence_weight = old.forward_kind, old.evidence_weight
         if old.index is not None:
             place = {key: i for i, key in enumerate(keys)}
             pairs = zip(old.keys, old_tenants, strict=True)
@@ -302,7 +296,7 @@ def _same_kind(old: PagedMixture, fresh: PagedMixture) -> bool:
     """Whether experts loaded on their own fit the gate of `old`: features, dtype, rows and scale alike."""
     a, b = (
         (m.router.weight.shape[-1], m.router.weight.dtype, m.router.top_k, m.router.normalize_weights)
-        + (m.input_scale, m.gate_rows, m.pathways is None)
+        + (m.input_scale, m.gate_rows, type(m.forward_kind))
         for m in (old, fresh)
     )
     return a == b

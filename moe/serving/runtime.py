@@ -224,9 +224,7 @@ class Server:
             given = t.to(device) if (t != UNKNOWN_TENANT).any() else None
             h = hidden.take(slice(start, start + self.max_batch)) if hidden is not None else None
             a = allowed[start : start + self.max_batch].to(device) if allowed is not None else None
-            result += predict(
-                model, x, given, state.oos_kind, state.threshold, state.unsure_margin, hidden=h, among=a
-            )
+            result += predict(model, x, given, state.oos_kind, state.threshold, state.unsure_margin, hidden=h, among=a)
         return result
 
     def predict(
