@@ -63,6 +63,18 @@ def test_a_bar_a_caller_turned_off_stays_off_on_a_terminal(monkeypatch):
     assert sys.stderr.getvalue() == ""
 
 
+def on_terminal(monkeypatch, ci: str | None) -> Terminal:
+    """A fake terminal as stdout and stderr, with `CI` set to `ci` (None: unset)."""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(sys, "stdout", terminal)
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    return terminal
+
+
 def test_a_grow_shows_its_encoding_and_epochs_on_a_terminal_and_prints_nothing_under_ci(tmp_path, monkeypatch):
     files = write_synthetic_tenants(tmp_path / "data")
     tenants = [read_tenant_file(name, path, split_column="split") for name, path in files.items()]
@@ -73,13 +85,7 @@ def test_a_grow_shows_its_encoding_and_epochs_on_a_terminal_and_prints_nothing_u
 
     def grow(tenant, ci: str | None) -> str:
         """What the grow wrote to a terminal's stdout and stderr."""
-        terminal = Terminal()
-        monkeypatch.setattr(sys, "stderr", terminal)
-        monkeypatch.setattr(sys, "stdout", terminal)
-        if ci is None:
-            monkeypatch.delenv("CI", raising=False)
-        else:
-            monkeypatch.setenv("CI", ci)
+        terminal = on_terminal(monkeypatch, ci)
         lifecycle.grow(tenant)
         return terminal.getvalue()
 
@@ -93,13 +99,7 @@ def test_a_grow_shows_its_encoding_and_epochs_on_a_terminal_and_prints_nothing_u
 def test_a_training_run_draws_its_configured_bar_on_a_terminal_only(tmp_path, monkeypatch, ci, shown):
     """The run's own progress bar (`callbacks=default`: Lightning's TQDMProgressBar) follows the same rule: epochs on a
     terminal, nothing in CI logs."""
-    terminal = Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
-    monkeypatch.setattr(sys, "stdout", terminal)
-    if ci is None:
-        monkeypatch.delenv("CI", raising=False)
-    else:
-        monkeypatch.setenv("CI", ci)
+    terminal = on_terminal(monkeypatch, ci)
     overrides = [*synthetic_data(tmp_path / "data"), "trunk=tiny", "trainer.max_epochs=2", "logger=none"]
     train.run(compose_config("train", [*overrides, "callbacks=default"], tmp_path / "run"))
     assert ("Epoch 1" in terminal.getvalue()) == shown, terminal.getvalue()[-500:]
