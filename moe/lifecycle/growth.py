@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from moe.data import Tenant
 from moe.data.datamodule import TenantExamples
+from moe.lifecycle.few_shot import Neighbours, check_method, nearest_tenant, statistics_expert
 from moe.model import TENSOR_NAMES, ExpertInfo, RowSource, build_mixture, check_choice
 from moe.model.evidence import EVIDENCE_SHRINKAGE, check_evidence, fit_evidence
 from moe.model.kinds import Architecture
@@ -60,9 +61,15 @@ class GrowthConfig:
     pathway: dict | None = None  # pathway experts (conf/expert/pathway.yaml): `PathwayConfig`'s own settings
     evidence: str = "none"  # what a new store's experts keep for routing (`moe.model.evidence`); a store's own wins
     evidence_shrinkage: float = EVIDENCE_SHRINKAGE
+    method: str = "full"  # how a new tenant's expert is made (`moe.lifecycle.few_shot.METHODS`)
+    method_shrinkage: float = SHRINKAGE  # statistics: of the covariance its head's discriminants use
+    nearest_epochs: int = 2  # nearest: epochs of training from the nearest tenant's pathway
+    contrastive_pairs: int = 20  # contrastive: pairs per example (half same intent, half another)
+    contrastive_epochs: int = 1  # contrastive: epochs over the pairs, before the head is fitted
 
     def __post_init__(self):
         check_choice(self.source, RowSource, "source")
+        check_method(self.method)
         check_evidence(self.evidence)
         if self.kind not in GROWERS:
             raise ValueError(f"unknown expert kind {self.kind!r}: choose among {sorted(GROWERS)}")
@@ -199,11 +206,40 @@ class Grower:
             self.arch.evidence, expert, features, labels, held_out, self.arch.input_scale, self.cfg.evidence_shrinkage
         )
 
+    def grow(self, tenant: Tenant, encoded, features, labels, stats: dict[str, torch.Tensor], neighbours: Neighbours):
+        """A new tenant's expert, made as `cfg.method` says (`moe.lifecycle.few_shot`) from its train rows (`features`,
+        `labels`; `stats`: their class statistics) and what the store's other experts keep -> as `train`."""
+        make = {
+            "full": lambda: self.train(tenant, encoded, features, labels),
+            "statistics": lambda: self.from_statistics(tenant, encoded, features, labels, stats, neighbours),
+            "nearest": lambda: self.from_nearest(tenant, encoded, features, labels, neighbours),
+            "contrastive": lambda: self.contrastive(tenant, encoded, labels),
+        }
+        return make[self.cfg.method]()
+
     def train(self, tenant: Tenant, encoded, features: torch.Tensor, labels: torch.Tensor):
         """A new expert on the tenant's train rows (`features`, `labels`; `encoded`: whether they came encoded) ->
         (expert tensors, the kind's own tensors with its evidence)."""
         expert = train_expert(tenant, features, labels, self.cfg)
         return expert, self.evidence(tenant, encoded, expert, features, labels)
+
+    def from_statistics(self, tenant, encoded, features, labels, stats, neighbours: Neighbours):
+        """An expert with no training (`statistics_expert`), over the trunk's features -> as `train`."""
+        others = list(neighbours.entries.values())
+        expert = statistics_expert(self.arch, stats, others, self.cfg.method_shrinkage)
+        return expert, self.unchanged_trunk(stats) | self.evidence(tenant, encoded, expert, features, labels)
+
+    def unchanged_trunk(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The kind's own tensors of an expert that reads the trunk's features as they are (adapters: none)."""
+        return {}
+
+    def from_nearest(self, tenant, encoded, features, labels, neighbours: Neighbours):
+        raise ValueError(f"growth method 'nearest' reuses another tenant's pathway: it needs pathway experts, and "
+                         f"this store's are {self.arch.kind} experts")
+
+    def contrastive(self, tenant, encoded, labels):
+        raise ValueError(f"growth method 'contrastive' fine-tunes a pathway: it needs pathway experts, and this "
+                         f"store's are {self.arch.kind} experts")
 
     def update(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, bridged: bool):
         """A new version of expert `old` over `merged`'s labels, on its new rows and the rehearsal of its earlier
@@ -259,11 +295,41 @@ class PathwayGrower(Grower):
         """A new pathway and its expert -> (expert, pathway tensors with the statistics of its own features)."""
         texts = self.texts(tenant, encoded)
         pathway, expert = train_pathway(self.pathways, texts, labels, len(tenant.labels), self.config())
+        return expert, self.with_evidence(tenant, encoded, expert, pathway, texts, labels)
+
+    def unchanged_trunk(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The pathway that changes nothing (B = 0) and the statistics of its features, which are the trunk's."""
+        return {name: torch.zeros(shape) for name, shape in self.pathways.shapes().items()} | as_pathway_statistics(
+            stats
+        )
+
+    def from_nearest(self, tenant, encoded, features, labels, neighbours: Neighbours):
+        """A pathway trained for `nearest_epochs` from the pathway of the tenant the gate sends most of these rows to."""
+        texts = self.texts(tenant, encoded)
+        start = neighbours.load(nearest_tenant(features, neighbours, self.arch.input_scale))
+        lora = {name: start[name] for name in self.pathways.shapes()}
+        cfg = replace(self.config(), epochs=self.cfg.nearest_epochs)
+        pathway, expert = train_pathway(self.pathways, texts, labels, len(tenant.labels), cfg, initial=lora)
+        return expert, self.with_evidence(tenant, encoded, expert, pathway, texts, labels)
+
+    def contrastive(self, tenant, encoded, labels):
+        """A new pathway fine-tuned on pairs of the tenant's texts (`train_contrastive`), then its head."""
+        from moe.training.pathway import train_contrastive  # TODO merge
+
+        texts = self.texts(tenant, encoded)
+        cfg = replace(self.config(), epochs=self.cfg.contrastive_epochs)
+        pathway, expert = train_contrastive(
+            self.pathways, texts, labels, len(tenant.labels), cfg, pairs=self.cfg.contrastive_pairs
+        )
+        return expert, self.with_evidence(tenant, encoded, expert, pathway, texts, labels)
+
+    def with_evidence(self, tenant, encoded, expert, pathway, texts, labels) -> dict[str, torch.Tensor]:
+        """The pathway's tensors and, when the store keeps evidence, its evidence over the pathway's own features."""
         if self.arch.evidence != "none":
             lora = {name: pathway[name] for name in self.arch.pathway.lora_shapes(self.arch.dim)}
             features = self.pathways.encode(texts, lora)
             pathway = pathway | self.evidence(tenant, encoded, expert, features, labels, lora)
-        return expert, pathway
+        return pathway
 
     def update(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, bridged: bool):
         """Its pathway kept as it is; its expert learns the new intents on the pathway's features of the new texts,

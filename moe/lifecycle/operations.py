@@ -17,6 +17,7 @@ import torch
 
 from moe.data import Tenant
 from moe.inference.build import BridgeCache
+from moe.lifecycle.few_shot import Neighbours
 from moe.lifecycle.growth import GROWERS, Grower, GrowthConfig, expert_tensors, routing_entry, statistics_samples
 from moe.lifecycle.stream import EncodedRows
 from moe.model.bridge import Bridge
@@ -86,6 +87,16 @@ class Lifecycle:
             entry = {name: tensors[name].clone() for name in ROUTING_TENSORS}  # not the weights
             others.append((meta, bridge.entry_to_new(entry, meta.architecture.input_scale) if bridge else entry))
         return others
+
+    def _neighbours(self, others: list[tuple[ExpertMeta, dict[str, torch.Tensor]]]) -> Neighbours:
+        """What a growing tenant reads of the others (`moe.lifecycle.few_shot`): their entries, and the shards of those
+        on this trunk."""
+        here = tuple(meta.tenant for meta, _ in others if meta.trunk_fingerprint == self.trunk.fingerprint)
+
+        def load(name: str) -> dict[str, torch.Tensor]:
+            return self.store.load(name, trunk_fingerprint=self.trunk.fingerprint)[0]
+
+        return Neighbours({meta.tenant: entry for meta, entry in others}, load, here)
 
     def _bridge(self, tenant: str) -> Bridge | None:
         """The bridge from the trunk `tenant`'s latest expert was trained on to this trunk, when they differ (an
@@ -185,15 +196,11 @@ class Lifecycle:
         stats = class_statistics(features, labels, len(tenant.labels))
         others = self._others(tenant.name)
         self._warn_overlap(tenant.name, tenant.labels, stats, others)  # before training: read only
-        expert, own = self.grower(arch).train(tenant, encoded, features, labels)
+        expert, own = self.grower(arch).grow(tenant, encoded, features, labels, stats, self._neighbours(others))
         routing = routing_entry(features, labels, stats, [entry for _, entry in others], cfg)
-        meta = ExpertMeta(
-            tenant.name,
-            tenant.labels,
-            self.trunk.fingerprint,
-            arch,
-            metrics={"train_examples": len(labels), f"{how}_s": time.perf_counter() - start},
-        )
+        seconds = time.perf_counter() - start
+        metrics = {"train_examples": len(labels), f"{how}_s": seconds, "growth_method": cfg.method}
+        meta = ExpertMeta(tenant.name, tenant.labels, self.trunk.fingerprint, arch, metrics=metrics)
         tensors = expert_tensors(expert, routing, stats) | own
         if parent is None:
             path = self.store.save(tensors, meta, new_tenant=True)

@@ -50,7 +50,7 @@ class ExpertMeta:
     version: int = 1
     created: str = field(default_factory=_now)
     package_version: str = __version__
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | str] = field(default_factory=dict)  # figures, and how it was grown (`growth_method`)
 
     def __post_init__(self):
         object.__setattr__(self, "architecture", Architecture.from_dict(self.architecture))

@@ -1,0 +1,73 @@
+"""How a new tenant's expert is made (`GrowthConfig.method`), from ten thousand examples or a handful, reusing what
+the store already knows: its shards (weights, gate rows, class statistics), never another tenant's data.
+
+    full         today's growth: the expert trained on the tenant's rows alone (`Grower.train`)
+    statistics   no training: a head of linear discriminants, the tenant's class means under the within-class
+                 covariance pooled over every expert's shard and the tenant's own rows (a pathway expert gets the
+                 pathway that changes nothing: its features are the trunk's)
+    nearest      pathway experts: the pathway of the tenant the store's gate sends most of the new rows to, trained
+                 from there for `nearest_epochs` (the LoRA hub idea with one module: the closest one)
+    contrastive  pathway experts: a new pathway fine-tuned on pairs of the rows (SetFit's cosine loss), then its head
+
+The choice between them by the number of examples (`few_shot_below`) and on the tenant's own held-out rows is the
+lifecycle's; docs/RESULTS.md (Few-example growth) has the learning curves they were chosen from.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from moe.model.experts import TENSOR_NAMES
+from moe.model.kinds import Architecture
+from moe.model.router import ROUTING
+from moe.model.stats import MEAN, PooledScatter, discriminant_rows
+
+METHODS = ("full", "statistics", "nearest", "contrastive")
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown growth method {method!r}: choose among {list(METHODS)}")
+
+
+@dataclass
+class Neighbours:
+    """What a growing tenant may read of the store's other experts: their routing entries and statistics (by tenant),
+    and the tensors of any of them on this trunk (`load`), read from its shard. Never their data."""
+
+    entries: dict[str, dict[str, torch.Tensor]]
+    load: Callable[[str], dict[str, torch.Tensor]]
+    same_trunk: tuple[str, ...] = ()  # the tenants whose experts are on this trunk (their weights can be reused)
+
+
+def statistics_expert(
+    arch: Architecture, stats: Mapping[str, torch.Tensor], others: list[Mapping[str, torch.Tensor]], shrinkage: float
+) -> dict[str, torch.Tensor]:
+    """An expert with no training: its adapter the identity (up = 0) and its head the linear discriminants of the
+    tenant's class means under the covariance pooled over `stats` (the tenant's own rows) and `others` (every other
+    expert's stored scatter), shrunk by `shrinkage`: Fisher's LDA with a covariance the store has already estimated
+    from far more rows than a few-example tenant brings."""
+    precision = (PooledScatter.of([stats]) + PooledScatter.of(others, arch.dim)).precision(shrinkage)
+    weight, bias = discriminant_rows(stats[MEAN], precision, arch.input_scale)  # (c, d), (c,)
+    shapes = arch.shapes(len(bias))
+    adapter = {name: torch.zeros(shapes[name]) for name in TENSOR_NAMES[:3]}
+    return adapter | {"head.weight": weight.T.contiguous(), "head.bias": bias.contiguous()}
+
+
+@torch.no_grad()
+def nearest_tenant(features: torch.Tensor, neighbours: Neighbours, input_scale: float) -> str:
+    """The tenant (among `neighbours.same_trunk`) whose gate rows win most of the new rows `features` (n, d): where
+    the store's gate would send the new tenant's queries today."""
+    names = [name for name in neighbours.same_trunk if name in neighbours.entries]
+    if not names:
+        raise ValueError("growth method 'nearest' needs another expert on this trunk to start from; the store has none")
+    # n: new rows, r: gate rows of every candidate tenant, d: features
+    weight = torch.cat([neighbours.entries[name][ROUTING[0]] for name in names])  # (r, d)
+    bias = torch.cat([neighbours.entries[name][ROUTING[1]] for name in names])  # (r,)
+    owner = torch.cat([torch.full((len(neighbours.entries[n][ROUTING[1]]),), i) for i, n in enumerate(names)])
+    best = owner[(features.float() * input_scale @ weight.T + bias).argmax(-1)]  # (n,) tenant index per row
+    return names[Counter(best.tolist()).most_common(1)[0][0]]
