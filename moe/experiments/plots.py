@@ -1,4 +1,4 @@
-"""Plots of a continual run: the accuracy matrix as heatmaps, and accuracy over events."""
+"""Plots of the experiments: a continual run's accuracy matrix as heatmaps and accuracy over events; learning curves."""
 
 from __future__ import annotations
 
@@ -43,6 +43,33 @@ def accuracy_over_events(
     ax.set_ylabel("mean accuracy over tenants seen (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def learning_curves(table: list[dict], path: Path) -> Path:
+    """Accuracy against examples per intent, one line per method with its spread over draws (min to max of the
+    draws' means), tenant given and routed side by side. `table`: rows of {method, k ("all" or a number), given,
+    given_min, given_max, routed, ...}."""
+    ks = sorted({row["k"] for row in table}, key=lambda k: (k == "all", int(k) if k != "all" else 0))
+    position = {k: i for i, k in enumerate(ks)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, field, title in ((axes[0], "given", "tenant given"), (axes[1], "routed", "routed (the new tenant's queries)")):
+        for i, method in enumerate(dict.fromkeys(row["method"] for row in table)):
+            rows = sorted((r for r in table if r["method"] == method and not np.isnan(r[field])), key=lambda r: position[r["k"]])
+            if not rows:
+                continue
+            x = [position[r["k"]] for r in rows]
+            ax.plot(x, [r[field] for r in rows], marker="o", color=f"C{i}", label=method)
+            ax.fill_between(x, [r[f"{field}_min"] for r in rows], [r[f"{field}_max"] for r in rows], color=f"C{i}", alpha=0.15)
+        ax.set_xticks(range(len(ks)), ks)
+        ax.set_xlabel("train examples per intent")
+        ax.set_title(f"{title} accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%), mean over report domains")
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
