@@ -1,12 +1,17 @@
 """Training one tenant's pathway expert in Lightning: its LoRA tensors inside the trunk's top layers and its expert
 (adapter and head) over the pathway's features, with the trunk itself frozen.
 
+Two ways: `train_pathway` fits the LoRA tensors and the expert together on cross-entropy; `train_contrastive`
+(SetFit-style, for a few examples) first fits the LoRA tensors on pairs of texts, same label or not, then the expert
+over the frozen pathway's features.
+
 The shared lower layers are run once per training text, before the first epoch (`LowerStates`): only the top layers
 run again each step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -105,16 +110,51 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Hidden, tor
     return Hidden(pad_sequence(states, batch_first=True), mask), torch.stack([y for _, y in batch])
 
 
-class PathwayClassifier(L.LightningModule):
-    """One pathway and its expert; the loss is cross-entropy over the tenant's own labels."""
+def lora_parameters(
+    pathways: Pathways, cfg: PathwayConfig, initial: Mapping[str, torch.Tensor] | None = None
+) -> tuple[list[str], nn.ParameterList]:
+    """A pathway's LoRA tensors to train, by name: new ones (`Pathways.init_tensors` seeded by `cfg.seed`: A random,
+    B zero), or copies of `initial`'s (a shard's tensors: any other keys, its statistics, are left out)."""
+    if initial is None:
+        start = pathways.init_tensors(torch.Generator().manual_seed(cfg.seed))
+    else:
+        shapes = pathways.shapes()
+        missing = sorted(name for name in shapes if name not in initial)
+        wrong = sorted(name for name in shapes if name in initial and tuple(initial[name].shape) != shapes[name])
+        if missing or wrong:
+            raise ValueError(
+                f"the initial pathway does not fit this trunk and spec: missing {missing[:3]} ({len(missing)} in "
+                f"all), wrong shapes {[(n, tuple(initial[n].shape), shapes[n]) for n in wrong[:3]]} ({len(wrong)})"
+            )
+        start = {name: initial[name].detach().clone().float() for name in shapes}
+    names = list(start)
+    return names, nn.ParameterList([nn.Parameter(start[name]) for name in names])
 
-    def __init__(self, pathways: Pathways, num_labels: int, cfg: PathwayConfig):
+
+def optimizers(module: L.LightningModule, groups: list[dict], cfg: PathwayConfig):
+    """AdamW over parameter `groups` (each with its learning rate), stepped as `cfg.schedule` says."""
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "constant":
+        return optimizer
+    steps = int(module.trainer.estimated_stepping_batches)
+    schedule = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup * steps), steps)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class PathwayClassifier(L.LightningModule):
+    """One pathway and its expert; the loss is cross-entropy over the tenant's own labels. The pathway starts new, or
+    from `initial` (another pathway's tensors, copied)."""
+
+    def __init__(
+        self,
+        pathways: Pathways,
+        num_labels: int,
+        cfg: PathwayConfig,
+        initial: Mapping[str, torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.pathways, self.cfg = pathways, cfg
-        generator = torch.Generator().manual_seed(cfg.seed)
-        initial = pathways.init_tensors(generator)
-        self.names = list(initial)
-        self.lora = nn.ParameterList([nn.Parameter(initial[name]) for name in self.names])
+        self.names, self.lora = lora_parameters(pathways, cfg, initial)
         self.bank = ExpertBank(pathways.trunk.dim, [num_labels], rank=cfg.rank, dropout=cfg.dropout)
         self.lora_dropout = nn.Dropout(cfg.lora_dropout)
 
@@ -138,21 +178,23 @@ class PathwayClassifier(L.LightningModule):
             {"params": list(self.lora), "lr": self.cfg.lr},
             {"params": list(self.bank.parameters()), "lr": self.cfg.head_lr},
         ]
-        optimizer = torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay)
-        if self.cfg.schedule == "constant":
-            return optimizer
-        steps = int(self.trainer.estimated_stepping_batches)
-        schedule = get_linear_schedule_with_warmup(optimizer, round(self.cfg.warmup * steps), steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return optimizers(self, groups, self.cfg)
 
 
 def train_pathway(
-    pathways: Pathways, texts: list[str], labels: torch.Tensor, num_labels: int, cfg: PathwayConfig, logger=False
+    pathways: Pathways,
+    texts: list[str],
+    labels: torch.Tensor,
+    num_labels: int,
+    cfg: PathwayConfig,
+    logger=False,
+    initial: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Fit one pathway and its expert on (texts, labels in [0, num_labels)); -> (pathway tensors with the statistics
-    of its own features, as its shard keeps them; expert tensors)."""
+    """Fit one pathway and its expert on (texts, labels in [0, num_labels)), the pathway new or starting from
+    `initial`'s tensors; -> (pathway tensors with the statistics of its own features, as its shard keeps them; expert
+    tensors)."""
     L.seed_everything(cfg.seed, workers=True)
-    module = PathwayClassifier(pathways, num_labels, cfg)
+    module = PathwayClassifier(pathways, num_labels, cfg, initial)
     examples = LowerStates(pathways, texts, labels)
     batches = SimilarLengths([len(s) for s in examples.states], cfg.batch_size, seed=cfg.seed)
     loader = DataLoader(examples, batch_sampler=batches, collate_fn=collate)
@@ -161,3 +203,130 @@ def train_pathway(
     lora = module.tensors()
     own = as_pathway_statistics(class_statistics(pathways.encode(texts, lora), labels, num_labels))
     return lora | own, module.bank.expert_tensors(0, num_labels)
+
+
+def draw_pairs(labels: torch.Tensor, pairs: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """SetFit's pairs: for each text, `pairs` partners, the first half (rounded up) of its own label (itself when it is
+    its label's only text), the rest of another label, each drawn uniformly; -> (first (n * pairs,), second (n *
+    pairs,)) text indices, text by text."""
+    if pairs < 1:
+        raise ValueError(f"contrastive training needs at least one pair per text, got pairs={pairs}")
+    if len(labels.unique()) < 2:
+        raise ValueError("contrastive training needs texts of at least two labels (no different-label pairs)")
+    positives, negatives = pairs - pairs // 2, pairs // 2
+    partners = torch.empty(len(labels), pairs, dtype=torch.long)
+    for label in labels.unique().tolist():
+        same, other = (labels == label).nonzero()[:, 0], (labels != label).nonzero()[:, 0]
+        m = len(same)
+        if m == 1:
+            partners[same, :positives] = same
+        else:  # one of the other m - 1 texts: skip the text's own place in `same`
+            draw = torch.randint(m - 1, (m, positives), generator=generator)
+            draw += draw >= torch.arange(m)[:, None]
+            partners[same, :positives] = same[draw]
+        partners[same, positives:] = other[torch.randint(len(other), (m, negatives), generator=generator)]
+    return torch.arange(len(labels)).repeat_interleave(pairs), partners.flatten()
+
+
+class Pairs(Dataset):
+    """Pairs of training texts (their `LowerStates`) with their target cosine: 1 for the same label, else 0."""
+
+    def __init__(self, examples: LowerStates, first: torch.Tensor, second: torch.Tensor):
+        self.examples, self.first, self.second = examples, first.tolist(), second.tolist()
+        self.target = (examples.labels[first] == examples.labels[second]).float()
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def __getitem__(self, k: int) -> tuple[int, int, torch.Tensor]:
+        return self.first[k], self.second[k], self.target[k]
+
+    def lengths(self) -> list[int]:
+        """Each pair's longer text, in tokens (`SimilarLengths` batches pairs that pad alike)."""
+        states = self.examples.states
+        return [max(len(states[i]), len(states[j])) for i, j in zip(self.first, self.second, strict=True)]
+
+    def collate(self, batch: list[tuple[int, int, torch.Tensor]]) -> tuple[Hidden, torch.Tensor]:
+        """b pairs -> both sides' token states in one padded batch (first sides, then second: 2b rows), targets (b,)."""
+        rows = [self.examples[i] for i, _, _ in batch] + [self.examples[j] for _, j, _ in batch]
+        hidden, _ = collate(rows)
+        return hidden, torch.stack([t for _, _, t in batch])
+
+
+class ContrastivePathway(L.LightningModule):
+    """One pathway alone, fitted so that its features' cosine similarity is 1 for a pair of the same label and 0
+    otherwise (sentence-transformers' CosineSimilarityLoss, as SetFit uses it)."""
+
+    def __init__(self, pathways: Pathways, cfg: PathwayConfig, initial: Mapping[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.pathways, self.cfg = pathways, cfg
+        self.names, self.lora = lora_parameters(pathways, cfg, initial)
+        self.lora_dropout = nn.Dropout(cfg.lora_dropout)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The pathway's tensors, as a shard holds them."""
+        return {name: p.detach().clone().contiguous() for name, p in zip(self.names, self.lora, strict=True)}
+
+    def training_step(self, batch, batch_idx):
+        # b: pairs, d: features; hidden holds 2b rows, first sides then second sides
+        hidden, target = batch
+        pathway = dict(zip(self.names, self.lora, strict=True))
+        features = self.pathways.upper(hidden, [pathway], dropout=self.lora_dropout)  # (2b d)
+        first, second = features.chunk(2)  # (b d) each
+        loss = F.mse_loss(F.cosine_similarity(first, second, dim=-1), target)  # (b) cosines against (b) targets
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(target))
+        return loss
+
+    def configure_optimizers(self):
+        return optimizers(self, [{"params": list(self.lora), "lr": self.cfg.lr}], self.cfg)
+
+
+def fit_head(
+    features: torch.Tensor, labels: torch.Tensor, num_labels: int, cfg: PathwayConfig, epochs: int
+) -> ExpertBank:
+    """An expert (adapter of `cfg.rank` and head, as `PathwayClassifier`'s) fitted on fixed features (n, d) by
+    cross-entropy: AdamW at `cfg.head_lr`, `epochs` epochs of shuffled batches of `cfg.batch_size` (seeded by
+    `cfg.seed`)."""
+    # n: texts, b: a batch, d: features, c: labels
+    bank = ExpertBank(features.shape[1], [num_labels], rank=cfg.rank, dropout=cfg.dropout)
+    optimizer = torch.optim.AdamW(bank.parameters(), lr=cfg.head_lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    scaled = features * cfg.input_scale
+    bank.train()
+    for _ in range(epochs):
+        for rows in torch.randperm(len(labels), generator=generator).split(cfg.batch_size):
+            loss = F.cross_entropy(bank(scaled[rows][None])[0], labels[rows])  # logits (b c)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return bank.eval()
+
+
+def train_contrastive(
+    pathways: Pathways,
+    texts: list[str],
+    labels: torch.Tensor,
+    num_labels: int,
+    cfg: PathwayConfig,
+    pairs: int = 20,
+    initial: Mapping[str, torch.Tensor] | None = None,
+    logger=False,
+    head_epochs: int = 50,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """SetFit-style (Tunstall et al. 2022) growth from a few examples: the pathway (new, or from `initial`'s tensors)
+    fitted on `pairs` pairs per text (`draw_pairs`, drawn once, seeded by `cfg.seed`) for `cfg.epochs` epochs at
+    `cfg.lr`, then the expert on the frozen pathway's features for `head_epochs` at `cfg.head_lr`; -> as
+    `train_pathway`: (pathway tensors with the statistics of its own features; expert tensors)."""
+    L.seed_everything(cfg.seed, workers=True)
+    module = ContrastivePathway(pathways, cfg, initial)
+    first, second = draw_pairs(labels, pairs, torch.Generator().manual_seed(cfg.seed))
+    examples = Pairs(LowerStates(pathways, texts, labels), first, second)
+    batches = SimilarLengths(examples.lengths(), cfg.batch_size, seed=cfg.seed)
+    loader = DataLoader(examples, batch_sampler=batches, collate_fn=examples.collate)
+    quiet_trainer(cfg.epochs, cfg.accelerator, logger).fit(module, train_dataloaders=loader)
+    module.eval()
+    lora = module.tensors()
+    features = pathways.encode(texts, lora)
+    bank = fit_head(features, labels, num_labels, cfg, head_epochs)
+    own = as_pathway_statistics(class_statistics(features, labels, num_labels))
+    return lora | own, bank.expert_tensors(0, num_labels)
