@@ -33,7 +33,7 @@ from moe.model.stats import (
     pooled_precision,
 )
 from moe.training.module import MixtureClassifier, quiet_trainer
-from moe.training.pathway import PathwayConfig, train_pathway
+from moe.training.pathway import PathwayConfig, train_contrastive, train_pathway
 from moe.trunk import Trunk
 
 
@@ -314,8 +314,6 @@ class PathwayGrower(Grower):
 
     def contrastive(self, tenant, encoded, labels):
         """A new pathway fine-tuned on pairs of the tenant's texts (`train_contrastive`), then its head."""
-        from moe.training.pathway import train_contrastive  # TODO merge
-
         texts = self.texts(tenant, encoded)
         cfg = replace(self.config(), epochs=self.cfg.contrastive_epochs)
         pathway, expert = train_contrastive(
