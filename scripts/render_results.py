@@ -1155,6 +1155,106 @@ def routing_evidence(root: Path) -> str:
     )
 
 
+FEW_SHOT = """\
+`python scripts/few_shot.py experiment=clinc150_few_shot` (adapter experts) and `experiment=clinc150_pathway_few_shot`
+(pathway experts) (`few_shot/<kind>/curves.json`, `rows.jsonl`, `chosen.json`), on the 2-core CPU machine shared with
+other jobs. Each CLINC150 domain is grown into the store of the other nine (every domain grown on all its data by
+today's growth, that one deleted: its experts and statistics gate are what the nine would have grown) with k train
+examples per intent, several random draws per k (one at all: the rows would be the same), each draw shared by every
+method. Every setting was chosen on the development domains' val split ({dev}: named in the config before any run):
+each method's setting ({settings}), the probe's weight decay, and the method at each k. The figures are the other
+seven domains' test split: the mean over draws of the mean over domains, [the lowest and highest draw]. `given`: the
+new tenant's expert alone; `routed`: the new tenant's test queries with no tenant given, through the whole store;
+`routing`: the share of them the gate sends to it first; `probe`: logistic regression on the frozen trunk's features of
+the same draw, as a reference; `grow s`: one grow, wall clock, on the shared machine.
+
+{tables}
+
+{plots}
+
+{verdicts}"""
+
+
+def few_shot_table(run: dict, field: str, digits: int = 1) -> str:
+    ks = list(dict.fromkeys(row["k"] for row in run["table"]))
+    rows = []
+    for method in dict.fromkeys(row["method"] for row in run["table"]):
+        cells = {row["k"]: row for row in run["table"] if row["method"] == method}
+        if all(cells[k][field] != cells[k][field] for k in cells):  # NaN everywhere: not measured for this method
+            continue
+        rows.append(
+            [method]
+            + [
+                "-"
+                if k not in cells or cells[k][field] != cells[k][field]
+                else f"{f(cells[k][field], digits)} [{f(cells[k][field + '_min'], digits)}-"
+                f"{f(cells[k][field + '_max'], digits)}]"
+                for k in ks
+            ]
+        )
+    return table(["method", *[f"k = {k}" for k in ks]], rows)
+
+
+def few_shot_verdicts(kind: str, run: dict) -> str:
+    m, chosen = run["reference"], run["chosen"]["method_per_k"]
+    get = lambda key: m.get(key, float("nan"))  # noqa: E731
+    lines = []
+    for k, goal in (("10", 95.0), ("5", 93.0)):
+        given, full, probe = get(f"chosen/k{k}/given"), get(f"full/k{k}/given"), get(f"probe/k{k}/given")
+        lines.append(
+            f"k = {k}: the chosen method ({chosen.get(k, '-')}) {f(given)} tenant given (goal {goal:.1f}: "
+            f"{'met' if given >= goal else 'not met'}), today's growth {f(full)}, the probe {f(probe)} "
+            f"(goal: 1 point above it, {'met' if given >= probe + 1 else 'not met'})."
+        )
+    whole, reference = get("chosen/k10/store_routed"), get("reference/store_routed_all_data")
+    if whole == whole:
+        lines.append(
+            "Routed accuracy of the whole store (all ten domains' test queries) with the new tenant at k = 10: "
+            f"{f(whole)}, against {f(reference)} with every tenant grown on all its data ({f(whole - reference)} "
+            "points; goal within 2: "
+            f"{'met' if reference - whole <= 2 else 'not met'})."
+        )
+    grow10, full_all = get("chosen/k10/seconds"), get("full/kall/seconds")
+    lines.append(
+        f"One grow at k = 10 by the chosen method took {f(grow10, 1)} s, today's full-data grow {f(full_all, 1)} s."
+    )
+    return f"**{kind} experts.** " + " ".join(lines)
+
+
+def few_shot(root: Path) -> str:
+    runs = {
+        kind: load(root, f"few_shot/{kind}/curves.json")
+        for kind in ("adapter", "pathway")
+        if (root / f"few_shot/{kind}/curves.json").is_file()
+    }
+    if not runs:
+        raise Missing("few_shot/adapter/curves.json")
+    first = next(iter(runs.values()))
+    tables, plots, verdicts = [], [], []
+    for kind, run in runs.items():
+        draws = run["draws"]
+        tables.append(
+            f"**{kind.capitalize()} experts**, {draws} draws per k, tenant given:\n\n{few_shot_table(run, 'given')}"
+        )
+        tables.append(
+            f"Routed (the new tenant's queries), then routing:\n\n{few_shot_table(run, 'routed')}\n\n"
+            f"{few_shot_table(run, 'routing')}"
+        )
+        tables.append(f"Seconds per grow:\n\n{few_shot_table(run, 'seconds')}")
+        plots.append(f"[{kind} learning curves](../scripts/results/few_shot/{kind}/learning_curves.png)")
+        verdicts.append(few_shot_verdicts(kind.capitalize(), run))
+    settings = "; ".join(
+        f"{kind}: " + ", ".join(f"{m} {s}" for m, s in run["chosen"]["settings"].items()) for kind, run in runs.items()
+    )
+    return FEW_SHOT.format(
+        dev=", ".join(first["chosen"]["dev_domains"]),
+        settings=settings,
+        tables="\n\n".join(tables),
+        plots="Plots: " + ", ".join(plots) + ".",
+        verdicts="\n\n".join(verdicts),
+    )
+
+
 REGISTRATION = """\
 `python scripts/bench_registration.py` (`registration/registration.json`), on the 2-core AMD EPYC CPU machine:
 {tenants:,} synthetic experts ({labels} labels on {dim} features, adapter rank {rank}) registered by `load_mixture`,
@@ -1429,6 +1529,7 @@ SECTIONS: list[tuple[str, Callable[[Path], str]]] = [
     ("Serving on a GPU", gpu_serving),
     ("Routing thousands of tenants through an index", routing_index),
     ("Routing that asks the experts", routing_evidence),
+    ("Few-example growth", few_shot),
     ("Registering thousands of tenants", registration),
     ("A load test of the HTTP service", load_test),
     ("Trunk versions", trunk_upgrade),

@@ -113,9 +113,10 @@ class LearningCurves:
         everyone = [tenant if name == tenant.name else t for name, t in self.tenants.items()]
         return own, Accuracies.of(split_outcome(model, everyone, self.encode, split, batch_size=1024)).acc_routed
 
-    def grow(self, name: str, k: int | None, index: int, method: str, setting: str, overrides: dict, split: str,
-             whole: bool) -> Row:
-        """Tenant `name` with draw `index` of `k` examples per intent, grown as `overrides` (GrowthConfig fields) say."""
+    def grow(
+        self, name: str, k: int | None, index: int, method: str, setting: str, overrides: dict, split: str, whole: bool
+    ) -> Row:
+        """Tenant `name`, draw `index` of `k` examples per intent, grown as `overrides` (GrowthConfig fields) say."""
         tenant = draw(self.tenants[name], k, index)
         scratch = self.work / "scratch"
         shutil.rmtree(scratch, ignore_errors=True)
@@ -126,8 +127,19 @@ class LearningCurves:
         Lifecycle(store, self.trunk, self.encode, cfg, overlap_warn=math.inf).grow(tenant)  # warnings: not measured
         seconds = time.perf_counter() - start
         own, whole_routed = self.measure(store, tenant, split, whole)
-        return Row(name, split, k, index, method, setting, own.acc_tenant_given, own.acc_routed, own.routing_acc,
-                   whole_routed, seconds)
+        return Row(
+            name,
+            split,
+            k,
+            index,
+            method,
+            setting,
+            own.acc_tenant_given,
+            own.acc_routed,
+            own.routing_acc,
+            whole_routed,
+            seconds,
+        )
 
     def probe(self, name: str, k: int | None, index: int, weight_decay: float, split: str) -> Row:
         """The logistic-regression probe on the trunk's features of the same draw (`fit_joint_linear` over this one

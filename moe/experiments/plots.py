@@ -56,14 +56,21 @@ def learning_curves(table: list[dict], path: Path) -> Path:
     ks = sorted({row["k"] for row in table}, key=lambda k: (k == "all", int(k) if k != "all" else 0))
     position = {k: i for i, k in enumerate(ks)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, field, title in ((axes[0], "given", "tenant given"), (axes[1], "routed", "routed (the new tenant's queries)")):
+    for ax, field, title in (
+        (axes[0], "given", "tenant given"),
+        (axes[1], "routed", "routed (the new tenant's queries)"),
+    ):
         for i, method in enumerate(dict.fromkeys(row["method"] for row in table)):
-            rows = sorted((r for r in table if r["method"] == method and not np.isnan(r[field])), key=lambda r: position[r["k"]])
+            rows = sorted(
+                (r for r in table if r["method"] == method and not np.isnan(r[field])), key=lambda r: position[r["k"]]
+            )
             if not rows:
                 continue
             x = [position[r["k"]] for r in rows]
             ax.plot(x, [r[field] for r in rows], marker="o", color=f"C{i}", label=method)
-            ax.fill_between(x, [r[f"{field}_min"] for r in rows], [r[f"{field}_max"] for r in rows], color=f"C{i}", alpha=0.15)
+            ax.fill_between(
+                x, [r[f"{field}_min"] for r in rows], [r[f"{field}_max"] for r in rows], color=f"C{i}", alpha=0.15
+            )
         ax.set_xticks(range(len(ks)), ks)
         ax.set_xlabel("train examples per intent")
         ax.set_title(f"{title} accuracy (%)")

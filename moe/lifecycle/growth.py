@@ -234,12 +234,16 @@ class Grower:
         return {}
 
     def from_nearest(self, tenant, encoded, features, labels, neighbours: Neighbours):
-        raise ValueError(f"growth method 'nearest' reuses another tenant's pathway: it needs pathway experts, and "
-                         f"this store's are {self.arch.kind} experts")
+        raise ValueError(
+            f"growth method 'nearest' reuses another tenant's pathway: it needs pathway experts, and "
+            f"this store's are {self.arch.kind} experts"
+        )
 
     def contrastive(self, tenant, encoded, labels):
-        raise ValueError(f"growth method 'contrastive' fine-tunes a pathway: it needs pathway experts, and this "
-                         f"store's are {self.arch.kind} experts")
+        raise ValueError(
+            f"growth method 'contrastive' fine-tunes a pathway: it needs pathway experts, and this "
+            f"store's are {self.arch.kind} experts"
+        )
 
     def update(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, bridged: bool):
         """A new version of expert `old` over `merged`'s labels, on its new rows and the rehearsal of its earlier
@@ -304,7 +308,7 @@ class PathwayGrower(Grower):
         )
 
     def from_nearest(self, tenant, encoded, features, labels, neighbours: Neighbours):
-        """A pathway trained for `nearest_epochs` from the pathway of the tenant the gate sends most of these rows to."""
+        """A pathway trained `nearest_epochs` on from the pathway of the tenant the gate sends most of these rows to."""
         texts = self.texts(tenant, encoded)
         start = neighbours.load(nearest_tenant(features, neighbours, self.arch.input_scale))
         lora = {name: start[name] for name in self.pathways.shapes()}

@@ -15,6 +15,7 @@ import logging
 import math
 import statistics
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -127,16 +128,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
         for name in dev
         for j in draws_at(cfg, k)
     ]
-    probe_jobs = [(name, k, j, decay) for decay in cfg.probe.weight_decays for k in ks for name in dev
-                  for j in draws_at(cfg, k)]
+    probe_jobs = [
+        (name, k, j, decay) for decay in cfg.probe.weight_decays for k in ks for name in dev for j in draws_at(cfg, k)
+    ]
     progress = bar(desc="development domains (val)", unit="grow", total=len(dev_jobs) + len(probe_jobs))
     dev_rows: list[Row] = []
     for name, k, j, method, setting, overrides in dev_jobs:
-        grow = lambda: curves.grow(name, k, j, method, setting, overrides, "val", whole=False)  # noqa: E731
+        grow = partial(curves.grow, name, k, j, method, setting, overrides, "val", whole=False)
         dev_rows.append(rows.get_or_measure(grow, name, "val", k, j, method, setting))
         progress.update()
     for name, k, j, decay in probe_jobs:
-        fit = lambda: curves.probe(name, k, j, float(decay), "val")  # noqa: E731
+        fit = partial(curves.probe, name, k, j, float(decay), "val")
         dev_rows.append(rows.get_or_measure(fit, name, "val", k, j, PROBE, f"weight_decay={float(decay):g}"))
         progress.update()
     progress.close()
@@ -151,28 +153,41 @@ def run(cfg: DictConfig) -> dict[str, float]:
     decays = {f"weight_decay={float(d):g}": float(d) for d in cfg.probe.weight_decays}
     chosen_setting[PROBE] = max(decays, key=lambda s: dev_score(PROBE, s))
     chosen_method = {
-        k_name(k): max((m for m in methods if runs_at(methods[m], k)), key=lambda m, k=k: dev_score(m, chosen_setting[m], k))
+        k_name(k): max(
+            (m for m in methods if runs_at(methods[m], k)), key=lambda m, k=k: dev_score(m, chosen_setting[m], k)
+        )
         for k in ks
     }
-    choice = {"settings": chosen_setting, "method_per_k": chosen_method, "dev_domains": dev,
-              "dev_val_tenant_given": {m: {k_name(k): dev_score(m, chosen_setting[m], k) for k in ks}
-                                       for m in [*methods, PROBE]}}
+    choice = {
+        "settings": chosen_setting,
+        "method_per_k": chosen_method,
+        "dev_domains": dev,
+        "dev_val_tenant_given": {
+            m: {k_name(k): dev_score(m, chosen_setting[m], k) for k in ks} for m in [*methods, PROBE]
+        },
+    }
     (out / "chosen.json").write_text(json.dumps(choice, indent=1) + "\n")
     log.info("chosen on the development domains' val split: %s", json.dumps(choice))
 
     # Report domains, test split: each method at its chosen setting, and the probe at its chosen decay.
     whole_at = {None if k is None else int(k) for k in cfg.whole_store_ks}
     overrides_of = {m: dict(settings(methods[m]))[chosen_setting[m]] for m in methods}
-    jobs = [(name, k, j, m) for m in [*methods, PROBE] for k in ks if m == PROBE or runs_at(methods[m], k)
-            for name in report for j in draws_at(cfg, k)]
+    jobs = [
+        (name, k, j, m)
+        for m in [*methods, PROBE]
+        for k in ks
+        if m == PROBE or runs_at(methods[m], k)
+        for name in report
+        for j in draws_at(cfg, k)
+    ]
     progress = bar(desc="report domains (test)", unit="grow", total=len(jobs))
     test_rows: list[Row] = []
     for name, k, j, m in jobs:
         if m == PROBE:
-            measure = lambda: curves.probe(name, k, j, decays[chosen_setting[PROBE]], "test")  # noqa: E731
+            measure = partial(curves.probe, name, k, j, decays[chosen_setting[PROBE]], "test")
         else:
-            measure = lambda: curves.grow(  # noqa: E731
-                name, k, j, m, chosen_setting[m], overrides_of[m], "test", whole=k in whole_at
+            measure = partial(
+                curves.grow, name, k, j, m, chosen_setting[m], overrides_of[m], "test", whole=k in whole_at
             )
         test_rows.append(rows.get_or_measure(measure, name, "test", k, j, m, chosen_setting[m]))
         progress.update()
@@ -195,8 +210,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
         m = chosen_method[k_name(k)]
         for field in ("given", "routed", "store_routed", "seconds"):
             metrics[f"chosen/k{k_name(k)}/{field}"] = metrics.get(f"{m}/k{k_name(k)}/{field}", math.nan)
-    (out / "curves.json").write_text(json.dumps({"report_domains": report, "draws": cfg.draws, "table": table,
-                                                 "chosen": choice, "reference": metrics}, indent=1) + "\n")
+    (out / "curves.json").write_text(
+        json.dumps(
+            {"report_domains": report, "draws": cfg.draws, "table": table, "chosen": choice, "reference": metrics},
+            indent=1,
+        )
+        + "\n"
+    )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     learning_curves(table, out / "learning_curves.png")
     log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
