@@ -90,6 +90,23 @@ def test_a_statistics_expert_is_the_discriminants_of_its_class_means_under_the_s
     assert torch.equal(given.log_probs[:, 0, :2].argmax(-1), lda)
 
 
+def test_a_warm_expert_starts_from_the_statistics_head_and_trains_from_there(tmp_path, tiny, tenants):
+    """`warm`: today's training with its head started from the statistics expert's. With no epochs it is that head,
+    its adapter a fresh one (down drawn, up zero: it adds nothing yet, and training can move both)."""
+    lifecycle = adapter_store(tmp_path, tiny, tenants, ["weather", "music"])
+    bank = draw(tenants["bank"], 3, 0)
+    heads = {}
+    for method in ("statistics", "warm"):
+        lifecycle.cfg = replace(lifecycle.cfg, method=method, epochs=0, method_shrinkage=0.3)
+        lifecycle.grow(bank)
+        tensors, meta = lifecycle.store.load("bank")
+        heads[method] = tensors["head.weight"]
+        assert meta.metrics["growth_method"] == method
+        lifecycle.store.delete("bank")
+    assert torch.equal(heads["warm"], heads["statistics"])
+    assert tensors["down.weight"].any() and not tensors["up.weight"].any()
+
+
 def test_reusing_a_pathway_needs_pathway_experts(tmp_path, tiny, tenants):
     lifecycle = adapter_store(tmp_path, tiny, tenants, ["weather"])
     for method in ("nearest", "contrastive"):
@@ -159,7 +176,7 @@ def test_the_learning_curve_experiment_chooses_on_development_tenants_and_report
     assert {r["tenant"] for r in rows if r["split"] == "test"} == {"weather", "music"}
     assert len([r for r in rows if r["split"] == "test" and r["method"] == "full" and r["k"] == 2]) == 4  # 2 draws
     assert len([r for r in rows if r["split"] == "test" and r["method"] == "full" and r["k"] is None]) == 2  # 1 draw
-    assert chosen["settings"]["statistics"] in {f"method_shrinkage={s}" for s in (0.02, 0.1, 0.3)}
+    assert chosen["settings"]["statistics"] in {f"method_shrinkage={s}" for s in (0.02, 0.1, 0.3, 0.6, 0.9)}
     assert set(chosen["method_per_k"]) == {"2", "all"}
     assert 0 <= metrics["chosen/k2/given"] <= 100 and 0 <= metrics["statistics/k2/store_routed"] <= 100
     assert (out / "learning_curves.png").stat().st_size > 0

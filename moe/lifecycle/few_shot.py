@@ -5,6 +5,8 @@ the store already knows: its shards (weights, gate rows, class statistics), neve
     statistics   no training: a head of linear discriminants, the tenant's class means under the within-class
                  covariance pooled over every expert's shard and the tenant's own rows (a pathway expert gets the
                  pathway that changes nothing: its features are the trunk's)
+    warm         adapter experts: today's training with its head started from the statistics expert's (linear probing
+                 then fine-tuning, Kumar et al. 2022)
     nearest      pathway experts: the pathway of the tenant the store's gate sends most of the new rows to, trained
                  from there for `nearest_epochs` (the LoRA hub idea with one module: the closest one)
     contrastive  pathway experts: a new pathway fine-tuned on pairs of the rows (SetFit's cosine loss), then its head
@@ -26,7 +28,7 @@ from moe.model.kinds import Architecture
 from moe.model.router import ROUTING
 from moe.model.stats import MEAN, PooledScatter, discriminant_rows
 
-METHODS = ("full", "statistics", "nearest", "contrastive")
+METHODS = ("full", "statistics", "warm", "nearest", "contrastive")
 
 
 def check_method(method: str) -> None:

@@ -94,14 +94,18 @@ def train_expert(
     labels: torch.Tensor,
     cfg: GrowthConfig,
     initial: dict[str, torch.Tensor] | None = None,
+    head: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fit an expert over `tenant.labels` on (features, labels); `initial` (an earlier version with fewer
-    labels) seeds the adapter and the columns of the labels it knew."""
+    labels) seeds the adapter and the columns of the labels it knew; `head` (`head.weight`, `head.bias`) seeds the head
+    alone, the adapter starting as a new one does."""
     L.seed_everything(cfg.seed, workers=True)
     info = ExpertInfo(tenant.name, tenant.labels)
     model = build_mixture([info], features.shape[1], rank=cfg.rank, dropout=cfg.dropout, input_scale=cfg.input_scale)
     if initial is not None:
         model.bank.load_expert(0, initial)
+    if head is not None:
+        model.bank.load_expert(0, model.bank.expert_tensors(0, len(tenant.labels)) | head)
     module = MixtureClassifier(
         model, [tenant], lr=cfg.lr, weight_decay=cfg.weight_decay, gate_weight=0.0, z_loss_weight=0.0
     )
@@ -212,6 +216,7 @@ class Grower:
         make = {
             "full": lambda: self.train(tenant, encoded, features, labels),
             "statistics": lambda: self.from_statistics(tenant, encoded, features, labels, stats, neighbours),
+            "warm": lambda: self.warm(tenant, encoded, features, labels, stats, neighbours),
             "nearest": lambda: self.from_nearest(tenant, encoded, features, labels, neighbours),
             "contrastive": lambda: self.contrastive(tenant, encoded, labels),
         }
@@ -232,6 +237,13 @@ class Grower:
     def unchanged_trunk(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The kind's own tensors of an expert that reads the trunk's features as they are (adapters: none)."""
         return {}
+
+    def warm(self, tenant, encoded, features, labels, stats, neighbours: Neighbours):
+        """Today's training, its head started from the statistics expert's (a linear probe, then fine-tuning)."""
+        start = statistics_expert(self.arch, stats, list(neighbours.entries.values()), self.cfg.method_shrinkage)
+        head = {name: start[name] for name in ("head.weight", "head.bias")}
+        expert = train_expert(tenant, features, labels, self.cfg, head=head)
+        return expert, self.evidence(tenant, encoded, expert, features, labels)
 
     def from_nearest(self, tenant, encoded, features, labels, neighbours: Neighbours):
         raise ValueError(
@@ -305,6 +317,12 @@ class PathwayGrower(Grower):
         """The pathway that changes nothing (B = 0) and the statistics of its features, which are the trunk's."""
         return {name: torch.zeros(shape) for name, shape in self.pathways.shapes().items()} | as_pathway_statistics(
             stats
+        )
+
+    def warm(self, tenant, encoded, features, labels, stats, neighbours: Neighbours):
+        raise ValueError(
+            "growth method 'warm' trains an adapter expert from a statistics head: this store's experts are "
+            "pathway experts (their few-example methods: statistics, nearest, contrastive)"
         )
 
     def from_nearest(self, tenant, encoded, features, labels, neighbours: Neighbours):
