@@ -118,14 +118,18 @@ class LearningCurves:
     ) -> Row:
         """Tenant `name`, draw `index` of `k` examples per intent, grown as `overrides` (GrowthConfig fields) say."""
         tenant = draw(self.tenants[name], k, index)
-        scratch = self.work / "scratch"
-        shutil.rmtree(scratch, ignore_errors=True)
-        shutil.copytree(self.without(name), scratch)
-        store = ExpertStore(scratch)
         cfg = replace(self.growth, seed=self.growth.seed + index, **overrides)
-        start = time.perf_counter()
-        Lifecycle(store, self.trunk, self.encode, cfg, overlap_warn=math.inf).grow(tenant)  # warnings: not measured
-        seconds = time.perf_counter() - start
+        if k is None and index == 0 and cfg == replace(self.growth, method="full"):
+            # the base store's own expert: grown by the same method on the same rows with the same seed
+            store, seconds = self.base, float(self.base.meta(name).metrics["grow_s"])
+        else:
+            scratch = self.work / "scratch"
+            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.copytree(self.without(name), scratch)
+            store = ExpertStore(scratch)
+            start = time.perf_counter()
+            Lifecycle(store, self.trunk, self.encode, cfg, overlap_warn=math.inf).grow(tenant)  # warnings: not measured
+            seconds = time.perf_counter() - start
         own, whole_routed = self.measure(store, tenant, split, whole)
         return Row(
             name,

@@ -186,9 +186,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if m == PROBE:
             measure = partial(curves.probe, name, k, j, decays[chosen_setting[PROBE]], "test")
         else:
-            measure = partial(
-                curves.grow, name, k, j, m, chosen_setting[m], overrides_of[m], "test", whole=k in whole_at
-            )
+            whole = k in whole_at and (cfg.whole_store_methods == "all" or m in ("full", chosen_method[k_name(k)]))
+            measure = partial(curves.grow, name, k, j, m, chosen_setting[m], overrides_of[m], "test", whole=whole)
         test_rows.append(rows.get_or_measure(measure, name, "test", k, j, m, chosen_setting[m]))
         progress.update()
     progress.close()
