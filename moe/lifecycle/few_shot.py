@@ -9,14 +9,14 @@ the store already knows: its shards (weights, gate rows, class statistics), neve
                  from there for `nearest_epochs` (the LoRA hub idea with one module: the closest one)
     contrastive  pathway experts: a new pathway fine-tuned on pairs of the rows (SetFit's cosine loss), then its head
 
-The choice between them by the number of examples (`few_shot_below`) and on the tenant's own held-out rows is the
-lifecycle's; docs/RESULTS.md (Few-example growth) has the learning curves they were chosen from.
+The choice between them by the number of examples is `method_for` (a grow) and `next_method` (an update), which
+`Lifecycle` calls; docs/RESULTS.md (Few-example growth) has the learning curves they were chosen from.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,23 @@ METHODS = ("full", "statistics", "nearest", "contrastive")
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown growth method {method!r}: choose among {list(METHODS)}")
+
+
+def method_for(counts: Sequence[int] | torch.Tensor, cfg) -> str:
+    """How a tenant with `counts` train rows per intent is grown, by `cfg` (a `GrowthConfig`): a configured `method`
+    other than "full" is an explicit choice and wins whatever the size; else `few_shot_method` when the smallest
+    intent has fewer than `few_shot_below` rows (None: never), else "full"."""
+    if cfg.method != "full":
+        return cfg.method
+    smallest = int(min(torch.as_tensor(counts).tolist()))
+    return cfg.few_shot_method if cfg.few_shot_below is not None and smallest < cfg.few_shot_below else "full"
+
+
+def next_method(before: str, counts: Sequence[int] | torch.Tensor, cfg) -> str:
+    """How an update makes a tenant's next version, grown by `before`, with `counts` rows per intent seen so far (its
+    earlier counts and the new rows'): a tenant on the full method stays on it; one grown from few examples moves to
+    the full method once `method_for` says so for its merged counts, and else stays with the method it was grown by."""
+    return "full" if before == "full" or method_for(counts, cfg) == "full" else before
 
 
 @dataclass
