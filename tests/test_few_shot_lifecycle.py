@@ -20,7 +20,7 @@ from moe.lifecycle import Lifecycle
 from moe.lifecycle.few_shot import method_for, next_method, statistics_expert
 from moe.lifecycle.growth import statistics_samples, train_expert
 from moe.model import TENSOR_NAMES
-from moe.model.stats import COUNT, MEAN, SCATTER, STATISTICS, class_statistics
+from moe.model.stats import COUNT, STATISTICS, class_statistics
 from moe.store import ExpertStore
 from moe.trunk import HFEncoderTrunk, TinyTrunk
 from tests.helpers import FILLERS, SYNTHETIC, compose_config, digests, fast_growth, script, write_tenant_csv
@@ -248,7 +248,7 @@ def test_a_pathway_tenant_grown_from_one_example_moves_to_a_trained_pathway(tmp_
         "bank", uneven_csv(tmp_path / f"{name}.csv", counts, seed), split_column="split"
     )
     lifecycle.grow(tenant("first", {"balance": 1, "transfer": 1}, 1))
-    lifecycle.update(tenant("second", {"balance": 1, "transfer": 1}, 2))
+    lifecycle.update(tenant("second", {"balance": 1, "transfer": 3}, 2))  # 2 and 4 rows so far
     second, meta = lifecycle.store.load("bank")
     assert meta.metrics["growth_method"] == "statistics" and meta.metrics["examples_per_intent_min"] == 2
     assert not any(second[name].any() for name in second if name.startswith("lora.") and name.endswith(".B"))
@@ -261,14 +261,20 @@ def test_a_pathway_tenant_grown_from_one_example_moves_to_a_trained_pathway(tmp_
 
     before = answers()
     with pytest.raises(ValueError, match=r"lack intents \['transfer'\].*raise growth.few_shot_below"):
-        lifecycle.update(tenant("lacking", {"balance": 4}, 3))
+        lifecycle.update(tenant("lacking", {"balance": 4}, 3))  # 6 and 4: past the threshold, with no transfer
     assert lifecycle.store.versions("bank") == [1, 2]
     lifecycle.update(tenant("third", {"balance": 4, "transfer": 4}, 4))
     third, meta = lifecycle.store.load("bank")
     assert meta.version == 3 and meta.metrics["growth_method"] == "full"
     assert any(third[name].any() for name in third if name.startswith("lora.") and name.endswith(".B"))
-    assert third[COUNT].tolist() == [6.0, 6.0]  # routing keeps every row's statistics
+    assert third[COUNT].tolist() == [6.0, 8.0]  # routing keeps every row's statistics
     assert third["pathway.count"].tolist() == [4.0, 4.0]  # the new pathway's features: of the texts it saw
-    assert not torch.equal(third[MEAN], second[MEAN]) and third[SCATTER].any()
     lifecycle.store.rollback("bank", 2)
     assert torch.equal(answers(), before)
+
+    lifecycle.cfg = replace(cfg, few_shot_below=None)  # never few-example: a pathway trained from one example each
+    lifecycle.grow(read_tenant_file("music", uneven_csv(tmp_path / "music.csv", {"play": 1, "stop": 1}, 5,
+                                                        SYNTHETIC["music"]), split_column="split"))
+    music, meta = lifecycle.store.load("music")
+    assert meta.metrics["growth_method"] == "full" and meta.metrics["examples_per_intent_min"] == 1
+    assert any(music[name].any() for name in music if name.startswith("lora.") and name.endswith(".B"))

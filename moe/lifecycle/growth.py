@@ -257,22 +257,23 @@ class Grower:
         raise ValueError(f"growth method 'contrastive' fine-tunes a pathway: it needs pathway experts, and this "
                          f"store's are {self.arch.kind} experts")
 
-    def update(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, bridged: bool, before: str = "full",
-               stats=None, neighbours: Neighbours | None = None):
+    def next_version(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, bridged: bool, before: str, stats,
+                     neighbours: Neighbours):
         """A new version of expert `old` (grown by method `before`) over `merged`'s labels, made as `cfg.method` says
         (`few_shot.next_method`): "statistics" recomputes it from `stats`, the merged statistics of every row seen so
-        far (exemplar-free); any other method trains it (`trained_update`) on the new rows and the rehearsal of the
-        earlier intents (`x`, `x_y`: both, in trunk features; `y`: the new rows' labels), anew when `bridged` (`old` is
-        of another trunk version) or when the tenant moves on from the few-example method it was grown by -> as
-        `train`."""
+        far (exemplar-free); any other method trains it (`update`) on the new rows and the rehearsal of the earlier
+        intents, anew when `bridged` (`old` is of another trunk version) or when the tenant moves on from the
+        few-example method it was grown by -> as `train`."""
         if self.cfg.method == "statistics":
             return self.from_statistics(tenant, encoded, x, x_y, stats, neighbours)
-        fresh = bridged or before != self.cfg.method
-        return self.trained_update(old, merged, tenant, encoded, y, x, x_y, fresh, before)
+        return self.update(old, merged, tenant, encoded, y, x, x_y, bridged or before != self.cfg.method)
 
-    def trained_update(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, fresh: bool, before: str):
-        """The expert trained on `x`, `x_y` from `old` (`fresh`: from scratch, as the full method trains it)."""
-        expert = train_expert(merged, x, x_y, self.cfg, initial=None if fresh else old)
+    def update(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, anew: bool):
+        """A new version of expert `old` over `merged`'s labels, on its new rows and the rehearsal of its earlier
+        intents (`x`, `x_y`: both, in trunk features; `y`: the new rows' labels) -> as `train`. `anew`: trained from
+        scratch, not from `old` (of another trunk version, or a few-example expert moving to the full method; the
+        statistics expert's zero adapter is a point training does not leave)."""
+        expert = train_expert(merged, x, x_y, self.cfg, initial=None if anew else old)
         return expert, self.evidence(tenant, encoded, expert, x, x_y)
 
 
@@ -356,17 +357,18 @@ class PathwayGrower(Grower):
             pathway = pathway | self.evidence(tenant, encoded, expert, features, labels, lora)
         return pathway
 
-    def trained_update(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, fresh: bool, before: str):
+    def update(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, anew: bool):
         """Its pathway kept as it is; its expert learns the new intents on the pathway's features of the new texts,
         rehearsing the earlier intents from the statistics of those features its shard keeps (their data is gone).
-        `fresh` (moving on from a few-example method): a new pathway trained on the new texts alone, as the full
-        method trains one, which needs texts of every intent: the earlier rows are gone, and their statistics, in the
-        old pathway's feature space, can not be rehearsed through a pathway that is changing that space."""
-        if fresh:
+        `anew` (a few-example expert moving to the full method; a pathway of another trunk is refused before): a new
+        pathway trained on the new texts alone, as the full method trains one, which needs texts of every intent: the
+        earlier rows are gone, and their statistics, in the old pathway's feature space, can not be rehearsed through
+        a pathway that changes that space."""
+        if anew:
             if missing := sorted(set(merged.labels) - set(tenant.labels)):
                 raise ValueError(
-                    f"tenant {tenant.name!r}, a pathway expert grown by {before!r}, moves to the full method with this "
-                    f"update, which trains its pathway on the new texts alone: they lack intents {missing} (their "
+                    f"tenant {tenant.name!r}, a pathway expert grown from few examples, moves to the full method with "
+                    f"this update, which trains its pathway on the new texts alone: they lack intents {missing} (their "
                     "earlier rows are gone and can not be rehearsed through a new pathway). Give examples of every "
                     "intent, or keep it on its few-example method (raise growth.few_shot_below)"
                 )

@@ -324,7 +324,7 @@ class Lifecycle:
         before = str(meta.metrics.get("growth_method", "full"))  # a shard from before growth methods: full
         method = next_method(before, stats[COUNT], cfg)  # moves on to full once every intent has enough rows
         grower = self.grower(arch, method)
-        expert, own = grower.update(
+        expert, own = grower.next_version(
             old, merged, tenant, encoded, y, x, x_y, bridge is not None, before, stats, self._neighbours(others)
         )
         routing = routing_entry(x, x_y, stats, peers, cfg)
