@@ -97,6 +97,8 @@ def test_the_method_is_chosen_by_the_smallest_intent_and_an_explicit_method_wins
         ({"balance": 1, "transfer": 1}, ["growth.few_shot_below=1"], "full"),
         ({"balance": 6, "transfer": 9}, [], "full"),
         ({"balance": 6, "transfer": 9}, ["growth.method=statistics"], "statistics"),  # explicit: wins
+        ({"balance": 1}, [], "statistics"),  # one intent, one example
+        ({"balance": 1}, ["growth.few_shot_below=null"], "full"),
     ],
 )
 def test_grow_script_takes_one_example_per_intent_and_records_how_it_grew(tmp_path, store, counts, overrides, method):
@@ -107,8 +109,9 @@ def test_grow_script_takes_one_example_per_intent_and_records_how_it_grew(tmp_pa
     assert meta.metrics["growth_method"] == method
     assert meta.metrics["examples_per_intent_min"] == min(counts.values())
     assert meta.metrics["train_examples"] == sum(counts.values())
-    assert tensors[COUNT].tolist() == [float(counts["balance"]), float(counts["transfer"])]
-    assert tensors["up.weight"].any() == (method == "full")  # a statistics expert's adapter adds nothing
+    assert tensors[COUNT].tolist() == [float(count) for count in counts.values()]  # labels in sorted order
+    # a statistics expert's adapter adds nothing; nor does one trained on one intent (its softmax learns nothing)
+    assert tensors["up.weight"].any() == (method == "full" and len(counts) > 1)
     others = {p: d for p, d in digests(store).items() if "bank" not in (p.parts[0], p.stem)}
     assert others == before  # every other shard, the trunk's record
 
@@ -137,6 +140,21 @@ def test_mahalanobis_evidence_keeps_its_minimum_and_says_why(tmp_path):
     with pytest.raises(ValueError, match="Mahalanobis"):
         lifecycle.grow(one_each)
     assert lifecycle.store.tenants() == ["weather"]
+
+
+@pytest.mark.parametrize("method", ["full", "statistics"])
+def test_energy_evidence_of_a_tenant_of_one_example_is_calibrated_in_raw_units(tmp_path, method):
+    """One train row and no val rows: nothing to scale its evidence by, so its raw units (a finite shard)."""
+    trunk = TinyTrunk(dim=16, freeze=True)
+    lifecycle = Lifecycle(ExpertStore(tmp_path / "store"), trunk, trunk.encode, fast_growth(evidence="energy"))
+    lifecycle.grow(read_tenant_file("weather", write_tenant_csv(tmp_path / "w.csv", SYNTHETIC["weather"]),
+                                    split_column="split"))
+    lifecycle.cfg = replace(lifecycle.cfg, method=method)
+    lifecycle.grow(read_tenant_file("bank", uneven_csv(tmp_path / "b.csv", {"balance": 1}), split_column="split"))
+    tensors, meta = lifecycle.store.load("bank")  # loading verifies every tensor is finite
+    assert meta.metrics["growth_method"] == method and tensors["evidence.calibration"][1] == 1.0
+    model = load_mixture(lifecycle.store, trunk_fingerprint=trunk.fingerprint, trunk=trunk)
+    assert model.tenant_index("bank") >= 0
 
 
 # -- scripts/update.py: below the threshold, then past it, and rollback --------------------------------------

@@ -72,7 +72,8 @@ def statistics_expert(
     weight, bias = discriminant_rows(stats[MEAN], precision, arch.input_scale)  # (c, d), (c,)
     shapes = arch.shapes(len(bias))
     adapter = {name: torch.zeros(shapes[name]) for name in TENSOR_NAMES[:3]}
-    return adapter | {"head.weight": weight.T.contiguous(), "head.bias": bias.contiguous()}
+    head = weight.T.clone(memory_format=torch.contiguous_format)  # (d, c), row-major even for c = 1 (safetensors)
+    return adapter | {"head.weight": head, "head.bias": bias.contiguous()}
 
 
 @torch.no_grad()
