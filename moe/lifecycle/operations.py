@@ -291,7 +291,9 @@ class Lifecycle:
         gone); the previous version stays for rollback. A hibernating tenant is refused (it would wake up as
         another version) unless `allow_dormant`. `encoded`: the new train rows already encoded, as for `grow`.
         An expert still on an older trunk version (bridged since an upgrade) is trained anew on this trunk, its earlier
-        intents rehearsed from its statistics moved through the bridge."""
+        intents rehearsed from its statistics moved through the bridge. A tenant grown from few examples stays with its
+        method until every intent has `few_shot_below` rows seen so far, then moves to the full method
+        (`few_shot.next_method`, `Grower.next_version`)."""
         if not allow_dormant:
             self.store.check_awake(tenant.name)
         start = time.perf_counter()
