@@ -3,6 +3,8 @@
 python scripts/update.py store_dir=outputs/clinc150/experts tenant.name=acme tenant.files=data/acme_more.csv
 
 The file is streamed as grow streams it. A hibernating tenant is refused unless allow_dormant=true.
+A tenant grown from few examples stays with its method until every intent has growth.few_shot_below rows seen so far,
+then moves to the full method as this new version (docs/lifecycle.md, Few examples).
 """
 
 import hydra

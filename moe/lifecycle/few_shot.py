@@ -11,14 +11,14 @@ the store already knows: its shards (weights, gate rows, class statistics), neve
                  from there for `nearest_epochs` (the LoRA hub idea with one module: the closest one)
     contrastive  pathway experts: a new pathway fine-tuned on pairs of the rows (SetFit's cosine loss), then its head
 
-The choice between them by the number of examples (`few_shot_below`) and on the tenant's own held-out rows is the
-lifecycle's; docs/RESULTS.md (Few-example growth) has the learning curves they were chosen from.
+The choice between them by the number of examples is `method_for` (a grow) and `next_method` (an update), which
+`Lifecycle` calls; docs/RESULTS.md (Few-example growth) has the learning curves they were chosen from.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +34,23 @@ METHODS = ("full", "statistics", "warm", "nearest", "contrastive")
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown growth method {method!r}: choose among {list(METHODS)}")
+
+
+def method_for(counts: Sequence[int] | torch.Tensor, cfg) -> str:
+    """How a tenant with `counts` train rows per intent is grown, by `cfg` (a `GrowthConfig`): a configured `method`
+    other than "full" is an explicit choice and wins whatever the size; else `few_shot_method` when the smallest
+    intent has fewer than `few_shot_below` rows (None: never), else "full"."""
+    if cfg.method != "full":
+        return cfg.method
+    smallest = int(min(torch.as_tensor(counts).tolist()))
+    return cfg.few_shot_method if cfg.few_shot_below is not None and smallest < cfg.few_shot_below else "full"
+
+
+def next_method(before: str, counts: Sequence[int] | torch.Tensor, cfg) -> str:
+    """How an update makes a tenant's next version, grown by `before`, with `counts` rows per intent seen so far (its
+    earlier counts and the new rows'): a tenant on the full method stays on it; one grown from few examples moves to
+    the full method once `method_for` says so for its merged counts, and else stays with the method it was grown by."""
+    return "full" if before == "full" or method_for(counts, cfg) == "full" else before
 
 
 @dataclass
@@ -57,7 +74,8 @@ def statistics_expert(
     weight, bias = discriminant_rows(stats[MEAN], precision, arch.input_scale)  # (c, d), (c,)
     shapes = arch.shapes(len(bias))
     adapter = {name: torch.zeros(shapes[name]) for name in TENSOR_NAMES[:3]}
-    return adapter | {"head.weight": weight.T.contiguous(), "head.bias": bias.contiguous()}
+    head = weight.T.clone(memory_format=torch.contiguous_format)  # (d, c), row-major even for c = 1 (safetensors)
+    return adapter | {"head.weight": head, "head.bias": bias.contiguous()}
 
 
 @torch.no_grad()

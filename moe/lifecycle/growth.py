@@ -61,7 +61,9 @@ class GrowthConfig:
     pathway: dict | None = None  # pathway experts (conf/expert/pathway.yaml): `PathwayConfig`'s own settings
     evidence: str = "none"  # what a new store's experts keep for routing (`moe.model.evidence`); a store's own wins
     evidence_shrinkage: float = EVIDENCE_SHRINKAGE
-    method: str = "full"  # how a new tenant's expert is made (`moe.lifecycle.few_shot.METHODS`)
+    method: str = "full"  # how a new tenant's expert is made (`moe.lifecycle.few_shot.METHODS`); not "full": always
+    few_shot_below: int | None = None  # smallest intent's train rows below which `few_shot_method` grows (None: never)
+    few_shot_method: str = "statistics"  # (`few_shot.method_for`; the scripts' settings: conf/growth/default.yaml)
     method_shrinkage: float = SHRINKAGE  # statistics: of the covariance its head's discriminants use
     nearest_epochs: int = 2  # nearest: epochs of training from the nearest tenant's pathway
     contrastive_pairs: int = 20  # contrastive: pairs per example (half same intent, half another)
@@ -70,6 +72,9 @@ class GrowthConfig:
     def __post_init__(self):
         check_choice(self.source, RowSource, "source")
         check_method(self.method)
+        check_method(self.few_shot_method)
+        if self.few_shot_below is not None and self.few_shot_below < 1:
+            raise ValueError(f"few_shot_below counts examples per intent (>= 1, or None): got {self.few_shot_below}")
         check_evidence(self.evidence)
         if self.kind not in GROWERS:
             raise ValueError(f"unknown expert kind {self.kind!r}: choose among {sorted(GROWERS)}")
@@ -169,12 +174,23 @@ def expert_tensors(expert: dict[str, torch.Tensor], routing: dict[str, torch.Ten
     return {name: expert[name] for name in TENSOR_NAMES} | routing | stats
 
 
-def statistics_samples(stats: dict[str, torch.Tensor], per_class: int, cfg: GrowthConfig):
+def statistics_samples(stats: dict[str, torch.Tensor], per_class: int, cfg: GrowthConfig, others=()):
     """`per_class` samples of each class the statistics know (count > 0), drawn from its mean under their pooled
     covariance (seeded by `cfg.seed`): what an update rehearses earlier intents on, and a transport retrains on.
-    -> (x (n, d), class ids (n,))."""
+    Statistics without within-class spread (one row per class: a few-example tenant's) have no covariance of their
+    own: the covariance is then pooled with `others` (other experts' statistics in the same space), and without any a
+    ValueError says so. -> (x (n, d), class ids (n,))."""
     known = [c for c in range(len(stats[COUNT])) if stats[COUNT][c] > 0]
-    precision = pooled_precision(stats[SCATTER], stats[COUNT].sum().item(), len(known), cfg.shrinkage)
+    count = stats[COUNT].sum().item()
+    if count - len(known) >= 1 and stats[SCATTER].any():
+        precision = pooled_precision(stats[SCATTER], count, len(known), cfg.shrinkage)
+    elif others:
+        precision = (PooledScatter.of([stats]) + PooledScatter.of(others)).precision(cfg.shrinkage)
+    else:
+        raise ValueError(
+            f"statistics of {int(count)} rows over {len(known)} classes have no within-class spread (one row per "
+            "class): no covariance to sample them from, and no other expert's statistics to pool one with"
+        )
     generator = torch.Generator().manual_seed(cfg.seed)
     x, drawn = gaussian_samples(stats[MEAN][known], precision, per_class, generator)
     return x, torch.tensor(known)[drawn]
@@ -257,11 +273,23 @@ class Grower:
             f"store's are {self.arch.kind} experts"
         )
 
-    def update(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, bridged: bool):
+    def next_version(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, bridged: bool, before: str, stats,
+                     neighbours: Neighbours):
+        """A new version of expert `old` (grown by method `before`) over `merged`'s labels, made as `cfg.method` says
+        (`few_shot.next_method`): "statistics" recomputes it from `stats`, the merged statistics of every row seen so
+        far (exemplar-free); any other method trains it (`update`) on the new rows and the rehearsal of the earlier
+        intents, anew when `bridged` (`old` is of another trunk version) or when the tenant moves on from the
+        few-example method it was grown by -> as `train`."""
+        if self.cfg.method == "statistics":
+            return self.from_statistics(tenant, encoded, x, x_y, stats, neighbours)
+        return self.update(old, merged, tenant, encoded, y, x, x_y, bridged or before != self.cfg.method)
+
+    def update(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, anew: bool):
         """A new version of expert `old` over `merged`'s labels, on its new rows and the rehearsal of its earlier
-        intents (`x`, `x_y`: both, in trunk features; `y`: the new rows' labels) -> as `train`. `bridged`: `old` is
-        of another trunk version (trained anew here)."""
-        expert = train_expert(merged, x, x_y, self.cfg, initial=None if bridged else old)
+        intents (`x`, `x_y`: both, in trunk features; `y`: the new rows' labels) -> as `train`. `anew`: trained from
+        scratch, not from `old` (of another trunk version, or a few-example expert moving to the full method; the
+        statistics expert's zero adapter is a point training does not leave)."""
+        expert = train_expert(merged, x, x_y, self.cfg, initial=None if anew else old)
         return expert, self.evidence(tenant, encoded, expert, x, x_y)
 
 
@@ -351,9 +379,24 @@ class PathwayGrower(Grower):
             pathway = pathway | self.evidence(tenant, encoded, expert, features, labels, lora)
         return pathway
 
-    def update(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, bridged: bool):
+    def update(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, anew: bool):
         """Its pathway kept as it is; its expert learns the new intents on the pathway's features of the new texts,
-        rehearsing the earlier intents from the statistics of those features its shard keeps (their data is gone)."""
+        rehearsing the earlier intents from the statistics of those features its shard keeps (their data is gone).
+        `anew` (a few-example expert moving to the full method; a pathway of another trunk is refused before): a new
+        pathway trained on the new texts alone, as the full method trains one, which needs texts of every intent: the
+        earlier rows are gone, and their statistics, in the old pathway's feature space, can not be rehearsed through
+        a pathway that changes that space."""
+        if anew:
+            if missing := sorted(set(merged.labels) - set(tenant.labels)):
+                raise ValueError(
+                    f"tenant {tenant.name!r}, a pathway expert grown from few examples, moves to the full method with "
+                    f"this update, which trains its pathway on the new texts alone: they lack intents {missing} (their "
+                    "earlier rows are gone and can not be rehearsed through a new pathway). Give examples of every "
+                    "intent, or keep it on its few-example method (raise growth.few_shot_below)"
+                )
+            texts = self.texts(tenant, encoded)
+            pathway, expert = train_pathway(self.pathways, texts, y, len(merged.labels), self.config())
+            return expert, self.with_evidence(tenant, encoded, expert, pathway, texts, y)
         lora = {name: old[name] for name in self.arch.pathway.lora_shapes(self.arch.dim)}
         features = self.pathways.encode(self.texts(tenant, encoded), lora)
         before = pathway_statistics(old)

@@ -10,21 +10,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from moe.data import Tenant
 from moe.inference.build import BridgeCache
-from moe.lifecycle.few_shot import Neighbours
+from moe.lifecycle.few_shot import Neighbours, method_for, next_method
 from moe.lifecycle.growth import GROWERS, Grower, GrowthConfig, expert_tensors, routing_entry, statistics_samples
 from moe.lifecycle.stream import EncodedRows
 from moe.model.bridge import Bridge
 from moe.model.kinds import Architecture
 from moe.model.overlap import ExpertStatistics, OverlapPair, closest_intents
 from moe.model.router import ROUTING
-from moe.model.stats import COUNT, MEAN, STATISTICS, PooledScatter, class_statistics, merge_statistics
+from moe.model.stats import COUNT, MEAN, SCATTER, STATISTICS, PooledScatter, class_statistics, merge_statistics
 from moe.store import ExpertMeta, ExpertStore, TrunkVersions
 from moe.trunk import Trunk
 
@@ -37,6 +37,33 @@ ROUTING_TENSORS = ROUTING + STATISTICS  # what growth knows of every other exper
 # misroutes worth a look.
 OVERLAP_WARN = 0.01
 OVERLAP_SHOWN = 5  # pairs named in the one warning
+
+
+def few_shot_metrics(method: str, stats: dict[str, torch.Tensor]) -> dict[str, int | str]:
+    """What a version's shard records of how it was grown: the method, and its smallest intent's rows (so far)."""
+    return {"growth_method": method, "examples_per_intent_min": int(stats[COUNT].min().item())}
+
+
+def check_spread(name: str, stats: dict[str, torch.Tensor], others: list[dict[str, torch.Tensor]], evidence: str):
+    """The minimums a grow keeps, both for a covariance that rows of one per intent (or repeated texts) can not
+    estimate, having no within-class spread: routing's, pooled over the store's experts and the new tenant's rows, so
+    that a store's first tenant needs two distinct train rows of one intent (into a store with other experts any
+    tenant grows from one example per intent); and Mahalanobis evidence's, of the tenant's own rows in its expert's
+    own feature space, where no other expert's statistics can stand in."""
+    if stats[SCATTER].any():
+        return
+    if not any(entry[SCATTER].any() for entry in others):
+        raise ValueError(
+            f"tenant {name!r}: its train rows have no within-class spread (one distinct text per intent) and the "
+            "store has no other expert to pool a covariance with; routing needs one. Give at least two different "
+            "examples of one intent, or grow it into a store that holds other tenants"
+        )
+    if evidence == "mahalanobis":
+        raise ValueError(
+            f"tenant {name!r}: its train rows have no within-class spread (one distinct text per intent), and this "
+            "store's experts keep Mahalanobis evidence, a covariance of the tenant's own rows in its expert's feature "
+            "space. Give at least two different examples of one intent"
+        )
 
 
 @dataclass
@@ -59,9 +86,11 @@ class Lifecycle:
             return self.store.architecture(self.trunk.dim)
         return GROWERS[self.cfg.kind].architecture(self.trunk, self.cfg)
 
-    def grower(self, arch: Architecture) -> Grower:
-        """How experts of `arch` are trained: its kind's `Grower`, with this lifecycle's settings as they are now."""
-        return GROWERS[arch.kind](self.trunk, arch, self._configured(arch))
+    def grower(self, arch: Architecture, method: str | None = None) -> Grower:
+        """How experts of `arch` are trained: its kind's `Grower`, with this lifecycle's settings as they are now
+        (`method`: the growth method chosen for this tenant, instead of the configured one)."""
+        cfg = self._configured(arch)
+        return GROWERS[arch.kind](self.trunk, arch, cfg if method is None else replace(cfg, method=method))
 
     def trains_on_texts(self) -> bool:
         """Whether this store's experts train on a tenant's texts (through the trunk) rather than their features."""
@@ -195,11 +224,14 @@ class Lifecycle:
         features, labels = self._features(tenant, tenant.labels) if encoded is None else encoded
         stats = class_statistics(features, labels, len(tenant.labels))
         others = self._others(tenant.name)
+        check_spread(tenant.name, stats, [entry for _, entry in others], arch.evidence)
         self._warn_overlap(tenant.name, tenant.labels, stats, others)  # before training: read only
-        expert, own = self.grower(arch).grow(tenant, encoded, features, labels, stats, self._neighbours(others))
+        method = method_for(stats[COUNT], cfg)  # by the smallest intent's rows (`few_shot_below`)
+        grower = self.grower(arch, method)
+        expert, own = grower.grow(tenant, encoded, features, labels, stats, self._neighbours(others))
         routing = routing_entry(features, labels, stats, [entry for _, entry in others], cfg)
         seconds = time.perf_counter() - start
-        metrics = {"train_examples": len(labels), f"{how}_s": seconds, "growth_method": cfg.method}
+        metrics = {"train_examples": len(labels), f"{how}_s": seconds} | few_shot_metrics(method, stats)
         meta = ExpertMeta(tenant.name, tenant.labels, self.trunk.fingerprint, arch, metrics=metrics)
         tensors = expert_tensors(expert, routing, stats) | own
         if parent is None:
@@ -232,9 +264,10 @@ class Lifecycle:
             raise ValueError(f"tenant {name!r}'s shard holds no feature statistics: it can not be transported")
         arch = self.architecture()
         cfg = self._configured(arch)
-        x, y = statistics_samples(stats, cfg.transport_per_class, cfg)
+        peers = [entry for _, entry in self._others(name)]
+        x, y = statistics_samples(stats, cfg.transport_per_class, cfg, peers)
         expert, own = self.grower(arch).train(Tenant(name, meta.labels), None, x, y)
-        routing = routing_entry(x, y, stats, [entry for _, entry in self._others(name)], cfg)
+        routing = routing_entry(x, y, stats, peers, cfg)
         new_meta = ExpertMeta(
             name,
             meta.labels,
@@ -258,7 +291,9 @@ class Lifecycle:
         gone); the previous version stays for rollback. A hibernating tenant is refused (it would wake up as
         another version) unless `allow_dormant`. `encoded`: the new train rows already encoded, as for `grow`.
         An expert still on an older trunk version (bridged since an upgrade) is trained anew on this trunk, its earlier
-        intents rehearsed from its statistics moved through the bridge."""
+        intents rehearsed from its statistics moved through the bridge. A tenant grown from few examples stays with its
+        method until every intent has `few_shot_below` rows seen so far, then moves to the full method
+        (`few_shot.next_method`, `Grower.next_version`)."""
         if not allow_dormant:
             self.store.check_awake(tenant.name)
         start = time.perf_counter()
@@ -275,11 +310,12 @@ class Lifecycle:
             merged_ids = torch.tensor([labels.index(label) for label in tenant.labels])
             features, y = encoded.features, merged_ids[encoded.labels]
         old_stats = {k: old[k] for k in STATISTICS}
-        rehearsal, rehearsal_y = statistics_samples(old_stats, cfg.rehearsal_per_class, cfg)
+        others = self._others(tenant.name)
+        peers = [entry for _, entry in others]  # their covariance, where a few-example tenant's has none of its own
+        rehearsal, rehearsal_y = statistics_samples(old_stats, cfg.rehearsal_per_class, cfg, peers)
         merged = Tenant(tenant.name, labels)
         x, x_y = torch.cat([features, rehearsal]), torch.cat([y, rehearsal_y])  # one copy for both
         stats = merge_statistics(old_stats, class_statistics(features, y, len(labels)))
-        others = self._others(tenant.name)
         self._warn_overlap(tenant.name, labels, stats, others, new=set(labels) - set(meta.labels))
         kind = arch.expert_kind
         if bridge is not None and kind.carry_problem is not None:
@@ -287,15 +323,16 @@ class Lifecycle:
                 f"tenant {tenant.name!r}: a {kind.name} expert of another trunk can not be updated here "
                 f"({kind.carry_problem})"
             )
-        expert, own = self.grower(arch).update(old, merged, tenant, encoded, y, x, x_y, bridged=bridge is not None)
-        routing = routing_entry(x, x_y, stats, [entry for _, entry in others], cfg)
-        new_meta = ExpertMeta(
-            tenant.name,
-            labels,
-            self.trunk.fingerprint,
-            arch,
-            metrics={"train_examples": len(y), "update_s": time.perf_counter() - start},
+        before = str(meta.metrics.get("growth_method", "full"))  # a shard from before growth methods: full
+        method = next_method(before, stats[COUNT], cfg)  # moves on to full once every intent has enough rows
+        grower = self.grower(arch, method)
+        expert, own = grower.next_version(
+            old, merged, tenant, encoded, y, x, x_y, bridge is not None, before, stats, self._neighbours(others)
         )
+        routing = routing_entry(x, x_y, stats, peers, cfg)
+        seconds = time.perf_counter() - start
+        metrics = {"train_examples": len(y), "update_s": seconds} | few_shot_metrics(method, stats)
+        new_meta = ExpertMeta(tenant.name, labels, self.trunk.fingerprint, arch, metrics=metrics)
         path = self.store.save(
             expert_tensors(expert, routing, stats) | own, new_meta, allow_dormant=allow_dormant, parent=meta.version
         )

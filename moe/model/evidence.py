@@ -92,7 +92,8 @@ def fit_evidence(
     calibrate = held_out if held_out is not None and len(held_out) > 1 else features
     z = expert_features(calibrate.float() * input_scale, expert)
     raw = raw_evidence(z, head_logits(z, expert), tensors | {EV_CALIBRATION: torch.zeros(2)})
-    location, scale = raw.double().mean(), raw.double().std().clamp(min=1e-6)
+    location = raw.double().mean()  # one row (a tenant of one example): no spread to scale by, its raw units
+    scale = raw.double().std().clamp(min=1e-6) if len(raw) > 1 else torch.ones((), dtype=torch.float64)
     tensors[EV_CALIBRATION] = torch.stack([location, scale]).float()
     return {name: t.contiguous() for name, t in tensors.items()}
 
