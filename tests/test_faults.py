@@ -150,12 +150,20 @@ def test_a_repeated_header_row_is_refused_with_its_line(tmp_path):
 
 
 def test_the_s3_timeouts_and_retries_are_bounded():
+    from botocore.config import Config
+    from botocore.session import get_session
+
     from moe.store.remote import ATTEMPTS, CONNECT_TIMEOUT_S, READ_TIMEOUT_S, bounded_options
 
     options = bounded_options("s3://b/p", {"endpoint_url": "http://x"})
     config = options["config_kwargs"]
     assert config["connect_timeout"] == CONNECT_TIMEOUT_S and config["read_timeout"] == READ_TIMEOUT_S
-    assert config["retries"] == {"max_attempts": ATTEMPTS, "mode": "standard"}
+    for _ in range(2):  # a client as s3fs makes one: ATTEMPTS tries in all, and the next client's options the same
+        config = bounded_options("s3://b/p", {"endpoint_url": "http://x"})["config_kwargs"]
+        assert config["retries"] == {"total_max_attempts": ATTEMPTS, "mode": "standard"}
+        keys = {"aws_access_key_id": "k", "aws_secret_access_key": "s", "region_name": "us-east-1"}
+        client = get_session().create_client("s3", endpoint_url="http://x", config=Config(**config), **keys)
+        assert client.meta.config.retries["total_max_attempts"] == ATTEMPTS
     assert bounded_options("s3://b/p", {"config_kwargs": {"read_timeout": 1}})["config_kwargs"]["read_timeout"] == 1
 
 
