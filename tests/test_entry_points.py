@@ -265,8 +265,9 @@ def test_an_export_that_fails_midway_leaves_no_partial_bundle_and_an_earlier_one
         with pytest.raises(expected):
             script("export")(compose_config("export", [*common, *failing, *overwrite], out))
     assert len(written) == 2  # both failed after the experts were written
-    assert digests(earlier) == before
-    assert not fresh.exists() or list(fresh.iterdir()) == []
+    assert digests(earlier) == before, "the failed export changed the earlier bundle"
+    left = sorted(p.name for p in fresh.iterdir()) if fresh.exists() else []
+    assert left == [], f"the failed export left {left} in a fresh folder"
     monkeypatch.undo()
     script("export")(compose_config("export", common, fresh))
     assert sorted(p.name for p in fresh.iterdir()) == BUNDLE_PARTS
