@@ -235,7 +235,7 @@ def run_http(folder: Path, tenants: int, requests: int, clients: int, seed: int,
         "mode": "http",
         "size": {
             "tenants": tenants,
-            "expert": f"adapter rank 1, bfloat16, {DIM} features (synthetic, moe.experiments.bench.write_store)",
+            "expert": f"synthetic adapters of rank 1 on {DIM} features in bfloat16 (moe.experiments.bench.write_store)",
             "trunk": f"tiny (dim {DIM})",
             "requests": requests,
             "clients": clients,
