@@ -1348,6 +1348,101 @@ def load_test(root: Path) -> str:
     )
 
 
+FAULTS = """\
+Issue 30, on the 2-core AMD EPYC CPU machine, the tiny trunk, shared with other work.
+
+**Each case before and after the fix.** `python scripts/faults_old_code.py` (`faults/old_code.json`): the case tests
+(`tests/test_faults.py`, the S3 ones on the moto server; `tests/test_faults_http.py` over real HTTP; the fault-injection
+test; the export tests of `tests/test_entry_points.py`), with the helper `tests/service.py` and the script
+`scripts/faults.py` they need, copied into a scratch worktree of `{old}` (the faults merge's first parent: the code
+before the fix) and of `{new}`, and run in each ({old_s} s and {new_s} s). Cases whose tests fail before the fix on
+the fault itself (not on a name the fix added) and pass after: {shown} of {cases}.
+
+{table}
+
+{notes}
+
+**Killed operations.** `python scripts/faults.py` (`faults/faults.json`): every lifecycle operation and a trunk upgrade
+killed at seeded file-system write points, each killed store loaded at its generation and every tenant's answers
+compared with before and after: {killed} operations killed, {checked} states checked, {no_load} did not load,
+{otherwise} answered otherwise; {reruns} killed upgrades rerun, {rerun_failed} of them failed to complete.
+
+**One damaged expert among {tenants:,}.** In process (`python scripts/faults_load.py`, `faults/load.json`:
+`Server.predict_each` in batches of {batch}, what a replica's `@serve.batch` calls): {in_equal:,} of {in_other:,}
+requests for the other tenants answered as offline, the damaged tenant's {in_refused} of {in_damaged} refused. Over
+HTTP (`python scripts/faults_load.py --http`, `faults/load_http.json`: the service over a store of {http_tenants:,}
+{expert}, {replicas} replica, `--verify lazy`, a {budget:.0f} MiB budget, {clients} concurrent clients, one query per
+request, the shard damaged once the service answered): {http_200:,} of {http_other:,} requests for the other tenants
+answered 200, {http_equal:,} equal to the offline answer; the damaged tenant's {http_damaged}: {damaged_status},
+{alone} of them naming it alone; `/health` then said "{health}" and `/stats` named {stats_damaged}; {mixed:,} of the
+{batches:,} batches held several tenants. The requests took {load_s} s ({rps} requests/s, load average {load_avg} from
+other work); writing the store took {write_s} s, the offline answers {offline_s} s."""
+
+
+def faults(root: Path) -> str:
+    before = load(root, "faults/old_code.json")
+    injected = load(root, "faults/faults.json")["counts_current_code"]
+    in_process, http = load(root, "faults/load.json"), load(root, "faults/load_http.json")
+
+    def outcome(counts: dict, reasons: list[str]) -> str:
+        text = ", ".join(f"{k} ({n})" if n > 1 else k for k, n in counts.items())
+        reason = reasons[0].replace("|", "/") if reasons else ""
+        return f"{text}: {reason[:110]}{'...' if len(reason) > 110 else ''}" if reason else text
+
+    rows, notes = [], []
+    for case, tests in before["cases"].items():
+        for test in tests:
+            name = test["test"].split("::")[-1]
+            rows.append([case, f"`{name}`", outcome(test["old"], test["old_reasons"])])
+            rows[-1].append(outcome(test["new"], test["new_reasons"]))
+            if "note" in test:
+                notes.append(f"- `{name}`: {test['note']}")
+    shown = before["case_failed_before_and_passes_after"]
+    size = http["size"]
+    return FAULTS.format(
+        old=before["old_commit"][:7],
+        new=before["new_commit"][:7],
+        old_s=f(before["seconds"]["old"], 0),
+        new_s=f(before["seconds"]["new"], 0),
+        shown=sum(v for k, v in shown.items() if not k.startswith("control")),
+        cases=sum(1 for k in shown if not k.startswith("control")),
+        table=table(["case", "test", "before the fix", "after"], rows),
+        notes="\n".join(notes),
+        killed=injected["operations_killed"],
+        checked=injected["states_checked"],
+        no_load=injected["did_not_load"],
+        otherwise=injected["answered_otherwise"],
+        reruns=injected["reruns_checked"],
+        rerun_failed=injected["reruns_failed"],
+        tenants=in_process["tenants"],
+        batch=in_process["batch"],
+        in_equal=in_process["other_equal_to_offline"],
+        in_other=in_process["other_requests"],
+        in_refused=in_process["damaged_refused"],
+        in_damaged=in_process["damaged_requests"],
+        http_tenants=size["tenants"],
+        expert=size["expert"],
+        replicas=size["replicas"],
+        budget=size["budget_mb"],
+        clients=size["clients"],
+        http_200=http["other_answered_200"],
+        http_other=http["other_requests"],
+        http_equal=http["other_equal_to_offline"],
+        http_damaged=http["damaged_requests"],
+        damaged_status=", ".join(f"{n} answered {code}" for code, n in http["damaged_status"].items()),
+        alone=http["damaged_refusals_name_it_alone"],
+        health=http["health_after"]["status"],
+        stats_damaged=", ".join(f"`{t}`" for t in http["stats_damaged"]) or "none",
+        mixed=http["batching"]["mixed_batches"],
+        batches=http["batching"]["batches"],
+        rps=f(http["requests_per_s"], 1),
+        load_s=f(http["seconds"]["load"], 0),
+        load_avg=span(http["load_average_before_after"], 1),
+        write_s=f(http["seconds"]["write_store"], 0),
+        offline_s=f(http["seconds"]["offline_answers"], 0),
+    )
+
+
 NOTICEABLE_QUERIES = 10  # a newcomer "gains" when the adapted trunk answers at least this many more queries right
 
 TRUNK_UPGRADE = """\
@@ -1532,6 +1627,7 @@ SECTIONS: list[tuple[str, Callable[[Path], str]]] = [
     ("Few-example growth", few_shot),
     ("Registering thousands of tenants", registration),
     ("A load test of the HTTP service", load_test),
+    ("Faults that stay with their tenant", faults),
     ("Trunk versions", trunk_upgrade),
     ("Earlier measurements without a JSON record", earlier),
 ]

@@ -32,6 +32,7 @@ from tests.helpers import (
     run_python,
     script,
     synthetic_data,
+    tenant_files_override,
     write_synthetic_tenants,
     write_tenant_csv,
 )
@@ -227,3 +228,53 @@ def test_export_checks_its_out_of_scope_rule_before_it_clears_an_earlier_bundle(
     with pytest.raises(ValueError, match="threshold"):  # a threshold needs a named score, not `auto`
         script("export")(cfg)
     assert digests(tmp_path / "bundle") == before
+
+
+# -- issue 30: exports written whole or not at all --------------------------------------------------------------
+
+EXPORT = ["trunk=tiny", "trunk.dim=16", "export.measure=false"]
+BUNDLE_PARTS = ["experts", "gate.safetensors", "manifest.json"]
+
+
+@pytest.mark.parametrize("failure", ["unknown_tenant", "injected"])
+def test_an_export_that_fails_midway_leaves_no_partial_bundle_and_an_earlier_one_whole(
+    failure, store, data, tmp_path, monkeypatch
+):
+    """The failure comes after the experts are written (in staging): an overwrite keeps the earlier bundle byte for
+    byte, a fresh folder gets nothing (no experts/, no gate, no staging left), and the next export takes that folder."""
+    import moe.tasks.export
+
+    common = [f"store_dir={store}", *EXPORT]
+    earlier, fresh = tmp_path / "earlier", tmp_path / "fresh"
+    script("export")(compose_config("export", common, earlier))
+    before = digests(earlier)
+    written = []
+    write_files = moe.tasks.export.write_files
+    monkeypatch.setattr(moe.tasks.export, "write_files", lambda *a, **k: written.append(a[0]) or write_files(*a, **k))
+    if failure == "unknown_tenant":  # the data knows bank only; the store's weather fails in the evaluation
+        failing = ["data=tenant_files", tenant_files_override({"bank": data["bank"]}), "export.measure=true"]
+        expected = KeyError
+    else:  # the disk fills as the manifest is written
+
+        def disk_full(*args, **kwargs):
+            raise OSError("No space left on device (injected)")
+
+        monkeypatch.setattr(moe.tasks.export, "write_bundle_manifest", disk_full)
+        failing, expected = [], OSError
+    for out, overwrite in ((earlier, ["export.overwrite=true"]), (fresh, [])):
+        with pytest.raises(expected):
+            script("export")(compose_config("export", [*common, *failing, *overwrite], out))
+    assert len(written) == 2  # both failed after the experts were written
+    assert digests(earlier) == before, "the failed export changed the earlier bundle"
+    left = sorted(p.name for p in fresh.iterdir()) if fresh.exists() else []
+    assert left == [], f"the failed export left {left} in a fresh folder"
+    monkeypatch.undo()
+    script("export")(compose_config("export", common, fresh))
+    assert sorted(p.name for p in fresh.iterdir()) == BUNDLE_PARTS
+
+
+def test_a_successful_export_leaves_no_staging_folder(store, tmp_path):
+    out = tmp_path / "bundle"
+    for overwrite in ([], ["export.overwrite=true"]):  # into a fresh folder, then over its own bundle
+        script("export")(compose_config("export", [f"store_dir={store}", *EXPORT, *overwrite], out))
+        assert sorted(p.name for p in out.iterdir()) == BUNDLE_PARTS

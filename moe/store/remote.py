@@ -66,10 +66,10 @@ MAX_HEADER = 100 << 20  # a larger header length is not a safetensors file's (sa
 # error reaches the store, which names the object's URL in a ShardError (`remote_errors`); s3fs's own retries of
 # read errors stay at its default. A caller's own `config_kwargs` win over these.
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S, ATTEMPTS = 3.0, 30.0, 2
-S3_CONFIG = {
+S3_CONFIG = {  # `total_max_attempts` counts the first try (botocore's `max_attempts` counts retries only)
     "connect_timeout": CONNECT_TIMEOUT_S,
     "read_timeout": READ_TIMEOUT_S,
-    "retries": {"max_attempts": ATTEMPTS, "mode": "standard"},
+    "retries": {"total_max_attempts": ATTEMPTS, "mode": "standard"},
 }
 
 
@@ -78,7 +78,8 @@ def bounded_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
     none."""
     if not url.startswith(("s3://", "s3a://")):
         return options
-    return options | {"config_kwargs": S3_CONFIG | dict(options.get("config_kwargs") or {})}
+    ours = S3_CONFIG | {"retries": dict(S3_CONFIG["retries"])}  # a copy each: botocore rewrites `retries` in place
+    return options | {"config_kwargs": ours | dict(options.get("config_kwargs") or {})}
 
 
 @contextmanager
