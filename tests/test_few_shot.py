@@ -65,13 +65,13 @@ def test_a_statistics_expert_is_the_discriminants_of_its_class_means_under_the_s
     others' shards and its own rows, its adapter the identity; its shard says how it was grown."""
     lifecycle = adapter_store(tmp_path, tiny, tenants, ["weather", "music"])
     before = digests(tmp_path)
-    bank = draw(tenants["bank"], 2, 0)
+    bank = draw(tenants["bank"], 10, 0)  # k = 10, as the issue checks it
     lifecycle.cfg = replace(lifecycle.cfg, method="statistics", method_shrinkage=0.1)
     lifecycle.grow(bank)
     assert others_than("bank", tmp_path) == before  # every other shard, the trunk's record
 
     tensors, meta = lifecycle.store.load("bank")
-    assert meta.metrics["growth_method"] == "statistics" and meta.metrics["train_examples"] == 4
+    assert meta.metrics["growth_method"] == "statistics" and meta.metrics["train_examples"] == 20
     features = tiny.encode([e.text for e in bank.split("train")])
     labels = torch.tensor([bank.label_index(e.label) for e in bank.split("train")])
     stats = class_statistics(features, labels, 2)
