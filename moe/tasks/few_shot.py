@@ -172,9 +172,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # Report domains, test split: each method at its chosen setting, and the probe at its chosen decay.
     whole_at = {None if k is None else int(k) for k in cfg.whole_store_ks}
     overrides_of = {m: dict(settings(methods[m]))[chosen_setting[m]] for m in methods}
+    reported = [m for m in methods if cfg.report_methods == "all" or m == "full" or m in chosen_method.values()]
     jobs = [
         (name, k, j, m)
-        for m in [*methods, PROBE]
+        for m in [*reported, PROBE]
         for k in ks
         if m == PROBE or runs_at(methods[m], k)
         for name in report
