@@ -1165,8 +1165,10 @@ method. Every setting was chosen on the development domains' val split ({dev}: n
 each method's setting ({settings}), the probe's weight decay, and the method at each k. The figures are the other
 seven domains' test split: the mean over draws of the mean over domains, [the lowest and highest draw]. `given`: the
 new tenant's expert alone; `routed`: the new tenant's test queries with no tenant given, through the whole store;
-`routing`: the share of them the gate sends to it first; `probe`: logistic regression on the frozen trunk's features of
-the same draw, as a reference; `grow s`: one grow, wall clock, on the shared machine.
+`routing`: the share of them the gate sends to it first (the statistics gate reads only the tenant's class statistics,
+the same whatever the method); `probe`: logistic regression on the frozen trunk's features of the same draw, as a
+reference (its fit alone is timed); `grow s`: one grow, wall clock, on the shared machine (at k = all, today's growth is
+the base store's own grow of that tenant).
 
 {tables}
 

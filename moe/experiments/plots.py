@@ -76,7 +76,7 @@ def learning_curves(table: list[dict], path: Path) -> Path:
         ax.set_title(f"{title} accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%), mean over report domains")
-    axes[1].legend(fontsize=8)
+    axes[0].legend(fontsize=8)  # every method (the probe has no routed line)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
