@@ -73,7 +73,7 @@ def tenant_given(store: ExpertStore, trunk, name: str, texts: list[str]) -> torc
 def test_the_method_is_chosen_by_the_smallest_intent_and_an_explicit_method_wins():
     cfg = fast_growth(few_shot_below=5, few_shot_method="statistics")
     assert method_for([30, 4], cfg) == "statistics" and method_for(torch.tensor([5.0, 5.0]), cfg) == "full"
-    assert method_for([1], replace(cfg, few_shot_below=None)) == "full"  # None: never
+    assert method_for([1], replace(cfg, few_shot_below=0)) == "full"  # 0: never
     assert method_for([100, 100], replace(cfg, method="statistics")) == "statistics"  # explicit: whatever the size
     assert method_for([1, 1], replace(cfg, method="contrastive")) == "contrastive"
     # an update: a full tenant stays full; a few-example one moves on once every intent reaches the threshold
@@ -82,7 +82,7 @@ def test_the_method_is_chosen_by_the_smallest_intent_and_an_explicit_method_wins
     assert next_method("statistics", [5, 6], cfg) == "full"
     assert next_method("nearest", [2, 9], cfg) == "nearest"
     with pytest.raises(ValueError, match="few_shot_below"):
-        fast_growth(few_shot_below=0)
+        fast_growth(few_shot_below=-1)
     with pytest.raises(ValueError, match="unknown growth method 'lda'"):
         fast_growth(few_shot_method="lda")
 
@@ -95,12 +95,12 @@ def test_the_method_is_chosen_by_the_smallest_intent_and_an_explicit_method_wins
     [
         ({"balance": 1, "transfer": 1}, [], "statistics"),
         ({"balance": 1, "transfer": 9}, [], "statistics"),  # the smallest intent decides
-        ({"balance": 1, "transfer": 9}, ["growth.few_shot_below=null"], "full"),  # trained, from one example
+        ({"balance": 1, "transfer": 9}, ["growth.few_shot_below=0"], "full"),  # trained, from one example
         ({"balance": 1, "transfer": 1}, ["growth.few_shot_below=1"], "full"),
         ({"balance": 6, "transfer": 9}, [], "full"),
         ({"balance": 6, "transfer": 9}, ["growth.method=statistics"], "statistics"),  # explicit: wins
         ({"balance": 1}, [], "statistics"),  # one intent, one example
-        ({"balance": 1}, ["growth.few_shot_below=null"], "full"),
+        ({"balance": 1}, ["growth.few_shot_below=0"], "full"),
     ],
 )
 def test_grow_script_takes_one_example_per_intent_and_records_how_it_grew(tmp_path, store, counts, overrides, method):
@@ -149,8 +149,9 @@ def test_energy_evidence_of_a_tenant_of_one_example_is_calibrated_in_raw_units(t
     """One train row and no val rows: nothing to scale its evidence by, so its raw units (a finite shard)."""
     trunk = TinyTrunk(dim=16, freeze=True)
     lifecycle = Lifecycle(ExpertStore(tmp_path / "store"), trunk, trunk.encode, fast_growth(evidence="energy"))
-    lifecycle.grow(read_tenant_file("weather", write_tenant_csv(tmp_path / "w.csv", SYNTHETIC["weather"]),
-                                    split_column="split"))
+    lifecycle.grow(
+        read_tenant_file("weather", write_tenant_csv(tmp_path / "w.csv", SYNTHETIC["weather"]), split_column="split")
+    )
     lifecycle.cfg = replace(lifecycle.cfg, method=method)
     lifecycle.grow(read_tenant_file("bank", uneven_csv(tmp_path / "b.csv", {"balance": 1}), split_column="split"))
     tensors, meta = lifecycle.store.load("bank")  # loading verifies every tensor is finite
@@ -195,12 +196,17 @@ def test_update_past_the_threshold_trains_as_the_full_method_and_rollback_serves
     cfg = fast_growth(dropout=0.0, few_shot_below=5, few_shot_method="statistics")
     lifecycle = Lifecycle(ExpertStore(tmp_path / "store"), trunk, trunk.encode, cfg)
     for i, name in enumerate(("weather", "music")):
-        lifecycle.grow(read_tenant_file(name, write_tenant_csv(tmp_path / f"{name}.csv", SYNTHETIC[name], seed=i),
-                                        split_column="split"))
-    first = read_tenant_file("bank", uneven_csv(tmp_path / "first.csv", {"balance": 1, "transfer": 1}),
-                             split_column="split")
-    more = read_tenant_file("bank", write_tenant_csv(tmp_path / "more.csv", BANK, per_split=(6, 3, 3), seed=7),
-                            split_column="split")
+        lifecycle.grow(
+            read_tenant_file(
+                name, write_tenant_csv(tmp_path / f"{name}.csv", SYNTHETIC[name], seed=i), split_column="split"
+            )
+        )
+    first = read_tenant_file(
+        "bank", uneven_csv(tmp_path / "first.csv", {"balance": 1, "transfer": 1}), split_column="split"
+    )
+    more = read_tenant_file(
+        "bank", write_tenant_csv(tmp_path / "more.csv", BANK, per_split=(6, 3, 3), seed=7), split_column="split"
+    )
     lifecycle.grow(first)
     texts = [e.text for e in more.split("test")]
     answers = tenant_given(lifecycle.store, trunk, "bank", texts)
@@ -224,8 +230,9 @@ def test_update_past_the_threshold_trains_as_the_full_method_and_rollback_serves
     assert not all(torch.equal(new[name], from_old[name]) for name in TENSOR_NAMES)
     assert new["up.weight"].any()
 
-    later = read_tenant_file("bank", write_tenant_csv(tmp_path / "later.csv", BANK, per_split=(1, 0, 0), seed=9),
-                             split_column="split")
+    later = read_tenant_file(
+        "bank", write_tenant_csv(tmp_path / "later.csv", BANK, per_split=(1, 0, 0), seed=9), split_column="split"
+    )
     lifecycle.update(later)  # on the full method, it stays there whatever the size of the update
     assert lifecycle.store.meta("bank").metrics["growth_method"] == "full"
 
@@ -292,9 +299,25 @@ def test_a_pathway_tenant_grown_from_one_example_moves_to_a_trained_pathway(tmp_
     lifecycle.store.rollback("bank", 2)
     assert torch.equal(answers(), before)
 
-    lifecycle.cfg = replace(cfg, few_shot_below=None)  # never few-example: a pathway trained from one example each
-    lifecycle.grow(read_tenant_file("music", uneven_csv(tmp_path / "music.csv", {"play": 1, "stop": 1}, 5,
-                                                        SYNTHETIC["music"]), split_column="split"))
+    lifecycle.cfg = replace(cfg, few_shot_below=0)  # never few-example: a pathway trained from one example each
+    lifecycle.grow(
+        read_tenant_file(
+            "music",
+            uneven_csv(tmp_path / "music.csv", {"play": 1, "stop": 1}, 5, SYNTHETIC["music"]),
+            split_column="split",
+        )
+    )
     music, meta = lifecycle.store.load("music")
     assert meta.metrics["growth_method"] == "full" and meta.metrics["examples_per_intent_min"] == 1
     assert any(music[name].any() for name in music if name.startswith("lora.") and name.endswith(".B"))
+
+
+def test_left_unset_the_threshold_is_the_one_the_learning_curves_chose_for_the_store_s_kind():
+    from moe.lifecycle.growth import GROWERS
+
+    cfg = fast_growth()  # few_shot_below and few_shot_method unset, as conf/growth/default.yaml leaves them
+    pathway, adapter = GROWERS["pathway"].FEW_SHOT, GROWERS["adapter"].FEW_SHOT
+    assert method_for([5, 9], cfg, pathway) == "nearest" and method_for([10, 12], cfg, pathway) == "full"
+    assert method_for([1], cfg, adapter) == "full"  # adapters: today's growth at every k
+    assert method_for([5], replace(cfg, few_shot_below=0), pathway) == "full"  # 0: never
+    assert method_for([5], replace(cfg, few_shot_method="contrastive"), pathway) == "contrastive"

@@ -82,7 +82,7 @@ class LearningCurves:
         work: Path,
     ):
         self.base, self.trunk, self.encode = base, trunk, encode
-        self.growth = replace(growth, few_shot_below=None)  # each method as named: no choice by size here
+        self.growth = replace(growth, few_shot_below=0)  # each method as named: no choice by size here
         self.tenants, self.gate, self.work = tenants, gate, work
 
     def grow_base(self, progress=None) -> None:

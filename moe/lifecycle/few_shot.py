@@ -36,21 +36,23 @@ def check_method(method: str) -> None:
         raise ValueError(f"unknown growth method {method!r}: choose among {list(METHODS)}")
 
 
-def method_for(counts: Sequence[int] | torch.Tensor, cfg) -> str:
+def method_for(counts: Sequence[int] | torch.Tensor, cfg, chosen: tuple[int, str] = (0, "statistics")) -> str:
     """How a tenant with `counts` train rows per intent is grown, by `cfg` (a `GrowthConfig`): a configured `method`
     other than "full" is an explicit choice and wins whatever the size; else `few_shot_method` when the smallest
-    intent has fewer than `few_shot_below` rows (None: never), else "full"."""
+    intent has fewer than `few_shot_below` rows (0: never), else "full". Either left None is `chosen`'s, the choice the
+    learning curves made for the store's kind (`Grower.FEW_SHOT`)."""
     if cfg.method != "full":
         return cfg.method
-    smallest = int(min(torch.as_tensor(counts).tolist()))
-    return cfg.few_shot_method if cfg.few_shot_below is not None and smallest < cfg.few_shot_below else "full"
+    below = chosen[0] if cfg.few_shot_below is None else cfg.few_shot_below
+    method = chosen[1] if cfg.few_shot_method is None else cfg.few_shot_method
+    return method if int(min(torch.as_tensor(counts).tolist())) < below else "full"
 
 
-def next_method(before: str, counts: Sequence[int] | torch.Tensor, cfg) -> str:
+def next_method(before: str, counts: Sequence[int] | torch.Tensor, cfg, chosen: tuple[int, str] = (0, "statistics")):
     """How an update makes a tenant's next version, grown by `before`, with `counts` rows per intent seen so far (its
     earlier counts and the new rows'): a tenant on the full method stays on it; one grown from few examples moves to
     the full method once `method_for` says so for its merged counts, and else stays with the method it was grown by."""
-    return "full" if before == "full" or method_for(counts, cfg) == "full" else before
+    return "full" if before == "full" or method_for(counts, cfg, chosen) == "full" else before
 
 
 @dataclass

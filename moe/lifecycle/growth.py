@@ -62,19 +62,24 @@ class GrowthConfig:
     evidence: str = "none"  # what a new store's experts keep for routing (`moe.model.evidence`); a store's own wins
     evidence_shrinkage: float = EVIDENCE_SHRINKAGE
     method: str = "full"  # how a new tenant's expert is made (`moe.lifecycle.few_shot.METHODS`); not "full": always
-    few_shot_below: int | None = None  # smallest intent's train rows below which `few_shot_method` grows (None: never)
-    few_shot_method: str = "statistics"  # (`few_shot.method_for`; the scripts' settings: conf/growth/default.yaml)
-    method_shrinkage: float = SHRINKAGE  # statistics: of the covariance its head's discriminants use
-    nearest_epochs: int = 2  # nearest: epochs of training from the nearest tenant's pathway
-    contrastive_pairs: int = 20  # contrastive: pairs per example (half same intent, half another)
+    # A tenant whose smallest intent has fewer train rows than `few_shot_below` is grown by `few_shot_method`
+    # (`few_shot.method_for`); None: as the learning curves chose for the store's kind (`Grower.FEW_SHOT`); 0: never.
+    few_shot_below: int | None = None
+    few_shot_method: str | None = None
+    method_shrinkage: float = (
+        0.9  # statistics: of the covariance its head's discriminants use (chosen: learning curves)
+    )
+    nearest_epochs: int = 3  # nearest: epochs of training from the nearest tenant's pathway (chosen: learning curves)
+    contrastive_pairs: int = 4  # contrastive: pairs per example (half same intent, half another)
     contrastive_epochs: int = 1  # contrastive: epochs over the pairs, before the head is fitted
 
     def __post_init__(self):
         check_choice(self.source, RowSource, "source")
         check_method(self.method)
-        check_method(self.few_shot_method)
-        if self.few_shot_below is not None and self.few_shot_below < 1:
-            raise ValueError(f"few_shot_below counts examples per intent (>= 1, or None): got {self.few_shot_below}")
+        if self.few_shot_method is not None:
+            check_method(self.few_shot_method)
+        if self.few_shot_below is not None and self.few_shot_below < 0:
+            raise ValueError(f"few_shot_below counts examples per intent (>= 0, or None): got {self.few_shot_below}")
         check_evidence(self.evidence)
         if self.kind not in GROWERS:
             raise ValueError(f"unknown expert kind {self.kind!r}: choose among {sorted(GROWERS)}")
@@ -201,6 +206,10 @@ class Grower:
     `moe.model.kinds.KINDS`): this one, adapters over the trunk's features. Chosen from the architecture
     (`Lifecycle.grower`)."""
 
+    # (few_shot_below, few_shot_method) as the learning curves chose them on the development domains for this kind
+    # (docs/RESULTS.md, Few-example growth): for adapters today's growth won at every k, so never.
+    FEW_SHOT: tuple[int, str] = (0, "statistics")
+
     def __init__(self, trunk: Trunk, arch: Architecture, cfg: GrowthConfig):
         self.trunk, self.arch, self.cfg = trunk, arch, cfg
 
@@ -273,8 +282,20 @@ class Grower:
             f"store's are {self.arch.kind} experts"
         )
 
-    def next_version(self, old, merged: Tenant, tenant: Tenant, encoded, y, x, x_y, bridged: bool, before: str, stats,
-                     neighbours: Neighbours):
+    def next_version(
+        self,
+        old,
+        merged: Tenant,
+        tenant: Tenant,
+        encoded,
+        y,
+        x,
+        x_y,
+        bridged: bool,
+        before: str,
+        stats,
+        neighbours: Neighbours,
+    ):
         """A new version of expert `old` (grown by method `before`) over `merged`'s labels, made as `cfg.method` says
         (`few_shot.next_method`): "statistics" recomputes it from `stats`, the merged statistics of every row seen so
         far (exemplar-free); any other method trains it (`update`) on the new rows and the rehearsal of the earlier
@@ -295,6 +316,8 @@ class Grower:
 
 class PathwayGrower(Grower):
     """Pathway experts: trained on the tenant's texts, through the trunk's top layers (`train_pathway`)."""
+
+    FEW_SHOT = (10, "nearest")  # the nearest tenant's pathway won at k = 5, today's growth from k = 10 on
 
     def __init__(self, trunk: Trunk, arch: Architecture, cfg: GrowthConfig):
         super().__init__(trunk, arch, cfg)

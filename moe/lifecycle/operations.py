@@ -226,7 +226,7 @@ class Lifecycle:
         others = self._others(tenant.name)
         check_spread(tenant.name, stats, [entry for _, entry in others], arch.evidence)
         self._warn_overlap(tenant.name, tenant.labels, stats, others)  # before training: read only
-        method = method_for(stats[COUNT], cfg)  # by the smallest intent's rows (`few_shot_below`)
+        method = method_for(stats[COUNT], cfg, GROWERS[arch.kind].FEW_SHOT)  # by the smallest intent's rows
         grower = self.grower(arch, method)
         expert, own = grower.grow(tenant, encoded, features, labels, stats, self._neighbours(others))
         routing = routing_entry(features, labels, stats, [entry for _, entry in others], cfg)
@@ -324,7 +324,9 @@ class Lifecycle:
                 f"({kind.carry_problem})"
             )
         before = str(meta.metrics.get("growth_method", "full"))  # a shard from before growth methods: full
-        method = next_method(before, stats[COUNT], cfg)  # moves on to full once every intent has enough rows
+        method = next_method(
+            before, stats[COUNT], cfg, GROWERS[arch.kind].FEW_SHOT
+        )  # full once every intent has enough
         grower = self.grower(arch, method)
         expert, own = grower.next_version(
             old, merged, tenant, encoded, y, x, x_y, bridge is not None, before, stats, self._neighbours(others)
