@@ -115,11 +115,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     progress = bar(desc="base store", unit="tenant", total=len(tenants))
     curves.grow_base(progress=lambda name: progress.update())
     progress.close()
-    reference_file = out / "reference.json"  # the base store's routed accuracy: measured once per output folder
-    if not reference_file.exists():
+    reference, reference_file = math.nan, out / "reference.json"  # the base store's routed accuracy, measured once
+    if cfg.whole_store_ks and not reference_file.exists():
         reference = curves.measure(base, next(iter(tenants.values())), "test", whole=True)[1]
         reference_file.write_text(json.dumps({"store_routed_all_data": reference}) + "\n")
-    reference = json.loads(reference_file.read_text())["store_routed_all_data"]
+    if cfg.whole_store_ks:
+        reference = json.loads(reference_file.read_text())["store_routed_all_data"]
 
     # Development domains, val split: every setting of every method, and the probe's weight decays.
     methods = cfg.methods
