@@ -19,6 +19,7 @@ from moe.data import Tenant
 from moe.inference.build import BridgeCache
 from moe.lifecycle.few_shot import Neighbours
 from moe.lifecycle.growth import GROWERS, Grower, GrowthConfig, expert_tensors, routing_entry, statistics_samples
+from moe.lifecycle.selection import grow_selected
 from moe.lifecycle.stream import EncodedRows
 from moe.model.bridge import Bridge
 from moe.model.kinds import Architecture
@@ -196,10 +197,11 @@ class Lifecycle:
         stats = class_statistics(features, labels, len(tenant.labels))
         others = self._others(tenant.name)
         self._warn_overlap(tenant.name, tenant.labels, stats, others)  # before training: read only
-        expert, own = self.grower(arch).grow(tenant, encoded, features, labels, stats, self._neighbours(others))
+        grower, neighbours = self.grower(arch), self._neighbours(others)  # `select` set: settings chosen on held out
+        expert, own, chosen = grow_selected(grower, tenant, encoded, features, labels, stats, neighbours)
         routing = routing_entry(features, labels, stats, [entry for _, entry in others], cfg)
         seconds = time.perf_counter() - start
-        metrics = {"train_examples": len(labels), f"{how}_s": seconds, "growth_method": cfg.method}
+        metrics = {"train_examples": len(labels), f"{how}_s": seconds, "growth_method": cfg.method} | chosen
         meta = ExpertMeta(tenant.name, tenant.labels, self.trunk.fingerprint, arch, metrics=metrics)
         tensors = expert_tensors(expert, routing, stats) | own
         if parent is None:
