@@ -92,7 +92,9 @@ def main() -> None:
         "parts": report.get("parts", {}),
     }
 
-    def save():
+    def save():  # parts another run of this shape wrote meanwhile are kept
+        written = json.loads(out.read_text()).get("parts", {}) if out.exists() else {}
+        report["parts"] = written | report["parts"]
         out.write_text(json.dumps(report, indent=1) + "\n")
 
     save()
