@@ -11,6 +11,7 @@ from moe.data.shapes import all_intents, closest_pairs, near_duplicates
 from moe.lifecycle import Lifecycle
 from moe.lifecycle import selection as selection_module
 from moe.lifecycle.selection import held_out_rows
+from moe.lifecycle.stream import EncodedRows
 from moe.model.stats import MEAN
 from moe.store import ExpertStore
 from moe.trunk import HFEncoderTrunk, TinyTrunk
@@ -174,3 +175,18 @@ def test_shapes_merge_intents_across_domains_with_all_their_rows():
     assert all_intents([a, b]).labels == ("w", "x", "x2", "y", "y2", "z")
     with pytest.raises(ValueError, match="only 3 cross-domain pairs"):
         closest_pairs([a, b], encode, 4)
+
+
+def test_a_tenant_streamed_as_encoded_rows_is_chosen_for_the_same_way(tmp_path, tiny, tenants):
+    """scripts/grow.py hands growth the train rows as features only (no texts): the choice and the expert are those of
+    the same rows given as texts."""
+    bank = tenants["bank"]
+    rows = EncodedRows(tiny.encode([e.text for e in bank.split("train")]),
+                       torch.tensor([bank.label_index(e.label) for e in bank.split("train")]))
+    lifecycle = Lifecycle(ExpertStore(tmp_path / "encoded"), tiny, tiny.encode, fast_growth(select=WORSE_FIRST))
+    lifecycle.grow(Tenant("bank", bank.labels), rows)
+    texts = grown(tmp_path / "texts", tiny, tenants, select=WORSE_FIRST)
+    ours, theirs = shard(lifecycle)[0], shard(texts)[0]
+    for key in ("select_acc.trained", "select_acc.untrained", "selected"):
+        assert lifecycle.store.meta("bank").metrics[key] == texts.store.meta("bank").metrics[key]
+    assert all(torch.equal(ours[k], theirs[k]) for k in ("head.weight", "down.weight", "up.weight"))

@@ -135,10 +135,9 @@ def grow_selected(grower: Grower, tenant: Tenant, encoded, features, labels, sta
                     math.ceil(1 / cfg.select_held_out), options[0].name)
         expert, own = grow_candidate(grower, options[0], tenant, encoded, features, labels, neighbours)
         return expert, own, {"selected": options[0].name, "select_s": 0.0, "growth_method": _method(options[0])}
-    rows = tenant.split("train")
-    texts = [rows[i].text for i in held.tolist()] if encoded is None else []
-    part = replace(tenant, splits=tenant.splits | {"train": [rows[i] for i in kept.tolist()]}) if encoded is None \
-        else tenant
+    rows = tenant.split("train")  # none when the rows came encoded (`encoded`)
+    texts = [rows[i].text for i in held.tolist()] if rows else []
+    part = replace(tenant, splits=tenant.splits | {"train": [rows[i] for i in kept.tolist()]}) if rows else tenant
     part_encoded = None if encoded is None else EncodedRows(features[kept], labels[kept])
     scores, best = {}, None
     for candidate in options:
