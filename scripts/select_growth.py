@@ -9,6 +9,7 @@ on its test split of:
     select             a pathway expert, settings chosen on its held-out share (expert=pathway, growth=select)
     select_no_retrain  the same, the winner kept as grown on the rest (growth.select_retrain=false)
     select_short_no_retrain  as select_no_retrain, three candidates only (full, head, statistics)
+    pathway_3_epochs   a diagnostic judged on test after the fact, not a choice: `pathway` with 3 epochs
 
 Each part is written to scripts/results/select/<shape>.json as soon as it is measured (parts there already are
 skipped: rerun to resume).
@@ -48,6 +49,8 @@ PARTS = {  # part -> conf/lifecycle.yaml overrides (None: the probe)
     "pathway": ["expert=pathway", "growth=default"],
     "select": ["expert=pathway", "growth=select"],
     "select_no_retrain": ["expert=pathway", "growth=select", "growth.select_retrain=false"],
+    # a diagnostic, not a choice (judged on test after the fact): today's pathway growth with 3 epochs instead of 5
+    "pathway_3_epochs": ["expert=pathway", "growth=default", "expert.pathway.epochs=3"],
     # where time is short (15,000 rows): three candidates (not full_lr_x2), the winner not grown again
     "select_short_no_retrain": ["expert=pathway", "growth=select", "growth.select_retrain=false",
                                 "growth.select=[{name:full},{name:head,method:head},{name:statistics,method:statistics}]"],
