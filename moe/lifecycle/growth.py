@@ -72,6 +72,9 @@ class GrowthConfig:
     nearest_epochs: int = 3  # nearest: epochs of training from the nearest tenant's pathway (chosen: learning curves)
     contrastive_pairs: int = 4  # contrastive: pairs per example (half same intent, half another)
     contrastive_epochs: int = 1  # contrastive: epochs over the pairs, before the head is fitted
+    select: list[dict] | None = None  # candidates compared on the tenant's held-out share (`moe.lifecycle.selection`)
+    select_held_out: float = 0.2  # select: the share of each intent's train rows held out to compare them on
+    select_retrain: bool = True  # select: the winner grown again on all the rows (else: the one grown on the rest)
 
     def __post_init__(self):
         check_choice(self.source, RowSource, "source")

@@ -19,6 +19,7 @@ from moe.data import Tenant
 from moe.inference.build import BridgeCache
 from moe.lifecycle.few_shot import Neighbours, method_for, next_method
 from moe.lifecycle.growth import GROWERS, Grower, GrowthConfig, expert_tensors, routing_entry, statistics_samples
+from moe.lifecycle.selection import grow_selected
 from moe.lifecycle.stream import EncodedRows
 from moe.model.bridge import Bridge
 from moe.model.kinds import Architecture
@@ -227,11 +228,11 @@ class Lifecycle:
         check_spread(tenant.name, stats, [entry for _, entry in others], arch.evidence)
         self._warn_overlap(tenant.name, tenant.labels, stats, others)  # before training: read only
         method = method_for(stats[COUNT], cfg, GROWERS[arch.kind].FEW_SHOT)  # by the smallest intent's rows
-        grower = self.grower(arch, method)
-        expert, own = grower.grow(tenant, encoded, features, labels, stats, self._neighbours(others))
+        grower, neighbours = self.grower(arch, method), self._neighbours(others)  # `select`: chosen on held out
+        expert, own, chosen = grow_selected(grower, tenant, encoded, features, labels, stats, neighbours)
         routing = routing_entry(features, labels, stats, [entry for _, entry in others], cfg)
         seconds = time.perf_counter() - start
-        metrics = {"train_examples": len(labels), f"{how}_s": seconds} | few_shot_metrics(method, stats)
+        metrics = {"train_examples": len(labels), f"{how}_s": seconds} | few_shot_metrics(method, stats) | chosen
         meta = ExpertMeta(tenant.name, tenant.labels, self.trunk.fingerprint, arch, metrics=metrics)
         tensors = expert_tensors(expert, routing, stats) | own
         if parent is None:
