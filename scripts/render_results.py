@@ -1257,6 +1257,74 @@ def few_shot(root: Path) -> str:
     )
 
 
+SELECT = """\
+`python scripts/select_growth.py SHAPE` (`select/<shape>.json`, `select/all_intents_check.json`), on the 2-core CPU
+machine shared with other jobs (load 3 to 8: the seconds are rough). Two tenants whose shape differs from CLINC150's
+15-intent domains, built from CLINC150 by `moe/data/shapes.py` with rules fixed before any result: `all_intents` (its
+150 intents as one tenant) and `near_duplicates` (the 15 closest pairs of intents from different domains by the
+cosine of their MiniLM train class means, each intent in one pair: 30 intents). Each is grown as `scripts/grow.py`
+grows it into a fresh store holding `payroll` (3 intents of `moe.data.overlap`, which it shares with both shapes: the
+routed figures are low for that reason). `chosen`: a pathway store with `growth=select` (conf/growth/select.yaml: the
+candidates {candidates}), each candidate grown on 80 % of the tenant's own train rows (stratified, seeded) and scored on
+the other 20 %, the best grown again on all rows (`retrained`) or kept as grown (`kept`). Tenant given, test split:
+
+{table}
+
+{verdicts} Each expert alone on all_intents' val / test splits (the choice never read them): {check}. A share held out
+of the train rows preferred the pathway there while the tenant's val split would have preferred the frozen linear head
+(`head`); choosing on a tenant's val split, where it has one, is what would be needed (not built)."""
+
+
+def select_growth(root: Path) -> str:
+    shapes = {
+        s: load(root, f"select/{s}.json")
+        for s in ("near_duplicates", "all_intents")
+        if (root / f"select/{s}.json").is_file()
+    }
+    if not shapes:
+        raise Missing("select/near_duplicates.json")
+    rows, verdicts = [], []
+    for name, d in shapes.items():
+        parts = d["parts"]
+        for part in (v for k, v in parts.items() if k.startswith("select")):
+            shard = part["shard"]
+            held = ", ".join(f"{c.split('.', 1)[1]} {f(v)}" for c, v in shard.items() if c.startswith("select_acc."))
+            rows.append(
+                [
+                    f"{name} ({d['intents']} intents, {d['rows']['train']:,} train rows)",
+                    f(parts["adapter"]["given"]),
+                    f(parts["probe"]["given"]),
+                    f(parts["pathway"]["given"]),
+                    f"{f(part['given'])} ({shard['select_trained_on'] == 'all' and 'retrained' or 'kept'})",
+                    f"{shard['selected']} ({held})",
+                    f"{f(shard['select_s'], 0)} / {f(parts['pathway']['shard']['grow_s'], 0)}",
+                ]
+            )
+            better = max(parts["adapter"]["given"], parts["probe"]["given"])
+            verdicts.append(
+                f"{name}, {'retrained' if shard['select_trained_on'] == 'all' else 'kept'}: {f(part['given'])} against "
+                f"the better of the adapter and the probe, {f(better)} "
+                f"({'met' if part['given'] >= better else 'not met'})."
+            )
+    header = [
+        "tenant",
+        "adapter",
+        "probe",
+        "pathway today",
+        "chosen",
+        "choice (held-out %)",
+        "select s / today's grow s",
+    ]
+    check = load(root, "select/all_intents_check.json") if (root / "select/all_intents_check.json").is_file() else {}
+    return SELECT.format(
+        candidates="full, full_lr_x2, head, statistics",
+        table=table(header, rows),
+        verdicts="The goal (the chosen growth at least the better of an adapter expert and the probe): "
+        + " ".join(verdicts),
+        check="; ".join(f"{k} {f(v['val'])} / {f(v['test'])}" for k, v in check.items()) or "-",
+    )
+
+
 REGISTRATION = """\
 `python scripts/bench_registration.py` (`registration/registration.json`), on the 2-core AMD EPYC CPU machine:
 {tenants:,} synthetic experts ({labels} labels on {dim} features, adapter rank {rank}) registered by `load_mixture`,
@@ -1627,6 +1695,7 @@ SECTIONS: list[tuple[str, Callable[[Path], str]]] = [
     ("Routing thousands of tenants through an index", routing_index),
     ("Routing that asks the experts", routing_evidence),
     ("Few-example growth", few_shot),
+    ("Settings chosen per tenant", select_growth),
     ("Registering thousands of tenants", registration),
     ("A load test of the HTTP service", load_test),
     ("Faults that stay with their tenant", faults),
