@@ -41,11 +41,19 @@ def serving(settings: dict, **ray_options) -> Iterator[str]:
 
     from moe.serving.http import build_app
 
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, **ray_options)
+    for attempt in (1, 2):  # on an overloaded machine Serve's proxy actor may die as it starts: one more start
+        port = free_port()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, **ray_options)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(settings), name="moe", route_prefix="/")
+            break
+        except ray.exceptions.RayActorError:
+            serve.shutdown()
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(settings), name="moe", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
