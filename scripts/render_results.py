@@ -1216,6 +1216,11 @@ def few_shot_verdicts(kind: str, run: dict) -> str:
             "points; goal within 2: "
             f"{'met' if reference - whole <= 2 else 'not met'})."
         )
+    else:
+        lines.append(
+            "The whole store's routed accuracy was not measured in this run (every domain's test queries through the "
+            "pathways: about ten minutes a grow on the shared machine); the routed figures above are the new tenant's."
+        )
     grow10, full_all = get("chosen/k10/seconds"), get("full/kall/seconds")
     lines.append(
         f"One grow at k = 10 by the chosen method took {f(grow10, 1)} s, today's full-data grow {f(full_all, 1)} s."
@@ -1243,6 +1248,14 @@ def few_shot(root: Path) -> str:
             f"{few_shot_table(run, 'routing')}"
         )
         tables.append(f"Seconds per grow:\n\n{few_shot_table(run, 'seconds')}")
+        dev = run["chosen"]["dev_val_tenant_given"]
+        ks = list(next(iter(dev.values())))
+        rows = [[m, *[f(v[k], 1) if v[k] == v[k] else "-" for k in ks]] for m, v in dev.items()]
+        tables.append(
+            "Where the choices were made, the development domains' val split, tenant given (every method at its chosen "
+            f"setting; chosen at each k: {', '.join(f'{k}: {m}' for k, m in run['chosen']['method_per_k'].items())}):"
+            f"\n\n{table(['method', *[f'k = {k}' for k in ks]], rows)}"
+        )
         plots.append(f"[{kind} learning curves](../scripts/results/few_shot/{kind}/learning_curves.png)")
         verdicts.append(few_shot_verdicts(kind.capitalize(), run))
     settings = "; ".join(
