@@ -130,7 +130,9 @@ PATHWAY_LIMITS = ["trunk=minilm", "expert.pathway.layers=1", "expert.pathway.epo
 
 
 def test_every_experiment_file_names_the_command_that_runs_it():
-    named = {name for script in ("train", "scenario", "trunk_upgrade", "few_shot") for name in experiments_run_by(script)}
+    named = {
+        name for script in ("train", "scenario", "trunk_upgrade", "few_shot") for name in experiments_run_by(script)
+    }
     assert named == {p.stem for p in (CONF / "experiment").glob("*.yaml")}
 
 
