@@ -14,8 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from moe.serving import Server
-from moe.serving.http import build_app
-from tests.service import call, free_port
+from tests.service import call, free_port, serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
@@ -38,27 +37,13 @@ SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
 def service(tiny_run):
     """(service URL, metrics URL): one replica with a small device budget (so that paging moves bytes), Ray
     exporting metrics every 0.5 s."""
-    import ray
-    from ray import serve
-
-    port, metrics_port = free_port(), free_port()
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 500},
-    )
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        largest = max(Server(tiny_run.bundle).model.pager.sizes.values())
-        budget_mb = 1.5 * largest / 2**20  # one expert at a time: a batch of three tenants pages in waves
-        settings = {"bundle": str(tiny_run.bundle), "batch_wait_ms": 20, "budget_mb": budget_mb}
-        serve.run(build_app(settings), name="moe", route_prefix="/")
-        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    metrics_port = free_port()
+    largest = max(Server(tiny_run.bundle).model.pager.sizes.values())
+    budget_mb = 1.5 * largest / 2**20  # one expert at a time: a batch of three tenants pages in waves
+    settings = {"bundle": str(tiny_run.bundle), "batch_wait_ms": 20, "budget_mb": budget_mb}
+    ray_options = {"_metrics_export_port": metrics_port, "_system_config": {"metrics_report_interval_ms": 500}}
+    with serving(settings, **ray_options) as url:
+        yield url, f"http://127.0.0.1:{metrics_port}/metrics"
 
 
 def scrape(url: str) -> dict[str, float]:
