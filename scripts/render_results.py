@@ -41,6 +41,14 @@ def load(root: Path, name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def load_present(root: Path, names: list[str]) -> dict[str, dict]:
+    """Each of the JSON files `names` that is there, by name; Missing (the first name) when none is."""
+    found = {name: load(root, name) for name in names if (root / name).is_file()}
+    if not found:
+        raise Missing(names[0])
+    return found
+
+
 def load_rows(root: Path, name: str) -> list[dict]:
     path = root / name
     if not path.is_file():
@@ -1229,13 +1237,8 @@ def few_shot_verdicts(kind: str, run: dict) -> str:
 
 
 def few_shot(root: Path) -> str:
-    runs = {
-        kind: load(root, f"few_shot/{kind}/curves.json")
-        for kind in ("adapter", "pathway")
-        if (root / f"few_shot/{kind}/curves.json").is_file()
-    }
-    if not runs:
-        raise Missing("few_shot/adapter/curves.json")
+    found = load_present(root, [f"few_shot/{kind}/curves.json" for kind in ("adapter", "pathway")])
+    runs = {name.split("/")[1]: run for name, run in found.items()}
     first = next(iter(runs.values()))
     tables, plots, verdicts = [], [], []
     for kind, run in runs.items():
@@ -1289,13 +1292,8 @@ of the train rows preferred the pathway there while the tenant's val split would
 
 
 def select_growth(root: Path) -> str:
-    shapes = {
-        s: load(root, f"select/{s}.json")
-        for s in ("near_duplicates", "all_intents")
-        if (root / f"select/{s}.json").is_file()
-    }
-    if not shapes:
-        raise Missing("select/near_duplicates.json")
+    found = load_present(root, [f"select/{s}.json" for s in ("near_duplicates", "all_intents")])
+    shapes = {Path(name).stem: d for name, d in found.items()}
     rows, verdicts = [], []
     for name, d in shapes.items():
         parts = d["parts"]
