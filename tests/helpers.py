@@ -54,6 +54,14 @@ def write_synthetic_tenants(folder: Path) -> dict[str, Path]:
     }
 
 
+def read_synthetic_tenants(folder: Path) -> dict:
+    """The SYNTHETIC tenants, written under `folder` and read back as `Tenant`s, by name."""
+    from moe.data import read_tenant_file
+
+    files = write_synthetic_tenants(folder)
+    return {name: read_tenant_file(name, path, split_column="split") for name, path in files.items()}
+
+
 def tenant_files_override(files: dict[str, Path]) -> str:
     """The `data.tenants=[...]` override that reads these files (with `data=tenant_files`)."""
     entries = ", ".join(

@@ -10,7 +10,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from moe.data import read_tenant_file
 from moe.experiments.few_shot import draw
 from moe.inference import load_mixture
 from moe.lifecycle import Lifecycle
@@ -19,15 +18,14 @@ from moe.model.router import ROUTING
 from moe.model.stats import MEAN, PooledScatter, class_statistics, discriminant_rows
 from moe.store import ExpertStore
 from moe.trunk import HFEncoderTrunk, TinyTrunk
-from tests.helpers import compose_config, digests, fast_growth, synthetic_data, write_synthetic_tenants
+from tests.helpers import compose_config, digests, fast_growth, read_synthetic_tenants, synthetic_data
 
 PATHWAY = dict(layers=1, lora_rank=4, lora_alpha=8.0, lr=3e-3, epochs=2, batch_size=16)
 
 
 @pytest.fixture(scope="module")
 def tenants(tmp_path_factory):
-    files = write_synthetic_tenants(tmp_path_factory.mktemp("few_shot_tenants"))
-    return {name: read_tenant_file(name, path, split_column="split") for name, path in files.items()}
+    return read_synthetic_tenants(tmp_path_factory.mktemp("few_shot_tenants"))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.data import Example, Tenant, read_tenant_file
+from moe.data import Example, Tenant
 from moe.data.shapes import all_intents, closest_pairs, near_duplicates
 from moe.lifecycle import Lifecycle
 from moe.lifecycle import selection as selection_module
@@ -15,15 +15,14 @@ from moe.lifecycle.stream import EncodedRows
 from moe.model.stats import MEAN
 from moe.store import ExpertStore
 from moe.trunk import HFEncoderTrunk, TinyTrunk
-from tests.helpers import fast_growth, write_synthetic_tenants
+from tests.helpers import fast_growth, read_synthetic_tenants
 
 WORSE_FIRST = [{"name": "untrained", "epochs": 0}, {"name": "trained"}]  # epochs 0: the head as initialised
 
 
 @pytest.fixture(scope="module")
 def tenants(tmp_path_factory):
-    files = write_synthetic_tenants(tmp_path_factory.mktemp("select_tenants"))
-    return {name: read_tenant_file(name, path, split_column="split") for name, path in files.items()}
+    return read_synthetic_tenants(tmp_path_factory.mktemp("select_tenants"))
 
 
 @pytest.fixture(scope="module")
