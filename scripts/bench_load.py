@@ -137,20 +137,21 @@ def run(
     args: argparse.Namespace,
     work: Path,
     extra: tuple[str, ...] = (),
-    header: bool = True,
+    header: str = "multiplex",
     queries: int = 1,
     env_extra: dict[str, str] | None = None,
     during: Callable[[str], dict] | None = None,
 ) -> dict:
-    """One service under locust; `extra`: the service's further options; `header`: users send the multiplexing
-    header; `queries`: per request; `env_extra`: for the locustfile; `during(url)`: run while locust runs (its
+    """One service under locust; `extra`: the service's further options; `header`: the header naming each request's
+    tenant (multiplex, hash: the service runs `--router hash`, none); `queries`: per request; `env_extra`: for the locustfile; `during(url)`: run while locust runs (its
     result under "during")."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "moe.serving.http", str(bundle), "--port", str(port), "--verify", "lazy"]
     command += ["--replicas", str(replicas), "--budget-mb", str(budget_mb), "--num-cpus", str(os.cpu_count())]
     command += ["--replica-cpus", str(args.replica_cpus), "--metrics-port", str(free_port()), *extra]
-    name = f"{replicas}{''.join(e for e in extra if not e.startswith('{'))}{'' if header else '-noheader'}-q{queries}"
+    command += ["--router", "hash"] if header == "hash" else []
+    name = f"{replicas}{''.join(e for e in extra if not e.startswith('{'))}-{header}-q{queries}"
     with open(work / f"service_{name}.log", "w") as log:
         service = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -167,7 +168,7 @@ def run(
         locust += ["-u", str(args.users), "-r", str(args.users)]
         locust += ["-t", f"{args.seconds}s", "--host", url, "--csv", str(prefix), "--only-summary"]
         env = os.environ | {"MOE_LOAD_ZIPF": str(args.zipf), "MOE_LOAD_ROUTED": str(args.routed)}
-        env |= {"MOE_LOAD_HEADER": "1" if header else "0", "MOE_LOAD_QUERIES": str(queries)} | (env_extra or {})
+        env |= {"MOE_LOAD_HEADER": header, "MOE_LOAD_QUERIES": str(queries)} | (env_extra or {})
         load = os.getloadavg()
         with open(work / f"locust_{name}.log", "w") as log:
             users = subprocess.Popen(locust, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -444,7 +445,7 @@ def compare_batching(bundle: Path, budget_mb: float, args: argparse.Namespace, w
     print(json.dumps({"split": split}), flush=True)
     mixed = run(bundle, 1, budget_mb, args, work)
     print(json.dumps({"mixed": mixed}), flush=True)
-    plain = run(bundle, 1, budget_mb, args, work, header=False)
+    plain = run(bundle, 1, budget_mb, args, work, header="none")
     print(json.dumps({"mixed_no_header": plain}), flush=True)
     server = offline(bundle, budget_mb, args)
     return {
@@ -467,8 +468,16 @@ def throughput(
     extra = ("--store-options", json.dumps(store_options)) if store_options else ()
     for replicas in args.replicas:
         for queries in args.queries:
-            results.append(run(source, replicas, budget_mb, args, work, extra, header=queries == 1, queries=queries))
-            print(json.dumps(results[-1]), flush=True)
+            # one query a request: its tenant in the multiplexing header (affinity); with `--affinity` and several
+            # replicas also hashed to a replica (`--router hash`) and with no header (Serve's default routing), side
+            # by side; several queries a request: no header (their tenants differ)
+            headers = ("multiplex",) if queries == 1 else ("none",)
+            if args.affinity and replicas > 1 and queries == 1:
+                headers = ("multiplex", "hash", "none")
+            for header in headers:
+                results.append(run(source, replicas, budget_mb, args, work, extra, header=header, queries=queries))
+                results[-1]["tenant_header"] = header
+                print(json.dumps(results[-1]), flush=True)
     load = os.getloadavg()
     options = {"store_options": store_options} if store_options else {}
     server = offline(source, budget_mb, args, **options)
@@ -496,6 +505,7 @@ def main() -> None:
     parser.add_argument("--pathway", type=int, default=0, help="this many pathway experts on a moto S3 server")
     parser.add_argument("--pathway-budget-mb", type=float, default=64.0, help="--pathway: device budget per replica")
     parser.add_argument("--disk-budget-mb", type=float, default=1024.0, help="--pathway: disk cache per replica")
+    parser.add_argument("--affinity", action="store_true", help="several replicas: multiplex, hash, no header")
     parser.add_argument("--compare-batching", action="store_true", help="one replica: split batches against mixed")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/load.json"))
     args = parser.parse_args()

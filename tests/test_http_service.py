@@ -189,6 +189,33 @@ def test_with_two_replicas_a_tenants_requests_stay_where_its_expert_is(service, 
         serve.delete("moe_two")
 
 
+def test_the_hash_router_keeps_each_session_header_on_one_replica(service, tiny_run, offline):
+    """`router: hash`: Serve's consistent-hash router sends every request with one `x-session-id` to one replica (a
+    tenant's requests stay together with nothing loaded per request), and different ids across both replicas."""
+    from ray import serve
+
+    from moe.serving.http import HASH_HEADER
+
+    two = {"bundle": str(tiny_run.bundle), "replicas": 2, "replica_cpus": 0.5, "router": "hash"}
+    serve.run(build_app(two), name="moe_hash", route_prefix="/hash")
+    expected = offline.predict(["rain umbrella"], "bank")[0].to_dict()
+    try:
+        answered_by: dict[str, set[str]] = {}
+        for session in [f"s{i}" for i in range(16)] * 3:
+            request = urllib.request.Request(
+                f"{service}/hash/predict",
+                json.dumps({"text": "rain umbrella", "tenant": "bank"}).encode(),
+                {"content-type": "application/json", HASH_HEADER: session},
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                assert json.loads(response.read()) == expected
+                answered_by.setdefault(session, set()).add(response.headers["x-moe-replica"])
+        assert all(len(replicas) == 1 for replicas in answered_by.values()), answered_by
+        assert len(set().union(*answered_by.values())) == 2  # 16 ids all on one replica: chance 2**-15
+    finally:
+        serve.delete("moe_hash")
+
+
 def test_the_serve_config_is_a_serve_config_of_this_application():
     from ray.serve.schema import ServeDeploySchema
 

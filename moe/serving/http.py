@@ -23,7 +23,10 @@ Queries from concurrent requests are answered together (`@serve.batch`). The opt
 `serve_multiplexed_model_id: TENANT` routes a request to a replica that already holds that tenant's expert
 (`@serve.multiplexed`: loading a tenant prefetches its expert into the pager); the body still says what each query
 asks, and the batch stays mixed: queries of many tenants are answered in one forward, whatever header each request
-carried. On a Ray cluster the same code runs N replicas (`--replicas N`, or `conf/serve/moe_http.yaml`).
+carried. Or, with `--router hash`, Serve's consistent-hash request router (`ConsistentHashRouter`) sends every
+request carrying the header `x-session-id: TENANT` to the replica that tenant hashes to, with no tenant loaded per
+request and nothing in the batch keyed by it (`HASH_HEADER`). On a Ray cluster the same code runs N replicas
+(`--replicas N`, or `conf/serve/moe_http.yaml`).
 
 Keys (`--keys-file keys.json`, made with `python -m moe.serving.keys add --tenants a,b`): every request but
 `/health`, `/docs` and `/openapi.json` presents `Authorization: Bearer KEY`; a query naming a tenant outside its
@@ -67,6 +70,8 @@ from moe.store.bundle import MANIFEST
 log = logging.getLogger("ray.serve")  # in a replica, Serve writes this logger to the replica's log
 APP_NAME = "moe"
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"
+HASH_HEADER = "x-session-id"  # the `hash` router's key (Serve's session header, RAY_SERVE_SESSION_ID_HEADER_KEY)
+HASH_ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"  # Ray 2.60+, experimental
 REPLICA_HEADER = "x-moe-replica"  # on every answer: the replica that gave it
 GENERATION_HEADER = "x-moe-generation"  # on every answer and refusal of /predict over a store: the generation it read
 MAX_PROBLEMS = 10  # problems named in one refusal; the rest are counted
@@ -94,6 +99,9 @@ class ServiceSettings(BaseModel):
     keys_poll_s: PositiveFloat = 1.0  # how often a replica looks whether the keys file changed
     metrics: bool = True  # record Prometheus metrics (`moe.serving.metrics`)
     mixed_batches: bool = True  # False: Serve splits batches by the multiplexing header, as before (to compare)
+    # requests to replicas: Serve's default (power of two choices; the multiplexing header prefers a replica holding
+    # its tenant), or `hash`: the x-session-id header's tenant hashed to a replica (HASH_ROUTER)
+    router: Literal["default", "hash"] = "default"
     # serving a store: how often each replica polls it for a new generation, fsspec options, gate and out-of-scope rule
     follow_s: PositiveFloat = 1.0
     store_options: dict[str, Any] = {}
@@ -487,10 +495,12 @@ class MoeService:
 def build_app(args: dict | ServiceSettings) -> Application:
     """The Serve application (an application builder: `import_path: moe.serving.http:build_app` with `args`)."""
     settings = ServiceSettings.model_validate(args.model_dump() if isinstance(args, BaseModel) else args)
+    router = {"request_router_config": {"request_router_class": HASH_ROUTER}} if settings.router == "hash" else {}
     return MoeService.options(  # type: ignore[attr-defined]
         num_replicas=settings.replicas,
         ray_actor_options={"num_cpus": settings.replica_cpus},
         max_ongoing_requests=2 * settings.max_batch_size,  # room for a batch to fill while another runs
+        **router,
     ).bind(settings)
 
 
@@ -524,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-metrics", dest="metrics", action="store_false", help="record no metrics")
     parser.add_argument(
         "--split-batches", dest="mixed_batches", action="store_false", help="batches split by the header (compare)"
+    )
+    parser.add_argument(
+        "--router", choices=["default", "hash"], default=defaults.router, help=f"hash: {HASH_HEADER} to a replica"
     )
     parser.add_argument("--follow-s", type=float, default=defaults.follow_s, help="a store: seconds between polls")
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="a store: experts the gate chooses")

@@ -3,8 +3,9 @@ service holds (the seasonal many-tenant mix), each request sending the multiplex
 
     locust -f scripts/loadtest/locustfile.py --headless -u 16 -r 16 -t 30s --host http://127.0.0.1:8000
 Environment: MOE_LOAD_ZIPF (exponent, default 1.1), MOE_LOAD_ROUTED (share of queries without a tenant, default 0),
-MOE_LOAD_KEY (an admin API key, for a service started with --keys-file), MOE_LOAD_HEADER (0: no multiplexing
-header, default 1), MOE_LOAD_QUERIES (queries per request, default 1: more are sent as {"queries": [...]}, each
+MOE_LOAD_KEY (an admin API key, for a service started with --keys-file), MOE_LOAD_HEADER (the header naming a
+request's tenant: 1 or multiplex, the multiplexing header, the default; hash: x-session-id, for a service started with
+`--router hash`; 0 or none: no header), MOE_LOAD_QUERIES (queries per request, default 1: more are sent as {"queries": [...]}, each
 with its own Zipf-drawn tenant, and without the multiplexing header).
 While the store learns: MOE_LOAD_WATCH (tenants, comma-separated, asked for besides the mix, in MOE_LOAD_WATCH_SHARE
 of the requests, default 0.1, whether served yet or not: their 404s are recorded, not failed) and MOE_LOAD_RECORD (a
@@ -36,7 +37,9 @@ TEXTS = [
 CHOICES: dict[str, list] = {}
 KEY = os.environ.get("MOE_LOAD_KEY")
 AUTH = {"authorization": f"Bearer {KEY}"} if KEY else {}
-HEADER = os.environ.get("MOE_LOAD_HEADER", "1") != "0"
+HEADER = {"1": "serve_multiplexed_model_id", "multiplex": "serve_multiplexed_model_id", "hash": "x-session-id"}.get(
+    os.environ.get("MOE_LOAD_HEADER", "1")
+)
 QUERIES = int(os.environ.get("MOE_LOAD_QUERIES", "1"))
 WATCH = [t for t in os.environ.get("MOE_LOAD_WATCH", "").split(",") if t]
 WATCH_SHARE = float(os.environ.get("MOE_LOAD_WATCH_SHARE", "0.1"))
@@ -84,7 +87,7 @@ class TenantUser(FastHttpUser):
         if len(queries) == 1:
             (text, tenant), name = queries[0], "/predict watched" if watched else "/predict"
             body: dict = {"text": text, "tenant": tenant}
-            headers = AUTH | ({"serve_multiplexed_model_id": tenant} if HEADER and not watched else {})
+            headers = AUTH | ({HEADER: tenant} if HEADER and not watched else {})
         else:
             body, headers = {"queries": [{"text": t, "tenant": n} for t, n in queries]}, AUTH
             name = f"/predict x{len(queries)}"
