@@ -143,8 +143,8 @@ def run(
     during: Callable[[str], dict] | None = None,
 ) -> dict:
     """One service under locust; `extra`: the service's further options; `header`: the header naming each request's
-    tenant (multiplex, hash: the service runs `--router hash`, none); `queries`: per request; `env_extra`: for the locustfile; `during(url)`: run while locust runs (its
-    result under "during")."""
+    tenant (multiplex, hash: the service runs `--router hash`, none); `queries`: per request; `env_extra`: for the
+    locustfile; `during(url)`: run while locust runs (its result under "during")."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "moe.serving.http", str(bundle), "--port", str(port), "--verify", "lazy"]

@@ -113,3 +113,19 @@ def test_memory_and_machine():
     assert rss_bytes("VmHWM") >= rss_bytes("VmRSS") > 0
     info = machine_info()
     assert info["device"] == "cpu" and info["cpus"] >= 1 and info["torch"] == torch.__version__
+
+
+def test_written_pathway_store_loads_and_answers(tmp_path):
+    """`write_pathway_store` (the load benchmark's pathway experts) writes shards that a mixture over the trunk loads,
+    each pathway its own, answering a batch of texts."""
+    from moe.experiments.bench import write_pathway_store
+    from moe.trunk import HFEncoderTrunk
+
+    trunk = HFEncoderTrunk()
+    write_pathway_store(tmp_path, tenants=2, trunk=trunk, layers=1, lora_rank=2, progress=False)
+    model = load_mixture(tmp_path, trunk=trunk)
+    assert model.tenants == ["p00000", "p00001"] and not model.left_out
+    texts = ["what is my balance", "play some jazz"]
+    with torch.inference_mode():
+        out = model(trunk.encode(texts), model.tenant_ids(["p00000", "p00001"]), hidden=model.hidden_states(texts))
+    assert out.log_probs.shape[0] == 2 and torch.isfinite(out.weights).all()

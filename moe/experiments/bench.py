@@ -74,7 +74,7 @@ def write_pathway_store(
     `layers` layers at rank `lora_rank` (6 and 16: about 2.7 MB of weights each), every LoRA tensor drawn from a
     normal of deviation `std`, so that each expert's pathway is its own. Written through the shard writer
     (`write_shard`), checked against the shapes the architecture implies."""
-    from moe.model.pathway import PathwaySpec, pathway_shapes
+    from moe.model.pathway import PathwayLayout, PathwaySpec
 
     torch.manual_seed(seed)
     store = ExpertStore(root)
@@ -88,8 +88,8 @@ def write_pathway_store(
         with torch.no_grad():
             model.get_parameter("bank.up").normal_(std=std)
         for tensors, meta in expert_shards(model, trunk.fingerprint):
-            arch = meta.architecture | spec.architecture(trunk)
-            shapes = pathway_shapes(arch, LABELS)
+            arch = meta.architecture | ({"kind": "pathway"} | PathwayLayout.of(spec, trunk).to_dict())
+            shapes = arch.shapes(LABELS)
             lora = {name: torch.randn(shape) * std for name, shape in shapes.items() if name.startswith("lora.")}
             statistics = {name: torch.zeros(shape) for name, shape in shapes.items() if name.startswith("pathway.")}
             statistics["pathway.count"] += 1.0

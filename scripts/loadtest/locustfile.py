@@ -5,8 +5,8 @@ service holds (the seasonal many-tenant mix), each request sending the multiplex
 Environment: MOE_LOAD_ZIPF (exponent, default 1.1), MOE_LOAD_ROUTED (share of queries without a tenant, default 0),
 MOE_LOAD_KEY (an admin API key, for a service started with --keys-file), MOE_LOAD_HEADER (the header naming a
 request's tenant: 1 or multiplex, the multiplexing header, the default; hash: x-session-id, for a service started with
-`--router hash`; 0 or none: no header), MOE_LOAD_QUERIES (queries per request, default 1: more are sent as {"queries": [...]}, each
-with its own Zipf-drawn tenant, and without the multiplexing header).
+`--router hash`; 0 or none: no header), MOE_LOAD_QUERIES (queries per request, default 1: more are sent as
+{"queries": [...]}, each with its own Zipf-drawn tenant, and without a header).
 While the store learns: MOE_LOAD_WATCH (tenants, comma-separated, asked for besides the mix, in MOE_LOAD_WATCH_SHARE
 of the requests, default 0.1, whether served yet or not: their 404s are recorded, not failed) and MOE_LOAD_RECORD (a
 folder: every watched answer and a MOE_LOAD_SAMPLE share of the others, default 0.02, are written there as JSON
