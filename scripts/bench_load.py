@@ -256,6 +256,8 @@ def pathway(args: argparse.Namespace, work: Path) -> dict:
     import fsspec
 
     from moe.store.remote import _default_cache
+
+    sys.path.insert(0, str(ROOT))  # the tests' moto server (tests/moto_s3.py), from the repository's root
     from tests.moto_s3 import moto_s3
 
     local = prepare_pathway_store(args.pathway)

@@ -17,6 +17,14 @@ themselves (a tenant grown then deleted, one hibernated then woken, one updated 
 
     python scripts/bench_registration.py --follow --out scripts/results/registration/follow.json
 
+`--pathway N`: instead, N pathway experts (`scripts/bench_load.py`'s: the CLINC150 shape, about 2.7 MB each, on the
+MiniLM trunk) in an S3 bucket (a moto server on localhost, in this process), registered from the bucket by a fresh
+process per mode with a cold disk cache: seconds, and the bytes that crossed the loopback interface meanwhile (the S3
+server is the only thing talking on it: requests and answers, per tenant), beside the shard's size; then one
+tenant-given query's latency at its first page-in (fetched from the bucket) and once cached.
+
+    python scripts/bench_registration.py --pathway 1000 --out scripts/results/registration/pathway_s3.json
+
 The store is written once (synthetic experts of a CLINC150 domain's shape:
 384 features, 15 labels, adapter rank `--rank`) into the user cache and reused; the page cache is warm for both
 modes alike (the store was just written or read).
@@ -40,6 +48,8 @@ from moe.experiments.bench import DIM, LABELS, SYNTHETIC_FINGERPRINT, machine_in
 from moe.inference import RowIndex, load_mixture
 from moe.paths import cache_dir
 from moe.store import ExpertStore, TrunkVersions
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def bytes_read() -> int:
@@ -102,6 +112,85 @@ def measure(store_dir: Path, verify: str, budget: float, queries: int) -> dict:
     }
 
 
+def loopback_bytes() -> int:
+    """Bytes received on the loopback interface so far (/proc/net/dev)."""
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, fields = line.partition(":")
+        if name.strip() == "lo":
+            return int(fields.split()[0])
+    raise RuntimeError("no loopback interface in /proc/net/dev")
+
+
+def measure_remote(url: str, options: dict, verify: str) -> dict:
+    """One mode of `--pathway`, in this (fresh) process: the store at `url` registered with a cold disk cache."""
+    from moe.store import open_store
+    from moe.trunk import HFEncoderTrunk
+
+    torch.set_num_threads(1)
+    trunk = HFEncoderTrunk()
+    cache = Path(options.pop("cache_dir"))
+    shutil.rmtree(cache, ignore_errors=True)
+    rss, wire, start = rss_bytes(), loopback_bytes(), time.perf_counter()
+    store = open_store(url, cache, **options)
+    model = load_mixture(store, trunk=trunk, verify=verify, budget_bytes=64 << 20)
+    seconds, wire, rss = time.perf_counter() - start, loopback_bytes() - wire, rss_bytes() - rss
+    n = len(model.tenants)
+    texts, tenant = ["what is my balance"], model.tenant_ids([model.tenants[n // 2]])
+    timings = []
+    with torch.no_grad():
+        for _ in range(2):  # its first page-in (from the bucket in lazy mode), then resident
+            begun = time.perf_counter()
+            model(trunk.encode(texts), tenant, hidden=model.hidden_states(texts))
+            timings.append(time.perf_counter() - begun)
+    shard = store.path(model.tenants[0], store.latest(model.tenants[0]))
+    return {
+        "verify": verify,
+        "tenants": n,
+        "registration_s": seconds,
+        "loopback_bytes": wire,
+        "loopback_bytes_per_tenant": wire / n,
+        "resident_bytes_per_tenant": rss / n,
+        "expert_bytes": sum(model.pager.sizes.values()) / n,
+        "disk_cache_bytes_after": sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()),
+        "first_query_ms": 1000 * timings[0],
+        "resident_query_ms": 1000 * timings[1],
+        "shard_file": str(shard),
+    }
+
+
+def pathway_registration(tenants: int) -> dict:
+    """`--pathway`: lazy and full registration of `tenants` pathway experts on a moto S3 server, each in a fresh
+    process with a cold disk cache, side by side."""
+    import tempfile
+
+    import fsspec
+    from bench_load import prepare_pathway_store  # this script's folder is first on the path
+
+    sys.path.insert(0, str(ROOT))  # the tests' moto server (tests/moto_s3.py), from the repository's root
+    from tests.moto_s3 import moto_s3
+
+    local = prepare_pathway_store(tenants)
+    shard_bytes = next(local.glob("p*/v0001.safetensors")).stat().st_size
+    results = {}
+    with moto_s3("bench") as options, tempfile.TemporaryDirectory() as cache:
+        fsspec.filesystem("s3", **options).put(str(local), "bench/pathway", recursive=True)
+        for verify in ("lazy", "full"):
+            child = options | {"cache_dir": cache, "cache_budget_bytes": 4 * shard_bytes * tenants}
+            command = [sys.executable, __file__, "--child", verify, "--store", "s3://bench/pathway"]
+            command += ["--store-options", json.dumps(child)]
+            done = subprocess.run(command, check=True, capture_output=True, text=True)
+            results[verify] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(verify, results[verify], flush=True)
+    lazy, full = results["lazy"], results["full"]
+    return {
+        "settings": {"tenants": tenants, "shard_bytes": shard_bytes, "store": "moto S3 on localhost"},
+        "results": results,
+        "lazy_speedup": full["registration_s"] / lazy["registration_s"],
+        "lazy_wire_ratio": lazy["loopback_bytes"] / full["loopback_bytes"],
+        "lazy_wire_share_of_shard": lazy["loopback_bytes_per_tenant"] / shard_bytes,
+    }
+
+
 def follow(tenants: int, rank: int) -> dict:
     """A replica following a store of `tenants` experts through writes that undo themselves (see the docstring)."""
     from bench_load import prepare_store  # this script's folder is first on the path
@@ -154,7 +243,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--budget", type=float, default=0.01, help="expert budget, as a share of all tenants' bytes")
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--store", type=Path, default=None, help="default: the user cache")
+    parser.add_argument("--store", default=None, help="default: the user cache")
+    parser.add_argument("--pathway", type=int, default=0, help="this many pathway experts on a moto S3 server")
+    parser.add_argument("--store-options", type=json.loads, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/registration.json"))
     parser.add_argument("--follow", action="store_true", help="a replica following a store through writes")
     parser.add_argument("--child", choices=["full", "lazy"], help=argparse.SUPPRESS)
@@ -168,7 +259,18 @@ def main() -> None:
         fresh, worst = report["fresh_build_s"], report["worst_follow_s"]
         print(f"wrote {args.out}: fresh build {fresh:.1f} s, worst follow {worst:.2f} s")
         return
-    store_dir = args.store or cache_dir() / "bench" / f"registration_{args.tenants}_r{args.rank}"
+    if args.child and args.store_options is not None:  # a --pathway mode's child
+        print(json.dumps(measure_remote(args.store, args.store_options, args.child)))
+        return
+    if args.pathway:
+        report = {"benchmark": "registration, pathway experts on S3", "machine": machine_info()}
+        report |= pathway_registration(args.pathway)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        speedup, ratio = report["lazy_speedup"], report["lazy_wire_ratio"]
+        print(f"wrote {args.out}: lazy {speedup:.1f}x faster, {ratio:.4f}x the bytes")
+        return
+    store_dir = Path(args.store) if args.store else cache_dir() / "bench" / f"registration_{args.tenants}_r{args.rank}"
     if args.child:
         print(json.dumps(measure(store_dir, args.child, args.budget, args.queries)))
         return

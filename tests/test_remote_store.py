@@ -108,6 +108,20 @@ def test_a_store_written_to_s3_is_served_as_the_same_store_on_disk(s3, world, tm
     assert type(open_store(local.root)) is ExpertStore
 
 
+def test_lazy_registration_from_s3_downloads_no_shard_and_serves_the_same_answers(s3, world, tmp_path):
+    """`verify="lazy"` registers each expert from ranged reads of its header and gate rows: no shard enters the
+    cache until a query pages its expert in; the answers are those of the store on disk."""
+    local, _, batches = world
+    store = reader(s3, "base", tmp_path)
+    served = load_mixture(store, trunk_fingerprint=FP, verify="lazy")
+    assert served.left_out == {} and not list(store.cached())  # registered: nothing downloaded
+    on_disk = load_mixture(local, trunk_fingerprint=FP)
+    with torch.no_grad():
+        for x in batches:
+            assert_same_output(served(x), on_disk(x))
+    assert list(store.cached())  # the experts the queries chose, fetched and verified at their first page-in
+
+
 def test_a_tampered_object_is_refused_by_name_and_the_others_are_served(s3, world, tmp_path):
     local, writer, batches = world
     prefix = copy_store(writer, "damaged")

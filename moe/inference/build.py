@@ -181,7 +181,8 @@ def load_mixture(
                 if served_architecture(header, bridges) != arch:
                     raise ShardError(store.path(*key), f"architecture {header.architecture} differs from {arch}")
                 if verify == "lazy" and not statistics:  # the header was read and checked by store.meta
-                    tensors = loader.register_header(key, path := store.path(*key), header, routing_tensors, old_trunk)
+                    path, tensors = store.read_tensors(*key, routing_tensors)  # from an object store: ranged reads
+                    tensors = loader.register_header(key, path, header, tensors, old_trunk)
                     meta = header
                 else:
                     tensors, meta = loader.register(key, path := store.path(*key), old_trunk)
@@ -255,9 +256,10 @@ class BridgeCache:
     def get(self, meta: ExpertMeta) -> Bridge | None:
         """The bridge from the trunk `meta`'s expert was trained on to the trunk's features (None: it is on that
         trunk); a ShardError naming its shard and both fingerprints where the store has none."""
-        old, path = meta.trunk_fingerprint, self.store.path(meta.tenant, meta.version)
+        old = meta.trunk_fingerprint
         if self.trunk_fingerprint is None or old == self.trunk_fingerprint:
             return None
+        path = self.store.path(meta.tenant, meta.version)  # here only: from an object store, `path` downloads
         if old not in self.bridges and old not in self.missing:
             try:
                 self.bridges[old] = TrunkVersions(self.store.root).require_bridge(old, self.trunk_fingerprint, path)

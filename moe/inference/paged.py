@@ -82,18 +82,17 @@ class ShardLoader:
         return tensors, meta
 
     def register_header(
-        self, key: Hashable, path: Path, meta: ExpertMeta, names: tuple[str, ...], trunk: str | None = None
+        self, key: Hashable, path: Path, meta: ExpertMeta, tensors: dict[str, torch.Tensor], trunk: str | None = None
     ) -> dict[str, torch.Tensor]:
-        """Remember a shard from its header (`meta`, read and checked by the caller), reading only the tensors
-        `names` (its routing entry or statistics); its checksum is verified in full when it is first paged in.
-        `trunk`: as for `register`."""
+        """Remember a shard from its header (`meta`, read and checked by the caller) and the few `tensors` read from
+        it (its routing entry: `ExpertStore.read_tensors`), checked here; its checksum is verified in full when it is
+        first paged in. `trunk`: as for `register`."""
         if trunk is not None:
             self.trunks[key] = trunk
         expected = self.trunk_of(key)
         if expected is not None and meta.trunk_fingerprint != expected:
             fingerprints = f"{meta.trunk_fingerprint[:12]}…, not on trunk {expected[:12]}… as expected"
             raise ShardError(path, f"trained on trunk {fingerprints}")
-        tensors = read_tensors(path, names)
         check_tensors(path, meta, tensors, complete=False)
         self.paths[key], self.identities[key], self.digests[key] = str(path), None, _digest(meta)
         self.names[key] = meta.architecture.weight_names()

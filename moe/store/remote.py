@@ -49,7 +49,7 @@ from moe.paths import cache_dir as user_cache_dir
 from moe.paths import file_sha256
 from moe.store.bundle import MANIFEST
 from moe.store.generation import Generations, RemoteFiles, TenantState
-from moe.store.shard import ExpertMeta, ShardError, meta_from_strings, read_shard, write_shard
+from moe.store.shard import ExpertMeta, Packed, ShardError, meta_from_strings, read_shard, read_tensors, write_shard
 from moe.store.store import _FILE, _OWN, ExpertStore, ShardRecord, check_tenant_name
 
 log = logging.getLogger(__name__)
@@ -277,6 +277,20 @@ class RemoteStore(ExpertStore):
             return self.check_shard(local, meta_from_strings(url, strings)[0])
         except ShardError as error:
             raise ShardError(url, error.reason) from None
+
+    def read_tensors(self, tenant: str, version: int, names: tuple[str, ...]) -> tuple[Path, Packed]:
+        """The tensors `names` of a version: from its cached copy, or by ranged reads of the object (its header, then
+        each tensor's bytes), never a download of the rest. The path is the copy's name, fetched only when asked for
+        (`path`)."""
+        local = super().path(tenant, version)  # the name alone: no download
+        if local.is_file():
+            return local, read_tensors(local, names)
+        url = self.object_url(local)
+        try:
+            with remote_errors(url), self.fs.open(self.key(local), "rb", cache_type="none") as handle:
+                return local, read_tensors(url, names, handle, handle.size)
+        except FileNotFoundError:
+            raise ShardError(url, "no such object") from None
 
     def path(self, tenant: str, version: int, retired: bool = False) -> Path:
         """A local copy of the version's object, downloaded and verified if the cache lacks it (a ShardError naming

@@ -14,9 +14,10 @@ import math
 import os
 import stat
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -287,17 +288,20 @@ class Packed(dict):
         return Packed(flat, self.layout)
 
 
-def read_tensors(path: str | Path, names: tuple[str, ...] | None = None) -> Packed:
+def read_tensors(
+    path: str | Path, names: tuple[str, ...] | None = None, handle: BinaryIO | None = None, size: int | None = None
+) -> Packed:
     """Named tensors of a shard (all by default), read straight from the file into one buffer of their own (`Packed`:
-    the pager moves it as it is).
+    the pager moves it as it is). `handle` (and its `size` in bytes): an open file of the shard to read instead,
+    such as an object store's file, where each read is a ranged request (`path` then only names it in errors).
 
     No check beyond the layout: `read_shard` verifies, and the pager calls this for a file verified and
     unchanged since. One allocation and one read per tensor, and no mapping of the file: `safe_open` keeps a
     little memory alive per `get_tensor` (about 3 KB of resident memory per shard read, measured with
     safetensors 0.8), which a pager reading shards all day can not afford."""
     try:
-        with open(path, "rb", buffering=0) as handle:
-            file_size = os.fstat(handle.fileno()).st_size
+        with nullcontext(handle) if handle is not None else open(path, "rb", buffering=0) as handle:
+            file_size = size if size is not None else os.fstat(handle.fileno()).st_size
             header_size = int.from_bytes(handle.read(8), "little")
             if not 2 <= header_size <= file_size - 8:
                 raise ValueError(f"header size {header_size} does not fit the file")

@@ -43,7 +43,7 @@ from filelock import FileLock
 
 from moe.model.kinds import Architecture
 from moe.store.generation import Generations, LocalFiles, State, TenantState
-from moe.store.shard import ExpertMeta, ShardError, read_meta, read_shard, write_shard
+from moe.store.shard import ExpertMeta, Packed, ShardError, read_meta, read_shard, read_tensors, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +256,12 @@ class ExpertStore:
         if retired := [r.version for r in self.records(tenant)]:
             return KeyError(f"tenant {tenant!r} has no live version in {self.root}; retired: {retired} (restore one)")
         return KeyError(f"unknown tenant {tenant!r} in expert store {self.root}; known: {self.tenants(dormant=True)}")
+
+    def read_tensors(self, tenant: str, version: int, names: tuple[str, ...]) -> tuple[Path, Packed]:
+        """The file of a version and the tensors `names` read from it alone (its routing entry, registering an expert
+        from its header), unchecked beyond their layout (`read_tensors`)."""
+        path = self.path(tenant, version)
+        return path, read_tensors(path, names)
 
     def check_shard(self, path: Path, meta: ExpertMeta) -> ExpertMeta:
         """The store's rule for a shard read from `path`: it is its folder's tenant's, under its own version's name."""
