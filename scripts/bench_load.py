@@ -12,6 +12,11 @@ starts the service (`--verify lazy`: thousands of tenants), waits for it, runs l
 run's), then reads every replica's `/stats` (device-tier hits and misses) and stops the service. Throughput, p50 and
 p99 latency and the error count are locust's; the device-tier hit rate pools the replicas' pagers.
 
+`--batch-waits MS [MS ...]`: instead, one replica at each batch wait, one query a request, no header.
+
+    python scripts/bench_load.py --store --batch-waits 5 15 30 50 100 --seconds 25 --replica-cpus 1 \
+        --out scripts/results/load/batch_wait.json
+
 `--compare-batching`: instead, one replica twice under the same load, its batches split by the multiplexing header
 (as Serve splits them: one batch per tenant, the service before issue 27) and mixed (every tenant's queries in one
 forward, `moe.serving.http.mixed_batches`), with throughput, p50, p99, mean queries per batch and the share of
@@ -461,6 +466,17 @@ def compare_batching(bundle: Path, budget_mb: float, args: argparse.Namespace, w
     }
 
 
+def batch_waits(source: Path, budget_mb: float, args: argparse.Namespace, work: Path) -> dict:
+    """One replica, one query a request and no header, at each `--batch-waits` (ms): how long a batch waits to fill
+    against requests per second and latency, side by side in one run (the service's default was chosen on this)."""
+    results = []
+    for wait in args.batch_waits:
+        results.append(run(source, 1, budget_mb, args, work, ("--batch-wait-ms", str(wait)), header="none"))
+        results[-1]["batch_wait_ms"] = wait
+        print(json.dumps(results[-1]), flush=True)
+    return {"results": results}
+
+
 def throughput(
     source: Path | str, budget_mb: float, args: argparse.Namespace, work: Path, store_options: dict | None = None
 ) -> dict:
@@ -509,6 +525,7 @@ def main() -> None:
     parser.add_argument("--disk-budget-mb", type=float, default=1024.0, help="--pathway: disk cache per replica")
     parser.add_argument("--affinity", action="store_true", help="several replicas: multiplex, hash, no header")
     parser.add_argument("--compare-batching", action="store_true", help="one replica: split batches against mixed")
+    parser.add_argument("--batch-waits", type=float, nargs="+", help="one replica at each batch wait (ms), compared")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/load.json"))
     args = parser.parse_args()
     args.store = args.store or args.learning
@@ -533,6 +550,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         if args.compare_batching:
             report |= {"benchmark": "batching"} | compare_batching(source, budget_mb, args, Path(work))
+        elif args.batch_waits:
+            report |= {"benchmark": "batch wait"} | batch_waits(source, budget_mb, args, Path(work))
         elif args.learning:
             report |= {"benchmark": "learning load"} | learning(source, budget_mb, args, Path(work))
         else:

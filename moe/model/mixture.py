@@ -81,8 +81,8 @@ class Mixture(nn.Module):
         label_id = {pair: i for i, pair in enumerate(self.labels)}
         ids = [[label_id[(info.tenant, lab)] for lab in info.labels] for info in experts]
         self.register_buffer("label_ids", torch.tensor([row + [-1] * (self.width - len(row)) for row in ids]), False)
-        tenant_index = {name: i for i, name in enumerate(self.tenants)}
-        self.register_buffer("expert_tenant", torch.tensor([tenant_index[i.tenant] for i in experts]), False)
+        self._tenant_index = {name: i for i, name in enumerate(self.tenants)}  # by name: thousands of tenants
+        self.register_buffer("expert_tenant", torch.tensor([self._tenant_index[i.tenant] for i in experts]), False)
         # each tenant's one expert, where every tenant has one: a query with its tenant given then scores no other
         one_each = len(self.tenants) == len(experts)
         tenant_expert = torch.empty(len(self.tenants), dtype=torch.long).scatter_(
@@ -95,8 +95,8 @@ class Mixture(nn.Module):
 
     def tenant_index(self, name: str) -> int:
         try:
-            return self.tenants.index(name)
-        except ValueError:
+            return self._tenant_index[name]
+        except KeyError:
             raise KeyError(f"unknown tenant {name!r}; known tenants: {self.tenants}") from None
 
     def tenant_ids(self, names: list[str | None]) -> torch.Tensor:
@@ -105,8 +105,7 @@ class Mixture(nn.Module):
 
     def experts_among(self, tenants: Iterable[str]) -> torch.Tensor:
         """(e,) True for the experts of these tenants (names not served are ignored)."""
-        index = {name: i for i, name in enumerate(self.tenants)}
-        ids = torch.tensor([index[t] for t in tenants if t in index], dtype=torch.long)
+        ids = torch.tensor([self._tenant_index[t] for t in tenants if t in self._tenant_index], dtype=torch.long)
         return torch.isin(self.expert_tenant, ids.to(self.expert_tenant.device))
 
     def label_id(self, tenant: str, label: str) -> int:

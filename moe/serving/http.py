@@ -89,7 +89,7 @@ class ServiceSettings(BaseModel):
     max_text_chars: PositiveInt = 10_000  # a longer text is refused (413)
     max_queries: PositiveInt = 1024  # queries in one request at most (413)
     max_batch_size: PositiveInt = 64  # queries answered together, across requests
-    batch_wait_ms: NonNegativeFloat = 5.0  # how long a batch waits to fill
+    batch_wait_ms: NonNegativeFloat = 30.0  # how long a batch waits to fill (scripts/results/load/batch_wait.json)
     tenants_per_replica: PositiveInt | None = None  # multiplexed tenants a replica keeps; None: what the budget holds
     replicas: PositiveInt = 1
     replica_cpus: PositiveFloat = 1.0
