@@ -1429,6 +1429,141 @@ def load_test(root: Path) -> str:
     )
 
 
+REGISTRATION_S3 = """\
+`python scripts/bench_registration.py --pathway {tenants}` (`registration/pathway_s3.json`), on the 2-core AMD EPYC
+CPU machine: {tenants:,} synthetic pathway experts of the CLINC150 shape ({shard_mb:.1f} MB shards) in an S3 bucket
+(moto's server on localhost, in the benchmark's process), registered by `load_mixture` over the bucket, each mode in a
+fresh process with a cold disk cache, side by side in one run. Bytes are those that crossed the loopback interface
+while the mixture was built (the S3 server is the only thing talking on it: requests and answers). Then one
+tenant-given query, at its expert's first page-in and once resident:
+
+{table}
+
+Lazy registration reads each expert's header and gate rows by ranged reads ({lazy_kib:,.0f} KiB a tenant, {share:.1%}
+of its shard) and is {speedup}x faster; `full` downloads and verifies every shard. The first query of a lazily
+registered tenant fetches and verifies its shard then."""
+
+
+def registration_s3(root: Path) -> str:
+    bench = load(root, "registration/pathway_s3.json")
+    rows = [
+        [mode, f(r["registration_s"], 1), f(r["loopback_bytes_per_tenant"] / 1024, 0)]
+        + [f(r["resident_bytes_per_tenant"] / 1024, 0), f(r["disk_cache_bytes_after"] / 2**20, 0)]
+        + [f(r["first_query_ms"], 0), f(r["resident_query_ms"], 0)]
+        for mode, r in bench["results"].items()
+    ]
+    header = ["verify", "registration s", "KiB over the wire per tenant", "resident KiB per tenant"]
+    header += ["disk cache MiB after", "first query ms", "resident query ms"]
+    lazy = bench["results"]["lazy"]
+    return REGISTRATION_S3.format(
+        table=table(header, rows),
+        tenants=bench["settings"]["tenants"],
+        shard_mb=bench["settings"]["shard_bytes"] / 1e6,
+        lazy_kib=lazy["loopback_bytes_per_tenant"] / 1024,
+        share=bench["lazy_wire_share_of_shard"],
+        speedup=f(bench["lazy_speedup"], 1),
+    )
+
+
+THROUGHPUT = """\
+`python scripts/bench_load.py --store --seconds 30 --queries 1 8 32 --affinity --replica-cpus 1`
+(`load/throughput_adapter.json`) and `python scripts/bench_load.py --pathway 1000 --seconds 30 --queries 1 8
+--affinity --replica-cpus 1` (`load/throughput_pathway_s3.json`), on the 2-core AMD EPYC CPU machine with nothing else
+running, everything on it at once (Ray, the replicas, locust's {users} users): the HTTP service over a store it
+follows, tenant-given queries drawn from a Zipf law (exponent {zipf}) over every tenant, at 1, 8 or 32 queries a
+request (each query with its own tenant), one replica and two (one CPU each), beside `Server.predict` at batch 64 on
+the same store, budget, mix and cores, in the same run after the services stopped. Adapter experts:
+{adapter_tenants:,} tenants of the CLINC150 shape, each replica's device budget 1 % of them ({adapter_mb:.1f} MiB),
+`Server.predict` {adapter_qps} queries/s. Pathway experts: {pathway_tenants:,} tenants (LoRA over MiniLM's 6 layers,
+{shard_mb:.1f} MB shards) in an S3 bucket (moto's server on localhost), each replica's disk cache {disk_mb:,.0f} MiB
+and device budget {device_mb:.0f} MiB, both below the {working_gb:.1f} GB working set, `Server.predict` {pathway_qps}
+queries/s. A batch waited {wait} ms to fill (the default then). `header`: what named a request's tenant to Serve's
+router (`multiplex`: the multiplexing header, which loads the tenant on the replica it picks; `hash`: `x-session-id`
+under `--router hash`, Serve's consistent-hash router; `none`: Serve's default routing); several queries a request
+carry none.
+
+{table}
+
+The goal of 0.8x `Server.predict` is reached where requests carry several queries: {met}. One query a request costs a
+request's overhead per query (HTTP, Serve's proxy and router, JSON, a batch of one or two queries through the trunk):
+{single}. Affinity, with two replicas and one query a request: for adapter experts (72 kB) no header answered the most
+({adapter_affinity}); for pathway experts, whose misses move 2.7 MB from the disk cache or the bucket, hashing the
+tenant to a replica answered the most ({pathway_affinity}), with a device hit rate of {hash_hits:.0%} against
+{none_hits:.0%} without a header. So `--router hash` is the choice for stores of large experts, and the default router
+for small ones; the multiplexing header's hit rate counts only the batches' lookups, not the page-in its tenant load
+makes first.
+
+How long a batch waits to fill, one replica, one query a request, no header, {wait_users} users, side by side (`python
+scripts/bench_load.py --store --batch-waits 5 15 30 50 100 --seconds 25 --replica-cpus 1`, `load/batch_wait.json`):
+
+{wait_table}
+
+The service's default is now {chosen} ms ({chosen_rps} requests/s against {old_rps} at 5 ms); a lone request waits at
+most that long for company."""
+
+
+def throughput(root: Path) -> str:
+    adapter = load(root, "load/throughput_adapter.json")
+    pathway = load(root, "load/throughput_pathway_s3.json")
+    waits = load(root, "load/batch_wait.json")
+    rows, met, single, best = [], [], [], {}
+    for kind, bench in (("adapter", adapter), ("pathway", pathway)):
+        for r in bench["results"]:
+            ratio = r["queries_over_server_predict"]
+            rows.append(
+                [kind, r["replicas"], r["queries_per_request"], r["tenant_header"], f(r["requests_per_s"], 1)]
+                + [f(r["queries_per_s"], 1), f(ratio), f(r["p50_ms"], 0), f(r["p99_ms"], 0)]
+                + [", ".join(f(b, 1) for b in r["mean_batch"]), f(100 * r["device_hit_rate"], 0), r["failures"]]
+            )
+            replicas = f"{r['replicas']} replica{'s' if r['replicas'] > 1 else ''}"
+            where = f"{kind}, {replicas}, {r['queries_per_request']} queries a request: {f(ratio)}x"
+            if r["queries_per_request"] > 1 and ratio >= 0.8:
+                met.append(where)
+            if r["queries_per_request"] == 1:
+                single.append(ratio)
+            if r["replicas"] == 2 and r["queries_per_request"] == 1:
+                best.setdefault(kind, {})[r["tenant_header"]] = r
+    header = ["experts", "replicas", "queries a request", "header", "requests/s", "queries/s", "x Server.predict"]
+    header += ["p50 ms", "p99 ms", "queries per batch", "device hit rate %", "errors"]
+
+    def affinity(kind: str) -> str:
+        return ", ".join(f"{h} {f(r['requests_per_s'], 1)}" for h, r in best[kind].items()) + " requests/s"
+
+    wait_rows = [
+        [f(r["batch_wait_ms"], 0), f(r["requests_per_s"], 1), f(r["p50_ms"], 0), f(r["p99_ms"], 0)]
+        + [f(r["mean_batch"][0], 1), r["failures"]]
+        for r in waits["results"]
+    ]
+    by_wait = {r["batch_wait_ms"]: r for r in waits["results"]}
+    chosen = 30.0
+    return THROUGHPUT.format(
+        table=table(header, rows),
+        users=adapter["settings"]["users"],
+        zipf=adapter["settings"]["zipf"],
+        adapter_tenants=adapter["settings"]["tenants"],
+        adapter_mb=adapter["settings"]["budget_mb"],
+        adapter_qps=f(adapter["server_predict_batch64"]["queries_per_s"], 0),
+        pathway_tenants=pathway["settings"]["pathway"],
+        shard_mb=pathway["store"]["shard_bytes"] / 1e6,
+        disk_mb=pathway["settings"]["disk_budget_mb"],
+        device_mb=pathway["settings"]["pathway_budget_mb"],
+        working_gb=pathway["store"]["working_set_bytes"] / 1e9,
+        pathway_qps=f(pathway["server_predict_batch64"]["queries_per_s"], 1),
+        wait=5,
+        met="; ".join(met) or "nowhere",
+        single=f"{f(min(single))}x to {f(max(single))}x",
+        adapter_affinity=affinity("adapter"),
+        pathway_affinity=affinity("pathway"),
+        hash_hits=best["pathway"]["hash"]["device_hit_rate"],
+        none_hits=best["pathway"]["none"]["device_hit_rate"],
+        wait_users=waits["settings"]["users"],
+        wait_table=table(["batch wait ms", "requests/s", "p50 ms", "p99 ms", "queries per batch", "errors"], wait_rows),
+        chosen=f(chosen, 0),
+        chosen_rps=f(by_wait[chosen]["requests_per_s"], 1),
+        old_rps=f(by_wait[5.0]["requests_per_s"], 1),
+    )
+
+
 FAULTS = """\
 Issue 30, on the 2-core AMD EPYC CPU machine, the tiny trunk, shared with other work.
 
@@ -1708,7 +1843,9 @@ SECTIONS: list[tuple[str, Callable[[Path], str]]] = [
     ("Few-example growth", few_shot),
     ("Settings chosen per tenant", select_growth),
     ("Registering thousands of tenants", registration),
+    ("Registering pathway experts from S3", registration_s3),
     ("A load test of the HTTP service", load_test),
+    ("Throughput of the HTTP service", throughput),
     ("Faults that stay with their tenant", faults),
     ("Trunk versions", trunk_upgrade),
     ("Earlier measurements without a JSON record", earlier),
