@@ -13,7 +13,8 @@ gate's exact scan over every row; in lazy mode also through the gate-row index, 
 lazily registered, routed through the gate-row index): the seconds of a fresh build of its generation (what every
 generation cost when replicas rebuilt the whole mixture) beside the seconds each lifecycle write takes and then the
 replica's move to the generation it published (`Server.refresh`: the mixture carried over). The writes undo
-themselves (a tenant grown then deleted, one hibernated then woken, one updated then rolled back).
+themselves (a tenant grown then deleted, one hibernated then woken, one updated then rolled back). The same writes
+into a store of `--small` tenants follow, in the same run: each write's seconds in the large store over the small.
 
     python scripts/bench_registration.py --follow --out scripts/results/registration/follow.json
 
@@ -33,6 +34,7 @@ modes alike (the store was just written or read).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -191,6 +193,21 @@ def pathway_registration(tenants: int) -> dict:
     }
 
 
+class GarbageCollections:
+    """Seconds this process has spent in garbage collections since it was made (`gc.callbacks`): a full collection
+    in a process holding torch takes about 0.3 s, and a write's allocations may trigger one."""
+
+    def __init__(self):
+        self.seconds, self._started = 0.0, 0.0
+        gc.callbacks.append(self._record)
+
+    def _record(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+
 def follow(tenants: int, rank: int) -> dict:
     """A replica following a store of `tenants` experts through writes that undo themselves (see the docstring)."""
     from bench_load import prepare_store  # this script's folder is first on the path
@@ -219,12 +236,14 @@ def follow(tenants: int, rank: int) -> dict:
         ("delete", lambda: store.delete(grown)),
     ]
     steps = []
+    collecting = GarbageCollections()
     for op, write in writes:
-        start = time.perf_counter()
+        start, collected = time.perf_counter(), collecting.seconds
         write()
-        written = time.perf_counter()
+        written, collected = time.perf_counter(), collecting.seconds - collected
         assert server.refresh(), f"{op}: no new generation to move to"
         steps.append({"op": op, "write_s": written - start, "follow_s": time.perf_counter() - written})
+        steps[-1]["write_gc_s"] = collected  # of write_s: the process's garbage collections during the write
         steps[-1] |= {"generation": server.generation, "index_masked_share": server.model.index.masked_share}
         print(json.dumps(steps[-1]), flush=True)
     return {
@@ -248,11 +267,18 @@ def main() -> None:
     parser.add_argument("--store-options", type=json.loads, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/registration.json"))
     parser.add_argument("--follow", action="store_true", help="a replica following a store through writes")
+    parser.add_argument("--small", type=int, default=10, help="--follow: the same writes into a store this small")
     parser.add_argument("--child", choices=["full", "lazy"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.follow:
         report = {"benchmark": "follow", "machine": machine_info(), "settings": vars(args) | {"out": str(args.out)}}
         report |= follow(args.tenants, args.rank)
+        small = follow(args.small, args.rank)  # the same writes into a small store, in the same run
+        report["small_store"] = small
+        report["write_s_over_small"] = {  # garbage collections left out: they follow the process, not the store
+            big["op"]: (big["write_s"] - big["write_gc_s"]) / (little["write_s"] - little["write_gc_s"])
+            for big, little in zip(report["writes"], small["writes"], strict=True)
+        }
         report["machine_after"] = {"load_average": os.getloadavg()}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
