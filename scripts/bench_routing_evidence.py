@@ -29,15 +29,19 @@ import json
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
+from moe.data.clinc150 import load_clinc150
+from moe.evaluation.oos import operating_point, rejection
 from moe.inference import GateSettings, load_mixture, read_gate_settings
-from moe.inference.answers import decode
+from moe.inference.answers import OOS_SCORES, decode, oos_score
 from moe.model import MixtureOutput, combine, plan_dispatch
 from moe.model.evidence import EVIDENCE_TENSORS, expert_evidence
 from moe.model.experts import expert_features, head_logits
@@ -49,6 +53,7 @@ OUT = ROOT / "scripts" / "results" / "routing_evidence"
 WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 SHRINKAGES = {"mahalanobis": (0.1, 0.3, 0.6), "energy": (0.1,)}  # energy has no covariance
 TOP_K = (2, 3)
+OOS_CRITERION = "in_scope_cost"  # as conf/oos/default.yaml: the most recall losing at most 1 point of accuracy
 # experiment -> (output file prefix, batch size of the passes, latency: batch -> (alternations, repetitions))
 EXPERIMENTS = {
     "clinc150": ("", 512, {1: (7, 20), 64: (7, 20)}),
@@ -202,19 +207,33 @@ def expert_tensors(model, store: ExpertStore) -> list[dict[str, torch.Tensor]]:
     return [store.load(tenant)[0] for tenant, _ in model.keys]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="a training run's output folder (experts/, gate.safetensors)")
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--experiment", default="clinc150", choices=sorted(EXPERIMENTS))
-    parser.add_argument("--reps", type=int, default=None, help="latency repetitions (default: the experiment's)")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    started = time.perf_counter()
-    prefix, size, timings = EXPERIMENTS[args.experiment]
-    run = Path(args.run)
-    cfg = config(args.experiment, args.seed)
+class Setup(NamedTuple):
+    """A trained store and its data, as every measurement here reads them."""
+
+    run: Path
+    trunk: object
+    data: object
+    names: list[str]
+    store: ExpertStore
+    gate: GateSettings
+    shards: list
+    load: Callable  # (store, gate settings) -> the store's mixture over the run's tenants
+    base: object  # today's mixture
+    targets: torch.Tensor  # (tenant, label) -> global label id, by the model's tenant index
+    order: torch.Tensor  # the data's tenant index -> the model's
+    splits: dict[str, tuple]  # in-scope val and test: features, tenant, label, texts, in order of text length
+    latency_inputs: dict[str, tuple]  # features and texts in the data's order
+
+
+def by_length(features: torch.Tensor, tenant: torch.Tensor, label: torch.Tensor, texts: list[str]) -> tuple:
+    """A split's rows in order of text length (little padding in each batch of pathway experts)."""
+    rows = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    index = torch.tensor(rows, dtype=torch.long)
+    return features[index], tenant[index], label[index], [texts[i] for i in rows]
+
+
+def setup(experiment: str, run: Path, seed: int) -> Setup:
+    cfg = config(experiment, seed)
     trunk = instantiate(cfg.trunk)
     data = build_data(cfg, trunk)
     data.setup()
@@ -223,9 +242,9 @@ def main() -> None:
     gate = read_gate_settings(run / "gate.safetensors")
     shards = [store.load(name) for name in names]
     pathway = shards[0][1].architecture.kind == "pathway"
-    load = lambda where, settings: load_mixture(  # noqa: E731
-        where, names, settings, trunk.fingerprint, trunk=trunk if pathway else None
-    )
+
+    def load(where: ExpertStore, settings: GateSettings):
+        return load_mixture(where, names, settings, trunk.fingerprint, trunk=trunk if pathway else None)
 
     base = load(store, gate)
     width = max(len(t.labels) for t in data.tenants)
@@ -237,11 +256,151 @@ def main() -> None:
     splits, latency_inputs = {}, {}
     for s in ("val", "test"):
         d = data.datasets[s]
-        by_length = sorted(range(len(d.texts)), key=lambda i: len(d.texts[i]))  # little padding in each batch
-        rows = torch.tensor(by_length)
-        texts = [d.texts[i] for i in by_length]
-        splits[s] = (d.features[rows], order[d.tenant[rows]], d.label[rows], texts)
+        splits[s] = by_length(d.features, order[d.tenant], d.label, list(d.texts))
         latency_inputs[s] = (d.features, list(d.texts))  # in the data's order
+    return Setup(run, trunk, data, names, store, gate, shards, load, base, targets, order, splits, latency_inputs)
+
+
+OOS_LAMBDAS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # weight of the evidence beside the log gate probability, chosen on val
+
+
+@torch.no_grad()
+def oos_scores(
+    model, computed: list[tuple], evidence: dict[str, list[tuple]], weight: float
+) -> dict[str, torch.Tensor]:
+    """Per query, under the rule (the candidates decided by `computed`'s evidence with `weight`): the routed label,
+    every registered out-of-scope score (`OOS_SCORES`, as evaluation computes them), and for each kind of evidence
+    the answer's expert's (`evidence_<kind>`) and the best candidate's (`evidence_max_<kind>`)."""
+    model.evidence_weight = weight
+    parts: dict[str, list[torch.Tensor]] = {}
+    for i, (routed, log_probs, own) in enumerate(computed):
+        weights, order = model.decide(routed, own, None)
+        experts = routed.experts
+        if order is not None:
+            log_probs = log_probs.gather(1, order[..., None].expand_as(log_probs))
+            experts = experts.gather(1, order)
+        output = MixtureOutput(log_probs, weights, experts, model.label_ids[experts], routed)
+        decoded = decode(model, output)
+        row = {"label": decoded.label} | {kind: oos_score(output, decoded.score, kind) for kind in OOS_SCORES}
+        for kind, batches_ in evidence.items():
+            ev = batches_[i][2] if order is None else batches_[i][2].gather(1, order)
+            row[f"evidence_{kind}"] = ev[:, 0]  # the answer's expert (the first candidate after the decision)
+            row[f"evidence_max_{kind}"] = ev.nan_to_num(float("-inf")).amax(-1)
+        for name, value in row.items():
+            parts.setdefault(name, []).append(value)
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def measured(scores: dict, correct: dict, in_scope: dict, name: str, values: dict) -> dict:
+    """The threshold on `values` (per split) chosen on val by the evaluation's criterion, and its figures."""
+    s = in_scope["val"]
+    threshold, value = operating_point(values["val"][s], correct["val"][s], values["val"][~s], OOS_CRITERION, 1.0)
+    row = {"score": name, "threshold": threshold, "val_criterion": value}
+    for split in ("val", "test"):
+        s = in_scope[split]
+        row[split] = rejection(values[split][s], correct[split][s], values[split][~s], threshold)._asdict()
+    return row
+
+
+def out_of_scope(st: Setup, chosen_file: Path, size: int, out: Path) -> None:
+    """Out-of-scope detection on the store's val and test splits with CLINC150's out-of-scope queries: for today's
+    rule and each evidence's chosen rule (`chosen_file`), every registered score and the evidence as scores, each
+    threshold chosen on val by the evaluation's criterion (`in_scope_cost`, at most 1 point of in-scope accuracy);
+    a log gate probability + lambda * evidence with lambda chosen on val too; and the one chosen among all on val."""
+    candidates = json.loads(chosen_file.read_text())["candidates"]
+    rules = {"today": (st.gate.top_k, None, 0.0)}
+    rules |= {kind: (c["chosen"]["top_k"], kind, c["chosen"]["weight"]) for kind, c in candidates.items()}
+    tensors = {
+        kind: expert_tensors(st.base, ExpertStore(st.run / f"experts-{kind}-{c['chosen']['shrinkage']}"))
+        for kind, c in candidates.items()
+    }
+    oos_texts = load_clinc150().out_of_scope
+    splits, in_scope, correct = {}, {}, {}
+    for split, (features, tenant, label, texts) in st.splits.items():
+        extra = oos_texts[split]
+        none = torch.full((len(extra),), -1, dtype=torch.long)
+        splits[split] = by_length(
+            torch.cat([features, st.data.encoder(extra)]),
+            torch.cat([tenant, none]),
+            torch.cat([label, none]),
+            texts + list(extra),
+        )
+        in_scope[split] = splits[split][1] >= 0
+    models = {
+        k: st.load(st.store, GateSettings(k, st.gate.normalize_weights)) for k in {k for k, _, _ in rules.values()}
+    }
+    for model in models.values():
+        model.forward_kind = Recording(model.forward_kind)
+    computed = {split: passes(models, value, size) for split, value in splits.items()}
+    result = {"run": str(st.run), "criterion": OOS_CRITERION, "max_cost": 1.0, "rules": {}}
+    for name, (k, kind, weight) in rules.items():
+        model = models[k]
+        evidence = {e: {split: scored(computed[split][k], t) for split in splits} for e, t in tensors.items()}
+        per = {
+            split: oos_scores(
+                model,
+                evidence[kind or next(iter(tensors))][split],
+                {e: evidence[e][split] for e in tensors},
+                weight,
+            )
+            for split in splits
+        }
+        for split, (_, tenant, label, _) in splits.items():
+            target = st.targets[tenant.clamp(min=0), label.clamp(min=0)]
+            correct[split] = (per[split]["label"] == target) & in_scope[split]
+        rows = []
+        for score in [*OOS_SCORES, *(n for n in per["val"] if n.startswith("evidence"))]:
+            rows.append(measured(per, correct, in_scope, score, {split: per[split][score] for split in splits}))
+        for e in tensors:  # the gate's top probability with the evidence of the answer's expert beside it
+            combined = [
+                measured(
+                    per,
+                    correct,
+                    in_scope,
+                    f"log_gate_max_prob+{lam:g}*evidence_{e}",
+                    {split: per[split]["gate_max_prob"].log() + lam * per[split][f"evidence_{e}"] for split in splits},
+                )
+                for lam in OOS_LAMBDAS
+            ]
+            rows.append(max(combined, key=lambda r: r["val_criterion"]))  # the first (smallest lambda) of equals
+        best = max(rows, key=lambda r: r["val_criterion"])  # ties: the registered scores first, as evaluation does
+        routed = {split: 100.0 * correct[split][in_scope[split]].double().mean().item() for split in splits}
+        result["rules"][name] = {
+            "top_k": k,
+            "evidence": kind,
+            "weight": weight,
+            "in_scope_routed": routed,
+            "scores": rows,
+            "chosen_on_val": best["score"],
+        }
+        print(name, "chosen on val:", json.dumps(best), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    print("wrote", out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a training run's output folder (experts/, gate.safetensors)")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--experiment", default="clinc150", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--reps", type=int, default=None, help="latency repetitions (default: the experiment's)")
+    parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--oos",
+        action="store_true",
+        help="out-of-scope detection with the evidence, for the rules this seed's result file chose (run it first)",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    prefix, size, timings = EXPERIMENTS[args.experiment]
+    run = Path(args.run)
+    if args.oos:
+        out = Path(args.out) if args.out else OUT / f"{prefix}oos_seed{args.seed}.json"
+        return out_of_scope(setup(args.experiment, run, args.seed), OUT / f"{prefix}seed{args.seed}.json", size, out)
+    st = setup(args.experiment, run, args.seed)
+    store, gate, base, targets, splits, load = st.store, st.gate, st.base, st.targets, st.splits, st.load
 
     start = time.perf_counter()
     models = {k: load(store, GateSettings(k, gate.normalize_weights)) for k in TOP_K}
@@ -270,7 +429,7 @@ def main() -> None:
     print("today", json.dumps(today), flush=True)
 
     start = time.perf_counter()
-    inputs = evidence_inputs(shards, data, trunk)  # each tenant's own features, once for every kind and shrinkage
+    inputs = evidence_inputs(st.shards, st.data, st.trunk)  # each tenant's own features, for every kind and shrinkage
     result["seconds"]["evidence_inputs"] = time.perf_counter() - start
     print(f"evidence inputs: {result['seconds']['evidence_inputs']:.0f} s", flush=True)
     for kind, shrinkages in SHRINKAGES.items():
@@ -279,7 +438,7 @@ def main() -> None:
             folder = run / f"experts-{kind}-{shrinkage}"
             shutil.rmtree(folder, ignore_errors=True)
             evidence_store = ExpertStore(folder)
-            for tensors, meta in with_evidence(shards, data, trunk, kind, shrinkage, inputs):
+            for tensors, meta in with_evidence(st.shards, st.data, st.trunk, kind, shrinkage, inputs):
                 evidence_store.save(tensors, meta, new_tenant=True)
             own = expert_tensors(base, evidence_store)
             for k, model in models.items():
@@ -294,7 +453,7 @@ def main() -> None:
         chosen = max(rows, key=lambda r: (r["val"]["acc_routed"], r["val"]["routing_acc"], -r["top_k"], -r["weight"]))
         folder = run / f"experts-{kind}-{chosen['shrinkage']}"
         evidence_store = ExpertStore(folder)
-        tensors, meta = evidence_store.load(names[0])
+        tensors, meta = evidence_store.load(st.names[0])
         evidence_bytes = sum(tensors[n].nbytes for n in EVIDENCE_TENSORS if n in tensors)
         model = load(evidence_store, GateSettings(chosen["top_k"], gate.normalize_weights))
         start = time.perf_counter()
@@ -304,7 +463,7 @@ def main() -> None:
                 raise AssertionError(f"{kind} {split}: forward gives {again}, the grid gave {chosen[split]}")
         result["seconds"][f"check_{kind}"] = time.perf_counter() - start
         plain_model = load(store, gate)
-        x, texts = latency_inputs["test"]
+        x, texts = st.latency_inputs["test"]
         timing = {}
         for b, (alternations, reps) in timings.items():  # side by side: today's store and rule, then the chosen one
             reps = args.reps or reps
