@@ -53,7 +53,8 @@ OUT = ROOT / "scripts" / "results" / "routing_evidence"
 WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 SHRINKAGES = {"mahalanobis": (0.1, 0.3, 0.6), "energy": (0.1,)}  # energy has no covariance
 TOP_K = (2, 3)
-OOS_CRITERION = "in_scope_cost"  # as conf/oos/default.yaml: the most recall losing at most 1 point of accuracy
+OOS_CRITERION = "in_scope_cost"  # as conf/oos/default.yaml: the most recall losing at most max_cost points of accuracy
+OOS_COSTS = (1.0, 0.5)  # max_cost: the evaluation's default, and the issue's goal's (95.0 with rejection of ~95.6)
 # experiment -> (output file prefix, batch size of the passes, latency: batch -> (alternations, repetitions))
 EXPERIMENTS = {
     "clinc150": ("", 512, {1: (7, 20), 64: (7, 20)}),
@@ -291,10 +292,10 @@ def oos_scores(
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
-def measured(scores: dict, correct: dict, in_scope: dict, name: str, values: dict) -> dict:
+def measured(correct: dict, in_scope: dict, name: str, values: dict, cost: float) -> dict:
     """The threshold on `values` (per split) chosen on val by the evaluation's criterion, and its figures."""
     s = in_scope["val"]
-    threshold, value = operating_point(values["val"][s], correct["val"][s], values["val"][~s], OOS_CRITERION, 1.0)
+    threshold, value = operating_point(values["val"][s], correct["val"][s], values["val"][~s], OOS_CRITERION, cost)
     row = {"score": name, "threshold": threshold, "val_criterion": value}
     for split in ("val", "test"):
         s = in_scope[split]
@@ -305,7 +306,8 @@ def measured(scores: dict, correct: dict, in_scope: dict, name: str, values: dic
 def out_of_scope(st: Setup, chosen_file: Path, size: int, out: Path) -> None:
     """Out-of-scope detection on the store's val and test splits with CLINC150's out-of-scope queries: for today's
     rule and each evidence's chosen rule (`chosen_file`), every registered score and the evidence as scores, each
-    threshold chosen on val by the evaluation's criterion (`in_scope_cost`, at most 1 point of in-scope accuracy);
+    threshold chosen on val by the evaluation's criterion (`in_scope_cost`, at most `OOS_COSTS` points of in-scope
+    accuracy lost);
     a log gate probability + lambda * evidence with lambda chosen on val too; and the one chosen among all on val."""
     candidates = json.loads(chosen_file.read_text())["candidates"]
     rules = {"today": (st.gate.top_k, None, 0.0)}
@@ -332,7 +334,7 @@ def out_of_scope(st: Setup, chosen_file: Path, size: int, out: Path) -> None:
     for model in models.values():
         model.forward_kind = Recording(model.forward_kind)
     computed = {split: passes(models, value, size) for split, value in splits.items()}
-    result = {"run": str(st.run), "criterion": OOS_CRITERION, "max_cost": 1.0, "rules": {}}
+    result = {"run": str(st.run), "criterion": OOS_CRITERION, "lambdas": list(OOS_LAMBDAS), "rules": {}}
     for name, (k, kind, weight) in rules.items():
         model = models[k]
         evidence = {e: {split: scored(computed[split][k], t) for split in splits} for e, t in tensors.items()}
@@ -348,32 +350,26 @@ def out_of_scope(st: Setup, chosen_file: Path, size: int, out: Path) -> None:
         for split, (_, tenant, label, _) in splits.items():
             target = st.targets[tenant.clamp(min=0), label.clamp(min=0)]
             correct[split] = (per[split]["label"] == target) & in_scope[split]
-        rows = []
-        for score in [*OOS_SCORES, *(n for n in per["val"] if n.startswith("evidence"))]:
-            rows.append(measured(per, correct, in_scope, score, {split: per[split][score] for split in splits}))
-        for e in tensors:  # the gate's top probability with the evidence of the answer's expert beside it
-            combined = [
-                measured(
-                    per,
-                    correct,
-                    in_scope,
-                    f"log_gate_max_prob+{lam:g}*evidence_{e}",
-                    {split: per[split]["gate_max_prob"].log() + lam * per[split][f"evidence_{e}"] for split in splits},
-                )
-                for lam in OOS_LAMBDAS
-            ]
-            rows.append(max(combined, key=lambda r: r["val_criterion"]))  # the first (smallest lambda) of equals
-        best = max(rows, key=lambda r: r["val_criterion"])  # ties: the registered scores first, as evaluation does
+        names = [*OOS_SCORES, *(n for n in per["val"] if n.startswith("evidence"))]
         routed = {split: 100.0 * correct[split][in_scope[split]].double().mean().item() for split in splits}
-        result["rules"][name] = {
-            "top_k": k,
-            "evidence": kind,
-            "weight": weight,
-            "in_scope_routed": routed,
-            "scores": rows,
-            "chosen_on_val": best["score"],
-        }
-        print(name, "chosen on val:", json.dumps(best), flush=True)
+        result["rules"][name] = {"top_k": k, "evidence": kind, "weight": weight, "in_scope_routed": routed, "costs": {}}
+        for cost in OOS_COSTS:
+            rows = [measured(correct, in_scope, n, {split: per[split][n] for split in splits}, cost) for n in names]
+            for e in tensors:  # the gate's top probability with the evidence of the answer's expert beside it
+                combined = [
+                    measured(
+                        correct,
+                        in_scope,
+                        f"log_gate_max_prob+{lam:g}*evidence_{e}",
+                        {s: per[s]["gate_max_prob"].log() + lam * per[s][f"evidence_{e}"] for s in splits},
+                        cost,
+                    )
+                    for lam in OOS_LAMBDAS
+                ]
+                rows.append(max(combined, key=lambda r: r["val_criterion"]))  # the first (smallest lambda) of equals
+            best = max(rows, key=lambda r: r["val_criterion"])  # ties: the registered scores first, as evaluation does
+            result["rules"][name]["costs"][f"{cost:g}"] = {"scores": rows, "chosen_on_val": best["score"]}
+            print(name, f"max_cost {cost:g}, chosen on val:", json.dumps(best), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     print("wrote", out)

@@ -1231,55 +1231,75 @@ EVIDENCE_OOS = """\
 (`routing_evidence/oos_seed0.json`) on the README's store (adapter experts, seed 0), its val and test splits with
 CLINC150's out-of-scope queries (100 and 1,000), for today's routing and each evidence's chosen rule above. Each score's
 threshold is chosen on val by the evaluation's criterion (`{criterion}`: the most out-of-scope recall losing at most
-{max_cost:g} point of in-scope accuracy; `moe.evaluation.oos.operating_point`, as `scripts/evaluate.py` chooses it);
-the registered scores (`moe.inference.answers.OOS_SCORES`) beside the evidence as a score: the answer's expert's
-(`evidence_<kind>`), the best candidate's (`evidence_max_<kind>`), and the log of the gate's top probability plus
-lambda times the answer's expert's evidence, lambda chosen on val too. Percent; acc. w/ rej. = in-scope accuracy with
-rejection.
+`max_cost` points of in-scope accuracy; `moe.evaluation.oos.operating_point`, as `scripts/evaluate.py` chooses it), at
+the evaluation's `max_cost` of 1 and at 0.5 (in-scope routed accuracy is 95.56 on test: the issue's 95.0 with
+rejection allows about half a point). Beside the registered scores (`moe.inference.answers.OOS_SCORES`; today's rows
+are the Evaluation section's), the evidence as a score: the answer's expert's (`evidence_<kind>`), the best
+candidate's (`evidence_max_<kind>`), and the log of the gate's top probability plus lambda times the answer's
+expert's evidence, lambda ({lambdas}) chosen on val too. Percent; acc. w/ rej. = in-scope accuracy with rejection.
 
-{table}
+`max_cost` 1:
+
+{table_1}
+
+`max_cost` 0.5, each routing's score chosen on val and today's registered one:
+
+{table_05}
 
 {verdict} The evidence is measured here only, not registered as an out-of-scope score: a score in `OOS_SCORES` reads
 a `MixtureOutput`, which does not carry the candidates' evidence."""
 
 
 def evidence_oos(result: dict) -> str:
-    rows, chosen_rows = [], {}
-    for rule, r in result["rules"].items():
-        by_name = {row["score"]: row for row in r["scores"]}
-        chosen_rows[rule] = by_name[r["chosen_on_val"]]
-        setting = "today (gate)" if rule == "today" else f"{rule} (k {r['top_k']}, w {r['weight']:g})"
-        shown = r["scores"] if rule == "today" else [by_name[r["chosen_on_val"]]]
-        for row in shown:
-            mark = " (chosen on val)" if row["score"] == r["chosen_on_val"] else ""
-            rows.append(
-                [
-                    setting,
-                    f"`{row['score']}`{mark}",
-                    f(row["threshold"], 3),
-                    f(row["val"]["oos_recall"], 1),
-                    f(row["val"]["acc_in_scope_with_rejection"]),
-                    f(row["test"]["oos_recall"], 1),
-                    f(row["test"]["oos_precision"], 1),
-                    f(row["test"]["acc_in_scope_with_rejection"]),
-                ]
-            )
+    def row_of(setting: str, row: dict, chosen: str) -> list:
+        mark = " (chosen on val)" if row["score"] == chosen else ""
+        return [
+            setting,
+            f"`{row['score']}`{mark}",
+            f(row["threshold"], 3),
+            f(row["val"]["oos_recall"], 1),
+            f(row["val"]["acc_in_scope_with_rejection"]),
+            f(row["test"]["oos_recall"], 1),
+            f(row["test"]["oos_precision"], 1),
+            f(row["test"]["acc_in_scope_with_rejection"]),
+        ]
+
     header = ["routing", "score", "threshold", "val recall", "val acc. w/ rej.", "test recall", "test precision"]
     header.append("test acc. w/ rej.")
-    today = chosen_rows["today"]
-    best_rule = max(chosen_rows, key=lambda rule: chosen_rows[rule]["val_criterion"])
-    best = chosen_rows[best_rule]
-    met = best["test"]["oos_recall"] >= 75.0 and best["test"]["acc_in_scope_with_rejection"] >= 95.0
+    tables, verdicts = {}, []
+    for cost in ("1", "0.5"):
+        rows, chosen_rows = [], {}
+        rules = ["today", *sorted(set(result["rules"]) - {"today"})]  # today's first: it wins ties
+        for rule in rules:
+            r = result["rules"][rule]
+            c = r["costs"][cost]
+            by_name = {row["score"]: row for row in c["scores"]}
+            chosen_rows[rule] = by_name[c["chosen_on_val"]]
+            setting = "today (gate)" if rule == "today" else f"{rule} (k {r['top_k']}, w {r['weight']:g})"
+            if rule == "today" and cost == "1":
+                shown = c["scores"]
+            elif rule == "today":
+                registered = [row for row in c["scores"] if not row["score"].startswith(("evidence", "log_gate"))]
+                shown = [max(registered, key=lambda row: row["val_criterion"]), chosen_rows[rule]]
+            else:
+                shown = [chosen_rows[rule]]
+            rows += [row_of(setting, row, c["chosen_on_val"]) for row in shown]
+        tables[cost] = table(header, rows)
+        best_rule = max(chosen_rows, key=lambda rule: chosen_rows[rule]["val_criterion"])  # ties: today first
+        best = chosen_rows[best_rule]
+        met = best["test"]["oos_recall"] >= 75.0 and best["test"]["acc_in_scope_with_rejection"] >= 95.0
+        verdicts.append(
+            f"at `max_cost` {cost}, `{best['score']}` with {best_rule} routing: test recall "
+            f"{f(best['test']['oos_recall'], 1)} at accuracy with rejection "
+            f"{f(best['test']['acc_in_scope_with_rejection'])} (goal " + ("met" if met else "not met") + ")"
+        )
+    lambdas = ", ".join(f"{lam:g}" for lam in result["lambdas"])
     verdict = (
-        f"Chosen on val among every routing and score: `{best['score']}` with {best_rule} routing (val recall "
-        f"{f(best['val']['oos_recall'], 1)}), at test recall {f(best['test']['oos_recall'], 1)} and in-scope accuracy "
-        f"with rejection {f(best['test']['acc_in_scope_with_rejection'])}, against today's `{today['score']}` at "
-        f"{f(today['test']['oos_recall'], 1)} and {f(today['test']['acc_in_scope_with_rejection'])}: "
-        + ("it reaches" if met else "it does not reach")
-        + " the issue's goal (recall 75 at accuracy with rejection 95.0)."
+        "Chosen on val among every routing and score (the issue's goal: recall 75 at in-scope accuracy with rejection "
+        "95.0; today 69.6 at 94.64): " + "; ".join(verdicts) + "."
     )
     return EVIDENCE_OOS.format(
-        table=table(header, rows), criterion=result["criterion"], max_cost=result["max_cost"], verdict=verdict
+        table_1=tables["1"], table_05=tables["0.5"], criterion=result["criterion"], verdict=verdict, lambdas=lambdas
     )
 
 
