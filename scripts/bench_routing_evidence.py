@@ -421,6 +421,7 @@ def main() -> None:
         "experiment": args.experiment,
         "today": today,
         "today_recorded": {k: v for k, v in recorded.items() if k.split("/")[-1] in ("routing_acc", "acc_routed")},
+        "today_matches_run": matches_run,  # today's figures are the training run's own evaluation's
         "today_bytes": shard_bytes(store),
         "candidates": {},
         "seconds": {"routed_passes": passes_s},

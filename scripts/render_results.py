@@ -1075,8 +1075,8 @@ accuracy only. Each expert's evidence is fitted on its own pathway's features of
 (`moe.tasks.train.evidence_inputs`, computed once per seed for every kind and shrinkage), calibrated on its own
 tenant's val texts. Each split runs routed once per k, keeping every candidate's log-probabilities and the pathway
 features its expert read, and each evidence is scored from those features by the forward's own per-group computation;
-the chosen rule, run again through the mixture's own forward, gives the same figures (checked in the script), and
-today's figures are the training run's own.
+the chosen rule, run again through the mixture's own forward, gives the same figures (checked in the script; a rule
+with w = 0 at k = 2 is today's), and today's figures are the training run's own evaluation's (checked too).
 
 {table}
 
