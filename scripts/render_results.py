@@ -1075,8 +1075,8 @@ accuracy only. Each expert's evidence is fitted on its own pathway's features of
 (`moe.tasks.train.evidence_inputs`, computed once per seed for every kind and shrinkage), calibrated on its own
 tenant's val texts. Each split runs routed once per k, keeping every candidate's log-probabilities and the pathway
 features its expert read, and each evidence is scored from those features by the forward's own per-group computation;
-the chosen rule, run again through the mixture's own forward, gives the same figures (checked in the script; a rule
-with w = 0 at k = 2 is today's), and today's figures are the training run's own evaluation's (checked too).
+the chosen rule, run again through the mixture's own forward, gives the same figures (checked in the script, {checked};
+a rule with w = 0 at k = 2 is today's), and today's figures are the training run's own evaluation's (checked too).
 
 {table}
 
@@ -1174,7 +1174,12 @@ def evidence_figures(runs: list[dict]) -> dict[str, str]:
     agreement = table(
         ["evidence", "prefers the 2nd where only it is right", "prefers the 2nd where the 1st is right"], counts
     )
+    checked = []
+    for r in runs:  # the splits each seed's chosen rules were run again on (files without the record: both)
+        splits = {split for c in r["candidates"].values() for split in c["chosen"].get("checked", ("val", "test"))}
+        checked.append(f"seed {r['seed']} on {' and '.join(sorted(splits, reverse=True))}")
     return dict(
+        checked=", ".join(checked),
         agreement=agreement,
         grid=len(first[kinds[0]]["grid"]),
         table=table(header, rows),
