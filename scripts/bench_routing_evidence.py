@@ -18,8 +18,11 @@ states once per batch for both), keeping every candidate's log-probabilities and
 every evidence is then scored from those features by the same per-group computation the mixture's forward makes
 (`PagedMixture._compute_wave`: `expert_features`, `head_logits`, `expert_evidence` on the same tensors), so the grid
 runs no layer twice. The chosen rule is then run through the mixture's own forward (`model(features, hidden=...)`),
-which must give the grid's figures exactly. Splits are batched in order of text length (little padding), the same
-batches for the grid and the check.
+which must give the grid's figures exactly (`--check val` runs it on val only: with pathway experts a split's check
+costs about as much as its routed pass). Splits are batched in order of text length (little padding), the same
+batches for the grid and the check. Pathway seed 0 on the shared 2-core machine (load about 5): routed passes for k 2
+and 3 over val and test 384 s, each tenant's own features 112 s, the forward checks of both rules on both splits 355 s,
+946 s in all.
 """
 
 from __future__ import annotations
