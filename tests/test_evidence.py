@@ -175,3 +175,40 @@ def test_training_run_writes_each_experts_evidence_from_its_own_data(tmp_path, k
     features.setup()
     out = model(features.datasets["test"].features)
     assert torch.isfinite(out.weights).all() and torch.allclose(out.weights.sum(-1), torch.ones(len(out.weights)))
+
+
+def test_evidence_inputs_computed_once_give_with_evidence_s_tensors_for_every_kind_and_shrinkage(tmp_path, tenants):
+    """Pathway experts: each tenant's own features (`evidence_inputs`: its own texts through its own pathway),
+    computed once and handed to `with_evidence` for several kinds and shrinkages, give the evidence `with_evidence`
+    computes alone, bit for bit."""
+    from moe.data import TenantDataModule
+    from moe.model.pathway import Pathways
+    from moe.tasks.train import evidence_inputs, with_evidence
+    from moe.trunk import HFEncoderTrunk
+
+    trunk, names = HFEncoderTrunk(), ["weather", "music"]
+    store = ExpertStore(tmp_path / "store")
+    growth = fast_growth(kind="pathway", pathway=dict(layers=1, lora_rank=2, lr=3e-3, epochs=1, batch_size=16))
+    lifecycle = Lifecycle(store, trunk, trunk.encode, growth)
+    for name in names:
+        lifecycle.grow(tenants[name])
+    shards = [store.load(name) for name in names]
+    data = TenantDataModule([tenants[name] for name in names], trunk.encode)
+    data.setup()
+    inputs, train = evidence_inputs(shards, data, trunk), data.datasets["train"]
+    for t, ((tensors, meta), own) in enumerate(zip(shards, inputs, strict=True)):
+        arch = meta.architecture
+        rows = (train.tenant == t).nonzero().flatten().tolist()
+        lora = {name: tensors[name] for name in arch.pathway.lora_shapes(arch.dim)}
+        expected = Pathways(trunk, arch.pathway.spec).features([train.texts[i] for i in rows], lora)
+        assert torch.equal(own.labels, train.label[rows]) and own.held_out is not None
+        torch.testing.assert_close(own.features, expected, atol=1e-5, rtol=1e-5)  # batched by length: rounding
+    fitted = {}
+    for kind, shrinkage in (("mahalanobis", 0.1), ("mahalanobis", 0.6), ("energy", 0.1)):
+        alone = with_evidence(shards, data, trunk, kind, shrinkage)
+        given = with_evidence(shards, data, trunk, kind, shrinkage, inputs)
+        for (a, a_meta), (b, b_meta) in zip(alone, given, strict=True):
+            assert a_meta == b_meta and a_meta.architecture.evidence == kind and a.keys() == b.keys()
+            assert all(torch.equal(a[name], b[name]) for name in a)
+        fitted[kind, shrinkage] = given[0][0]
+    assert not torch.equal(fitted["mahalanobis", 0.1][EV_CALIBRATION], fitted["mahalanobis", 0.6][EV_CALIBRATION])

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -159,17 +160,22 @@ def pathway_shards(shards: list[Shard], data: TenantDataModule, trunk: Trunk, cf
     return out
 
 
+class EvidenceInputs(NamedTuple):
+    """What one tenant's evidence is fitted from (`fit_evidence`): the features its expert reads of its own train
+    rows (n, d) and their labels (n,), and of its own val rows (m, d), or None where it has none."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    held_out: torch.Tensor | None
+
+
 @torch.no_grad()
-def with_evidence(
-    shards: list[Shard], data: TenantDataModule, trunk: Trunk, kind: str, shrinkage: float
-) -> list[Shard]:
-    """Each shard with its expert's evidence for routing (`moe.model.evidence`), from its own tenant's rows only: the
-    features its expert reads of its train split, calibrated on its val split (`kind` "none": as they are)."""
-    if kind == "none":
-        return shards
+def evidence_inputs(shards: list[Shard], data: TenantDataModule, trunk: Trunk) -> list[EvidenceInputs]:
+    """Each shard's `EvidenceInputs`, from its own tenant's rows only (a pathway expert: its own texts through its
+    own pathway, the costly part; computed once, they serve evidence of every kind and shrinkage)."""
     out, train, val = [], data.datasets["train"], data.datasets["val"]
     for t, (tensors, meta) in enumerate(shards):
-        arch = replace(meta.architecture, evidence=kind)
+        arch = meta.architecture
         own = (train.tenant == t).nonzero().flatten().tolist()
         held = (val.tenant == t).nonzero().flatten().tolist()
         if arch.kind == "pathway":  # the features of its own pathway
@@ -180,7 +186,31 @@ def with_evidence(
         else:
             features = train.features[own] if train.features is not None else trunk.eval()(train.texts)[own]
             held_out = val.features[held] if val.features is not None and held else None
-        evidence = fit_evidence(kind, tensors, features, train.label[own], held_out, arch.input_scale, shrinkage)
+        out.append(EvidenceInputs(features, train.label[own], held_out))
+    return out
+
+
+@torch.no_grad()
+def with_evidence(
+    shards: list[Shard],
+    data: TenantDataModule,
+    trunk: Trunk,
+    kind: str,
+    shrinkage: float,
+    inputs: list[EvidenceInputs] | None = None,
+) -> list[Shard]:
+    """Each shard with its expert's evidence for routing (`moe.model.evidence`), from its own tenant's rows only: the
+    features its expert reads of its train split, calibrated on its val split (`kind` "none": as they are).
+    `inputs`: those features, computed already (`evidence_inputs` of these shards and data)."""
+    if kind == "none":
+        return shards
+    inputs = evidence_inputs(shards, data, trunk) if inputs is None else inputs
+    if len(inputs) != len(shards):
+        raise ValueError(f"{len(inputs)} tenants' evidence inputs given for {len(shards)} shards")
+    out = []
+    for (tensors, meta), (features, labels, held_out) in zip(shards, inputs, strict=True):
+        arch = replace(meta.architecture, evidence=kind)
+        evidence = fit_evidence(kind, tensors, features, labels, held_out, arch.input_scale, shrinkage)
         out.append((tensors | evidence, replace(meta, architecture=arch)))
     return out
 
