@@ -115,6 +115,7 @@ def test_memory_and_machine():
     assert info["device"] == "cpu" and info["cpus"] >= 1 and info["torch"] == torch.__version__
 
 
+@pytest.mark.slow  # MiniLM
 def test_written_pathway_store_loads_and_answers(tmp_path):
     """`write_pathway_store` (the load benchmark's pathway experts) writes shards that a mixture over the trunk loads,
     each pathway its own, answering a batch of texts."""

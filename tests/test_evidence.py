@@ -177,6 +177,7 @@ def test_training_run_writes_each_experts_evidence_from_its_own_data(tmp_path, k
     assert torch.isfinite(out.weights).all() and torch.allclose(out.weights.sum(-1), torch.ones(len(out.weights)))
 
 
+@pytest.mark.slow  # MiniLM
 def test_evidence_inputs_computed_once_give_with_evidence_s_tensors_for_every_kind_and_shrinkage(tmp_path, tenants):
     """Pathway experts: each tenant's own features (`evidence_inputs`: its own texts through its own pathway),
     computed once and handed to `with_evidence` for several kinds and shrinkages, give the evidence `with_evidence`
