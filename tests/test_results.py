@@ -21,6 +21,12 @@ def test_results_doc_matches_the_json():
     assert not stale, f"RESULTS.md is stale in {stale}: run python scripts/render_results.py"
 
 
+def test_the_rendered_batch_wait_is_the_services_default():
+    from moe.serving.http import ServiceSettings
+
+    assert ServiceSettings(bundle="").batch_wait_ms == render_results.SERVICE_BATCH_WAIT_MS
+
+
 def test_check_names_the_section_whose_figure_changed(tmp_path):
     root, doc = tmp_path / "results", tmp_path / "RESULTS.md"
     shutil.copytree(render_results.RESULTS, root)
